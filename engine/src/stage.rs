@@ -1,0 +1,189 @@
+//! The `Stage` trait every stage kind implements, and the registry the binary fills with them.
+//!
+//! A kind declares typed params (which generate the JSON Schema), a version constant (bumped when
+//! its output semantics change, which invalidates cached artifacts), its input ports and the
+//! external files it reads (hashed into the stage key), and a `run` that writes its output
+//! directory through a [`StageContext`].
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use schemars::JsonSchema;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+/// Numbers and facts a stage reports about its run (loss, documents kept, …).
+pub type Metrics = BTreeMap<String, serde_json::Value>;
+
+/// Why a stage failed, in words for the person running it.
+pub type StageError = Box<dyn std::error::Error + Send + Sync>;
+
+/// One named input of a stage kind.
+#[derive(Clone, Debug)]
+pub struct Port {
+    pub name: &'static str,
+    pub required: bool,
+    /// Whether the port takes a list of stages (`models: [base, sft]`).
+    pub many: bool,
+    pub doc: &'static str,
+}
+
+/// The inputs a stage kind accepts.
+#[derive(Clone, Debug)]
+pub enum Ports {
+    /// Exactly these ports.
+    Declared(Vec<Port>),
+    /// Any port names, each taking one stage or a list (the `command` kind).
+    Any,
+}
+
+/// Receives progress from a running stage (the CLI draws it).
+pub trait Progress: Send + Sync {
+    fn update(&self, stage: &str, done: u64, total: Option<u64>, message: &str);
+    /// A line of output from the stage (a command's stdout/stderr).
+    fn line(&self, stage: &str, line: &str);
+}
+
+/// Progress that goes nowhere (tests, quiet mode).
+pub struct NoProgress;
+
+impl Progress for NoProgress {
+    fn update(&self, _: &str, _: u64, _: Option<u64>, _: &str) {}
+    fn line(&self, _: &str, _: &str) {}
+}
+
+/// What a running stage can see and where it writes.
+pub struct StageContext {
+    /// The stage's name in the pipeline (for messages only: it is not part of the key).
+    pub stage: String,
+    /// Directory of the pipeline file; relative paths in params are relative to it.
+    pub pipeline_dir: PathBuf,
+    /// Empty directory the stage writes its artifact into.
+    pub out_dir: PathBuf,
+    /// Directory that survives failures of this exact stage key: checkpoints go here.
+    pub work_dir: PathBuf,
+    /// Each input port's upstream artifact directories, in the order wired.
+    pub inputs: BTreeMap<String, Vec<PathBuf>>,
+    /// Worker threads the stage may use.
+    pub threads: usize,
+    pub progress: Arc<dyn Progress>,
+}
+
+impl StageContext {
+    /// The single artifact wired to `port`.
+    pub fn input(&self, port: &str) -> Option<&Path> {
+        self.inputs
+            .get(port)
+            .and_then(|dirs| dirs.first())
+            .map(PathBuf::as_path)
+    }
+
+    pub fn report(&self, done: u64, total: Option<u64>, message: &str) {
+        self.progress.update(&self.stage, done, total, message);
+    }
+}
+
+/// A stage kind.
+pub trait Stage: Send + Sync + 'static {
+    /// Typed params of the `with:` block.
+    type Params: DeserializeOwned + Serialize + JsonSchema;
+    /// The name used in `uses:`.
+    const KIND: &'static str;
+    /// Bump when the output for the same params and inputs changes.
+    const VERSION: u32;
+    /// One line for `smelt stages`.
+    const SUMMARY: &'static str;
+
+    fn ports(&self) -> Ports;
+
+    /// Files and directories outside the store that the stage reads, relative to the pipeline
+    /// file; their content hashes go into the stage key.
+    fn external_deps(&self, _params: &Self::Params) -> Vec<PathBuf> {
+        Vec::new()
+    }
+
+    fn run(&self, params: &Self::Params, ctx: &StageContext) -> Result<Metrics, StageError>;
+}
+
+/// The object-safe face of a [`Stage`], used by the engine.
+pub trait DynStage: Send + Sync {
+    fn kind(&self) -> &'static str;
+    fn version(&self) -> u32;
+    fn summary(&self) -> &'static str;
+    fn ports(&self) -> Ports;
+    /// JSON Schema of the params.
+    fn params_schema(&self) -> serde_json::Value;
+    /// Params with defaults filled in, as canonical JSON; an error when they do not deserialize.
+    fn resolve_params(&self, with: &serde_json::Value) -> Result<serde_json::Value, String>;
+    fn external_deps(&self, params: &serde_json::Value) -> Result<Vec<PathBuf>, String>;
+    fn run(&self, params: &serde_json::Value, ctx: &StageContext) -> Result<Metrics, StageError>;
+}
+
+impl<S: Stage> DynStage for S {
+    fn kind(&self) -> &'static str {
+        S::KIND
+    }
+
+    fn version(&self) -> u32 {
+        S::VERSION
+    }
+
+    fn summary(&self) -> &'static str {
+        S::SUMMARY
+    }
+
+    fn ports(&self) -> Ports {
+        Stage::ports(self)
+    }
+
+    fn params_schema(&self) -> serde_json::Value {
+        serde_json::to_value(schemars::schema_for!(S::Params)).expect("schemas serialize")
+    }
+
+    fn resolve_params(&self, with: &serde_json::Value) -> Result<serde_json::Value, String> {
+        let params = typed::<S>(with)?;
+        serde_json::to_value(&params).map_err(|e| e.to_string())
+    }
+
+    fn external_deps(&self, params: &serde_json::Value) -> Result<Vec<PathBuf>, String> {
+        Ok(Stage::external_deps(self, &typed::<S>(params)?))
+    }
+
+    fn run(&self, params: &serde_json::Value, ctx: &StageContext) -> Result<Metrics, StageError> {
+        Stage::run(self, &typed::<S>(params)?, ctx)
+    }
+}
+
+fn typed<S: Stage>(value: &serde_json::Value) -> Result<S::Params, String> {
+    serde_json::from_value(value.clone()).map_err(|e| e.to_string())
+}
+
+/// The stage kinds a pipeline may use, by name.
+#[derive(Default, Clone)]
+pub struct Registry {
+    kinds: BTreeMap<&'static str, Arc<dyn DynStage>>,
+}
+
+impl Registry {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn register<S: Stage>(&mut self, stage: S) -> &mut Self {
+        self.kinds.insert(S::KIND, Arc::new(stage));
+        self
+    }
+
+    pub fn get(&self, kind: &str) -> Option<&Arc<dyn DynStage>> {
+        self.kinds.get(kind)
+    }
+
+    pub fn kinds(&self) -> impl Iterator<Item = &Arc<dyn DynStage>> {
+        self.kinds.values()
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &'static str> + '_ {
+        self.kinds.keys().copied()
+    }
+}

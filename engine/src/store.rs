@@ -1,0 +1,476 @@
+//! store: content-addressed artifacts, run records, per-key locks, work dirs and gc.
+//!
+//! ```text
+//! .smelt/
+//!   store.lock              shared by every run, exclusive for gc
+//!   artifacts/<id>/         published outputs; files are read-only
+//!   artifacts/<id>.json     manifest: path, stat and hash of each file (integrity checks)
+//!   records/<key>.json      run cache: stage key → artifact id, params, metrics
+//!   locks/<key>.lock        flock held while a key is being built
+//!   tmp/<key>.<pid>.<n>/    outputs being written; renamed into artifacts/ when complete
+//!   work/<key>/             checkpoints of a stage key; survives failures, removed on success
+//!   statcache               stat → hash cache of external files
+//!   lockfiles               pipeline lockfiles that use this store (gc keeps what they name)
+//! ```
+//!
+//! Invariants: an `artifacts/<id>` directory is only ever created by a rename of a complete
+//! directory whose Merkle hash is `<id>`; records are written after their artifact; every file
+//! written in place is written to a temp file and renamed.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::fs::{self, File};
+use std::io;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::{Deserialize, Serialize};
+
+use crate::hash::{hash_tree, FileEntry, Stat};
+
+/// The BLAKE3 key of a stage's inputs (see `key.rs`), as hex.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct StageKey(pub String);
+
+/// The BLAKE3 Merkle hash of an output directory, as hex.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct ArtifactId(pub String);
+
+impl fmt::Display for StageKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Display for ArtifactId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl ArtifactId {
+    /// The first 12 hex digits, for people.
+    pub fn short(&self) -> &str {
+        &self.0[..12.min(self.0.len())]
+    }
+}
+
+/// What one execution of a stage key produced: the run cache entry.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RunRecord {
+    pub key: StageKey,
+    pub artifact: ArtifactId,
+    pub kind: String,
+    pub version: u32,
+    pub params: serde_json::Value,
+    pub inputs: BTreeMap<String, Vec<ArtifactId>>,
+    pub deps: BTreeMap<String, String>,
+    /// Name of the stage that built it (informational; not part of the key).
+    pub stage: String,
+    /// Unix seconds when the run finished.
+    pub finished_at: u64,
+    pub duration_s: f64,
+    pub metrics: BTreeMap<String, serde_json::Value>,
+}
+
+/// The state of a published artifact.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Integrity {
+    Intact,
+    Missing,
+    Corrupt(String),
+}
+
+/// An open store; holds a shared lock on it for its lifetime so gc cannot run underneath.
+pub struct Store {
+    root: PathBuf,
+    _lock: File,
+}
+
+/// Exclusive ownership of one stage key while it is built; released on drop (or process death).
+pub struct KeyLock {
+    _file: File,
+}
+
+static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+impl Store {
+    /// Opens (creating if needed) the store at `root`.
+    pub fn open(root: &Path) -> io::Result<Store> {
+        Self::open_with(root, false)
+    }
+
+    /// Opens the store for gc: waits for no run to be using it.
+    pub fn open_exclusive(root: &Path) -> io::Result<Store> {
+        Self::open_with(root, true)
+    }
+
+    fn open_with(root: &Path, exclusive: bool) -> io::Result<Store> {
+        for dir in ["artifacts", "records", "locks", "tmp", "work"] {
+            fs::create_dir_all(root.join(dir))?;
+        }
+        let lock = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(root.join("store.lock"))?;
+        if exclusive {
+            lock.try_lock().map_err(|_| {
+                io::Error::other("another smelt run is using this store; try again when it ends")
+            })?;
+        } else {
+            lock.lock_shared()?;
+        }
+        let root = std::path::absolute(root)?;
+        Ok(Store { root, _lock: lock })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn artifact_dir(&self, id: &ArtifactId) -> PathBuf {
+        self.root.join("artifacts").join(&id.0)
+    }
+
+    fn manifest_path(&self, id: &ArtifactId) -> PathBuf {
+        self.root.join("artifacts").join(format!("{}.json", id.0))
+    }
+
+    fn record_path(&self, key: &StageKey) -> PathBuf {
+        self.root.join("records").join(format!("{}.json", key.0))
+    }
+
+    pub fn stat_cache_path(&self) -> PathBuf {
+        self.root.join("statcache")
+    }
+
+    pub fn work_dir(&self, key: &StageKey) -> PathBuf {
+        self.root.join("work").join(&key.0)
+    }
+
+    /// The run cache entry of a key, if one was recorded.
+    pub fn record(&self, key: &StageKey) -> Option<RunRecord> {
+        let bytes = fs::read(self.record_path(key)).ok()?;
+        serde_json::from_slice(&bytes).ok()
+    }
+
+    pub fn save_record(&self, record: &RunRecord) -> io::Result<()> {
+        let json = serde_json::to_vec_pretty(record).map_err(io::Error::other)?;
+        write_atomic(&self.record_path(&record.key), &json)
+    }
+
+    /// Checks an artifact against its manifest: same files, and each file's stat unchanged or,
+    /// when the stat changed, the same bytes.
+    pub fn verify(&self, id: &ArtifactId) -> Integrity {
+        let dir = self.artifact_dir(id);
+        let Ok(bytes) = fs::read(self.manifest_path(id)) else {
+            return Integrity::Missing;
+        };
+        if !dir.is_dir() {
+            return Integrity::Missing;
+        }
+        let Ok(manifest) = serde_json::from_slice::<Vec<FileEntry>>(&bytes) else {
+            return Integrity::Corrupt("its manifest is unreadable".into());
+        };
+        let mut expected: BTreeMap<&str, &FileEntry> =
+            manifest.iter().map(|f| (f.path.as_str(), f)).collect();
+        for entry in walkdir::WalkDir::new(&dir).follow_links(true) {
+            let Ok(entry) = entry else {
+                return Integrity::Corrupt("it cannot be read".into());
+            };
+            if !entry.file_type().is_file() {
+                continue;
+            }
+            let rel = entry
+                .path()
+                .strip_prefix(&dir)
+                .unwrap_or(entry.path())
+                .to_string_lossy()
+                .into_owned();
+            let Some(want) = expected.remove(rel.as_str()) else {
+                return Integrity::Corrupt(format!("{rel} was added"));
+            };
+            let Ok(meta) = entry.metadata() else {
+                return Integrity::Corrupt(format!("{rel} cannot be read"));
+            };
+            if Stat::of(&meta) != want.stat {
+                match crate::hash::hash_file(entry.path(), meta.len()) {
+                    Ok(h) if h.to_hex().as_str() == want.hash => {}
+                    _ => return Integrity::Corrupt(format!("{rel} changed")),
+                }
+            }
+        }
+        match expected.keys().next() {
+            Some(rel) => Integrity::Corrupt(format!("{rel} was deleted")),
+            None => Integrity::Intact,
+        }
+    }
+
+    /// Blocks until this process owns `key` (another run may be building it).
+    pub fn lock_key(&self, key: &StageKey) -> io::Result<KeyLock> {
+        let file = self.key_lock_file(key)?;
+        file.lock()?;
+        Ok(KeyLock { _file: file })
+    }
+
+    /// Owns `key` if nobody else does right now.
+    pub fn try_lock_key(&self, key: &StageKey) -> io::Result<Option<KeyLock>> {
+        let file = self.key_lock_file(key)?;
+        Ok(file.try_lock().ok().map(|_| KeyLock { _file: file }))
+    }
+
+    fn key_lock_file(&self, key: &StageKey) -> io::Result<File> {
+        File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(self.root.join("locks").join(format!("{}.lock", key.0)))
+    }
+
+    /// A fresh, empty directory for a stage's output. Call with the key locked: leftovers of
+    /// earlier attempts at the same key (a killed run) are removed first.
+    pub fn new_output_dir(&self, key: &StageKey, _lock: &KeyLock) -> io::Result<PathBuf> {
+        let tmp = self.root.join("tmp");
+        for entry in fs::read_dir(&tmp)?.flatten() {
+            if entry
+                .file_name()
+                .to_string_lossy()
+                .starts_with(&format!("{}.", key.0))
+            {
+                remove_tree(&entry.path())?;
+            }
+        }
+        let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
+        let dir = tmp.join(format!("{}.{}.{n}", key.0, std::process::id()));
+        fs::create_dir_all(&dir)?;
+        Ok(dir)
+    }
+
+    /// Makes a finished output directory an artifact: its files become read-only, it is hashed,
+    /// and it is renamed into place (or dropped, when an identical artifact already exists).
+    pub fn publish(&self, out_dir: &Path) -> io::Result<ArtifactId> {
+        make_read_only(out_dir)?;
+        let tree = hash_tree(out_dir, None)?;
+        let id = ArtifactId(tree.hash.to_hex().to_string());
+        let target = self.artifact_dir(&id);
+        match self.verify(&id) {
+            Integrity::Intact => {
+                remove_tree(out_dir)?;
+                return Ok(id);
+            }
+            Integrity::Corrupt(_) => self.discard(&target)?,
+            Integrity::Missing => {}
+        }
+        let manifest = serde_json::to_vec(&tree.files).map_err(io::Error::other)?;
+        write_atomic(&self.manifest_path(&id), &manifest)?;
+        if let Err(e) = fs::rename(out_dir, &target) {
+            // Another run published the same content first.
+            if self.verify(&id) != Integrity::Intact {
+                return Err(e);
+            }
+            remove_tree(out_dir)?;
+        }
+        Ok(id)
+    }
+
+    /// Moves a directory out of the way atomically, then deletes it.
+    fn discard(&self, dir: &Path) -> io::Result<()> {
+        if !dir.exists() {
+            return Ok(());
+        }
+        let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
+        let trash = self
+            .root
+            .join("tmp")
+            .join(format!("trash.{}.{n}", std::process::id()));
+        fs::rename(dir, &trash)?;
+        remove_tree(&trash)
+    }
+
+    /// Records that a lockfile refers to artifacts of this store (gc keeps them).
+    pub fn register_lockfile(&self, lockfile: &Path) -> io::Result<()> {
+        let list = self.root.join("lockfiles");
+        let path = std::path::absolute(lockfile)?
+            .to_string_lossy()
+            .into_owned();
+        let mut known = self.lockfiles();
+        if known.insert(path) {
+            let text: String = known.iter().map(|p| format!("{p}\n")).collect();
+            write_atomic(&list, text.as_bytes())?;
+        }
+        Ok(())
+    }
+
+    fn lockfiles(&self) -> BTreeSet<String> {
+        fs::read_to_string(self.root.join("lockfiles"))
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| !l.is_empty())
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// What gc would delete: artifacts no registered lockfile names, the records pointing at
+    /// them, and leftover temp and work directories. Call on an exclusively opened store.
+    pub fn garbage(&self) -> io::Result<Garbage> {
+        let mut keep = BTreeSet::new();
+        let mut lockfiles = Vec::new();
+        for path in self.lockfiles() {
+            if let Ok(lock) = crate::lockfile::Lockfile::read(Path::new(&path)) {
+                keep.extend(lock.stages.values().map(|s| s.artifact.clone()));
+                lockfiles.push(PathBuf::from(path));
+            }
+        }
+        let mut garbage = Garbage {
+            lockfiles,
+            ..Default::default()
+        };
+        for entry in fs::read_dir(self.root.join("artifacts"))?.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let id = ArtifactId(name.trim_end_matches(".json").to_string());
+            if !keep.contains(&id) {
+                if entry.path().is_dir() {
+                    garbage.bytes += tree_size(&entry.path());
+                    garbage.artifacts.push(id);
+                }
+                garbage.paths.push(entry.path());
+            }
+        }
+        for entry in fs::read_dir(self.root.join("records"))?.flatten() {
+            let record: Option<RunRecord> = fs::read(entry.path())
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok());
+            if record.is_none_or(|r| !keep.contains(&r.artifact)) {
+                garbage.paths.push(entry.path());
+            }
+        }
+        for dir in ["tmp", "work", "locks"] {
+            for entry in fs::read_dir(self.root.join(dir))?.flatten() {
+                garbage.bytes += tree_size(&entry.path());
+                garbage.paths.push(entry.path());
+            }
+        }
+        garbage.artifacts.sort();
+        garbage.paths.sort();
+        Ok(garbage)
+    }
+
+    pub fn delete(&self, garbage: &Garbage) -> io::Result<()> {
+        for path in &garbage.paths {
+            remove_tree(path)?;
+        }
+        Ok(())
+    }
+}
+
+/// What gc found to delete.
+#[derive(Debug, Default)]
+pub struct Garbage {
+    pub lockfiles: Vec<PathBuf>,
+    pub artifacts: Vec<ArtifactId>,
+    pub paths: Vec<PathBuf>,
+    pub bytes: u64,
+}
+
+/// Writes a file so that readers see the old content or the new, never a part.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.{}.{n}.tmp", std::process::id()));
+    fs::write(&tmp, bytes)?;
+    fs::rename(&tmp, path).inspect_err(|_| {
+        let _ = fs::remove_file(&tmp);
+    })
+}
+
+fn make_read_only(dir: &Path) -> io::Result<()> {
+    for entry in walkdir::WalkDir::new(dir) {
+        let entry = entry.map_err(io::Error::other)?;
+        if entry.file_type().is_file() {
+            let mut perms = entry.metadata().map_err(io::Error::other)?.permissions();
+            perms.set_mode(perms.mode() & !0o222);
+            fs::set_permissions(entry.path(), perms)?;
+        }
+    }
+    Ok(())
+}
+
+/// Removes a file or a directory tree (read-only files included).
+pub fn remove_tree(path: &Path) -> io::Result<()> {
+    match fs::symlink_metadata(path) {
+        Ok(m) if m.is_dir() => fs::remove_dir_all(path),
+        Ok(_) => fs::remove_file(path),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+fn tree_size(path: &Path) -> u64 {
+    walkdir::WalkDir::new(path)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.metadata().ok())
+        .filter(|m| m.is_file())
+        .map(|m| m.len())
+        .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn output(store: &Store, key: &StageKey, files: &[(&str, &str)]) -> PathBuf {
+        let lock = store.lock_key(key).unwrap();
+        let dir = store.new_output_dir(key, &lock).unwrap();
+        for (name, text) in files {
+            fs::write(dir.join(name), text).unwrap();
+        }
+        dir
+    }
+
+    #[test]
+    fn publish_is_content_addressed_and_detects_corruption() {
+        let root = tempfile::tempdir().unwrap();
+        let store = Store::open(root.path()).unwrap();
+        let key = StageKey("k".into());
+        let id = store.publish(&output(&store, &key, &[("a", "1")])).unwrap();
+        assert_eq!(store.verify(&id), Integrity::Intact);
+        // Same content again: same id, no second copy, temp dir gone.
+        let again = store.publish(&output(&store, &key, &[("a", "1")])).unwrap();
+        assert_eq!(again, id);
+        assert_eq!(fs::read_dir(root.path().join("tmp")).unwrap().count(), 0);
+        // Tamper with the published file.
+        let file = store.artifact_dir(&id).join("a");
+        fs::set_permissions(&file, fs::Permissions::from_mode(0o644)).unwrap();
+        fs::write(&file, "2").unwrap();
+        assert!(matches!(store.verify(&id), Integrity::Corrupt(_)));
+        // Republishing repairs it.
+        store.publish(&output(&store, &key, &[("a", "1")])).unwrap();
+        assert_eq!(store.verify(&id), Integrity::Intact);
+    }
+
+    #[test]
+    fn key_locks_exclude_each_other() {
+        let root = tempfile::tempdir().unwrap();
+        let store = Store::open(root.path()).unwrap();
+        let key = StageKey("k".into());
+        let held = store.lock_key(&key).unwrap();
+        assert!(store.try_lock_key(&key).unwrap().is_none());
+        drop(held);
+        assert!(store.try_lock_key(&key).unwrap().is_some());
+    }
+
+    #[test]
+    fn gc_needs_the_store_to_itself() {
+        let root = tempfile::tempdir().unwrap();
+        let _run = Store::open(root.path()).unwrap();
+        assert!(Store::open_exclusive(root.path()).is_err());
+    }
+}

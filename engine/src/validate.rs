@@ -1,0 +1,814 @@
+//! validate: a parsed pipeline file → a [`Pipeline`], or every problem in it at once.
+//!
+//! The fixed structure (top-level keys, `uses`, `inputs`) is checked here by hand so messages can
+//! be specific; each stage's `with:` block is checked against the JSON Schema generated from the
+//! kind's params, and each schema error is mapped back to the YAML node it is about.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use jsonschema::error::{TypeKind, ValidationErrorKind};
+
+use crate::diagnostics::{FileReport, Problem};
+use crate::graph::Dag;
+use crate::spec::{apply_overrides, Override, Pipeline, StageSpec, FORMAT_VERSION};
+use crate::stage::{DynStage, Ports, Registry};
+use crate::yaml::{self, Key, Node, Span, Value};
+
+const TOP_LEVEL_KEYS: [&str; 5] = ["smelt", "name", "description", "vars", "stages"];
+const STAGE_KEYS: [&str; 4] = ["uses", "with", "inputs", "description"];
+
+/// Why a pipeline could not be loaded.
+#[derive(Debug)]
+pub enum LoadError {
+    /// The command line was wrong (missing file, bad `--set`): exit code 2.
+    Usage(String),
+    /// The file has problems: exit code 1.
+    Invalid(FileReport),
+}
+
+/// Reads, checks and resolves a pipeline file.
+pub fn load_pipeline(
+    path: &Path,
+    overrides: &[Override],
+    registry: &Registry,
+) -> Result<Pipeline, LoadError> {
+    let bytes = std::fs::read(path)
+        .map_err(|e| LoadError::Usage(format!("cannot read {}: {e}", path.display())))?;
+    let absolute = std::path::absolute(path).map_err(|e| LoadError::Usage(e.to_string()))?;
+    match String::from_utf8(bytes) {
+        Ok(text) => check(&absolute, Arc::new(text), overrides, registry),
+        Err(e) => {
+            let at = e.utf8_error().valid_up_to();
+            let text = Arc::new(String::from_utf8_lossy(e.as_bytes()).into_owned());
+            let mut report = FileReport::new(path, text);
+            report.problems.push(Problem::new(
+                "smelt::encoding",
+                "the file is not valid UTF-8",
+                Span { offset: at, len: 1 },
+            ));
+            Err(LoadError::Invalid(report))
+        }
+    }
+}
+
+/// Checks pipeline text that was read from `path`.
+pub fn check(
+    path: &Path,
+    text: Arc<String>,
+    overrides: &[Override],
+    registry: &Registry,
+) -> Result<Pipeline, LoadError> {
+    let mut report = FileReport::new(path, text.clone());
+    let (mut root, duplicate_keys) = match yaml::parse(&text) {
+        Ok(parsed) => parsed,
+        Err(e) => {
+            report
+                .problems
+                .push(Problem::new("smelt::yaml", e.message, e.span).label("YAML error here"));
+            return Err(LoadError::Invalid(report));
+        }
+    };
+    for e in duplicate_keys {
+        report
+            .problems
+            .push(Problem::new("smelt::duplicate-key", e.message, e.span).label("duplicate"));
+    }
+    apply_overrides(&mut root, overrides).map_err(LoadError::Usage)?;
+    let mut checker = Checker {
+        registry,
+        problems: Vec::new(),
+        vars: None,
+    };
+    let pipeline = checker.pipeline(path, &root);
+    report.problems.extend(checker.problems);
+    report.problems.sort_by_key(|p| p.span.map(|s| s.offset));
+    match pipeline {
+        Some(p) if report.is_empty() => Ok(p),
+        _ => Err(LoadError::Invalid(report)),
+    }
+}
+
+struct Checker<'a> {
+    registry: &'a Registry,
+    problems: Vec<Problem>,
+    vars: Option<&'a Node>,
+}
+
+/// A stage as written, before its upstream stages are known to exist.
+struct Draft {
+    spec: StageSpec,
+    /// Span of each upstream reference, for pointing at cycles.
+    input_spans: BTreeMap<String, Span>,
+}
+
+impl<'a> Checker<'a> {
+    fn problem(&mut self, p: Problem) {
+        self.problems.push(p);
+    }
+
+    fn pipeline(&mut self, path: &Path, root: &'a Node) -> Option<Pipeline> {
+        let Some(entries) = root.entries() else {
+            let found = root.type_name();
+            self.problem(
+                Problem::new(
+                    "smelt::structure",
+                    format!("a pipeline file is a mapping; found {found}"),
+                    root.span,
+                )
+                .help("start with `smelt: 1`, `name:` and `stages:`"),
+            );
+            return None;
+        };
+        self.unknown_keys(entries, &TOP_LEVEL_KEYS, "top-level key");
+        self.format_version(root);
+        let name = match root.get("name") {
+            Some(n) => self.string(n, "`name`").unwrap_or_default(),
+            None => path
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+        };
+        if let Some(vars) = root.get("vars") {
+            if vars.entries().is_some() {
+                self.vars = Some(vars);
+            } else if vars.value != Value::Null {
+                let found = vars.type_name();
+                self.problem(Problem::new(
+                    "smelt::type",
+                    format!("`vars` must be a mapping; found {found}"),
+                    vars.span,
+                ));
+            }
+        }
+        let drafts = self.stages(root)?;
+        let upstream: BTreeMap<String, Vec<String>> = drafts
+            .iter()
+            .map(|(n, d)| (n.clone(), d.spec.upstream().map(String::from).collect()))
+            .collect();
+        let dag = Dag::new(&upstream);
+        for cycle in dag.cycles() {
+            // Point at the reference that closes the cycle: the last stage reading the one before.
+            let (reader, read) = (&cycle[1], &cycle[0]);
+            let span = drafts[reader]
+                .input_spans
+                .get(read)
+                .copied()
+                .unwrap_or_default();
+            self.problem(
+                Problem::new(
+                    "smelt::cycle",
+                    format!("the stages form a cycle: {}", cycle.join(" → ")),
+                    span,
+                )
+                .label(format!("`{reader}` reads `{read}` here"))
+                .help("a stage cannot depend on its own output, directly or through other stages"),
+            );
+        }
+        let order = dag.topological_order()?;
+        let dir = path
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
+        Some(Pipeline {
+            name,
+            path: path.to_path_buf(),
+            dir,
+            stages: drafts.into_iter().map(|(n, d)| (n, d.spec)).collect(),
+            order,
+        })
+    }
+
+    fn format_version(&mut self, root: &Node) {
+        match root.get("smelt") {
+            None => self.problem(
+                Problem::new(
+                    "smelt::format",
+                    "missing the format version `smelt: 1`",
+                    root.span,
+                )
+                .label("the file starts here")
+                .help("add `smelt: 1` as the first key"),
+            ),
+            Some(v) if v.value == Value::Int(FORMAT_VERSION) => {}
+            Some(v) => self.problem(
+                Problem::new(
+                    "smelt::format",
+                    format!("this smelt reads pipeline format {FORMAT_VERSION}"),
+                    v.span,
+                )
+                .label("unsupported format version"),
+            ),
+        }
+    }
+
+    fn unknown_keys(&mut self, entries: &[(Key, Node)], allowed: &[&str], what: &str) {
+        for (key, _) in entries {
+            if !allowed.contains(&key.name.as_str()) {
+                self.problem(
+                    Problem::new(
+                        "smelt::unknown-key",
+                        format!("unknown {what} `{}`", key.name),
+                        key.span,
+                    )
+                    .label("not recognised")
+                    .did_you_mean(&key.name, allowed.iter().copied())
+                    .help_if_none(format!("expected one of: {}", allowed.join(", "))),
+                );
+            }
+        }
+    }
+
+    fn string(&mut self, node: &Node, what: &str) -> Option<String> {
+        match node.as_str() {
+            Some(s) => Some(s.to_string()),
+            None => {
+                let found = node.type_name();
+                self.problem(Problem::new(
+                    "smelt::type",
+                    format!("{what} must be a string; found {found}"),
+                    node.span,
+                ));
+                None
+            }
+        }
+    }
+
+    fn stages(&mut self, root: &'a Node) -> Option<BTreeMap<String, Draft>> {
+        let Some(stages) = root.get("stages") else {
+            self.problem(
+                Problem::new(
+                    "smelt::structure",
+                    "the pipeline has no `stages:`",
+                    root.span,
+                )
+                .label("in this file"),
+            );
+            return None;
+        };
+        let Some(entries) = stages.entries() else {
+            let found = stages.type_name();
+            let span = root.key_span_at(&["stages".into()]).unwrap_or(stages.span);
+            self.problem(Problem::new(
+                "smelt::structure",
+                format!("`stages` must be a mapping of stage names to stages; found {found}"),
+                span,
+            ));
+            return None;
+        };
+        if entries.is_empty() {
+            let span = root.key_span_at(&["stages".into()]).unwrap_or(stages.span);
+            self.problem(
+                Problem::new("smelt::structure", "the pipeline has no stages", span)
+                    .help("add at least one stage under `stages:`"),
+            );
+            return None;
+        }
+        let names: Vec<&str> = entries.iter().map(|(k, _)| k.name.as_str()).collect();
+        let mut drafts = BTreeMap::new();
+        for (key, node) in entries {
+            if let Some(draft) = self.stage(key, node, &names) {
+                drafts.insert(key.name.clone(), draft);
+            }
+        }
+        (drafts.len() == entries.len()).then_some(drafts)
+    }
+
+    fn stage(&mut self, key: &Key, node: &'a Node, all: &[&str]) -> Option<Draft> {
+        let name = &key.name;
+        if !valid_stage_name(name) {
+            self.problem(
+                Problem::new(
+                    "smelt::stage-name",
+                    format!("`{name}` is not a valid stage name"),
+                    key.span,
+                )
+                .help("use letters, digits, `_` and `-`, starting with a letter or `_`"),
+            );
+        }
+        let Some(entries) = node.entries() else {
+            let found = node.type_name();
+            self.problem(Problem::new(
+                "smelt::structure",
+                format!("stage `{name}` must be a mapping with `uses:`; found {found}"),
+                key.span,
+            ));
+            return None;
+        };
+        self.unknown_keys(entries, &STAGE_KEYS, "stage key");
+        let kind = match node.get("uses") {
+            None => {
+                self.problem(
+                    Problem::new(
+                        "smelt::missing-uses",
+                        format!("stage `{name}` does not say which kind it `uses`"),
+                        key.span,
+                    )
+                    .help(format!(
+                        "add `uses:` with one of: {}",
+                        self.registry.names().collect::<Vec<_>>().join(", ")
+                    )),
+                );
+                None
+            }
+            Some(uses) => self.kind(uses),
+        };
+        let params = kind.and_then(|k| self.params(name, k, node));
+        let inputs = self.inputs(name, kind, node, key.span, all);
+        let (inputs, input_spans) = inputs?;
+        Some(Draft {
+            spec: StageSpec {
+                name: name.clone(),
+                kind: kind?.kind().to_string(),
+                params: params?,
+                inputs,
+            },
+            input_spans,
+        })
+    }
+
+    fn kind(&mut self, uses: &Node) -> Option<&'a dyn DynStage> {
+        let kind = self.string(uses, "`uses`")?;
+        match self.registry.get(&kind) {
+            Some(k) => Some(k.as_ref()),
+            None => {
+                let known: Vec<&str> = self.registry.names().collect();
+                self.problem(
+                    Problem::new(
+                        "smelt::unknown-kind",
+                        format!("unknown stage kind `{kind}`"),
+                        uses.span,
+                    )
+                    .label("no such stage kind")
+                    .did_you_mean(&kind, known.iter().copied())
+                    .help_if_none(format!("known kinds: {}", known.join(", "))),
+                );
+                None
+            }
+        }
+    }
+
+    /// Interpolates, schema-checks and resolves a stage's `with:` block.
+    fn params(
+        &mut self,
+        stage: &str,
+        kind: &dyn DynStage,
+        node: &Node,
+    ) -> Option<serde_json::Value> {
+        let empty = Node::new(Value::Map(Vec::new()), node.span);
+        let with = match node.get("with") {
+            None => &empty,
+            Some(w) if w.value == Value::Null => &empty,
+            Some(w) => w,
+        };
+        let with = self.interpolate(with);
+        let json = with.to_json();
+        let schema = kind.params_schema();
+        let validator = jsonschema::validator_for(&schema).expect("generated schemas compile");
+        let before = self.problems.len();
+        for error in validator.iter_errors(&json) {
+            let path = pointer_segments(error.instance_path.as_str());
+            let problem = schema_problem(
+                stage,
+                kind.kind(),
+                &schema,
+                &with,
+                &path,
+                &error.kind,
+                &error.to_string(),
+            );
+            self.problem(problem);
+        }
+        if self.problems.len() > before {
+            return None;
+        }
+        match kind.resolve_params(&json) {
+            Ok(params) => Some(params),
+            Err(e) => {
+                self.problem(Problem::new(
+                    "smelt::params",
+                    format!("invalid params for `{stage}`: {e}"),
+                    with.span,
+                ));
+                None
+            }
+        }
+    }
+
+    /// Replaces `${vars.x}` in strings: a string that is only a reference takes the variable's
+    /// value and type; a reference inside a longer string is spliced in as text.
+    fn interpolate(&mut self, node: &Node) -> Node {
+        let value = match &node.value {
+            Value::Str(s) if s.contains("${") => return self.interpolate_str(s, node.span),
+            Value::Seq(items) => Value::Seq(items.iter().map(|n| self.interpolate(n)).collect()),
+            Value::Map(entries) => Value::Map(
+                entries
+                    .iter()
+                    .map(|(k, v)| (k.clone(), self.interpolate(v)))
+                    .collect(),
+            ),
+            other => other.clone(),
+        };
+        Node::new(value, node.span)
+    }
+
+    fn interpolate_str(&mut self, s: &str, span: Span) -> Node {
+        let mut out = String::new();
+        let mut rest = s;
+        while let Some(start) = rest.find("${") {
+            out.push_str(&rest[..start]);
+            let Some(len) = rest[start..].find('}') else {
+                self.problem(
+                    Problem::new("smelt::interpolation", "unterminated `${`", span)
+                        .help("write `${vars.NAME}`"),
+                );
+                return Node::new(Value::Str(s.to_string()), span);
+            };
+            let reference = &rest[start + 2..start + len];
+            let Some(value) = self.lookup_var(reference, span) else {
+                return Node::new(Value::Str(s.to_string()), span);
+            };
+            let whole = start == 0 && start + len + 1 == rest.len() && out.is_empty();
+            if whole {
+                return Node::new(value.value.clone(), span);
+            }
+            match &value.value {
+                Value::Str(v) => out.push_str(v),
+                Value::Int(i) => out.push_str(&i.to_string()),
+                Value::Float(f) => out.push_str(&f.to_string()),
+                Value::Bool(b) => out.push_str(&b.to_string()),
+                _ => {
+                    self.problem(Problem::new(
+                        "smelt::interpolation",
+                        format!(
+                            "`${{{reference}}}` is {} and cannot be spliced into a string",
+                            value.type_name()
+                        ),
+                        span,
+                    ));
+                }
+            }
+            rest = &rest[start + len + 1..];
+        }
+        out.push_str(rest);
+        Node::new(Value::Str(out), span)
+    }
+
+    fn lookup_var(&mut self, reference: &str, span: Span) -> Option<&'a Node> {
+        let Some(name) = reference.trim().strip_prefix("vars.") else {
+            self.problem(Problem::new(
+                "smelt::interpolation",
+                format!("`${{{reference}}}`: only `${{vars.NAME}}` can be interpolated"),
+                span,
+            ));
+            return None;
+        };
+        let path: Vec<String> = name.split('.').map(String::from).collect();
+        let found = self.vars.and_then(|v| v.lookup(&path));
+        if found.is_none() {
+            let known: Vec<&str> = self
+                .vars
+                .and_then(Node::entries)
+                .map(|e| e.iter().map(|(k, _)| k.name.as_str()).collect())
+                .unwrap_or_default();
+            self.problem(
+                Problem::new(
+                    "smelt::undefined-var",
+                    format!("undefined variable `vars.{name}`"),
+                    span,
+                )
+                .label("not defined under `vars:`")
+                .did_you_mean(name, known.iter().copied())
+                .help_if_none(
+                    "define it under `vars:` at the top of the file, or pass --set vars.NAME=VALUE",
+                ),
+            );
+        }
+        found
+    }
+
+    fn inputs(
+        &mut self,
+        stage: &str,
+        kind: Option<&dyn DynStage>,
+        node: &Node,
+        stage_span: Span,
+        all: &[&str],
+    ) -> Option<(BTreeMap<String, Vec<String>>, BTreeMap<String, Span>)> {
+        let mut inputs = BTreeMap::new();
+        let mut spans = BTreeMap::new();
+        let before = self.problems.len();
+        let entries = match node.get("inputs") {
+            None => &[][..],
+            Some(n) if n.value == Value::Null => &[][..],
+            Some(n) => match n.entries() {
+                Some(e) => e,
+                None => {
+                    let found = n.type_name();
+                    self.problem(Problem::new(
+                        "smelt::type",
+                        format!("`inputs` must map port names to stages; found {found}"),
+                        n.span,
+                    ));
+                    return None;
+                }
+            },
+        };
+        let ports = kind.map(|k| k.ports());
+        for (port, value) in entries {
+            if let Some(Ports::Declared(declared)) = &ports {
+                if !declared.iter().any(|p| p.name == port.name) {
+                    let names: Vec<&str> = declared.iter().map(|p| p.name).collect();
+                    let kind = kind.map(|k| k.kind()).unwrap_or_default();
+                    self.problem(
+                        Problem::new(
+                            "smelt::unknown-port",
+                            format!("`{kind}` stages have no input `{}`", port.name),
+                            port.span,
+                        )
+                        .did_you_mean(&port.name, names.iter().copied())
+                        .help_if_none(format!("inputs of `{kind}`: {}", names.join(", "))),
+                    );
+                }
+            }
+            let refs: Vec<&Node> = match &value.value {
+                Value::Str(_) => vec![value],
+                Value::Seq(items) => items.iter().collect(),
+                _ => {
+                    let found = value.type_name();
+                    self.problem(Problem::new(
+                        "smelt::type",
+                        format!(
+                            "input `{}` must name a stage or a list of stages; found {found}",
+                            port.name
+                        ),
+                        value.span,
+                    ));
+                    continue;
+                }
+            };
+            let mut upstream = Vec::new();
+            for r in refs {
+                let Some(name) = self.string(r, "an input") else {
+                    continue;
+                };
+                if name == stage {
+                    self.problem(
+                        Problem::new(
+                            "smelt::self-input",
+                            format!("stage `{stage}` reads its own output"),
+                            r.span,
+                        )
+                        .label("wired to itself"),
+                    );
+                } else if !all.contains(&name.as_str()) {
+                    self.problem(
+                        Problem::new(
+                            "smelt::unknown-stage",
+                            format!(
+                                "input `{}` refers to a stage `{name}` that does not exist",
+                                port.name
+                            ),
+                            r.span,
+                        )
+                        .label("no such stage")
+                        .did_you_mean(&name, all.iter().copied()),
+                    );
+                }
+                spans.insert(name.clone(), r.span);
+                upstream.push(name);
+            }
+            inputs.insert(port.name.clone(), upstream);
+        }
+        if let Some(Ports::Declared(declared)) = &ports {
+            for p in declared
+                .iter()
+                .filter(|p| p.required && !inputs.contains_key(p.name))
+            {
+                self.problem(
+                    Problem::new(
+                        "smelt::missing-input",
+                        format!("stage `{stage}` needs an input `{}` ({})", p.name, p.doc),
+                        stage_span,
+                    )
+                    .help(format!("add `inputs: {{ {}: <stage> }}`", p.name)),
+                );
+            }
+            for p in declared.iter().filter(|p| !p.many) {
+                if inputs.get(p.name).is_some_and(|v| v.len() > 1) {
+                    let span = spans.get(&inputs[p.name][1]).copied().unwrap_or(stage_span);
+                    self.problem(Problem::new(
+                        "smelt::type",
+                        format!("input `{}` takes one stage, not a list", p.name),
+                        span,
+                    ));
+                }
+            }
+        }
+        (self.problems.len() == before).then_some((inputs, spans))
+    }
+}
+
+impl Problem {
+    fn help_if_none(self, help: impl Into<String>) -> Self {
+        if self.help.is_some() {
+            self
+        } else {
+            self.help(help)
+        }
+    }
+}
+
+fn valid_stage_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+}
+
+/// "/a/b~1c" → ["a", "b/c"]
+fn pointer_segments(pointer: &str) -> Vec<String> {
+    pointer
+        .split('/')
+        .skip(1)
+        .map(|s| s.replace("~1", "/").replace("~0", "~"))
+        .collect()
+}
+
+/// Turns one schema error into a problem that points at the YAML it is about.
+fn schema_problem(
+    stage: &str,
+    kind: &str,
+    schema: &serde_json::Value,
+    with: &Node,
+    path: &[String],
+    error: &ValidationErrorKind,
+    fallback: &str,
+) -> Problem {
+    let node = with.at_path(path);
+    let dotted = if path.is_empty() {
+        "with".to_string()
+    } else {
+        format!("with.{}", path.join("."))
+    };
+    match error {
+        ValidationErrorKind::AdditionalProperties { unexpected } => {
+            let name = &unexpected[0];
+            let mut key_path = path.to_vec();
+            key_path.push(name.clone());
+            let span = with.key_span_at(&key_path).unwrap_or(node.span);
+            let known = property_names(schema, path);
+            let mut problem = Problem::new(
+                "smelt::unknown-param",
+                format!(
+                    "`{kind}` has no param `{}` (stage `{stage}`)",
+                    join(&dotted, name)
+                ),
+                span,
+            )
+            .label("unknown param")
+            .did_you_mean(name, known.iter().map(String::as_str));
+            if problem.help.is_none() && !known.is_empty() {
+                problem = problem.help(format!("params here: {}", known.join(", ")));
+            }
+            problem
+        }
+        ValidationErrorKind::Required { property } => {
+            let name = property.as_str().unwrap_or_default();
+            let span = with.key_span_at(path).unwrap_or(node.span);
+            Problem::new(
+                "smelt::missing-param",
+                format!(
+                    "stage `{stage}` is missing the required param `{}`",
+                    join(&dotted, name)
+                ),
+                span,
+            )
+            .label("required here")
+        }
+        ValidationErrorKind::Type { kind: expected } => {
+            let expected = match expected {
+                TypeKind::Single(t) => t.to_string(),
+                TypeKind::Multiple(set) => set
+                    .iter()
+                    .map(|t| t.to_string())
+                    .collect::<Vec<_>>()
+                    .join(" or "),
+            };
+            let expected = expected
+                .replace("object", "mapping")
+                .replace("array", "list");
+            Problem::new(
+                "smelt::type",
+                format!(
+                    "`{dotted}` of stage `{stage}` must be {expected}; found {}",
+                    node.type_name()
+                ),
+                node.span,
+            )
+            .label(format!("expected {expected}"))
+        }
+        ValidationErrorKind::Enum { options } => {
+            let options: Vec<String> = options
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|o| o.to_string())
+                .collect();
+            let wrong = node.as_str().unwrap_or_default();
+            let plain: Vec<String> = options
+                .iter()
+                .map(|o| o.trim_matches('"').to_string())
+                .collect();
+            Problem::new(
+                "smelt::invalid-value",
+                format!(
+                    "`{dotted}` of stage `{stage}` must be one of {}",
+                    options.join(", ")
+                ),
+                node.span,
+            )
+            .label("not an allowed value")
+            .did_you_mean(wrong, plain.iter().map(String::as_str))
+        }
+        _ => Problem::new(
+            "smelt::invalid-value",
+            format!("`{dotted}` of stage `{stage}`: {fallback}"),
+            node.span,
+        )
+        .label("invalid"),
+    }
+}
+
+fn join(prefix: &str, name: &str) -> String {
+    format!("{prefix}.{name}")
+        .trim_start_matches("with.")
+        .to_string()
+}
+
+/// The property names the schema allows for the object at `path` (for "did you mean").
+fn property_names(root: &serde_json::Value, path: &[String]) -> Vec<String> {
+    let mut names: Vec<String> = schemas_at(root, root, path)
+        .into_iter()
+        .filter_map(|s| s.get("properties").and_then(|p| p.as_object()))
+        .flat_map(|p| p.keys().cloned())
+        .collect();
+    names.sort();
+    names.dedup();
+    names
+}
+
+/// Every sub-schema that may apply to the value at `path` (through `$ref` and combinators).
+fn schemas_at<'s>(
+    root: &'s serde_json::Value,
+    schema: &'s serde_json::Value,
+    path: &[String],
+) -> Vec<&'s serde_json::Value> {
+    let schema = resolve_ref(root, schema);
+    let mut found = Vec::new();
+    for combinator in ["allOf", "anyOf", "oneOf"] {
+        for branch in schema
+            .get(combinator)
+            .and_then(|b| b.as_array())
+            .into_iter()
+            .flatten()
+        {
+            found.extend(schemas_at(root, branch, path));
+        }
+    }
+    let Some((first, rest)) = path.split_first() else {
+        found.push(schema);
+        return found;
+    };
+    let next = schema
+        .get("properties")
+        .and_then(|p| p.get(first))
+        .or_else(|| {
+            schema
+                .get("items")
+                .filter(|_| first.parse::<usize>().is_ok())
+        })
+        .or_else(|| schema.get("additionalProperties").filter(|a| a.is_object()));
+    if let Some(next) = next {
+        found.extend(schemas_at(root, next, rest));
+    }
+    found
+}
+
+fn resolve_ref<'s>(
+    root: &'s serde_json::Value,
+    schema: &'s serde_json::Value,
+) -> &'s serde_json::Value {
+    match schema
+        .get("$ref")
+        .and_then(|r| r.as_str())
+        .and_then(|r| r.strip_prefix('#'))
+    {
+        Some(pointer) => root
+            .pointer(pointer)
+            .map_or(schema, |s| resolve_ref(root, s)),
+        None => schema,
+    }
+}

@@ -1,0 +1,343 @@
+//! One function per subcommand: load, call the engine, hand the result to `output`.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use smelt_engine::execute::update_lockfile;
+use smelt_engine::graph::Dag;
+use smelt_engine::hash::StatCache;
+use smelt_engine::lockfile::Lockfile;
+use smelt_engine::{
+    load_pipeline, Executor, LoadError, Outcome, Override, Pipeline, Plan, Planner, Registry,
+    Selection, Store,
+};
+
+use crate::output;
+use crate::{DagFormat, Failure, Format, Select, ValidateFormat};
+
+fn registry() -> Registry {
+    smelt_stages::registry()
+}
+
+/// Loads a pipeline; an invalid one is reported (human format) and fails.
+fn load(file: &Path, overrides: &[Override], registry: &Registry) -> Result<Pipeline, Failure> {
+    match load_pipeline(file, overrides, registry) {
+        Ok(pipeline) => Ok(pipeline),
+        Err(LoadError::Usage(message)) => Err(Failure::Usage(message)),
+        Err(LoadError::Invalid(report)) => {
+            eprint!("{}", report.render_human(output::color_stderr()));
+            eprintln!(
+                "{}: {} problem(s); nothing was run",
+                file.display(),
+                report.problems.len()
+            );
+            Err(Failure::Failed)
+        }
+    }
+}
+
+fn store_root(store: Option<PathBuf>, pipeline_dir: &Path) -> PathBuf {
+    store.unwrap_or_else(|| pipeline_dir.join(".smelt"))
+}
+
+fn open_store(root: &Path) -> Result<Store, Failure> {
+    Store::open(root)
+        .map_err(|e| Failure::Usage(format!("cannot open the store {}: {e}", root.display())))
+}
+
+fn selection(select: &Select) -> Selection {
+    Selection {
+        only: select.only.clone(),
+        from: select.from.clone(),
+        until: select.until.clone(),
+        force: select.force.clone(),
+        force_all: select.force_all,
+    }
+}
+
+/// Everything a plan needs, opened once.
+struct Session {
+    registry: Registry,
+    pipeline: Pipeline,
+    store: Store,
+    lockfile_path: PathBuf,
+    lockfile: Lockfile,
+    stat_cache: StatCache,
+}
+
+impl Session {
+    fn open(
+        file: &Path,
+        overrides: &[Override],
+        store: Option<PathBuf>,
+    ) -> Result<Session, Failure> {
+        let registry = registry();
+        let pipeline = load(file, overrides, &registry)?;
+        let store = open_store(&store_root(store, &pipeline.dir))?;
+        let lockfile_path = Lockfile::path_for(&pipeline.path);
+        let lockfile = match Lockfile::read(&lockfile_path) {
+            Ok(lock) => lock,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Lockfile::default(),
+            Err(e) => {
+                eprintln!("warning: ignoring the unreadable lockfile ({e}); it will be rewritten");
+                Lockfile::default()
+            }
+        };
+        let stat_cache = StatCache::load(&store.stat_cache_path());
+        Ok(Session {
+            registry,
+            pipeline,
+            store,
+            lockfile_path,
+            lockfile,
+            stat_cache,
+        })
+    }
+
+    fn plan(&self, selection: &Selection) -> Result<Plan, Failure> {
+        selection.check(&self.pipeline).map_err(Failure::Usage)?;
+        let planner = Planner {
+            pipeline: &self.pipeline,
+            registry: &self.registry,
+            store: &self.store,
+            lockfile: &self.lockfile,
+            stat_cache: &self.stat_cache,
+        };
+        let plan = planner.plan(selection);
+        if let Err(e) = self.stat_cache.save(&self.store.stat_cache_path()) {
+            tracing::warn!("cannot save the stat cache: {e}");
+        }
+        Ok(plan)
+    }
+}
+
+pub fn validate(
+    files: &[PathBuf],
+    format: ValidateFormat,
+    overrides: &[Override],
+) -> Result<(), Failure> {
+    let registry = registry();
+    let mut invalid = false;
+    let mut usage = None;
+    let mut json = Vec::new();
+    for file in files {
+        match load_pipeline(file, overrides, &registry) {
+            Ok(pipeline) => {
+                if let ValidateFormat::Human = format {
+                    println!(
+                        "✓ {}: valid ({} stages)",
+                        file.display(),
+                        pipeline.stages.len()
+                    );
+                }
+                json.push(serde_json::json!({ "file": file.display().to_string(), "valid": true, "problems": [] }));
+            }
+            Err(LoadError::Usage(message)) => {
+                eprintln!("error: {message}");
+                usage = Some(message);
+            }
+            Err(LoadError::Invalid(report)) => {
+                invalid = true;
+                match format {
+                    ValidateFormat::Human => {
+                        eprint!("{}", report.render_human(output::color_stderr()));
+                        eprintln!("✗ {}: {} problem(s)", file.display(), report.problems.len());
+                    }
+                    ValidateFormat::Github => print!("{}", report.render_github()),
+                    ValidateFormat::Json => {}
+                }
+                json.push(serde_json::json!({ "file": file.display().to_string(), "valid": false, "problems": report.to_json() }));
+            }
+        }
+    }
+    if let ValidateFormat::Json = format {
+        println!("{}", serde_json::to_string_pretty(&json).expect("json"));
+    }
+    match (usage, invalid) {
+        (Some(_), _) => Err(Failure::Usage("some files could not be validated".into())),
+        (None, true) => Err(Failure::Failed),
+        (None, false) => Ok(()),
+    }
+}
+
+pub fn schema() -> Result<(), Failure> {
+    let schema = smelt_engine::schema::pipeline_schema(&registry());
+    println!("{}", serde_json::to_string_pretty(&schema).expect("json"));
+    Ok(())
+}
+
+pub fn plan(
+    file: &Path,
+    select: &Select,
+    format: Format,
+    overrides: &[Override],
+    store: Option<PathBuf>,
+) -> Result<(), Failure> {
+    let session = Session::open(file, overrides, store)?;
+    let plan = session.plan(&selection(select))?;
+    match format {
+        Format::Text => output::print_plan(&plan, &session.pipeline),
+        Format::Json => println!("{}", serde_json::to_string_pretty(&plan).expect("json")),
+    }
+    Ok(())
+}
+
+pub fn run(
+    file: &Path,
+    select: &Select,
+    jobs: Option<usize>,
+    keep_going: bool,
+    overrides: &[Override],
+    store: Option<PathBuf>,
+) -> Result<(), Failure> {
+    let started = Instant::now();
+    let mut session = Session::open(file, overrides, store)?;
+    let plan = session.plan(&selection(select))?;
+    let printer = Arc::new(output::RunPrinter::new());
+    let jobs = jobs.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    output::print_run_header(&session.pipeline, &plan);
+    let executor = Executor {
+        pipeline: &session.pipeline,
+        registry: &session.registry,
+        store: &session.store,
+        jobs,
+        keep_going,
+        observer: printer.as_ref(),
+        progress: printer.clone(),
+    };
+    let results = executor.run(&plan);
+    update_lockfile(
+        &mut session.lockfile,
+        &session.pipeline,
+        &session.registry,
+        &results,
+    );
+    let saved = session
+        .lockfile
+        .write(&session.lockfile_path)
+        .and_then(|()| session.store.register_lockfile(&session.lockfile_path));
+    if let Err(e) = saved {
+        eprintln!(
+            "error: cannot write {}: {e}",
+            session.lockfile_path.display()
+        );
+        return Err(Failure::Failed);
+    }
+    output::print_summary(&results, started.elapsed());
+    let failed = results
+        .iter()
+        .any(|r| matches!(r.outcome, Outcome::Failed { .. }));
+    if failed {
+        Err(Failure::Failed)
+    } else {
+        Ok(())
+    }
+}
+
+pub fn status(
+    file: &Path,
+    format: Format,
+    overrides: &[Override],
+    store: Option<PathBuf>,
+) -> Result<(), Failure> {
+    let session = Session::open(file, overrides, store)?;
+    let plan = session.plan(&Selection::default())?;
+    match format {
+        Format::Text => output::print_status(&plan, &session.lockfile, &session.lockfile_path),
+        Format::Json => {
+            let stages: Vec<_> = plan
+                .stages
+                .iter()
+                .map(|s| serde_json::json!({ "stage": s.stage, "in_lockfile": session.lockfile.stages.contains_key(&s.stage), "changes": s.changes, "decision": s.decision }))
+                .collect();
+            println!("{}", serde_json::to_string_pretty(&stages).expect("json"));
+        }
+    }
+    Ok(())
+}
+
+pub fn show(
+    file: &Path,
+    stage: &str,
+    path_only: bool,
+    overrides: &[Override],
+    store: Option<PathBuf>,
+) -> Result<(), Failure> {
+    let session = Session::open(file, overrides, store)?;
+    let select = Selection {
+        only: vec![stage.to_string()],
+        ..Default::default()
+    };
+    let plan = session.plan(&select)?;
+    let stage_plan = plan.get(stage).expect("selection was checked");
+    let Some(artifact) = &stage_plan.artifact else {
+        let why = stage_plan
+            .reasons
+            .iter()
+            .map(|r| r.to_string())
+            .collect::<Vec<_>>()
+            .join("; ");
+        eprintln!("error: stage `{stage}` has no up-to-date artifact ({why}); run it first");
+        return Err(Failure::Failed);
+    };
+    let dir = session.store.artifact_dir(artifact);
+    if path_only {
+        println!("{}", dir.display());
+        return Ok(());
+    }
+    let record = stage_plan
+        .key
+        .as_ref()
+        .and_then(|k| session.store.record(k));
+    output::print_show(stage, &dir, artifact, record.as_ref());
+    Ok(())
+}
+
+pub fn dag(file: &Path, format: DagFormat, overrides: &[Override]) -> Result<(), Failure> {
+    let registry = registry();
+    let pipeline = load(file, overrides, &registry)?;
+    let upstream = pipeline
+        .stages
+        .iter()
+        .map(|(n, s)| (n.clone(), s.upstream().map(String::from).collect()))
+        .collect();
+    let dag = Dag::new(&upstream);
+    print!("{}", output::render_dag(&pipeline, &dag, format));
+    Ok(())
+}
+
+pub fn gc(files: &[PathBuf], dry_run: bool, store: Option<PathBuf>) -> Result<(), Failure> {
+    let root = match (store, files.first()) {
+        (Some(root), _) => root,
+        (None, Some(file)) => {
+            let dir = std::path::absolute(file)
+                .ok()
+                .and_then(|p| p.parent().map(Path::to_path_buf));
+            store_root(None, &dir.unwrap_or_default())
+        }
+        (None, None) => PathBuf::from(".smelt"),
+    };
+    if !root.join("artifacts").is_dir() {
+        return Err(Failure::Usage(format!(
+            "{} is not a smelt store",
+            root.display()
+        )));
+    }
+    let store = Store::open_exclusive(&root).map_err(|e| Failure::Usage(e.to_string()))?;
+    let garbage = store
+        .garbage()
+        .map_err(|e| Failure::Usage(format!("cannot read the store: {e}")))?;
+    output::print_garbage(&garbage, dry_run);
+    if !dry_run {
+        store
+            .delete(&garbage)
+            .map_err(|e| Failure::Usage(format!("cannot delete: {e}")))?;
+    }
+    Ok(())
+}
+
+pub fn stages() -> Result<(), Failure> {
+    output::print_stages(&registry());
+    Ok(())
+}

@@ -1,0 +1,231 @@
+//! `smelt`: the command line. It registers the stage kinds and calls the engine; everything it
+//! prints is in `output.rs`.
+
+mod commands;
+mod output;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use smelt_engine::Override;
+
+#[derive(Parser)]
+#[command(
+    name = "smelt",
+    version,
+    about = "Declarative, cached pipelines for training language models"
+)]
+struct Cli {
+    /// The store for artifacts and the run cache [default: .smelt next to the pipeline file]
+    #[arg(long, global = true, env = "SMELT_STORE", value_name = "DIR")]
+    store: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Check pipeline files: schema, references, cycles. Exit 0 valid, 1 invalid, 2 usage error
+    Validate {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        #[arg(long, value_enum, default_value_t = ValidateFormat::Human)]
+        format: ValidateFormat,
+        #[command(flatten)]
+        overrides: Overrides,
+    },
+    /// Print the pipeline JSON Schema (generated from the stage kinds' params)
+    Schema,
+    /// Say, per stage, whether it is cached or will run, and why; runs nothing
+    Plan {
+        file: PathBuf,
+        #[command(flatten)]
+        select: Select,
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+        #[command(flatten)]
+        overrides: Overrides,
+    },
+    /// Run the stages that are not cached
+    Run {
+        file: PathBuf,
+        #[command(flatten)]
+        select: Select,
+        /// Stages run at once [default: number of cores]
+        #[arg(short, long)]
+        jobs: Option<usize>,
+        /// Keep running independent stages after one fails
+        #[arg(long)]
+        keep_going: bool,
+        #[command(flatten)]
+        overrides: Overrides,
+    },
+    /// What changed since the lockfile
+    Status {
+        file: PathBuf,
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+        #[command(flatten)]
+        overrides: Overrides,
+    },
+    /// A stage's artifact: directory, run record, metrics
+    Show {
+        file: PathBuf,
+        stage: String,
+        /// Print only the artifact directory's absolute path
+        #[arg(long)]
+        path: bool,
+        #[command(flatten)]
+        overrides: Overrides,
+    },
+    /// The stage graph
+    Dag {
+        file: PathBuf,
+        #[arg(long, value_enum, default_value_t = DagFormat::Text)]
+        format: DagFormat,
+        #[command(flatten)]
+        overrides: Overrides,
+    },
+    /// Delete artifacts that no lockfile refers to
+    Gc {
+        /// Pipeline files whose store to clean [default store: ./.smelt]
+        files: Vec<PathBuf>,
+        /// List what would be deleted, delete nothing
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// The stage kinds a pipeline can use
+    Stages,
+}
+
+#[derive(Args, Clone, Default)]
+pub struct Overrides {
+    /// Override a value: vars.NAME=VALUE or stages.STAGE.with.PARAM=VALUE (repeatable)
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<Override>,
+}
+
+#[derive(Args, Clone, Default)]
+pub struct Select {
+    /// Only these stages (repeatable); their inputs must be up to date
+    #[arg(long, value_name = "STAGE")]
+    pub only: Vec<String>,
+    /// This stage and everything downstream of it
+    #[arg(long, value_name = "STAGE")]
+    pub from: Option<String>,
+    /// This stage and everything upstream of it
+    #[arg(long, value_name = "STAGE")]
+    pub until: Option<String>,
+    /// Run this stage even if it is cached (repeatable)
+    #[arg(long, value_name = "STAGE")]
+    pub force: Vec<String>,
+    /// Run every selected stage even if cached
+    #[arg(long)]
+    pub force_all: bool,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum ValidateFormat {
+    Human,
+    Json,
+    Github,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    Text,
+    Json,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum DagFormat {
+    Text,
+    Dot,
+    Mermaid,
+}
+
+/// How a command failed, mapped to the exit code.
+pub enum Failure {
+    /// Invalid pipeline or a failed stage: exit 1 (already reported).
+    Failed,
+    /// Bad command line or unusable files: exit 2, with this message.
+    Usage(String),
+}
+
+fn main() -> ExitCode {
+    install_panic_hook();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_env("SMELT_LOG"))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let store = cli.store;
+    let result = match cli.command {
+        Command::Validate {
+            files,
+            format,
+            overrides,
+        } => commands::validate(&files, format, &overrides.set),
+        Command::Schema => commands::schema(),
+        Command::Plan {
+            file,
+            select,
+            format,
+            overrides,
+        } => commands::plan(&file, &select, format, &overrides.set, store),
+        Command::Run {
+            file,
+            select,
+            jobs,
+            keep_going,
+            overrides,
+        } => commands::run(&file, &select, jobs, keep_going, &overrides.set, store),
+        Command::Status {
+            file,
+            format,
+            overrides,
+        } => commands::status(&file, format, &overrides.set, store),
+        Command::Show {
+            file,
+            stage,
+            path,
+            overrides,
+        } => commands::show(&file, &stage, path, &overrides.set, store),
+        Command::Dag {
+            file,
+            format,
+            overrides,
+        } => commands::dag(&file, format, &overrides.set),
+        Command::Gc { files, dry_run } => commands::gc(&files, dry_run, store),
+        Command::Stages => commands::stages(),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Failed) => ExitCode::from(1),
+        Err(Failure::Usage(message)) => {
+            eprintln!("error: {message}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// A panic inside a stage is reported as that stage's failure by the engine, so stage threads
+/// panic quietly; anywhere else it is a bug in smelt, reported in one line without a backtrace.
+fn install_panic_hook() {
+    std::panic::set_hook(Box::new(|info| {
+        let thread = std::thread::current();
+        if thread.name().is_some_and(|n| n.starts_with("stage:")) {
+            return;
+        }
+        let location = info
+            .location()
+            .map(|l| format!(" at {}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        eprintln!(
+            "smelt: internal error{location}: {}",
+            info.payload_as_str().unwrap_or("panic")
+        );
+        eprintln!("This is a bug in smelt; please report it.");
+    }));
+}
