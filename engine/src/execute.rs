@@ -104,6 +104,7 @@ impl Executor<'_> {
                     }
                     let inputs = self.inputs_of(&stage.stage, &done);
                     let immediate = match &inputs {
+                        _ if stage.decision == Decision::Blocked => self.without_running(stage),
                         Err(reason) => Some(skipped(reason.clone(), None)),
                         Ok(_) if failed && !self.keep_going && stage.decision == Decision::Run => {
                             Some(skipped("not started: an earlier stage failed".into(), None))

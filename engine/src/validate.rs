@@ -38,7 +38,7 @@ pub fn load_pipeline(
         .map_err(|e| LoadError::Usage(format!("cannot read {}: {e}", path.display())))?;
     let absolute = std::path::absolute(path).map_err(|e| LoadError::Usage(e.to_string()))?;
     match String::from_utf8(bytes) {
-        Ok(text) => check(&absolute, Arc::new(text), overrides, registry),
+        Ok(text) => check(path, &absolute, Arc::new(text), overrides, registry),
         Err(e) => {
             let at = e.utf8_error().valid_up_to();
             let text = Arc::new(String::from_utf8_lossy(e.as_bytes()).into_owned());
@@ -53,9 +53,10 @@ pub fn load_pipeline(
     }
 }
 
-/// Checks pipeline text that was read from `path`.
+/// Checks pipeline text read from `path` (as the user named it; `absolute` is the same file).
 pub fn check(
     path: &Path,
+    absolute: &Path,
     text: Arc<String>,
     overrides: &[Override],
     registry: &Registry,
@@ -81,7 +82,7 @@ pub fn check(
         problems: Vec::new(),
         vars: None,
     };
-    let pipeline = checker.pipeline(path, &root);
+    let pipeline = checker.pipeline(absolute, &root);
     report.problems.extend(checker.problems);
     report.problems.sort_by_key(|p| p.span.map(|s| s.offset));
     match pipeline {
@@ -142,7 +143,7 @@ impl<'a> Checker<'a> {
                 ));
             }
         }
-        let drafts = self.stages(root)?;
+        let (drafts, complete) = self.stages(root)?;
         let upstream: BTreeMap<String, Vec<String>> = drafts
             .iter()
             .map(|(n, d)| (n.clone(), d.spec.upstream().map(String::from).collect()))
@@ -166,7 +167,7 @@ impl<'a> Checker<'a> {
                 .help("a stage cannot depend on its own output, directly or through other stages"),
             );
         }
-        let order = dag.topological_order()?;
+        let order = dag.topological_order().filter(|_| complete)?;
         let dir = path
             .parent()
             .map(Path::to_path_buf)
@@ -235,7 +236,8 @@ impl<'a> Checker<'a> {
         }
     }
 
-    fn stages(&mut self, root: &'a Node) -> Option<BTreeMap<String, Draft>> {
+    /// The stages that could be read, and whether that is all of them.
+    fn stages(&mut self, root: &'a Node) -> Option<(BTreeMap<String, Draft>, bool)> {
         let Some(stages) = root.get("stages") else {
             self.problem(
                 Problem::new(
@@ -272,7 +274,8 @@ impl<'a> Checker<'a> {
                 drafts.insert(key.name.clone(), draft);
             }
         }
-        (drafts.len() == entries.len()).then_some(drafts)
+        let complete = drafts.len() == entries.len();
+        Some((drafts, complete))
     }
 
     fn stage(&mut self, key: &Key, node: &'a Node, all: &[&str]) -> Option<Draft> {

@@ -1,0 +1,382 @@
+//! End-to-end: `smelt run` on pipelines of `command` stages, counting what really executed.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{logging_stage, Project};
+
+/// a → b, a → c, (b, c) → d; b's text comes from `vars.b`.
+fn diamond() -> Project {
+    let mut yaml = String::from("smelt: 1\nname: diamond\nvars: { b: B }\nstages:\n");
+    yaml += &logging_stage("a", "", "A");
+    yaml += &logging_stage("b", "in: [a]", "${vars.b}");
+    yaml += &logging_stage("c", "in: [a]", "C");
+    yaml += &logging_stage("d", "in: [b, c]", "D");
+    Project::new(&yaml)
+}
+
+fn sorted(mut v: Vec<String>) -> Vec<String> {
+    v.sort();
+    v
+}
+
+#[test]
+fn first_run_runs_everything_and_second_run_nothing() {
+    let p = diamond();
+    let run = p.smelt(&["run", "p.yaml"]).ok();
+    assert!(
+        run.stdout.contains("summary: 4 ran, 0 cached"),
+        "{}",
+        run.stdout
+    );
+    assert_eq!(sorted(p.executed()), ["a", "b", "c", "d"]);
+    assert_eq!(
+        std::fs::read_to_string(p.artifact("d").join("out")).unwrap(),
+        "D\nB\nA\nC\nA\n"
+    );
+    let run = p.smelt(&["run", "p.yaml"]).ok();
+    assert!(
+        run.stdout.contains("summary: 0 ran, 4 cached"),
+        "{}",
+        run.stdout
+    );
+    assert!(p.executed().is_empty());
+    assert!(p.path("p.lock").exists());
+}
+
+#[test]
+fn param_change_reruns_that_stage_and_its_descendants() {
+    let p = diamond();
+    p.smelt(&["run", "p.yaml"]).ok();
+    p.executed();
+    p.write(
+        "p.yaml",
+        &p.read("p.yaml")
+            .replace("vars: { b: B }", "vars: { b: B2 }"),
+    );
+    let plan = p.smelt(&["plan", "p.yaml"]).ok();
+    assert!(plan.stdout.contains("params: run"), "{}", plan.stdout);
+    assert!(
+        plan.stdout.contains("input in will be rebuilt (stage b)"),
+        "{}",
+        plan.stdout
+    );
+    p.smelt(&["run", "p.yaml"]).ok();
+    assert_eq!(p.executed(), ["b", "d"]);
+}
+
+#[test]
+fn unchanged_output_stops_the_rerun_early() {
+    let p = diamond();
+    p.smelt(&["run", "p.yaml"]).ok();
+    p.executed();
+    // A different command producing the same bytes: `a` reruns, b, c and d are cut off.
+    p.write(
+        "p.yaml",
+        &p.read("p.yaml")
+            .replace("echo a >> log;", "echo a >> log; true;"),
+    );
+    let plan = p.smelt(&["plan", "p.yaml", "--format", "json"]).ok();
+    let plan: serde_json::Value = serde_json::from_str(&plan.stdout).unwrap();
+    let b = plan["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["stage"] == "b")
+        .unwrap();
+    assert_eq!(b["decision"], "run");
+    assert_eq!(b["may_cut_off"], true);
+    let run = p.smelt(&["run", "p.yaml"]).ok();
+    assert_eq!(p.executed(), ["a"]);
+    assert!(run.stdout.contains("cut off"), "{}", run.stdout);
+    assert!(
+        run.stdout.contains("summary: 1 ran, 3 cached"),
+        "{}",
+        run.stdout
+    );
+}
+
+#[test]
+fn set_overrides_vars_and_params() {
+    let p = diamond();
+    p.smelt(&["run", "p.yaml"]).ok();
+    p.executed();
+    p.smelt(&["run", "p.yaml", "--set", "vars.b=other"]).ok();
+    assert_eq!(p.executed(), ["b", "d"]);
+    assert!(
+        std::fs::read_to_string(p.artifact("d").join("out"))
+            .unwrap()
+            .contains("B\n"),
+        "show without --set is the file's value"
+    );
+    p.smelt(&[
+        "run",
+        "p.yaml",
+        "--set",
+        "stages.c.with.run=echo c >> log; echo X > $SMELT_OUT/out",
+    ])
+    .ok();
+    assert_eq!(
+        p.executed(),
+        ["c", "d"],
+        "b is back to the file's value (restored from the run cache), c is overridden"
+    );
+    let bad = p.smelt(&["run", "p.yaml", "--set", "stages.cc.with.run=x"]);
+    assert_eq!(bad.code, 2);
+    assert!(bad.stderr.contains("did you mean `c`"), "{}", bad.stderr);
+}
+
+#[test]
+fn going_back_to_earlier_params_restores_from_the_run_cache() {
+    let p = diamond();
+    p.smelt(&["run", "p.yaml"]).ok();
+    p.smelt(&["run", "p.yaml", "--set", "vars.b=two"]).ok();
+    p.executed();
+    let run = p.smelt(&["run", "p.yaml"]).ok();
+    assert!(p.executed().is_empty(), "{}", run.stdout);
+    assert!(
+        run.stdout.contains("summary: 0 ran, 4 cached"),
+        "{}",
+        run.stdout
+    );
+}
+
+#[test]
+fn dependency_files_are_hashed_and_touching_them_reruns_nothing() {
+    let p = Project::new(
+        "smelt: 1\nstages:\n  read:\n    uses: command\n    with:\n      run: \"echo read >> log; cat data/in.txt > $SMELT_OUT/out\"\n      deps: [data]\n",
+    );
+    p.write("data/in.txt", "one");
+    p.smelt(&["run", "p.yaml"]).ok();
+    assert_eq!(p.executed(), ["read"]);
+    // Same bytes, new mtime: rehashed, not rerun.
+    std::thread::sleep(Duration::from_millis(20));
+    p.write("data/in.txt", "one");
+    p.smelt(&["run", "p.yaml"]).ok();
+    assert!(p.executed().is_empty());
+    p.write("data/in.txt", "two");
+    let plan = p.smelt(&["plan", "p.yaml"]).ok();
+    assert!(plan.stdout.contains("file data changed"), "{}", plan.stdout);
+    p.smelt(&["run", "p.yaml"]).ok();
+    assert_eq!(p.executed(), ["read"]);
+    p.write("data/new.txt", "x");
+    p.smelt(&["run", "p.yaml"]).ok();
+    assert_eq!(
+        p.executed(),
+        ["read"],
+        "a new file in a dependency directory reruns"
+    );
+    std::fs::remove_dir_all(p.path("data")).unwrap();
+    let run = p.smelt(&["run", "p.yaml"]);
+    assert_eq!(run.code, 1);
+    assert!(run.stdout.contains("dependency data"), "{}", run.stdout);
+}
+
+#[test]
+fn a_failing_stage_shows_its_stderr_and_publishes_nothing() {
+    let mut yaml = String::from("smelt: 1\nstages:\n");
+    yaml += "  bad:\n    uses: command\n    with: { run: \"echo partial > $SMELT_OUT/x; echo 'it broke' >&2; exit 3\" }\n";
+    yaml += "  after:\n    uses: command\n    inputs: { x: bad }\n    with: { run: \"echo after >> log\" }\n";
+    yaml += &logging_stage("other", "", "O");
+    let p = Project::new(&yaml);
+    let run = p.smelt(&["run", "p.yaml", "-j", "1"]);
+    assert_eq!(run.code, 1);
+    assert!(
+        run.stdout.contains("exited with status 3"),
+        "{}",
+        run.stdout
+    );
+    assert!(run.stdout.contains("it broke"), "{}", run.stdout);
+    assert!(run.stdout.contains("skip    after"), "{}", run.stdout);
+    assert_eq!(
+        std::fs::read_dir(p.path(".smelt/artifacts"))
+            .unwrap()
+            .count(),
+        0,
+        "nothing published"
+    );
+    assert_eq!(
+        std::fs::read_dir(p.path(".smelt/tmp")).unwrap().count(),
+        0,
+        "no partial output left"
+    );
+    let run = p.smelt(&["run", "p.yaml", "--keep-going"]);
+    assert_eq!(run.code, 1);
+    assert!(run.stdout.contains("1 failed"), "{}", run.stdout);
+}
+
+#[test]
+fn a_corrupt_artifact_is_detected_and_rebuilt() {
+    let p = diamond();
+    p.smelt(&["run", "p.yaml"]).ok();
+    p.executed();
+    let file = p.artifact("c").join("out");
+    let mut perms = std::fs::metadata(&file).unwrap().permissions();
+    assert!(perms.readonly(), "published files are read-only");
+    #[allow(clippy::permissions_set_readonly_false)]
+    perms.set_readonly(false);
+    std::fs::set_permissions(&file, perms).unwrap();
+    std::fs::write(&file, "tampered").unwrap();
+    let plan = p.smelt(&["plan", "p.yaml"]).ok();
+    assert!(
+        plan.stdout.contains("output corrupt (out changed)"),
+        "{}",
+        plan.stdout
+    );
+    p.smelt(&["run", "p.yaml"]).ok();
+    assert_eq!(
+        p.executed(),
+        ["c"],
+        "d is cut off: c's rebuilt output is the same"
+    );
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "C\nA\n");
+}
+
+#[test]
+fn selection_flags_pick_stages() {
+    let p = diamond();
+    let run = p.smelt(&["run", "p.yaml", "--until", "b"]).ok();
+    assert_eq!(sorted(p.executed()), ["a", "b"], "{}", run.stdout);
+    p.smelt(&["run", "p.yaml", "--only", "c"]).ok();
+    assert_eq!(p.executed(), ["c"]);
+    p.smelt(&["run", "p.yaml", "--force", "b", "--from", "b"])
+        .ok();
+    assert_eq!(sorted(p.executed()), ["b", "d"]);
+    p.smelt(&["run", "p.yaml", "--force-all"]).ok();
+    assert_eq!(sorted(p.executed()), ["a", "b", "c", "d"]);
+    let run = p.smelt(&["run", "p.yaml", "--only", "nope"]);
+    assert_eq!(run.code, 2);
+}
+
+#[test]
+fn only_refuses_a_stage_whose_input_was_never_built() {
+    let p = diamond();
+    let run = p.smelt(&["run", "p.yaml", "--only", "d"]);
+    assert_eq!(run.code, 1, "{}", run.stdout);
+    assert!(
+        run.stdout.contains("has no up-to-date output"),
+        "{}",
+        run.stdout
+    );
+    assert!(p.executed().is_empty());
+}
+
+#[test]
+fn kill_during_a_stage_then_rerun_resumes_and_completes() {
+    let p = Project::new(
+        "smelt: 1\nstages:\n  slow:\n    uses: command\n    with:\n      run: \"if [ -f $SMELT_WORK/ckpt ]; then echo resumed >> log; else touch $SMELT_WORK/ckpt; echo started >> log; sleep 30; fi; echo done > $SMELT_OUT/x\"\n",
+    );
+    let mut child = p
+        .command(&["run", "p.yaml"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !p.read("log").contains("started") {
+        assert!(Instant::now() < deadline, "the stage never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert_eq!(
+        std::fs::read_dir(p.path(".smelt/artifacts"))
+            .unwrap()
+            .count(),
+        0,
+        "nothing published"
+    );
+    p.smelt(&["run", "p.yaml"]).ok();
+    assert_eq!(p.executed(), ["started", "resumed"]);
+    assert_eq!(
+        std::fs::read_to_string(p.artifact("slow").join("x")).unwrap(),
+        "done\n"
+    );
+    assert_eq!(
+        std::fs::read_dir(p.path(".smelt/tmp")).unwrap().count(),
+        0,
+        "the killed run's temp dir is gone"
+    );
+    assert_eq!(
+        std::fs::read_dir(p.path(".smelt/work")).unwrap().count(),
+        0,
+        "work dir removed on success"
+    );
+}
+
+#[test]
+fn two_concurrent_runs_share_the_store_and_never_do_work_twice() {
+    let mut yaml = String::from("smelt: 1\nstages:\n");
+    for name in ["x", "y"] {
+        yaml += &format!("  {name}:\n    uses: command\n    with: {{ run: \"echo {name} >> log; sleep 1; echo {name} > $SMELT_OUT/out\" }}\n");
+    }
+    yaml += &logging_stage("z", "in: [x, y]", "Z");
+    let p = Project::new(&yaml);
+    let a = p.command(&["run", "p.yaml"]).spawn().unwrap();
+    let b = p.command(&["run", "p.yaml"]).spawn().unwrap();
+    assert!(a.wait_with_output().unwrap().status.success());
+    assert!(b.wait_with_output().unwrap().status.success());
+    assert_eq!(sorted(p.executed()), ["x", "y", "z"]);
+    assert_eq!(
+        std::fs::read_to_string(p.artifact("z").join("out")).unwrap(),
+        "Z\nx\ny\n"
+    );
+}
+
+#[test]
+fn status_show_and_dag_describe_the_pipeline() {
+    let p = diamond();
+    let status = p.smelt(&["status", "p.yaml"]).ok();
+    assert!(status.stdout.contains("new"), "{}", status.stdout);
+    p.smelt(&["run", "p.yaml"]).ok();
+    let status = p.smelt(&["status", "p.yaml"]).ok();
+    assert!(
+        status.stdout.contains("0 of 4 stages differ"),
+        "{}",
+        status.stdout
+    );
+    let status = p.smelt(&["status", "p.yaml", "--set", "vars.b=Q"]).ok();
+    assert!(status.stdout.contains("changed  b"), "{}", status.stdout);
+    let show = p.smelt(&["show", "p.yaml", "d"]).ok();
+    assert!(
+        show.stdout.contains("kind:      command"),
+        "{}",
+        show.stdout
+    );
+    assert!(show.stdout.contains("out  (10 bytes)"), "{}", show.stdout);
+    let dot = p.smelt(&["dag", "p.yaml", "--format", "dot"]).ok();
+    assert!(dot.stdout.contains("\"b\" -> \"d\";"), "{}", dot.stdout);
+    let mermaid = p.smelt(&["dag", "p.yaml", "--format", "mermaid"]).ok();
+    assert!(mermaid.stdout.contains("s_a --> s_c"), "{}", mermaid.stdout);
+    let text = p.smelt(&["dag", "p.yaml"]).ok();
+    assert!(
+        text.stdout.contains("d  (command)  ← in: b, c"),
+        "{}",
+        text.stdout
+    );
+}
+
+#[test]
+fn gc_deletes_only_what_no_lockfile_names() {
+    let p = diamond();
+    p.smelt(&["run", "p.yaml", "--set", "vars.b=old"]).ok();
+    let old_b = p.artifact_with("b", &["--set", "vars.b=old"]);
+    p.smelt(&["run", "p.yaml"]).ok();
+    let current = ["a", "b", "c", "d"].map(|s| p.artifact(s));
+    let dry = p.smelt(&["gc", "p.yaml", "--dry-run"]).ok();
+    assert!(
+        dry.stdout.contains(&old_b.display().to_string()),
+        "{}",
+        dry.stdout
+    );
+    assert!(old_b.exists());
+    p.smelt(&["gc", "p.yaml"]).ok();
+    assert!(!old_b.exists());
+    assert!(current.iter().all(|d| d.exists()));
+    p.executed();
+    p.smelt(&["run", "p.yaml"]).ok();
+    assert!(
+        p.executed().is_empty(),
+        "what the lockfile names is still cached"
+    );
+}
