@@ -63,14 +63,16 @@ impl Dag {
                 queue.push_back(next);
             }
         }
-        let mut path = vec![self.graph[start].clone()];
+        let mut back = Vec::new();
         let mut node = previous[&start];
         while node != start {
-            path.push(self.graph[node].clone());
+            back.push(self.graph[node].clone());
             node = previous[&node];
         }
-        path.push(self.graph[start].clone());
-        path[1..].reverse();
+        let start = self.graph[start].clone();
+        let mut path = vec![start.clone()];
+        path.extend(back.into_iter().rev());
+        path.push(start);
         path
     }
 

@@ -42,11 +42,13 @@ impl Stat {
         }
     }
 
-    fn is_racy(&self) -> bool {
+    /// Changed so recently that a further change might not move the timestamps. ctime counts
+    /// too: it cannot be set back, unlike an mtime restored by tar or rsync.
+    fn is_racy(&self, window_ns: i64) -> bool {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as i64);
-        now - self.mtime_ns.max(self.ctime_ns) < RACY_NS
+        now - self.mtime_ns.max(self.ctime_ns) < window_ns
     }
 }
 
@@ -64,10 +66,20 @@ pub fn hash_file(path: &Path, size: u64) -> io::Result<blake3::Hash> {
 }
 
 /// Path → (stat, hash), persisted in the store between runs.
-#[derive(Default)]
 pub struct StatCache {
     entries: RwLock<HashMap<PathBuf, (Stat, [u8; 32])>>,
     dirty: std::sync::atomic::AtomicBool,
+    racy_ns: i64,
+}
+
+impl Default for StatCache {
+    fn default() -> Self {
+        StatCache {
+            entries: Default::default(),
+            dirty: Default::default(),
+            racy_ns: RACY_NS,
+        }
+    }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -95,7 +107,7 @@ impl StatCache {
             .collect();
         StatCache {
             entries: RwLock::new(entries),
-            dirty: Default::default(),
+            ..Default::default()
         }
     }
 
@@ -126,7 +138,7 @@ impl StatCache {
             }
         }
         let hash = hash_file(path, stat.size)?;
-        if !stat.is_racy() {
+        if !stat.is_racy(self.racy_ns) {
             self.entries
                 .write()
                 .expect("stat cache lock")
@@ -248,15 +260,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("f");
         std::fs::write(&file, "one").unwrap();
-        // Age the file so its stat is trusted.
-        let old = SystemTime::now() - std::time::Duration::from_secs(60);
-        std::fs::File::options()
-            .write(true)
-            .open(&file)
-            .unwrap()
-            .set_modified(old)
-            .unwrap();
-        let cache = StatCache::default();
+        let cache = StatCache {
+            racy_ns: 0,
+            ..Default::default()
+        };
         let meta = std::fs::metadata(&file).unwrap();
         let h1 = cache.hash(&file, &meta).unwrap();
         // Poison the cached hash: an unchanged stat must return it without reading the file.
@@ -275,19 +282,27 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("f");
         std::fs::write(&file, "x").unwrap();
-        let old = SystemTime::now() - std::time::Duration::from_secs(60);
-        std::fs::File::options()
-            .write(true)
-            .open(&file)
-            .unwrap()
-            .set_modified(old)
-            .unwrap();
-        let cache = StatCache::default();
+        let cache = StatCache {
+            racy_ns: 0,
+            ..Default::default()
+        };
         cache
             .hash(&file, &std::fs::metadata(&file).unwrap())
             .unwrap();
         cache.save(&dir.path().join("cache")).unwrap();
         let loaded = StatCache::load(&dir.path().join("cache"));
         assert!(loaded.entries.read().unwrap().contains_key(&file));
+    }
+
+    #[test]
+    fn recently_changed_files_are_not_trusted() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("f");
+        std::fs::write(&file, "x").unwrap();
+        let cache = StatCache::default();
+        cache
+            .hash(&file, &std::fs::metadata(&file).unwrap())
+            .unwrap();
+        assert!(cache.entries.read().unwrap().is_empty());
     }
 }

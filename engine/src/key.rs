@@ -100,15 +100,16 @@ mod tests {
     #[test]
     fn key_depends_on_inputs_and_deps() {
         let params = json!({});
-        let none = BTreeMap::new();
+        let no_inputs = BTreeMap::new();
+        let no_deps = BTreeMap::new();
         let inputs = BTreeMap::from([("x".to_string(), vec![ArtifactId("a".into())])]);
         let deps = BTreeMap::from([("f".to_string(), "h".to_string())]);
         let plain = KeyMaterial {
             kind: "k",
             version: 1,
             params: &params,
-            inputs: &none,
-            deps: &none,
+            inputs: &no_inputs,
+            deps: &no_deps,
         }
         .key();
         let with_input = KeyMaterial {
@@ -116,14 +117,14 @@ mod tests {
             version: 1,
             params: &params,
             inputs: &inputs,
-            deps: &none,
+            deps: &no_deps,
         }
         .key();
         let with_dep = KeyMaterial {
             kind: "k",
             version: 1,
             params: &params,
-            inputs: &none,
+            inputs: &no_inputs,
             deps: &deps,
         }
         .key();

@@ -278,7 +278,7 @@ impl Planner<'_> {
             Ok(deps) => plan.deps = deps,
             Err(reason) => {
                 plan.decision = Decision::Blocked;
-                plan.reasons.push(reason);
+                plan.reasons.push(*reason);
                 return plan;
             }
         }
@@ -360,23 +360,23 @@ impl Planner<'_> {
     }
 
     /// Content hashes of the stage's external files, keyed by the path as written.
-    fn hash_deps(&self, spec: &StageSpec) -> Result<BTreeMap<String, String>, Reason> {
+    fn hash_deps(&self, spec: &StageSpec) -> Result<BTreeMap<String, String>, Box<Reason>> {
         let kind = self.registry.get(&spec.kind).expect("validated kind");
-        let paths =
-            kind.external_deps(&spec.params)
-                .map_err(|error| Reason::MissingDependency {
-                    path: String::new(),
-                    error,
-                })?;
+        let paths = kind.external_deps(&spec.params).map_err(|error| {
+            Box::new(Reason::MissingDependency {
+                path: String::new(),
+                error,
+            })
+        })?;
         let mut deps = BTreeMap::new();
         for path in paths {
             let shown = path.display().to_string();
             let hash =
                 hash_dependency(&self.pipeline.dir.join(&path), self.stat_cache).map_err(|e| {
-                    Reason::MissingDependency {
+                    Box::new(Reason::MissingDependency {
                         path: shown.clone(),
                         error: e.to_string(),
-                    }
+                    })
                 })?;
             deps.insert(shown, hash.to_hex().to_string());
         }

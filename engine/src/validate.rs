@@ -97,6 +97,9 @@ struct Checker<'a> {
     vars: Option<&'a Node>,
 }
 
+/// A stage's inputs (port → upstream stages) and where each upstream reference is written.
+type Wiring = (BTreeMap<String, Vec<String>>, BTreeMap<String, Span>);
+
 /// A stage as written, before its upstream stages are known to exist.
 struct Draft {
     spec: StageSpec,
@@ -498,7 +501,7 @@ impl<'a> Checker<'a> {
         node: &Node,
         stage_span: Span,
         all: &[&str],
-    ) -> Option<(BTreeMap<String, Vec<String>>, BTreeMap<String, Span>)> {
+    ) -> Option<Wiring> {
         let mut inputs = BTreeMap::new();
         let mut spans = BTreeMap::new();
         let before = self.problems.len();

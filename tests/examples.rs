@@ -1,0 +1,121 @@
+//! The example pipelines in `pipelines/` validate, match the published schema, and run.
+
+mod common;
+
+use std::path::Path;
+
+use common::Run;
+
+fn examples() -> Vec<std::path::PathBuf> {
+    let mut files: Vec<_> =
+        std::fs::read_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+            .collect();
+    files.sort();
+    assert!(!files.is_empty());
+    files
+}
+
+fn smelt(args: &[&str], dir: &Path) -> Run {
+    std::process::Command::new(common::smelt_bin())
+        .args(args)
+        .current_dir(dir)
+        .env_remove("SMELT_STORE")
+        .output()
+        .unwrap()
+        .into()
+}
+
+#[test]
+fn the_committed_schema_is_what_smelt_schema_prints() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let printed = smelt(&["schema"], root).ok().stdout;
+    let committed = std::fs::read_to_string(root.join("schemas/pipeline.schema.json")).unwrap();
+    assert!(
+        printed == committed,
+        "schemas/pipeline.schema.json is stale: run `cargo run -- schema > schemas/pipeline.schema.json`"
+    );
+}
+
+#[test]
+fn examples_start_with_the_schema_line_and_validate() {
+    for file in examples() {
+        let text = std::fs::read_to_string(&file).unwrap();
+        assert!(
+            text.starts_with("# yaml-language-server: $schema=../schemas/pipeline.schema.json\n"),
+            "{} lacks the schema line",
+            file.display()
+        );
+        smelt(&["validate", file.to_str().unwrap()], Path::new(".")).ok();
+    }
+}
+
+#[test]
+fn examples_satisfy_the_published_schema_as_an_editor_sees_them() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let schema: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root.join("schemas/pipeline.schema.json")).unwrap(),
+    )
+    .unwrap();
+    let validator = jsonschema::validator_for(&schema).unwrap();
+    for file in examples() {
+        let yaml: serde_json::Value =
+            serde_yaml::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+        let errors: Vec<String> = validator
+            .iter_errors(&yaml)
+            .map(|e| format!("{} at {}", e, e.instance_path))
+            .collect();
+        assert!(errors.is_empty(), "{}: {errors:#?}", file.display());
+    }
+    // And the schema does catch a mistake.
+    let bad: serde_json::Value = serde_yaml::from_str(
+        "smelt: 1\nstages:\n  a: { uses: command, with: { run: x, dpes: [] } }\n",
+    )
+    .unwrap();
+    assert!(!validator.is_valid(&bad));
+}
+
+#[test]
+fn wordcount_runs_and_reruns_only_what_a_var_touches() {
+    let work = tempfile::tempdir().unwrap();
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines");
+    std::fs::create_dir_all(work.path().join("data")).unwrap();
+    std::fs::copy(
+        source.join("wordcount.yaml"),
+        work.path().join("wordcount.yaml"),
+    )
+    .unwrap();
+    std::fs::copy(
+        source.join("data/sample.txt"),
+        work.path().join("data/sample.txt"),
+    )
+    .unwrap();
+    let run = smelt(&["run", "wordcount.yaml"], work.path()).ok();
+    assert!(run.stdout.contains("3 ran"), "{}", run.stdout);
+    let dir = smelt(&["show", "wordcount.yaml", "counts", "--path"], work.path())
+        .ok()
+        .stdout;
+    let top = std::fs::read_to_string(Path::new(dir.trim()).join("top.txt")).unwrap();
+    let first = top
+        .lines()
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .collect::<Vec<_>>();
+    let text = std::fs::read_to_string(source.join("data/sample.txt")).unwrap();
+    let the = text
+        .split(|c: char| !c.is_ascii_alphabetic())
+        .filter(|w| w.eq_ignore_ascii_case("the"))
+        .count();
+    assert_eq!(first, [the.to_string().as_str(), "the"]);
+    assert_eq!(top.lines().count(), 10);
+    let run = smelt(
+        &["run", "wordcount.yaml", "--set", "vars.top=3"],
+        work.path(),
+    )
+    .ok();
+    assert!(run.stdout.contains("1 ran, 2 cached"), "{}", run.stdout);
+}
