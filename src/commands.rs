@@ -84,7 +84,7 @@ impl Session {
                 Lockfile::default()
             }
         };
-        let stat_cache = StatCache::load(&store.stat_cache_path());
+        let stat_cache = StatCache::new(&store.stat_cache_dir());
         Ok(Session {
             registry,
             pipeline,
@@ -104,11 +104,7 @@ impl Session {
             lockfile: &self.lockfile,
             stat_cache: &self.stat_cache,
         };
-        let plan = planner.plan(selection);
-        if let Err(e) = self.stat_cache.save(&self.store.stat_cache_path()) {
-            tracing::warn!("cannot save the stat cache: {e}");
-        }
-        Ok(plan)
+        Ok(planner.plan(selection))
     }
 }
 
@@ -207,16 +203,20 @@ pub fn run(
         progress: printer.clone(),
     };
     let results = executor.run(&plan);
+    let before = session.lockfile.clone();
     update_lockfile(
         &mut session.lockfile,
         &session.pipeline,
         &session.registry,
         &results,
     );
-    let saved = session
-        .lockfile
-        .write(&session.lockfile_path)
-        .and_then(|()| session.store.register_lockfile(&session.lockfile_path));
+    let unchanged = session.lockfile == before && session.lockfile_path.exists();
+    let saved = if unchanged {
+        Ok(())
+    } else {
+        session.lockfile.write(&session.lockfile_path)
+    };
+    let saved = saved.and_then(|()| session.store.register_lockfile(&session.lockfile_path));
     if let Err(e) = saved {
         eprintln!(
             "error: cannot write {}: {e}",

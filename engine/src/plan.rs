@@ -11,7 +11,7 @@ use std::fmt;
 use serde::Serialize;
 
 use crate::graph::Dag;
-use crate::hash::{hash_dependency, StatCache};
+use crate::hash::StatCache;
 use crate::key::KeyMaterial;
 use crate::lockfile::{LockedStage, Lockfile};
 use crate::spec::{Pipeline, StageSpec};
@@ -371,8 +371,10 @@ impl Planner<'_> {
         let mut deps = BTreeMap::new();
         for path in paths {
             let shown = path.display().to_string();
-            let hash =
-                hash_dependency(&self.pipeline.dir.join(&path), self.stat_cache).map_err(|e| {
+            let hash = self
+                .stat_cache
+                .hash_dependency(&self.pipeline.dir.join(&path))
+                .map_err(|e| {
                     Box::new(Reason::MissingDependency {
                         path: shown.clone(),
                         error: e.to_string(),

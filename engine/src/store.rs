@@ -9,7 +9,7 @@
 //!   locks/<key>.lock        flock held while a key is being built
 //!   tmp/<key>.<pid>.<n>/    outputs being written; renamed into artifacts/ when complete
 //!   work/<key>/             checkpoints of a stage key; survives failures, removed on success
-//!   statcache               stat → hash cache of external files
+//!   statcache/<path hash>   stat → hash cache of each external dependency
 //!   lockfiles               pipeline lockfiles that use this store (gc keeps what they name)
 //! ```
 //!
@@ -27,7 +27,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::{Deserialize, Serialize};
 
-use crate::hash::{hash_tree, FileEntry, Stat};
+use crate::hash::{hash_files, hash_tree, walk, FileEntry, Stat};
 
 /// The BLAKE3 key of a stage's inputs (see `key.rs`), as hex.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -144,7 +144,7 @@ impl Store {
         self.root.join("records").join(format!("{}.json", key.0))
     }
 
-    pub fn stat_cache_path(&self) -> PathBuf {
+    pub fn stat_cache_dir(&self) -> PathBuf {
         self.root.join("statcache")
     }
 
@@ -163,8 +163,8 @@ impl Store {
         write_atomic(&self.record_path(&record.key), &json)
     }
 
-    /// Checks an artifact against its manifest: same files, and each file's stat unchanged or,
-    /// when the stat changed, the same bytes.
+    /// Checks an artifact against its manifest: the Merkle hash of its files, recomputed with the
+    /// manifest's stats standing in for files whose stat is unchanged, must still be its id.
     pub fn verify(&self, id: &ArtifactId) -> Integrity {
         let dir = self.artifact_dir(id);
         let Ok(bytes) = fs::read(self.manifest_path(id)) else {
@@ -176,37 +176,16 @@ impl Store {
         let Ok(manifest) = serde_json::from_slice::<Vec<FileEntry>>(&bytes) else {
             return Integrity::Corrupt("its manifest is unreadable".into());
         };
-        let mut expected: BTreeMap<&str, &FileEntry> =
-            manifest.iter().map(|f| (f.path.as_str(), f)).collect();
-        for entry in walkdir::WalkDir::new(&dir).follow_links(true) {
-            let Ok(entry) = entry else {
-                return Integrity::Corrupt("it cannot be read".into());
-            };
-            if !entry.file_type().is_file() {
-                continue;
-            }
-            let rel = entry
-                .path()
-                .strip_prefix(&dir)
-                .unwrap_or(entry.path())
-                .to_string_lossy()
-                .into_owned();
-            let Some(want) = expected.remove(rel.as_str()) else {
-                return Integrity::Corrupt(format!("{rel} was added"));
-            };
-            let Ok(meta) = entry.metadata() else {
-                return Integrity::Corrupt(format!("{rel} cannot be read"));
-            };
-            if Stat::of(&meta) != want.stat {
-                match crate::hash::hash_file(entry.path(), meta.len()) {
-                    Ok(h) if h.to_hex().as_str() == want.hash => {}
-                    _ => return Integrity::Corrupt(format!("{rel} changed")),
-                }
-            }
-        }
-        match expected.keys().next() {
-            Some(rel) => Integrity::Corrupt(format!("{rel} was deleted")),
-            None => Integrity::Intact,
+        let known = |rel: &str, stat: &Stat| {
+            let i = manifest
+                .binary_search_by(|f| f.path.as_str().cmp(rel))
+                .ok()?;
+            (manifest[i].stat == *stat).then_some(manifest[i].hash)
+        };
+        match walk(&dir).and_then(|files| hash_files(files, known)) {
+            Ok(tree) if tree.hash.to_hex().as_str() == id.0 => Integrity::Intact,
+            Ok(tree) => Integrity::Corrupt(first_difference(&manifest, &tree.files)),
+            Err(e) => Integrity::Corrupt(format!("it cannot be read: {e}")),
         }
     }
 
@@ -254,7 +233,7 @@ impl Store {
     /// and it is renamed into place (or dropped, when an identical artifact already exists).
     pub fn publish(&self, out_dir: &Path) -> io::Result<ArtifactId> {
         make_read_only(out_dir)?;
-        let tree = hash_tree(out_dir, None)?;
+        let tree = hash_tree(out_dir)?;
         let id = ArtifactId(tree.hash.to_hex().to_string());
         let target = self.artifact_dir(&id);
         match self.verify(&id) {
@@ -364,6 +343,23 @@ impl Store {
             remove_tree(path)?;
         }
         Ok(())
+    }
+}
+
+/// Says which file differs between a manifest and what is on disk now.
+fn first_difference(manifest: &[FileEntry], now: &[FileEntry]) -> String {
+    let before: BTreeMap<&str, &FileEntry> =
+        manifest.iter().map(|f| (f.path.as_str(), f)).collect();
+    let after: BTreeMap<&str, &FileEntry> = now.iter().map(|f| (f.path.as_str(), f)).collect();
+    if let Some(path) = before.keys().find(|p| !after.contains_key(*p)) {
+        return format!("{path} was deleted");
+    }
+    if let Some(path) = after.keys().find(|p| !before.contains_key(*p)) {
+        return format!("{path} was added");
+    }
+    match before.iter().find(|(p, f)| after[*p].hash != f.hash) {
+        Some((path, _)) => format!("{path} changed"),
+        None => "its files do not hash to its id".into(),
     }
 }
 

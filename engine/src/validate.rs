@@ -370,6 +370,13 @@ impl<'a> Checker<'a> {
         };
         let with = self.interpolate(with);
         let json = with.to_json();
+        // The params types are the contract and the schema is generated from them, so params
+        // that deserialize are valid. Only when they do not is the schema compiled (it costs a
+        // few milliseconds) to find every problem, each with its place.
+        let serde_error = match kind.resolve_params(&json) {
+            Ok(params) => return Some(params),
+            Err(e) => e,
+        };
         let schema = kind.params_schema();
         let validator = jsonschema::validator_for(&schema).expect("generated schemas compile");
         let before = self.problems.len();
@@ -386,20 +393,11 @@ impl<'a> Checker<'a> {
             );
             self.problem(problem);
         }
-        if self.problems.len() > before {
-            return None;
+        if self.problems.len() == before {
+            let message = format!("invalid params for `{stage}`: {serde_error}");
+            self.problem(Problem::new("smelt::params", message, with.span));
         }
-        match kind.resolve_params(&json) {
-            Ok(params) => Some(params),
-            Err(e) => {
-                self.problem(Problem::new(
-                    "smelt::params",
-                    format!("invalid params for `{stage}`: {e}"),
-                    with.span,
-                ));
-                None
-            }
-        }
+        None
     }
 
     /// Replaces `${vars.x}` in strings: a string that is only a reference takes the variable's

@@ -134,7 +134,7 @@ fn run(dir: &Path, pipeline: &Pipeline) -> Vec<StageResult> {
     let store = Store::open(&dir.join(".smelt")).unwrap();
     let lockfile_path = Lockfile::path_for(&pipeline.path);
     let mut lockfile = Lockfile::read_or_default(&lockfile_path);
-    let stat_cache = StatCache::default();
+    let stat_cache = StatCache::in_memory();
     let planner = Planner {
         pipeline,
         registry: &registry,
@@ -232,7 +232,7 @@ fn bumping_a_kind_version_reruns_and_says_why() {
     // Pretend the record for a's current key never existed (as if version 3 were new code).
     let store = Store::open(&dir.path().join(".smelt")).unwrap();
     let registry = registry();
-    let stat_cache = StatCache::default();
+    let stat_cache = StatCache::in_memory();
     let records = dir.path().join(".smelt/records");
     let a_key = Lockfile::read(&lock_path).unwrap();
     let planner = Planner {
