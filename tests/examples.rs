@@ -4,7 +4,7 @@ mod common;
 
 use std::path::Path;
 
-use common::Run;
+use common::{assert_has, Run};
 
 fn examples() -> Vec<std::path::PathBuf> {
     let mut files: Vec<_> =
@@ -94,7 +94,7 @@ fn wordcount_runs_and_reruns_only_what_a_var_touches() {
     )
     .unwrap();
     let run = smelt(&["run", "wordcount.yaml"], work.path()).ok();
-    assert!(run.stdout.contains("3 ran"), "{}", run.stdout);
+    assert_has(&run.stdout, "3 ran");
     let dir = smelt(&["show", "wordcount.yaml", "counts", "--path"], work.path())
         .ok()
         .stdout;
@@ -117,5 +117,5 @@ fn wordcount_runs_and_reruns_only_what_a_var_touches() {
         work.path(),
     )
     .ok();
-    assert!(run.stdout.contains("1 ran, 2 cached"), "{}", run.stdout);
+    assert_has(&run.stdout, "1 ran, 2 cached");
 }

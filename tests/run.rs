@@ -4,7 +4,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{logging_stage, Project};
+use common::{assert_has, logging_stage, Project};
 
 /// a → b, a → c, (b, c) → d; b's text comes from `vars.b`.
 fn diamond() -> Project {
@@ -25,22 +25,14 @@ fn sorted(mut v: Vec<String>) -> Vec<String> {
 fn first_run_runs_everything_and_second_run_nothing() {
     let p = diamond();
     let run = p.smelt(&["run", "p.yaml"]).ok();
-    assert!(
-        run.stdout.contains("summary: 4 ran, 0 cached"),
-        "{}",
-        run.stdout
-    );
+    assert_has(&run.stdout, "summary: 4 ran, 0 cached");
     assert_eq!(sorted(p.executed()), ["a", "b", "c", "d"]);
     assert_eq!(
         std::fs::read_to_string(p.artifact("d").join("out")).unwrap(),
         "D\nB\nA\nC\nA\n"
     );
     let run = p.smelt(&["run", "p.yaml"]).ok();
-    assert!(
-        run.stdout.contains("summary: 0 ran, 4 cached"),
-        "{}",
-        run.stdout
-    );
+    assert_has(&run.stdout, "summary: 0 ran, 4 cached");
     assert!(p.executed().is_empty());
     assert!(p.path("p.lock").exists());
 }
@@ -56,12 +48,8 @@ fn param_change_reruns_that_stage_and_its_descendants() {
             .replace("vars: { b: B }", "vars: { b: B2 }"),
     );
     let plan = p.smelt(&["plan", "p.yaml"]).ok();
-    assert!(plan.stdout.contains("params: run"), "{}", plan.stdout);
-    assert!(
-        plan.stdout.contains("input in will be rebuilt (stage b)"),
-        "{}",
-        plan.stdout
-    );
+    assert_has(&plan.stdout, "params: run");
+    assert_has(&plan.stdout, "input in will be rebuilt (stage b)");
     p.smelt(&["run", "p.yaml"]).ok();
     assert_eq!(p.executed(), ["b", "d"]);
 }
@@ -89,12 +77,8 @@ fn unchanged_output_stops_the_rerun_early() {
     assert_eq!(b["may_cut_off"], true);
     let run = p.smelt(&["run", "p.yaml"]).ok();
     assert_eq!(p.executed(), ["a"]);
-    assert!(run.stdout.contains("cut off"), "{}", run.stdout);
-    assert!(
-        run.stdout.contains("summary: 1 ran, 3 cached"),
-        "{}",
-        run.stdout
-    );
+    assert_has(&run.stdout, "cut off");
+    assert_has(&run.stdout, "summary: 1 ran, 3 cached");
 }
 
 #[test]
@@ -124,7 +108,7 @@ fn set_overrides_vars_and_params() {
     );
     let bad = p.smelt(&["run", "p.yaml", "--set", "stages.cc.with.run=x"]);
     assert_eq!(bad.code, 2);
-    assert!(bad.stderr.contains("did you mean `c`"), "{}", bad.stderr);
+    assert_has(&bad.stderr, "did you mean `c`");
 }
 
 #[test]
@@ -135,11 +119,7 @@ fn going_back_to_earlier_params_restores_from_the_run_cache() {
     p.executed();
     let run = p.smelt(&["run", "p.yaml"]).ok();
     assert!(p.executed().is_empty(), "{}", run.stdout);
-    assert!(
-        run.stdout.contains("summary: 0 ran, 4 cached"),
-        "{}",
-        run.stdout
-    );
+    assert_has(&run.stdout, "summary: 0 ran, 4 cached");
 }
 
 #[test]
@@ -157,7 +137,7 @@ fn dependency_files_are_hashed_and_touching_them_reruns_nothing() {
     assert!(p.executed().is_empty());
     p.write("data/in.txt", "two");
     let plan = p.smelt(&["plan", "p.yaml"]).ok();
-    assert!(plan.stdout.contains("file data changed"), "{}", plan.stdout);
+    assert_has(&plan.stdout, "file data changed");
     p.smelt(&["run", "p.yaml"]).ok();
     assert_eq!(p.executed(), ["read"]);
     p.write("data/new.txt", "x");
@@ -170,7 +150,7 @@ fn dependency_files_are_hashed_and_touching_them_reruns_nothing() {
     std::fs::remove_dir_all(p.path("data")).unwrap();
     let run = p.smelt(&["run", "p.yaml"]);
     assert_eq!(run.code, 1);
-    assert!(run.stdout.contains("dependency data"), "{}", run.stdout);
+    assert_has(&run.stdout, "dependency data");
 }
 
 #[test]
@@ -182,13 +162,9 @@ fn a_failing_stage_shows_its_stderr_and_publishes_nothing() {
     let p = Project::new(&yaml);
     let run = p.smelt(&["run", "p.yaml", "-j", "1"]);
     assert_eq!(run.code, 1);
-    assert!(
-        run.stdout.contains("exited with status 3"),
-        "{}",
-        run.stdout
-    );
-    assert!(run.stdout.contains("it broke"), "{}", run.stdout);
-    assert!(run.stdout.contains("skip    after"), "{}", run.stdout);
+    assert_has(&run.stdout, "exited with status 3");
+    assert_has(&run.stdout, "it broke");
+    assert_has(&run.stdout, "skip    after");
     assert_eq!(
         std::fs::read_dir(p.path(".smelt/artifacts"))
             .unwrap()
@@ -203,7 +179,7 @@ fn a_failing_stage_shows_its_stderr_and_publishes_nothing() {
     );
     let run = p.smelt(&["run", "p.yaml", "--keep-going"]);
     assert_eq!(run.code, 1);
-    assert!(run.stdout.contains("1 failed"), "{}", run.stdout);
+    assert_has(&run.stdout, "1 failed");
 }
 
 #[test]
@@ -219,11 +195,7 @@ fn a_corrupt_artifact_is_detected_and_rebuilt() {
     std::fs::set_permissions(&file, perms).unwrap();
     std::fs::write(&file, "tampered").unwrap();
     let plan = p.smelt(&["plan", "p.yaml"]).ok();
-    assert!(
-        plan.stdout.contains("output corrupt (out changed)"),
-        "{}",
-        plan.stdout
-    );
+    assert_has(&plan.stdout, "output corrupt (out changed)");
     p.smelt(&["run", "p.yaml"]).ok();
     assert_eq!(
         p.executed(),
@@ -254,11 +226,7 @@ fn only_refuses_a_stage_whose_input_was_never_built() {
     let p = diamond();
     let run = p.smelt(&["run", "p.yaml", "--only", "d"]);
     assert_eq!(run.code, 1, "{}", run.stdout);
-    assert!(
-        run.stdout.contains("has no up-to-date output"),
-        "{}",
-        run.stdout
-    );
+    assert_has(&run.stdout, "has no up-to-date output");
     assert!(p.executed().is_empty());
 }
 
@@ -327,33 +295,21 @@ fn two_concurrent_runs_share_the_store_and_never_do_work_twice() {
 fn status_show_and_dag_describe_the_pipeline() {
     let p = diamond();
     let status = p.smelt(&["status", "p.yaml"]).ok();
-    assert!(status.stdout.contains("new"), "{}", status.stdout);
+    assert_has(&status.stdout, "new");
     p.smelt(&["run", "p.yaml"]).ok();
     let status = p.smelt(&["status", "p.yaml"]).ok();
-    assert!(
-        status.stdout.contains("0 of 4 stages differ"),
-        "{}",
-        status.stdout
-    );
+    assert_has(&status.stdout, "0 of 4 stages differ");
     let status = p.smelt(&["status", "p.yaml", "--set", "vars.b=Q"]).ok();
-    assert!(status.stdout.contains("changed  b"), "{}", status.stdout);
+    assert_has(&status.stdout, "changed  b");
     let show = p.smelt(&["show", "p.yaml", "d"]).ok();
-    assert!(
-        show.stdout.contains("kind:      command"),
-        "{}",
-        show.stdout
-    );
-    assert!(show.stdout.contains("out  (10 bytes)"), "{}", show.stdout);
+    assert_has(&show.stdout, "kind:      command");
+    assert_has(&show.stdout, "out  (10 bytes)");
     let dot = p.smelt(&["dag", "p.yaml", "--format", "dot"]).ok();
-    assert!(dot.stdout.contains("\"b\" -> \"d\";"), "{}", dot.stdout);
+    assert_has(&dot.stdout, "\"b\" -> \"d\";");
     let mermaid = p.smelt(&["dag", "p.yaml", "--format", "mermaid"]).ok();
-    assert!(mermaid.stdout.contains("s_a --> s_c"), "{}", mermaid.stdout);
+    assert_has(&mermaid.stdout, "s_a --> s_c");
     let text = p.smelt(&["dag", "p.yaml"]).ok();
-    assert!(
-        text.stdout.contains("d  (command)  ← in: b, c"),
-        "{}",
-        text.stdout
-    );
+    assert_has(&text.stdout, "d  (command)  ← in: b, c");
 }
 
 #[test]
@@ -364,11 +320,7 @@ fn gc_deletes_only_what_no_lockfile_names() {
     p.smelt(&["run", "p.yaml"]).ok();
     let current = ["a", "b", "c", "d"].map(|s| p.artifact(s));
     let dry = p.smelt(&["gc", "p.yaml", "--dry-run"]).ok();
-    assert!(
-        dry.stdout.contains(&old_b.display().to_string()),
-        "{}",
-        dry.stdout
-    );
+    assert_has(&dry.stdout, &old_b.display().to_string());
     assert!(old_b.exists());
     p.smelt(&["gc", "p.yaml"]).ok();
     assert!(!old_b.exists());

@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::Project;
+use common::{assert_has, Project};
 use serde_json::Value;
 
 /// (code, line, column, message, help) of each problem, via `--format json`.
@@ -45,7 +45,7 @@ fn a_valid_file_exits_zero() {
         "{HEAD}stages:\n  a:\n    uses: command\n    with: {{ run: \"true\" }}\n"
     ));
     let run = p.smelt(&["validate", "p.yaml"]).ok();
-    assert!(run.stdout.contains("valid (1 stages)"), "{}", run.stdout);
+    assert_has(&run.stdout, "valid (1 stages)");
 }
 
 #[test]
@@ -73,13 +73,9 @@ fn wrong_type_and_missing_param() {
         (all[0].0.as_str(), all[0].1, all[0].2),
         ("smelt::type", 6, 18)
     );
-    assert!(
-        all[0].3.contains("must be string; found a list"),
-        "{}",
-        all[0].3
-    );
+    assert_has(&all[0].3, "must be string; found a list");
     assert_eq!((all[1].0.as_str(), all[1].1), ("smelt::missing-param", 9));
-    assert!(all[1].3.contains("`run`"), "{}", all[1].3);
+    assert_has(&all[1].3, "`run`");
 }
 
 #[test]
@@ -189,8 +185,27 @@ fn alias_bombs_and_bad_bytes_are_refused_cleanly() {
     std::fs::write(p.path("p.yaml"), b"smelt: 1\nname: \xff\xfe\n").unwrap();
     let run = p.smelt(&["validate", "p.yaml"]);
     assert_eq!(run.code, 1);
-    assert!(run.stderr.contains("not valid UTF-8"), "{}", run.stderr);
+    assert_has(&run.stderr, "not valid UTF-8");
     assert!(!run.stderr.contains("panicked"), "{}", run.stderr);
+}
+
+#[test]
+fn huge_files_are_refused_without_reading_them_as_yaml() {
+    let p = Project::new(&format!(
+        "smelt: 1\n# {}\nstages: {{}}\n",
+        "x".repeat(9 << 20)
+    ));
+    let run = p.smelt(&["validate", "p.yaml"]);
+    assert_eq!(run.code, 1);
+    assert!(
+        run.stderr.contains("a pipeline file may be at most"),
+        "{}",
+        run.stderr.len()
+    );
+    assert!(
+        run.stderr.len() < 1000,
+        "the report does not quote the file"
+    );
 }
 
 #[test]
@@ -225,12 +240,8 @@ fn human_format_draws_the_source() {
     ));
     let run = p.smelt(&["validate", "p.yaml"]);
     assert_eq!(run.code, 1);
-    assert!(run.stderr.contains("[p.yaml:6:21]"), "{}", run.stderr);
-    assert!(
-        run.stderr.contains("help: did you mean `deps`?"),
-        "{}",
-        run.stderr
-    );
+    assert_has(&run.stderr, "[p.yaml:6:21]");
+    assert_has(&run.stderr, "help: did you mean `deps`?");
 }
 
 #[test]
@@ -240,6 +251,6 @@ fn run_refuses_an_invalid_pipeline_before_doing_anything() {
     ));
     let run = p.smelt(&["run", "p.yaml"]);
     assert_eq!(run.code, 1);
-    assert!(run.stderr.contains("nothing was run"), "{}", run.stderr);
+    assert_has(&run.stderr, "nothing was run");
     assert!(p.executed().is_empty());
 }

@@ -11,6 +11,7 @@
 //!   work/<key>/             checkpoints of a stage key; survives failures, removed on success
 //!   statcache/<path hash>   stat → hash cache of each external dependency
 //!   lockfiles               pipeline lockfiles that use this store (gc keeps what they name)
+//!   lockfiles.lock          serializes updates of `lockfiles`
 //! ```
 //!
 //! Invariants: an `artifacts/<id>` directory is only ever created by a rename of a complete
@@ -272,14 +273,24 @@ impl Store {
 
     /// Records that a lockfile refers to artifacts of this store (gc keeps them).
     pub fn register_lockfile(&self, lockfile: &Path) -> io::Result<()> {
-        let list = self.root.join("lockfiles");
         let path = std::path::absolute(lockfile)?
             .to_string_lossy()
             .into_owned();
+        if self.lockfiles().contains(&path) {
+            return Ok(());
+        }
+        // Read-modify-write under a lock: two pipelines registering at once must not lose one,
+        // or gc would delete what it refers to.
+        let guard = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(self.root.join("lockfiles.lock"))?;
+        guard.lock()?;
         let mut known = self.lockfiles();
         if known.insert(path) {
             let text: String = known.iter().map(|p| format!("{p}\n")).collect();
-            write_atomic(&list, text.as_bytes())?;
+            write_atomic(&self.root.join("lockfiles"), text.as_bytes())?;
         }
         Ok(())
     }

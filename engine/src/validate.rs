@@ -65,9 +65,13 @@ pub fn check(
     let (mut root, duplicate_keys) = match yaml::parse(&text) {
         Ok(parsed) => parsed,
         Err(e) => {
-            report
-                .problems
-                .push(Problem::new("smelt::yaml", e.message, e.span).label("YAML error here"));
+            let mut problem =
+                Problem::new("smelt::yaml", e.message, e.span).label("YAML error here");
+            if text.len() > yaml::MAX_FILE_BYTES {
+                // Quoting megabytes of source helps nobody.
+                problem.span = None;
+            }
+            report.problems.push(problem);
             return Err(LoadError::Invalid(report));
         }
     };

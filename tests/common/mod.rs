@@ -101,3 +101,9 @@ pub fn logging_stage(name: &str, inputs: &str, text: &str) -> String {
         "  {name}:\n    uses: command\n    inputs: {{ {inputs} }}\n    with:\n      run: \"echo {name} >> log; echo '{text}' > $SMELT_OUT/out; for d in $(echo $SMELT_IN_IN | tr ':' ' '); do cat $d/out >> $SMELT_OUT/out; done\"\n"
     )
 }
+
+/// Asserts that `text` contains `needle`, showing `text` when it does not.
+#[track_caller]
+pub fn assert_has(text: &str, needle: &str) {
+    assert!(text.contains(needle), "expected {needle:?} in:\n{text}");
+}
