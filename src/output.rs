@@ -128,7 +128,7 @@ impl Observer for RunPrinter {
                 };
                 println!("  cached  {stage}  {}{why}", artifact.short())
             }
-            Outcome::Failed { error } => println!("  ✗ failed {stage}: {error}"),
+            Outcome::Failed { error } => println!("  ✗ failed {stage}: {}", error.replace('\n', "\n          │ ")),
             Outcome::Skipped { reason, .. } => println!("  skip    {stage}  {reason}"),
         }
     }
