@@ -128,7 +128,10 @@ impl Observer for RunPrinter {
                 };
                 println!("  cached  {stage}  {}{why}", artifact.short())
             }
-            Outcome::Failed { error } => println!("  ✗ failed {stage}: {}", error.replace('\n', "\n          │ ")),
+            Outcome::Failed { error } => println!(
+                "  ✗ failed {stage}: {}",
+                error.replace('\n', "\n          │ ")
+            ),
             Outcome::Skipped { reason, .. } => println!("  skip    {stage}  {reason}"),
         }
     }
