@@ -5,7 +5,6 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use smelt_engine::execute::update_lockfile;
-use smelt_engine::graph::Dag;
 use smelt_engine::hash::StatCache;
 use smelt_engine::lockfile::Lockfile;
 use smelt_engine::{
@@ -188,7 +187,7 @@ pub fn run(
     store: Option<PathBuf>,
 ) -> Result<(), Failure> {
     let started = Instant::now();
-    let mut session = Session::open(file, overrides, store)?;
+    let session = Session::open(file, overrides, store)?;
     let plan = session.plan(&selection(select))?;
     let printer = Arc::new(output::RunPrinter::new());
     let jobs = jobs.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
@@ -203,20 +202,7 @@ pub fn run(
         progress: printer.clone(),
     };
     let results = executor.run(&plan);
-    let before = session.lockfile.clone();
-    update_lockfile(
-        &mut session.lockfile,
-        &session.pipeline,
-        &session.registry,
-        &results,
-    );
-    let unchanged = session.lockfile == before && session.lockfile_path.exists();
-    let saved = if unchanged {
-        Ok(())
-    } else {
-        session.lockfile.write(&session.lockfile_path)
-    };
-    let saved = saved.and_then(|()| session.store.register_lockfile(&session.lockfile_path));
+    let saved = record_results(&session, &results);
     if let Err(e) = saved {
         eprintln!(
             "error: cannot write {}: {e}",
@@ -233,6 +219,24 @@ pub fn run(
     } else {
         Ok(())
     }
+}
+
+/// Merges a run's results into the lockfile on disk, re-read under a lock: a concurrent run on
+/// another selection of the same pipeline may have updated other stages meanwhile.
+fn record_results(session: &Session, results: &[smelt_engine::StageResult]) -> std::io::Result<()> {
+    let path = &session.lockfile_path;
+    let _guard = session.store.lock_for_update(path)?;
+    let mut lockfile = if path.exists() {
+        Lockfile::read(path).unwrap_or_default()
+    } else {
+        Lockfile::default()
+    };
+    let before = lockfile.clone();
+    update_lockfile(&mut lockfile, &session.pipeline, &session.registry, results);
+    if lockfile != before || !path.exists() {
+        lockfile.write(path)?;
+    }
+    session.store.register_lockfile(path)
 }
 
 pub fn status(
@@ -272,12 +276,7 @@ pub fn show(
     let plan = session.plan(&select)?;
     let stage_plan = plan.get(stage).expect("selection was checked");
     let Some(artifact) = &stage_plan.artifact else {
-        let why = stage_plan
-            .reasons
-            .iter()
-            .map(|r| r.to_string())
-            .collect::<Vec<_>>()
-            .join("; ");
+        let why = smelt_engine::plan::describe(&stage_plan.reasons);
         eprintln!("error: stage `{stage}` has no up-to-date artifact ({why}); run it first");
         return Err(Failure::Failed);
     };
@@ -297,17 +296,16 @@ pub fn show(
 pub fn dag(file: &Path, format: DagFormat, overrides: &[Override]) -> Result<(), Failure> {
     let registry = registry();
     let pipeline = load(file, overrides, &registry)?;
-    let upstream = pipeline
-        .stages
-        .iter()
-        .map(|(n, s)| (n.clone(), s.upstream().map(String::from).collect()))
-        .collect();
-    let dag = Dag::new(&upstream);
-    print!("{}", output::render_dag(&pipeline, &dag, format));
+    print!("{}", output::render_dag(&pipeline, &pipeline.dag(), format));
     Ok(())
 }
 
-pub fn gc(files: &[PathBuf], dry_run: bool, store: Option<PathBuf>) -> Result<(), Failure> {
+pub fn gc(
+    files: &[PathBuf],
+    dry_run: bool,
+    include_work: bool,
+    store: Option<PathBuf>,
+) -> Result<(), Failure> {
     let root = match (store, files.first()) {
         (Some(root), _) => root,
         (None, Some(file)) => {
@@ -326,8 +324,8 @@ pub fn gc(files: &[PathBuf], dry_run: bool, store: Option<PathBuf>) -> Result<()
     }
     let store = Store::open_exclusive(&root).map_err(|e| Failure::Usage(e.to_string()))?;
     let garbage = store
-        .garbage()
-        .map_err(|e| Failure::Usage(format!("cannot read the store: {e}")))?;
+        .garbage(include_work)
+        .map_err(|e| Failure::Usage(format!("gc stopped, nothing deleted: {e}")))?;
     output::print_garbage(&garbage, dry_run);
     if !dry_run {
         store

@@ -94,6 +94,9 @@ enum Command {
         /// List what would be deleted, delete nothing
         #[arg(long)]
         dry_run: bool,
+        /// Also delete work dirs: the checkpoints that let failed stages resume
+        #[arg(long)]
+        work: bool,
     },
     /// The stage kinds a pipeline can use
     Stages,
@@ -154,6 +157,12 @@ pub enum Failure {
 }
 
 fn main() -> ExitCode {
+    // Like other Unix tools, end quietly when the reader of our output goes away
+    // (`smelt plan | head`), instead of failing to print.
+    // SAFETY: called first thing, before any other thread exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     install_panic_hook();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_env("SMELT_LOG"))
@@ -197,7 +206,11 @@ fn main() -> ExitCode {
             format,
             overrides,
         } => commands::dag(&file, format, &overrides.set),
-        Command::Gc { files, dry_run } => commands::gc(&files, dry_run, store),
+        Command::Gc {
+            files,
+            dry_run,
+            work,
+        } => commands::gc(&files, dry_run, work, store),
         Command::Stages => commands::stages(),
     };
     match result {

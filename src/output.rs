@@ -8,7 +8,7 @@ use std::time::Duration;
 use smelt_engine::execute::CachedBy;
 use smelt_engine::graph::Dag;
 use smelt_engine::lockfile::Lockfile;
-use smelt_engine::plan::StagePlan;
+use smelt_engine::plan::{describe, StagePlan};
 use smelt_engine::store::{Garbage, RunRecord};
 use smelt_engine::{
     ArtifactId, Decision, Observer, Outcome, Pipeline, Plan, Ports, Progress, Registry, StageResult,
@@ -21,14 +21,9 @@ pub fn color_stderr() -> bool {
 }
 
 fn reasons(stage: &StagePlan) -> String {
-    let mut text = stage
-        .reasons
-        .iter()
-        .map(|r| r.to_string())
-        .collect::<Vec<_>>()
-        .join("; ");
+    let mut text = describe(&stage.reasons);
     if stage.may_cut_off {
-        text.push_str(" — may be cut off if its output is unchanged");
+        text.push_str(" — may be cut off: decided once its rebuilt inputs are known");
     }
     text
 }
@@ -106,7 +101,7 @@ impl Observer for RunPrinter {
 
     fn waiting(&self, stage: &str) {
         let _guard = self.out.lock();
-        println!("  wait    {stage}  another run is building the same key");
+        println!("  wait    {stage}  its key is locked: another run is building it, or processes left by a killed run still hold it");
     }
 
     fn finished(&self, result: &StageResult) {
@@ -173,13 +168,7 @@ pub fn print_status(plan: &Plan, lockfile: &Lockfile, lockfile_path: &Path) {
                 _ => ("missing", reasons(stage)),
             }
         } else {
-            let detail = stage
-                .changes
-                .iter()
-                .map(|r| r.to_string())
-                .collect::<Vec<_>>()
-                .join("; ");
-            ("changed", detail)
+            ("changed", describe(&stage.changes))
         };
         if word != "ok" {
             changed += 1;

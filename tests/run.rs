@@ -190,6 +190,8 @@ fn a_corrupt_artifact_is_detected_and_rebuilt() {
     let file = p.artifact("c").join("out");
     let mut perms = std::fs::metadata(&file).unwrap().permissions();
     assert!(perms.readonly(), "published files are read-only");
+    let dir = std::fs::metadata(p.artifact("c")).unwrap().permissions();
+    assert!(dir.readonly(), "and so are their directories");
     #[allow(clippy::permissions_set_readonly_false)]
     perms.set_readonly(false);
     std::fs::set_permissions(&file, perms).unwrap();
@@ -233,7 +235,7 @@ fn only_refuses_a_stage_whose_input_was_never_built() {
 #[test]
 fn kill_during_a_stage_then_rerun_resumes_and_completes() {
     let p = Project::new(
-        "smelt: 1\nstages:\n  slow:\n    uses: command\n    with:\n      run: \"if [ -f $SMELT_WORK/ckpt ]; then echo resumed >> log; else touch $SMELT_WORK/ckpt; echo started >> log; sleep 30; fi; echo done > $SMELT_OUT/x\"\n",
+        "smelt: 1\nstages:\n  slow:\n    uses: command\n    with:\n      run: \"if [ -f $SMELT_WORK/ckpt ]; then echo resumed >> log; else touch $SMELT_WORK/ckpt; echo started >> log; exec sleep 30; fi; echo done > $SMELT_OUT/x\"\n",
     );
     let mut child = p
         .command(&["run", "p.yaml"])
@@ -270,6 +272,29 @@ fn kill_during_a_stage_then_rerun_resumes_and_completes() {
         0,
         "work dir removed on success"
     );
+}
+
+#[test]
+fn a_rerun_waits_for_processes_a_killed_run_left_behind() {
+    // The subshell outlives the killed smelt and its shell; it holds the key's lock until done.
+    let p = Project::new(
+        "smelt: 1\nstages:\n  slow:\n    uses: command\n    with:\n      run: \"if [ -f $SMELT_WORK/ckpt ]; then echo resumed >> log; else touch $SMELT_WORK/ckpt; echo started >> log; (sleep 2; echo orphan-done >> log) & wait; fi; echo done > $SMELT_OUT/x\"\n",
+    );
+    let mut child = p
+        .command(&["run", "p.yaml"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !p.read("log").contains("started") {
+        assert!(Instant::now() < deadline, "the stage never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let run = p.smelt(&["run", "p.yaml"]).ok();
+    assert_has(&run.stdout, "wait    slow");
+    assert_eq!(p.executed(), ["started", "orphan-done", "resumed"]);
 }
 
 #[test]
@@ -331,4 +356,120 @@ fn gc_deletes_only_what_no_lockfile_names() {
         p.executed().is_empty(),
         "what the lockfile names is still cached"
     );
+}
+
+#[test]
+fn an_unselected_stage_with_a_missing_dependency_does_not_stop_the_run() {
+    let mut yaml = String::from("smelt: 1\nstages:\n");
+    yaml += "  a:\n    uses: command\n    with: { run: \"cat raw.csv > $SMELT_OUT/x\", deps: [raw.csv] }\n";
+    yaml += &logging_stage("b", "", "B");
+    let p = Project::new(&yaml);
+    let run = p.smelt(&["run", "p.yaml", "--only", "b"]).ok();
+    assert_has(&run.stdout, "skip    a  not selected");
+    assert_eq!(p.executed(), ["b"]);
+    let run = p.smelt(&["run", "p.yaml"]);
+    assert_eq!(run.code, 1, "selected, the missing file is an error");
+    assert_has(&run.stdout, "dependency raw.csv");
+}
+
+#[test]
+fn a_stage_whose_key_waits_on_a_rebuilt_input_is_planned_as_may_be_cut_off() {
+    let p = diamond();
+    p.smelt(&["run", "p.yaml"]).ok();
+    p.smelt(&["run", "p.yaml", "--set", "vars.b=two"]).ok();
+    p.executed();
+    // Back to B while `a` is forced: b's params differ from the lockfile, but its key (known
+    // only after `a` reruns) is in the run cache.
+    let plan = p
+        .smelt(&["plan", "p.yaml", "--force", "a", "--format", "json"])
+        .ok();
+    let plan: serde_json::Value = serde_json::from_str(&plan.stdout).unwrap();
+    let b = plan["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["stage"] == "b")
+        .unwrap();
+    assert_eq!(
+        (b["decision"].as_str(), b["may_cut_off"].as_bool()),
+        (Some("run"), Some(true))
+    );
+    let run = p.smelt(&["run", "p.yaml", "--force", "a"]).ok();
+    assert_eq!(p.executed(), ["a"]);
+    assert_has(&run.stdout, "cached  b");
+}
+
+#[test]
+fn only_refuses_an_out_of_date_input() {
+    let p = diamond();
+    p.smelt(&["run", "p.yaml"]).ok();
+    p.executed();
+    let run = p.smelt(&["run", "p.yaml", "--only", "d", "--set", "vars.b=changed"]);
+    assert_eq!(run.code, 1, "{}", run.stdout);
+    assert_has(&run.stdout, "input stage b has no up-to-date output");
+    assert!(p.executed().is_empty());
+}
+
+#[test]
+fn concurrent_runs_of_different_stages_both_land_in_the_lockfile() {
+    let mut yaml = String::from("smelt: 1\nstages:\n");
+    for name in ["x", "y"] {
+        yaml += &format!("  {name}:\n    uses: command\n    with: {{ run: \"sleep 0.5; echo {name} > $SMELT_OUT/out\" }}\n");
+    }
+    let p = Project::new(&yaml);
+    let a = p
+        .command(&["run", "p.yaml", "--only", "x"])
+        .spawn()
+        .unwrap();
+    let b = p
+        .command(&["run", "p.yaml", "--only", "y"])
+        .spawn()
+        .unwrap();
+    assert!(a.wait_with_output().unwrap().status.success());
+    assert!(b.wait_with_output().unwrap().status.success());
+    let status = p.smelt(&["status", "p.yaml"]).ok();
+    assert_has(&status.stdout, "0 of 2 stages differ");
+}
+
+#[test]
+fn gc_keeps_checkpoints_unless_asked_and_refuses_an_unreadable_lockfile() {
+    let p = Project::new("smelt: 1\nstages:\n  f:\n    uses: command\n    with: { run: \"touch $SMELT_WORK/ckpt; exit 1\" }\n");
+    assert_eq!(p.smelt(&["run", "p.yaml"]).code, 1);
+    assert_eq!(std::fs::read_dir(p.path(".smelt/work")).unwrap().count(), 1);
+    p.smelt(&["gc", "p.yaml"]).ok();
+    assert_eq!(
+        std::fs::read_dir(p.path(".smelt/work")).unwrap().count(),
+        1,
+        "checkpoints kept"
+    );
+    p.smelt(&["gc", "p.yaml", "--work"]).ok();
+    assert_eq!(std::fs::read_dir(p.path(".smelt/work")).unwrap().count(), 0);
+
+    let p = diamond();
+    p.smelt(&["run", "p.yaml"]).ok();
+    p.write("p.lock", "<<<<<<< HEAD\nnot: [a lockfile\n");
+    let gc = p.smelt(&["gc", "p.yaml"]);
+    assert_eq!(gc.code, 2);
+    assert_has(&gc.stderr, "nothing deleted");
+    assert_eq!(
+        std::fs::read_dir(p.path(".smelt/artifacts"))
+            .unwrap()
+            .count(),
+        8,
+        "4 artifacts and their manifests"
+    );
+}
+
+#[test]
+fn a_closed_output_pipe_ends_smelt_quietly() {
+    let p = diamond();
+    let mut child = p
+        .command(&["dag", "p.yaml"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("internal error"));
 }

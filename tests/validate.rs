@@ -66,6 +66,24 @@ fn misspelt_param_points_at_the_key_with_did_you_mean() {
 }
 
 #[test]
+fn every_misspelt_param_of_a_mapping_is_reported() {
+    let all = problems(&format!(
+        "{HEAD}stages:\n  a:\n    uses: command\n    with: {{ run: x, dpes: [], evn: {{}} }}\n"
+    ));
+    let found: Vec<_> = all
+        .iter()
+        .map(|p| (p.0.as_str(), p.2, p.4.as_str()))
+        .collect();
+    assert_eq!(
+        found,
+        [
+            ("smelt::unknown-param", 21, "did you mean `deps`?"),
+            ("smelt::unknown-param", 31, "did you mean `env`?")
+        ]
+    );
+}
+
+#[test]
 fn wrong_type_and_missing_param() {
     let all = problems(&format!("{HEAD}stages:\n  a:\n    uses: command\n    with: {{ run: [1] }}\n  b:\n    uses: command\n    with: {{ deps: [] }}\n"));
     assert_eq!(all.len(), 2, "{all:#?}");

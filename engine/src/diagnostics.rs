@@ -58,14 +58,26 @@ impl Problem {
     }
 }
 
-/// The candidate closest to `wrong`, if it is close enough to be a plausible typo.
+/// The candidate closest to `wrong`, if it is close enough to be a plausible typo: within a few
+/// edits (swapped letters count as one), or similar by Jaro-Winkler (which misses swaps in short
+/// words like `evn`/`env`).
 pub fn closest<'a>(wrong: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+    let max_edits = (wrong.chars().count() / 3).max(1);
     candidates
         .into_iter()
-        .map(|c| (strsim::jaro_winkler(wrong, c), c))
-        .filter(|(score, _)| *score >= 0.8)
-        .max_by(|a, b| a.0.total_cmp(&b.0))
-        .map(|(_, c)| c)
+        .map(|c| {
+            (
+                strsim::damerau_levenshtein(wrong, c),
+                strsim::jaro_winkler(wrong, c),
+                c,
+            )
+        })
+        .filter(|&(edits, similarity, c)| {
+            (edits <= max_edits && edits < c.chars().count().max(wrong.chars().count()))
+                || similarity >= 0.8
+        })
+        .min_by(|a, b| a.0.cmp(&b.0).then(b.1.total_cmp(&a.1)))
+        .map(|(_, _, c)| c)
 }
 
 /// All problems of one file, with its text for rendering.
@@ -221,6 +233,8 @@ mod tests {
         assert_eq!(closest("lrr", ["lr", "steps"]), Some("lr"));
         assert_eq!(closest("comand", ["command", "collect"]), Some("command"));
         assert_eq!(closest("zzz", ["lr", "steps"]), None);
+        assert_eq!(closest("evn", ["deps", "env", "run"]), Some("env"));
+        assert_eq!(closest("x", ["y", "steps"]), None);
     }
 
     #[test]

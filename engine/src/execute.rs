@@ -136,7 +136,17 @@ impl Executor<'_> {
                     // Named so the binary's panic hook can tell a stage's panic from its own.
                     let worker = std::thread::Builder::new().name(format!("stage:{}", stage.stage));
                     let spawned = worker.spawn_scoped(scope, move || {
-                        let result = self.execute(stage, inputs);
+                        // Whatever happens, report back, or the scheduler would wait forever.
+                        let result = catch_unwind(AssertUnwindSafe(|| self.execute(stage, inputs)))
+                            .unwrap_or_else(|panic| StageResult {
+                                stage: stage.stage.clone(),
+                                outcome: Outcome::Failed {
+                                    error: format!("internal error: {}", panic_message(&panic)),
+                                },
+                                key: None,
+                                inputs: BTreeMap::new(),
+                                deps: BTreeMap::new(),
+                            });
                         let _ = tx.send(result);
                     });
                     if let Err(e) = spawned {
@@ -198,14 +208,7 @@ impl Executor<'_> {
 
     /// The outcome of a stage that needs no worker: cached, skipped or blocked.
     fn without_running(&self, stage: &StagePlan) -> Option<Outcome> {
-        let reasons = || {
-            stage
-                .reasons
-                .iter()
-                .map(Reason::to_string)
-                .collect::<Vec<_>>()
-                .join("; ")
-        };
+        let reasons = || crate::plan::describe(&stage.reasons);
         match stage.decision {
             Decision::Run => None,
             Decision::Cached => Some(Outcome::Cached {
@@ -239,10 +242,14 @@ impl Executor<'_> {
         let forced = plan.reasons.contains(&Reason::Forced);
         if !forced {
             if let Some(artifact) = self.cached(&key) {
-                return result(Outcome::Cached {
-                    artifact,
-                    by: CachedBy::CutOff,
-                });
+                // A key unknown at planning time resolved to a cached one: early cutoff. A key
+                // the plan knew was missing then: another run built it since.
+                let by = if plan.key.is_some() {
+                    CachedBy::OtherRun
+                } else {
+                    CachedBy::CutOff
+                };
+                return result(Outcome::Cached { artifact, by });
             }
         }
         let lock = match self.store.try_lock_key(&key) {
@@ -275,7 +282,7 @@ impl Executor<'_> {
         }
         self.observer.started(plan);
         let outcome = match self.store.new_output_dir(&key, &lock) {
-            Ok(out_dir) => self.build(plan, &key, &inputs, out_dir),
+            Ok(out_dir) => self.build(plan, &key, &inputs, out_dir, &lock),
             Err(e) => Outcome::Failed {
                 error: format!("cannot create the output directory: {e}"),
             },
@@ -290,6 +297,7 @@ impl Executor<'_> {
         key: &StageKey,
         inputs: &BTreeMap<String, Vec<ArtifactId>>,
         out_dir: std::path::PathBuf,
+        lock: &crate::store::KeyLock,
     ) -> Outcome {
         let spec = &self.pipeline.stages[&plan.stage];
         let kind = self.registry.get(&spec.kind).expect("validated kind");
@@ -315,6 +323,7 @@ impl Executor<'_> {
                 .collect(),
             threads: rayon::current_num_threads(),
             progress: self.progress.clone(),
+            key_lock_fd: std::os::fd::AsRawFd::as_raw_fd(lock),
         };
         let started = Instant::now();
         let ran = catch_unwind(AssertUnwindSafe(|| kind.run(&spec.params, &ctx)));
@@ -386,7 +395,7 @@ fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
         .unwrap_or_else(|| "unknown panic".into())
 }
 
-/// Records every stage that has an up-to-date artifact; keeps old entries of the others.
+/// Records every stage that has an up-to-date artifact; keeps the entries of the others.
 pub fn update_lockfile(
     lock: &mut Lockfile,
     pipeline: &Pipeline,
@@ -398,9 +407,8 @@ pub fn update_lockfile(
     lock.stages
         .retain(|name, _| pipeline.stages.contains_key(name));
     for result in results {
-        let (Some(key), Outcome::Ran { artifact, .. } | Outcome::Cached { artifact, .. }) =
-            (&result.key, &result.outcome)
-        else {
+        // Unselected stages count too when their current key is cached (their artifact).
+        let (Some(key), Some(artifact)) = (&result.key, result.outcome.artifact()) else {
             continue;
         };
         let spec = &pipeline.stages[&result.stage];

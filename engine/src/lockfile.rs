@@ -47,11 +47,6 @@ impl Lockfile {
             .map_err(|e| io::Error::other(format!("{}: {e}", path.display())))
     }
 
-    /// The lockfile, or an empty one when there is none (or it cannot be read: it is rebuilt).
-    pub fn read_or_default(path: &Path) -> Lockfile {
-        Self::read(path).unwrap_or_default()
-    }
-
     pub fn write(&self, path: &Path) -> io::Result<()> {
         let yaml = serde_yaml::to_string(self).map_err(io::Error::other)?;
         write_atomic(path, format!("{HEADER}{yaml}").as_bytes())

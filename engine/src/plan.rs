@@ -174,6 +174,15 @@ impl fmt::Display for Reason {
     }
 }
 
+/// Reasons as one line of text.
+pub fn describe(reasons: &[Reason]) -> String {
+    reasons
+        .iter()
+        .map(Reason::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
 /// The decision for one stage.
 #[derive(Clone, Debug, Serialize)]
 pub struct StagePlan {
@@ -183,8 +192,8 @@ pub struct StagePlan {
     pub reasons: Vec<Reason>,
     /// How it differs from its lockfile entry (empty when it matches): what `status` reports.
     pub changes: Vec<Reason>,
-    /// True when the stage runs only because an upstream stage will be rebuilt: if that upstream
-    /// produces the same artifact, this stage will stay cached.
+    /// True when its key depends on an upstream stage that will be rebuilt: if that upstream
+    /// produces the same artifact (or a key already in the run cache), this stage stays cached.
     pub may_cut_off: bool,
     /// Known once every input's artifact is known.
     pub key: Option<StageKey>,
@@ -219,13 +228,7 @@ pub struct Planner<'a> {
 
 impl Planner<'_> {
     pub fn plan(&self, selection: &Selection) -> Plan {
-        let upstream = self
-            .pipeline
-            .stages
-            .iter()
-            .map(|(n, s)| (n.clone(), s.upstream().map(String::from).collect()))
-            .collect();
-        let dag = Dag::new(&upstream);
+        let dag = self.pipeline.dag();
         let selected = selection.selected(self.pipeline, &dag);
         let mut planned: BTreeMap<String, StagePlan> = BTreeMap::new();
         for name in &self.pipeline.order {
@@ -258,11 +261,7 @@ impl Planner<'_> {
         forced: bool,
     ) -> StagePlan {
         let kind = self.registry.get(&spec.kind).expect("validated kind");
-        let locked = self
-            .lockfile
-            .stages
-            .get(&spec.name)
-            .filter(|l| l.kind == spec.kind);
+        let locked = self.lockfile.stages.get(&spec.name);
         let mut plan = StagePlan {
             stage: spec.name.clone(),
             kind: spec.kind.clone(),
@@ -276,9 +275,15 @@ impl Planner<'_> {
         };
         match self.hash_deps(spec) {
             Ok(deps) => plan.deps = deps,
-            Err(reason) => {
+            // A missing dependency matters only to a stage that is meant to run.
+            Err(reason) if selected => {
                 plan.decision = Decision::Blocked;
                 plan.reasons.push(*reason);
+                return plan;
+            }
+            Err(_) => {
+                plan.decision = Decision::Skipped;
+                plan.reasons.push(Reason::NotSelected);
                 return plan;
             }
         }
@@ -314,16 +319,12 @@ impl Planner<'_> {
             .and_then(|k| self.store.record(k))
             .map(|r| (self.store.verify(&r.artifact), r.artifact));
         if !selected {
-            // Not selected: usable by selected stages when its output is current, or else its
-            // last locked output when that is still in the store.
+            // Not selected: selected stages may read its output only if it is up to date.
             plan.decision = Decision::Skipped;
             plan.reasons.push(Reason::NotSelected);
-            plan.artifact = match cached {
-                Some((Integrity::Intact, id)) => Some(id),
-                _ => locked
-                    .map(|l| l.artifact.clone())
-                    .filter(|id| self.store.verify(id) == Integrity::Intact),
-            };
+            if let Some((Integrity::Intact, id)) = cached {
+                plan.artifact = Some(id);
+            }
             return plan;
         }
         if forced {
@@ -349,11 +350,9 @@ impl Planner<'_> {
                     // clone, or after gc).
                     plan.reasons.push(Reason::OutputMissing);
                 }
-                plan.may_cut_off = !rebuilt.is_empty()
-                    && plan
-                        .reasons
-                        .iter()
-                        .all(|r| matches!(r, Reason::InputRebuilt { .. }));
+                // Its key is known only once the rebuilt inputs are: if they come out unchanged
+                // (or the new key was built before), it stays cached.
+                plan.may_cut_off = !rebuilt.is_empty();
             }
         }
         plan
@@ -433,6 +432,16 @@ fn changes_since_lock(
         reasons.insert(0, Reason::NeverRun);
         return reasons;
     };
+    if locked.kind != spec.kind {
+        reasons.insert(
+            0,
+            Reason::KindChanged {
+                old: locked.kind.clone(),
+                new: spec.kind.clone(),
+            },
+        );
+        return reasons;
+    }
     if locked.version != version {
         reasons.push(Reason::CodeVersion {
             old: locked.version,

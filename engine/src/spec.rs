@@ -21,6 +21,18 @@ pub struct Pipeline {
     pub order: Vec<String>,
 }
 
+impl Pipeline {
+    /// The stage graph.
+    pub fn dag(&self) -> crate::graph::Dag {
+        let upstream = self
+            .stages
+            .iter()
+            .map(|(n, s)| (n.clone(), s.upstream().map(String::from).collect()))
+            .collect();
+        crate::graph::Dag::new(&upstream)
+    }
+}
+
 /// One stage of a valid pipeline.
 #[derive(Clone, Debug, PartialEq)]
 pub struct StageSpec {

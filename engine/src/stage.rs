@@ -68,6 +68,11 @@ pub struct StageContext {
     /// Worker threads the stage may use.
     pub threads: usize,
     pub progress: Arc<dyn Progress>,
+    /// The descriptor holding this stage key's lock. Processes the stage starts should inherit
+    /// it (clear its close-on-exec flag in the child): the key then stays locked while any of
+    /// them lives, so a rerun after smelt is killed waits for orphans instead of resuming from
+    /// a work dir they are still writing.
+    pub key_lock_fd: std::os::fd::RawFd,
 }
 
 impl StageContext {

@@ -6,12 +6,11 @@
 //!   artifacts/<id>/         published outputs; files are read-only
 //!   artifacts/<id>.json     manifest: path, stat and hash of each file (integrity checks)
 //!   records/<key>.json      run cache: stage key → artifact id, params, metrics
-//!   locks/<key>.lock        flock held while a key is being built
+//!   locks/<key>.lock        flock held while a key is being built (file-*.lock: file updates)
 //!   tmp/<key>.<pid>.<n>/    outputs being written; renamed into artifacts/ when complete
 //!   work/<key>/             checkpoints of a stage key; survives failures, removed on success
 //!   statcache/<path hash>   stat → hash cache of each external dependency
 //!   lockfiles               pipeline lockfiles that use this store (gc keeps what they name)
-//!   lockfiles.lock          serializes updates of `lockfiles`
 //! ```
 //!
 //! Invariants: an `artifacts/<id>` directory is only ever created by a rename of a complete
@@ -94,6 +93,12 @@ pub struct Store {
 /// Exclusive ownership of one stage key while it is built; released on drop (or process death).
 pub struct KeyLock {
     _file: File,
+}
+
+impl std::os::fd::AsRawFd for KeyLock {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self._file.as_raw_fd()
+    }
 }
 
 static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -211,6 +216,20 @@ impl Store {
             .open(self.root.join("locks").join(format!("{}.lock", key.0)))
     }
 
+    /// Serializes read-modify-write updates of `file` (a pipeline's lockfile, the lockfile
+    /// registry) between runs sharing this store. Released on drop.
+    pub fn lock_for_update(&self, file: &Path) -> io::Result<KeyLock> {
+        let id = blake3::hash(std::path::absolute(file)?.as_os_str().as_encoded_bytes());
+        let name = format!("file-{}.lock", &id.to_hex()[..32]);
+        let lock = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(self.root.join("locks").join(name))?;
+        lock.lock()?;
+        Ok(KeyLock { _file: lock })
+    }
+
     /// A fresh, empty directory for a stage's output. Call with the key locked: leftovers of
     /// earlier attempts at the same key (a killed run) are removed first.
     pub fn new_output_dir(&self, key: &StageKey, _lock: &KeyLock) -> io::Result<PathBuf> {
@@ -233,7 +252,7 @@ impl Store {
     /// Makes a finished output directory an artifact: its files become read-only, it is hashed,
     /// and it is renamed into place (or dropped, when an identical artifact already exists).
     pub fn publish(&self, out_dir: &Path) -> io::Result<ArtifactId> {
-        make_read_only(out_dir)?;
+        set_writable(out_dir, false, false)?;
         let tree = hash_tree(out_dir)?;
         let id = ArtifactId(tree.hash.to_hex().to_string());
         let target = self.artifact_dir(&id);
@@ -248,12 +267,21 @@ impl Store {
         let manifest = serde_json::to_vec(&tree.files).map_err(io::Error::other)?;
         write_atomic(&self.manifest_path(&id), &manifest)?;
         if let Err(e) = fs::rename(out_dir, &target) {
-            // Another run published the same content first.
-            if self.verify(&id) != Integrity::Intact {
-                return Err(e);
+            // Another run published the same content first, and its manifest may have been
+            // overwritten by ours (same hashes, other stats): describe what is in place.
+            let in_place = hash_tree(&target).map_err(|_| e)?;
+            if in_place.hash != tree.hash {
+                return Err(io::Error::other(format!(
+                    "{} does not hash to its id",
+                    target.display()
+                )));
             }
+            let manifest = serde_json::to_vec(&in_place.files).map_err(io::Error::other)?;
+            write_atomic(&self.manifest_path(&id), &manifest)?;
             remove_tree(out_dir)?;
+            return Ok(id);
         }
+        set_writable(&target, true, false)?;
         Ok(id)
     }
 
@@ -267,6 +295,8 @@ impl Store {
             .root
             .join("tmp")
             .join(format!("trash.{}.{n}", std::process::id()));
+        // Moving a directory to another parent rewrites its `..`: it must be writable.
+        set_writable(dir, true, true)?;
         fs::rename(dir, &trash)?;
         remove_tree(&trash)
     }
@@ -279,18 +309,14 @@ impl Store {
         if self.lockfiles().contains(&path) {
             return Ok(());
         }
-        // Read-modify-write under a lock: two pipelines registering at once must not lose one,
-        // or gc would delete what it refers to.
-        let guard = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(self.root.join("lockfiles.lock"))?;
-        guard.lock()?;
+        // Two pipelines registering at once must not lose one, or gc would delete what it
+        // refers to.
+        let list = self.root.join("lockfiles");
+        let _guard = self.lock_for_update(&list)?;
         let mut known = self.lockfiles();
         if known.insert(path) {
             let text: String = known.iter().map(|p| format!("{p}\n")).collect();
-            write_atomic(&self.root.join("lockfiles"), text.as_bytes())?;
+            write_atomic(&list, text.as_bytes())?;
         }
         Ok(())
     }
@@ -305,15 +331,27 @@ impl Store {
     }
 
     /// What gc would delete: artifacts no registered lockfile names, the records pointing at
-    /// them, and leftover temp and work directories. Call on an exclusively opened store.
-    pub fn garbage(&self) -> io::Result<Garbage> {
+    /// them, leftover temp directories and lock files. Call on an exclusively opened store.
+    ///
+    /// A registered lockfile that no longer exists protects nothing; one that exists but cannot
+    /// be read is an error (a merge conflict in it must not cost its artifacts). Work dirs hold
+    /// the checkpoints of failed runs and are only collected with `include_work`.
+    pub fn garbage(&self, include_work: bool) -> io::Result<Garbage> {
         let mut keep = BTreeSet::new();
         let mut lockfiles = Vec::new();
-        for path in self.lockfiles() {
-            if let Ok(lock) = crate::lockfile::Lockfile::read(Path::new(&path)) {
-                keep.extend(lock.stages.values().map(|s| s.artifact.clone()));
-                lockfiles.push(PathBuf::from(path));
-            }
+        for path in self
+            .lockfiles()
+            .into_iter()
+            .map(PathBuf::from)
+            .filter(|p| p.exists())
+        {
+            let lock = crate::lockfile::Lockfile::read(&path).map_err(|e| {
+                io::Error::other(format!(
+                    "{e}\nfix it (or delete it) before collecting garbage"
+                ))
+            })?;
+            keep.extend(lock.stages.values().map(|s| s.artifact.clone()));
+            lockfiles.push(path);
         }
         let mut garbage = Garbage {
             lockfiles,
@@ -338,7 +376,12 @@ impl Store {
                 garbage.paths.push(entry.path());
             }
         }
-        for dir in ["tmp", "work", "locks"] {
+        let dirs: &[&str] = if include_work {
+            &["tmp", "work", "locks"]
+        } else {
+            &["tmp", "locks"]
+        };
+        for dir in dirs {
             for entry in fs::read_dir(self.root.join(dir))?.flatten() {
                 garbage.bytes += tree_size(&entry.path());
                 garbage.paths.push(entry.path());
@@ -397,22 +440,33 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     })
 }
 
-fn make_read_only(dir: &Path) -> io::Result<()> {
-    for entry in walkdir::WalkDir::new(dir) {
+/// Takes write permission away from (or gives it back to) the files or the directories of a
+/// tree. Published artifacts are read-only through and through, so a stage cannot change or add
+/// to the inputs it reads.
+fn set_writable(tree: &Path, dirs: bool, writable: bool) -> io::Result<()> {
+    for entry in walkdir::WalkDir::new(tree) {
         let entry = entry.map_err(io::Error::other)?;
-        if entry.file_type().is_file() {
+        if entry.file_type().is_dir() == dirs && !entry.path_is_symlink() {
             let mut perms = entry.metadata().map_err(io::Error::other)?.permissions();
-            perms.set_mode(perms.mode() & !0o222);
+            let mode = if writable {
+                perms.mode() | 0o200
+            } else {
+                perms.mode() & !0o222
+            };
+            perms.set_mode(mode);
             fs::set_permissions(entry.path(), perms)?;
         }
     }
     Ok(())
 }
 
-/// Removes a file or a directory tree (read-only files included).
+/// Removes a file or a directory tree (read-only ones included).
 pub fn remove_tree(path: &Path) -> io::Result<()> {
     match fs::symlink_metadata(path) {
-        Ok(m) if m.is_dir() => fs::remove_dir_all(path),
+        Ok(m) if m.is_dir() => {
+            set_writable(path, true, true)?;
+            fs::remove_dir_all(path)
+        }
         Ok(_) => fs::remove_file(path),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(e),

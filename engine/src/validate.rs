@@ -157,7 +157,7 @@ impl<'a> Checker<'a> {
             .collect();
         let dag = Dag::new(&upstream);
         for cycle in dag.cycles() {
-            // Point at the reference that closes the cycle: the last stage reading the one before.
+            // Point at the first edge of the cycle: where its second stage reads its first.
             let (reader, read) = (&cycle[1], &cycle[0]);
             let span = drafts[reader]
                 .input_spans
@@ -386,15 +386,15 @@ impl<'a> Checker<'a> {
         let before = self.problems.len();
         for error in validator.iter_errors(&json) {
             let path = pointer_segments(error.instance_path.as_str());
-            let problem = schema_problem(
-                stage,
-                kind.kind(),
-                &schema,
-                &with,
-                &path,
-                &error.kind,
-                &error.to_string(),
-            );
+            if let ValidationErrorKind::AdditionalProperties { unexpected } = &error.kind {
+                // One error lists every unknown key of a mapping: report each at its place.
+                for name in unexpected {
+                    let problem = unknown_param(stage, kind.kind(), &schema, &with, &path, name);
+                    self.problem(problem);
+                }
+                continue;
+            }
+            let problem = schema_problem(stage, &with, &path, &error.kind, &error.to_string());
             self.problem(problem);
         }
         if self.problems.len() == before {
@@ -645,11 +645,38 @@ fn pointer_segments(pointer: &str) -> Vec<String> {
         .collect()
 }
 
-/// Turns one schema error into a problem that points at the YAML it is about.
-fn schema_problem(
+/// An unknown key `name` in the params mapping at `path`, with "did you mean".
+fn unknown_param(
     stage: &str,
     kind: &str,
     schema: &serde_json::Value,
+    with: &Node,
+    path: &[String],
+    name: &str,
+) -> Problem {
+    let mut key_path = path.to_vec();
+    key_path.push(name.to_string());
+    let span = with
+        .key_span_at(&key_path)
+        .unwrap_or(with.at_path(path).span);
+    let known = property_names(schema, path);
+    let dotted = key_path.join(".");
+    let problem = Problem::new(
+        "smelt::unknown-param",
+        format!("`{kind}` has no param `{dotted}` (stage `{stage}`)"),
+        span,
+    )
+    .label("unknown param")
+    .did_you_mean(name, known.iter().map(String::as_str));
+    match (&problem.help, known.is_empty()) {
+        (None, false) => problem.help(format!("params here: {}", known.join(", "))),
+        _ => problem,
+    }
+}
+
+/// Turns one schema error into a problem that points at the YAML it is about.
+fn schema_problem(
+    stage: &str,
     with: &Node,
     path: &[String],
     error: &ValidationErrorKind,
@@ -662,27 +689,6 @@ fn schema_problem(
         format!("with.{}", path.join("."))
     };
     match error {
-        ValidationErrorKind::AdditionalProperties { unexpected } => {
-            let name = &unexpected[0];
-            let mut key_path = path.to_vec();
-            key_path.push(name.clone());
-            let span = with.key_span_at(&key_path).unwrap_or(node.span);
-            let known = property_names(schema, path);
-            let mut problem = Problem::new(
-                "smelt::unknown-param",
-                format!(
-                    "`{kind}` has no param `{}` (stage `{stage}`)",
-                    join(&dotted, name)
-                ),
-                span,
-            )
-            .label("unknown param")
-            .did_you_mean(name, known.iter().map(String::as_str));
-            if problem.help.is_none() && !known.is_empty() {
-                problem = problem.help(format!("params here: {}", known.join(", ")));
-            }
-            problem
-        }
         ValidationErrorKind::Required { property } => {
             let name = property.as_str().unwrap_or_default();
             let span = with.key_span_at(path).unwrap_or(node.span);

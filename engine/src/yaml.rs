@@ -209,8 +209,8 @@ enum Open {
 
 struct Builder<'t> {
     text: &'t str,
-    /// Byte offset of every char, when the text is not ASCII (markers count chars).
-    char_offsets: Option<Vec<usize>>,
+    /// Byte offset where each line starts.
+    line_starts: Vec<usize>,
     stack: Vec<Open>,
     anchors: HashMap<usize, Node>,
     root: Option<Node>,
@@ -221,11 +221,12 @@ struct Builder<'t> {
 
 impl<'t> Builder<'t> {
     fn new(text: &'t str) -> Self {
-        let char_offsets =
-            (!text.is_ascii()).then(|| text.char_indices().map(|(i, _)| i).collect());
+        let line_starts = std::iter::once(0)
+            .chain(text.match_indices('\n').map(|(i, _)| i + 1))
+            .collect();
         Builder {
             text,
-            char_offsets,
+            line_starts,
             stack: Vec::new(),
             anchors: HashMap::new(),
             root: None,
@@ -235,18 +236,21 @@ impl<'t> Builder<'t> {
         }
     }
 
+    /// The byte span at a marker. Markers are located by line and column: yaml-rust2's `index`
+    /// counts bytes, not chars, inside block scalars, so it drifts after non-ASCII text.
     fn span_at(&self, mark: &Marker, len: usize) -> Span {
-        let offset = match &self.char_offsets {
-            None => mark.index(),
-            Some(offsets) => offsets
-                .get(mark.index())
-                .copied()
-                .unwrap_or(self.text.len()),
-        };
-        Span {
-            offset: offset.min(self.text.len()),
-            len,
-        }
+        let line_start = self
+            .line_starts
+            .get(mark.line().saturating_sub(1))
+            .copied()
+            .unwrap_or(self.text.len());
+        let line = &self.text[line_start..];
+        let column = line
+            .char_indices()
+            .nth(mark.col())
+            .map_or(line.len(), |(i, _)| i);
+        let offset = (line_start + column).min(self.text.len());
+        Span { offset, len }
     }
 
     /// The length of a scalar token in the source, kept on its line.
@@ -512,6 +516,15 @@ mod tests {
         assert_eq!(&text[c.span.offset..c.span.offset + c.span.len], "'x y'");
         let key = root.key_span_at(&["bé".into()]).unwrap();
         assert_eq!(&text[key.offset..key.offset + key.len], "bé");
+    }
+
+    #[test]
+    fn spans_stay_right_after_non_ascii_block_scalars() {
+        let text = "a: |\n  naïve café 日本\nb: x\n";
+        let (root, _) = parse(text).unwrap();
+        let b = root.get("b").unwrap();
+        assert_eq!(&text[b.span.offset..b.span.offset + b.span.len], "x");
+        assert_eq!(line_col(text, b.span.offset), (3, 4));
     }
 
     #[test]

@@ -133,7 +133,7 @@ fn run(dir: &Path, pipeline: &Pipeline) -> Vec<StageResult> {
     let registry = registry();
     let store = Store::open(&dir.join(".smelt")).unwrap();
     let lockfile_path = Lockfile::path_for(&pipeline.path);
-    let mut lockfile = Lockfile::read_or_default(&lockfile_path);
+    let mut lockfile = Lockfile::read(&lockfile_path).unwrap_or_default();
     let stat_cache = StatCache::in_memory();
     let planner = Planner {
         pipeline,

@@ -65,7 +65,7 @@ impl Stage for Command {
             let joined = std::env::join_paths(dirs)?;
             process.env(format!("SMELT_IN_{}", env_name(port)), joined);
         }
-        die_with_parent(&mut process);
+        die_with_parent(&mut process, ctx.key_lock_fd);
         let mut child = process
             .spawn()
             .map_err(|e| format!("cannot start `sh`: {e}"))?;
@@ -121,14 +121,17 @@ pub fn env_name(port: &str) -> String {
         .collect()
 }
 
-/// Asks Linux to kill the command if smelt dies (kill -9 included), so an orphan never keeps
-/// writing after its run is gone.
-fn die_with_parent(process: &mut Process) {
+/// Asks Linux to kill the shell if smelt dies (kill -9 included), and passes the stage key's
+/// lock down to every process the command starts: processes that outlive the shell keep the key
+/// locked, so a rerun waits for them rather than resuming alongside them.
+fn die_with_parent(process: &mut Process, key_lock_fd: std::os::fd::RawFd) {
     use std::os::unix::process::CommandExt;
-    // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+    // SAFETY: prctl and fcntl are async-signal-safe and touch no memory of the parent; the
+    // descriptor flag changes in the child's descriptor table only.
     unsafe {
-        process.pre_exec(|| {
+        process.pre_exec(move || {
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            libc::fcntl(key_lock_fd, libc::F_SETFD, 0);
             Ok(())
         });
     }
@@ -150,6 +153,9 @@ mod tests {
             inputs: BTreeMap::from([("raw-data".to_string(), vec![dir.join("in")])]),
             threads: 1,
             progress: Arc::new(NoProgress),
+            key_lock_fd: std::os::fd::IntoRawFd::into_raw_fd(
+                std::fs::File::create(dir.join("lock")).unwrap(),
+            ),
         }
     }
 
