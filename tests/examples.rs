@@ -119,3 +119,37 @@ fn wordcount_runs_and_reruns_only_what_a_var_touches() {
     .ok();
     assert_has(&run.stdout, "1 ran, 2 cached");
 }
+
+#[test]
+fn corpus_collects_offline_and_reruns_nothing_the_second_time() {
+    let work = tempfile::tempdir().unwrap();
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines");
+    std::fs::create_dir_all(work.path().join("data")).unwrap();
+    std::fs::copy(source.join("corpus.yaml"), work.path().join("corpus.yaml")).unwrap();
+    std::fs::copy(
+        source.join("data/sample.txt"),
+        work.path().join("data/sample.txt"),
+    )
+    .unwrap();
+    let run = smelt(&["run", "corpus.yaml"], work.path()).ok();
+    assert_has(&run.stdout, "3 ran");
+    let dir = smelt(&["show", "corpus.yaml", "corpus", "--path"], work.path())
+        .ok()
+        .stdout;
+    let manifest: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(Path::new(dir.trim()).join("manifest.json")).unwrap(),
+    )
+    .unwrap();
+    let lines = std::fs::read_to_string(source.join("data/sample.txt"))
+        .unwrap()
+        .lines()
+        .count() as u64;
+    let total = manifest["train"]["documents"].as_u64().unwrap()
+        + manifest["validation"]["documents"].as_u64().unwrap();
+    assert_eq!(total, 4000 + lines);
+    let run = smelt(&["run", "corpus.yaml"], work.path()).ok();
+    assert_has(&run.stdout, "0 ran, 3 cached");
+    // A new seed changes the generated corpus, not the chat stage.
+    let run = smelt(&["run", "corpus.yaml", "--set", "vars.seed=8"], work.path()).ok();
+    assert_has(&run.stdout, "2 ran");
+}

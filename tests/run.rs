@@ -2,6 +2,7 @@
 
 mod common;
 
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::{assert_has, logging_stage, Project};
@@ -239,7 +240,7 @@ fn kill_during_a_stage_then_rerun_resumes_and_completes() {
     );
     let mut child = p
         .command(&["run", "p.yaml"])
-        .stdout(std::process::Stdio::null())
+        .stdout(Stdio::null())
         .spawn()
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -282,7 +283,7 @@ fn a_rerun_waits_for_processes_a_killed_run_left_behind() {
     );
     let mut child = p
         .command(&["run", "p.yaml"])
-        .stdout(std::process::Stdio::null())
+        .stdout(Stdio::null())
         .spawn()
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -305,8 +306,16 @@ fn two_concurrent_runs_share_the_store_and_never_do_work_twice() {
     }
     yaml += &logging_stage("z", "in: [x, y]", "Z");
     let p = Project::new(&yaml);
-    let a = p.command(&["run", "p.yaml"]).spawn().unwrap();
-    let b = p.command(&["run", "p.yaml"]).spawn().unwrap();
+    let a = p
+        .command(&["run", "p.yaml"])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let b = p
+        .command(&["run", "p.yaml"])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
     assert!(a.wait_with_output().unwrap().status.success());
     assert!(b.wait_with_output().unwrap().status.success());
     assert_eq!(sorted(p.executed()), ["x", "y", "z"]);
@@ -419,10 +428,12 @@ fn concurrent_runs_of_different_stages_both_land_in_the_lockfile() {
     let p = Project::new(&yaml);
     let a = p
         .command(&["run", "p.yaml", "--only", "x"])
+        .stdout(Stdio::null())
         .spawn()
         .unwrap();
     let b = p
         .command(&["run", "p.yaml", "--only", "y"])
+        .stdout(Stdio::null())
         .spawn()
         .unwrap();
     assert!(a.wait_with_output().unwrap().status.success());
@@ -465,8 +476,8 @@ fn a_closed_output_pipe_ends_smelt_quietly() {
     let p = diamond();
     let mut child = p
         .command(&["dag", "p.yaml"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     drop(child.stdout.take());

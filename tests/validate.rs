@@ -272,3 +272,45 @@ fn run_refuses_an_invalid_pipeline_before_doing_anything() {
     assert_has(&run.stderr, "nothing was run");
     assert!(p.executed().is_empty());
 }
+
+#[test]
+fn enum_variants_are_explained_inside_lists() {
+    let yaml = format!(
+        "{HEAD}stages:\n  c:\n    uses: collect\n    with:\n      sources:\n        - synthetc: {{ generator: stories, documents: 1 }}\n        - synthetic: {{ generator: storeis, documents: 1 }}\n        - files: {{ glob: x, format: txt }}\n"
+    );
+    let found: Vec<_> = problems(&yaml)
+        .into_iter()
+        .map(|p| (p.0, p.1, p.2, p.4))
+        .collect();
+    assert_eq!(
+        found,
+        [
+            (
+                "smelt::unknown-variant".to_string(),
+                8,
+                11,
+                "did you mean `synthetic`?".to_string()
+            ),
+            (
+                "smelt::invalid-value".to_string(),
+                9,
+                35,
+                "did you mean `stories`?".to_string()
+            ),
+            (
+                "smelt::invalid-value".to_string(),
+                10,
+                37,
+                "did you mean `text`?".to_string()
+            ),
+        ]
+    );
+}
+
+#[test]
+fn a_glob_that_matches_nothing_blocks_the_stage_with_a_clear_reason() {
+    let p = Project::new(&format!("{HEAD}stages:\n  c:\n    uses: collect\n    with:\n      sources: [ {{ files: {{ glob: \"data/*.txt\" }} }} ]\n"));
+    let run = p.smelt(&["run", "p.yaml"]);
+    assert_eq!(run.code, 1);
+    assert_has(&run.stdout, "glob `data/*.txt` matches no file");
+}

@@ -163,6 +163,9 @@ impl fmt::Display for Reason {
             Reason::OutputCorrupt { detail } => write!(f, "output corrupt ({detail})"),
             Reason::RestoredFromRunCache => write!(f, "restored from the run cache"),
             Reason::NotSelected => write!(f, "not selected"),
+            Reason::MissingDependency { path, error } if path.is_empty() => {
+                write!(f, "dependencies: {error}")
+            }
             Reason::MissingDependency { path, error } => write!(f, "dependency {path}: {error}"),
             Reason::InputUnavailable { stage } => {
                 write!(
@@ -361,12 +364,14 @@ impl Planner<'_> {
     /// Content hashes of the stage's external files, keyed by the path as written.
     fn hash_deps(&self, spec: &StageSpec) -> Result<BTreeMap<String, String>, Box<Reason>> {
         let kind = self.registry.get(&spec.kind).expect("validated kind");
-        let paths = kind.external_deps(&spec.params).map_err(|error| {
-            Box::new(Reason::MissingDependency {
-                path: String::new(),
-                error,
-            })
-        })?;
+        let paths = kind
+            .external_deps(&spec.params, &self.pipeline.dir)
+            .map_err(|error| {
+                Box::new(Reason::MissingDependency {
+                    path: String::new(),
+                    error,
+                })
+            })?;
         let mut deps = BTreeMap::new();
         for path in paths {
             let shown = path.display().to_string();
@@ -492,6 +497,11 @@ fn diff_params(
                 diff_params(&child, a.get(k), b.get(k), out);
             }
         }
+        (Some(Value::Array(a)), Some(Value::Array(b))) if a.len() == b.len() => {
+            for (i, (x, y)) in a.iter().zip(b).enumerate() {
+                diff_params(&format!("{path}.{i}"), Some(x), Some(y), out);
+            }
+        }
         (a, b) if a != b => out.push(Reason::Param {
             path: path.to_string(),
             old: a.cloned(),
@@ -511,8 +521,8 @@ mod tests {
         let mut out = Vec::new();
         diff_params(
             "",
-            Some(&json!({"train": {"lr": 0.001, "steps": 10}, "a": 1})),
-            Some(&json!({"train": {"lr": 0.0003, "steps": 10}, "b": 2})),
+            Some(&json!({"train": {"lr": 0.001, "steps": 10}, "a": 1, "l": [{"s": 1}]})),
+            Some(&json!({"train": {"lr": 0.0003, "steps": 10}, "b": 2, "l": [{"s": 2}]})),
             &mut out,
         );
         let shown: Vec<String> = out.iter().map(|r| r.to_string()).collect();
@@ -521,6 +531,7 @@ mod tests {
             [
                 "params: a 1 → (unset)",
                 "params: b (unset) → 2",
+                "params: l.0.s 1 → 2",
                 "params: train.lr 0.001 → 0.0003"
             ]
         );

@@ -103,9 +103,14 @@ pub trait Stage: Send + Sync + 'static {
     fn ports(&self) -> Ports;
 
     /// Files and directories outside the store that the stage reads, relative to the pipeline
-    /// file; their content hashes go into the stage key.
-    fn external_deps(&self, _params: &Self::Params) -> Vec<PathBuf> {
-        Vec::new()
+    /// file (`pipeline_dir`); their content hashes go into the stage key. An error (a glob that
+    /// matches nothing) blocks the stage before anything runs.
+    fn external_deps(
+        &self,
+        _params: &Self::Params,
+        _pipeline_dir: &Path,
+    ) -> Result<Vec<PathBuf>, String> {
+        Ok(Vec::new())
     }
 
     fn run(&self, params: &Self::Params, ctx: &StageContext) -> Result<Metrics, StageError>;
@@ -121,7 +126,11 @@ pub trait DynStage: Send + Sync {
     fn params_schema(&self) -> serde_json::Value;
     /// Params with defaults filled in, as canonical JSON; an error when they do not deserialize.
     fn resolve_params(&self, with: &serde_json::Value) -> Result<serde_json::Value, String>;
-    fn external_deps(&self, params: &serde_json::Value) -> Result<Vec<PathBuf>, String>;
+    fn external_deps(
+        &self,
+        params: &serde_json::Value,
+        pipeline_dir: &Path,
+    ) -> Result<Vec<PathBuf>, String>;
     fn run(&self, params: &serde_json::Value, ctx: &StageContext) -> Result<Metrics, StageError>;
 }
 
@@ -151,8 +160,12 @@ impl<S: Stage> DynStage for S {
         serde_json::to_value(&params).map_err(|e| e.to_string())
     }
 
-    fn external_deps(&self, params: &serde_json::Value) -> Result<Vec<PathBuf>, String> {
-        Ok(Stage::external_deps(self, &typed::<S>(params)?))
+    fn external_deps(
+        &self,
+        params: &serde_json::Value,
+        pipeline_dir: &Path,
+    ) -> Result<Vec<PathBuf>, String> {
+        Stage::external_deps(self, &typed::<S>(params)?, pipeline_dir)
     }
 
     fn run(&self, params: &serde_json::Value, ctx: &StageContext) -> Result<Metrics, StageError> {

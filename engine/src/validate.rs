@@ -382,21 +382,15 @@ impl<'a> Checker<'a> {
             Err(e) => e,
         };
         let schema = kind.params_schema();
-        let validator = jsonschema::validator_for(&schema).expect("generated schemas compile");
         let before = self.problems.len();
-        for error in validator.iter_errors(&json) {
-            let path = pointer_segments(error.instance_path.as_str());
-            if let ValidationErrorKind::AdditionalProperties { unexpected } = &error.kind {
-                // One error lists every unknown key of a mapping: report each at its place.
-                for name in unexpected {
-                    let problem = unknown_param(stage, kind.kind(), &schema, &with, &path, name);
-                    self.problem(problem);
-                }
-                continue;
-            }
-            let problem = schema_problem(stage, &with, &path, &error.kind, &error.to_string());
-            self.problem(problem);
-        }
+        let params = ParamsCheck {
+            stage,
+            kind: kind.kind(),
+            root: &schema,
+            with: &with,
+            json: &json,
+        };
+        self.problems.extend(params.explain(&schema, &[]));
         if self.problems.len() == before {
             let message = format!("invalid params for `{stage}`: {serde_error}");
             self.problem(Problem::new("smelt::params", message, with.span));
@@ -626,6 +620,172 @@ impl Problem {
             self.help(help)
         }
     }
+}
+
+/// Explains why a stage's params do not fit its schema, one problem per mistake.
+struct ParamsCheck<'a> {
+    stage: &'a str,
+    kind: &'a str,
+    /// The kind's whole params schema (sub-schemas refer into its `$defs`).
+    root: &'a serde_json::Value,
+    with: &'a Node,
+    json: &'a serde_json::Value,
+}
+
+impl ParamsCheck<'_> {
+    /// Problems with the value at `base` against `schema` (a sub-schema of `root`).
+    fn explain(&self, schema: &serde_json::Value, base: &[String]) -> Vec<Problem> {
+        let mut standalone = schema.clone();
+        if let (Some(obj), Some(defs)) = (standalone.as_object_mut(), self.root.get("$defs")) {
+            obj.insert("$defs".into(), defs.clone());
+        }
+        let validator = jsonschema::validator_for(&standalone).expect("generated schemas compile");
+        let instance = self.value_at(base);
+        let mut problems = Vec::new();
+        for error in validator.iter_errors(instance) {
+            let path: Vec<String> = base
+                .iter()
+                .cloned()
+                .chain(pointer_segments(error.instance_path.as_str()))
+                .collect();
+            match &error.kind {
+                // One error lists every unknown key of a mapping: report each at its place.
+                ValidationErrorKind::AdditionalProperties { unexpected } => {
+                    for name in unexpected {
+                        problems.push(unknown_param(
+                            self.stage, self.kind, self.root, self.with, &path, name,
+                        ));
+                    }
+                }
+                // "Not valid under any variant" says little: find the variant the value names.
+                ValidationErrorKind::OneOfNotValid { .. } | ValidationErrorKind::AnyOf { .. } => {
+                    match self.variant(&path) {
+                        Variant::Named(branch) => problems.extend(self.explain(branch, &path)),
+                        Variant::Unknown(problem) => problems.push(problem),
+                        Variant::NotTagged => problems.push(schema_problem(
+                            self.stage,
+                            self.with,
+                            &path,
+                            &error.kind,
+                            &error.to_string(),
+                        )),
+                    }
+                }
+                kind => problems.push(schema_problem(
+                    self.stage,
+                    self.with,
+                    &path,
+                    kind,
+                    &error.to_string(),
+                )),
+            }
+        }
+        problems
+    }
+
+    fn value_at(&self, path: &[String]) -> &serde_json::Value {
+        let pointer: String = path
+            .iter()
+            .map(|s| format!("/{}", s.replace('~', "~0").replace('/', "~1")))
+            .collect();
+        self.json
+            .pointer(&pointer)
+            .unwrap_or(&serde_json::Value::Null)
+    }
+
+    /// For a value like `{files: {...}}` (an externally tagged enum), the variant it names.
+    fn variant(&self, path: &[String]) -> Variant<'_> {
+        let value = self.value_at(path);
+        if let Some(word) = value.as_str() {
+            return self.unit_variant(path, word);
+        }
+        let Some(object) = value.as_object().filter(|o| o.len() == 1) else {
+            return Variant::NotTagged;
+        };
+        let tag = object.keys().next().expect("one key");
+        let branches: Vec<(&str, &serde_json::Value)> = schemas_at(self.root, self.root, path)
+            .into_iter()
+            .filter_map(|b| {
+                match b
+                    .get("required")
+                    .and_then(|r| r.as_array())
+                    .map(Vec::as_slice)
+                {
+                    Some([serde_json::Value::String(name)])
+                        if b.get("properties").is_some_and(|p| p.get(name).is_some()) =>
+                    {
+                        Some((name.as_str(), b))
+                    }
+                    _ => None,
+                }
+            })
+            .collect();
+        if let Some((_, branch)) = branches.iter().find(|(name, _)| name == tag) {
+            return Variant::Named(branch);
+        }
+        if branches.is_empty() {
+            return Variant::NotTagged;
+        }
+        let mut key_path = path.to_vec();
+        key_path.push(tag.clone());
+        let span = self
+            .with
+            .key_span_at(&key_path)
+            .unwrap_or(self.with.at_path(path).span);
+        let names: Vec<&str> = branches.iter().map(|(n, _)| *n).collect();
+        let problem = Problem::new(
+            "smelt::unknown-variant",
+            format!(
+                "`{tag}` is not one of: {} (stage `{}`)",
+                names.join(", "),
+                self.stage
+            ),
+            span,
+        )
+        .label("unknown kind of entry")
+        .did_you_mean(tag, names.iter().copied());
+        Variant::Unknown(problem)
+    }
+}
+
+impl ParamsCheck<'_> {
+    /// A string that matches none of an enum's values (`oneOf` of `const`s, or `enum`).
+    fn unit_variant(&self, path: &[String], word: &str) -> Variant<'_> {
+        let names: Vec<&str> = schemas_at(self.root, self.root, path)
+            .into_iter()
+            .flat_map(|b| {
+                let consts = b.get("const").into_iter();
+                let enums = b
+                    .get("enum")
+                    .and_then(|e| e.as_array())
+                    .into_iter()
+                    .flatten();
+                consts.chain(enums).filter_map(|v| v.as_str())
+            })
+            .collect();
+        if names.is_empty() {
+            return Variant::NotTagged;
+        }
+        let dotted = format!("with.{}", path.join("."));
+        let problem = Problem::new(
+            "smelt::invalid-value",
+            format!(
+                "`{dotted}` of stage `{}` must be one of: {}",
+                self.stage,
+                names.join(", ")
+            ),
+            self.with.at_path(path).span,
+        )
+        .label("not an allowed value")
+        .did_you_mean(word, names.iter().copied());
+        Variant::Unknown(problem)
+    }
+}
+
+enum Variant<'s> {
+    Named(&'s serde_json::Value),
+    Unknown(Problem),
+    NotTagged,
 }
 
 fn valid_stage_name(name: &str) -> bool {

@@ -6,7 +6,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::io::{BufRead, BufReader, Read};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command as Process, Stdio};
 use std::sync::{Arc, Mutex};
 
@@ -44,8 +44,12 @@ impl Stage for Command {
         Ports::Any
     }
 
-    fn external_deps(&self, params: &CommandParams) -> Vec<PathBuf> {
-        params.deps.iter().map(PathBuf::from).collect()
+    fn external_deps(
+        &self,
+        params: &CommandParams,
+        _pipeline_dir: &Path,
+    ) -> Result<Vec<PathBuf>, String> {
+        Ok(params.deps.iter().map(PathBuf::from).collect())
     }
 
     fn run(&self, params: &CommandParams, ctx: &StageContext) -> Result<Metrics, StageError> {

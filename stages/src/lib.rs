@@ -1,12 +1,17 @@
-//! Smelt's stage kinds, one module each. The binary registers them with [`registry`].
+//! Smelt's stage kinds, one module each, and the data model they share. The binary registers
+//! them with [`registry`].
 
+pub mod collect;
 pub mod command;
+pub mod records;
 
 use smelt_engine::Registry;
 
 /// Every built-in stage kind.
 pub fn registry() -> Registry {
     let mut registry = Registry::new();
-    registry.register(command::Command);
+    registry
+        .register(collect::Collect)
+        .register(command::Command);
     registry
 }

@@ -1,0 +1,511 @@
+//! Reading documents from local files: plain text (a file, a paragraph or a line per document),
+//! JSON lines (a field per line, or chat / preference records) and CSV (a column per row).
+//!
+//! Memory stays bounded: files are streamed line by line, and a line or document longer than
+//! `max_document_bytes` is skipped and counted without being held in memory.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{self, BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::records::{Message, Record};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Format {
+    Text,
+    Jsonl,
+    Csv,
+}
+
+/// How plain text files are cut into documents.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum SplitOn {
+    /// The whole file is one document.
+    #[default]
+    File,
+    /// Paragraphs separated by blank lines.
+    Paragraph,
+    /// Every non-empty line.
+    Line,
+}
+
+/// What to do with bytes that are not UTF-8.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum InvalidUtf8 {
+    /// Stop with an error naming the file and line.
+    #[default]
+    Error,
+    /// Skip the document and count it in the manifest.
+    Skip,
+}
+
+/// How to turn a file's bytes into documents.
+#[derive(Clone, Debug)]
+pub struct ParseOptions {
+    /// `None`: from the file extension (`.jsonl`/`.json` → jsonl, `.csv` → csv, else text).
+    pub format: Option<Format>,
+    pub field: String,
+    pub split_on: SplitOn,
+    pub invalid_utf8: InvalidUtf8,
+    pub max_document_bytes: u64,
+}
+
+/// Documents skipped, by reason.
+pub type Skips = BTreeMap<String, u64>;
+
+/// Reads one file, calling `emit` for each document; `name` is how the file is shown in ids,
+/// provenance and errors. Returns the skip counts.
+pub fn read_file(
+    path: &Path,
+    name: &str,
+    options: &ParseOptions,
+    emit: &mut dyn FnMut(Record) -> io::Result<()>,
+) -> Result<Skips, String> {
+    let fail = |e: io::Error| format!("{name}: {e}");
+    let file = File::open(path).map_err(fail)?;
+    let size = file.metadata().map_err(fail)?.len();
+    let mut reader = Reader {
+        name,
+        options,
+        skips: Skips::new(),
+        emit,
+    };
+    if size == 0 {
+        reader.skip("empty_file");
+        return Ok(reader.skips);
+    }
+    let format = options.format.unwrap_or_else(|| infer_format(path));
+    let input = BufReader::with_capacity(1 << 16, file);
+    match (format, options.split_on) {
+        (Format::Text, SplitOn::File) => reader.whole_file(input, size)?,
+        (Format::Text, split) => reader.text_lines(input, split == SplitOn::Paragraph)?,
+        (Format::Jsonl, _) => reader.jsonl(input)?,
+        (Format::Csv, _) => reader.csv(input)?,
+    }
+    Ok(reader.skips)
+}
+
+pub fn infer_format(path: &Path) -> Format {
+    match path.extension().and_then(|e| e.to_str()) {
+        Some("jsonl" | "json" | "ndjson") => Format::Jsonl,
+        Some("csv") => Format::Csv,
+        _ => Format::Text,
+    }
+}
+
+/// Files matching `pattern` (relative to `dir`), sorted, as paths relative to `dir`.
+pub fn expand_glob(dir: &Path, pattern: &str) -> Result<Vec<PathBuf>, String> {
+    let full = dir.join(pattern);
+    let full = full
+        .to_str()
+        .ok_or_else(|| format!("glob `{pattern}` is not UTF-8"))?;
+    let entries = glob::glob(full).map_err(|e| format!("glob `{pattern}`: {e}"))?;
+    let mut files = Vec::new();
+    for entry in entries {
+        let path = entry.map_err(|e| format!("glob `{pattern}`: {e}"))?;
+        if path.is_file() {
+            files.push(
+                path.strip_prefix(dir)
+                    .map(Path::to_path_buf)
+                    .unwrap_or(path),
+            );
+        }
+    }
+    if files.is_empty() {
+        return Err(format!(
+            "glob `{pattern}` matches no file (relative to {})",
+            dir.display()
+        ));
+    }
+    files.sort();
+    Ok(files)
+}
+
+struct Reader<'a> {
+    name: &'a str,
+    options: &'a ParseOptions,
+    skips: Skips,
+    emit: &'a mut dyn FnMut(Record) -> io::Result<()>,
+}
+
+/// One line read with a length limit.
+enum Line {
+    Text,
+    TooLong,
+    End,
+}
+
+impl Reader<'_> {
+    fn skip(&mut self, reason: &str) {
+        *self.skips.entry(reason.to_string()).or_default() += 1;
+    }
+
+    fn emit(&mut self, record: Record) -> Result<(), String> {
+        (self.emit)(record).map_err(|e| format!("writing documents: {e}"))
+    }
+
+    /// Decodes UTF-8 per the policy: `Ok(None)` when the document is skipped.
+    fn decode(&mut self, bytes: Vec<u8>, at: &str) -> Result<Option<String>, String> {
+        match String::from_utf8(bytes) {
+            Ok(text) => Ok(Some(text)),
+            Err(e) => match self.options.invalid_utf8 {
+                InvalidUtf8::Error => Err(format!(
+                    "{at}: invalid UTF-8 at byte {} (set `invalid_utf8: skip` to skip such documents)",
+                    e.utf8_error().valid_up_to()
+                )),
+                InvalidUtf8::Skip => {
+                    self.skip("invalid_utf8");
+                    Ok(None)
+                }
+            },
+        }
+    }
+
+    fn text_document(&mut self, id: String, text: String) -> Result<(), String> {
+        if text.trim().is_empty() {
+            self.skip("empty");
+            return Ok(());
+        }
+        let source = self.name.to_string();
+        self.emit(Record::text(id, text, &source))
+    }
+
+    fn whole_file(&mut self, mut input: impl Read, size: u64) -> Result<(), String> {
+        if size > self.options.max_document_bytes {
+            self.skip("too_long");
+            return Ok(());
+        }
+        let mut bytes = Vec::with_capacity(size as usize);
+        input
+            .read_to_end(&mut bytes)
+            .map_err(|e| format!("{}: {e}", self.name))?;
+        if let Some(text) = self.decode(bytes, self.name)? {
+            self.text_document(self.name.to_string(), text)?;
+        }
+        Ok(())
+    }
+
+    /// Reads up to the next newline into `buf` (without it), refusing to hold more than the limit.
+    fn read_line(&self, input: &mut impl BufRead, buf: &mut Vec<u8>) -> io::Result<Line> {
+        buf.clear();
+        let limit = self.options.max_document_bytes as usize;
+        let mut too_long = false;
+        let mut read_any = false;
+        loop {
+            let available = input.fill_buf()?;
+            if available.is_empty() {
+                return Ok(match (read_any, too_long) {
+                    (false, _) => Line::End,
+                    (true, true) => Line::TooLong,
+                    (true, false) => Line::Text,
+                });
+            }
+            read_any = true;
+            let (chunk, done) = match available.iter().position(|&b| b == b'\n') {
+                Some(i) => (&available[..i], Some(i + 1)),
+                None => (available, None),
+            };
+            if !too_long && buf.len() + chunk.len() > limit {
+                too_long = true;
+                buf.clear();
+            }
+            if !too_long {
+                buf.extend_from_slice(chunk);
+            }
+            let used = done.unwrap_or(chunk.len());
+            input.consume(used);
+            if done.is_some() {
+                if buf.last() == Some(&b'\r') {
+                    buf.pop();
+                }
+                return Ok(if too_long { Line::TooLong } else { Line::Text });
+            }
+        }
+    }
+
+    fn text_lines(&mut self, mut input: impl BufRead, paragraphs: bool) -> Result<(), String> {
+        let mut buf = Vec::new();
+        let mut paragraph: Vec<u8> = Vec::new();
+        let mut paragraph_too_long = false;
+        let mut count = 0u64;
+        for number in 1.. {
+            let line = self
+                .read_line(&mut input, &mut buf)
+                .map_err(|e| format!("{}:{number}: {e}", self.name))?;
+            let at = format!("{}:{number}", self.name);
+            let blank = matches!(line, Line::Text) && buf.iter().all(u8::is_ascii_whitespace);
+            if paragraphs {
+                if matches!(line, Line::End) || blank {
+                    if paragraph_too_long {
+                        self.skip("too_long");
+                    } else if !paragraph.is_empty() {
+                        count += 1;
+                        let bytes = std::mem::take(&mut paragraph);
+                        if let Some(text) = self.decode(bytes, &at)? {
+                            self.text_document(format!("{}#p{count}", self.name), text)?;
+                        }
+                    }
+                    paragraph.clear();
+                    paragraph_too_long = false;
+                } else if matches!(line, Line::TooLong)
+                    || paragraph.len() + buf.len() + 1 > self.options.max_document_bytes as usize
+                {
+                    paragraph_too_long = true;
+                    paragraph.clear();
+                } else if !paragraph_too_long {
+                    if !paragraph.is_empty() {
+                        paragraph.push(b'\n');
+                    }
+                    paragraph.extend_from_slice(&buf);
+                }
+            } else {
+                match line {
+                    Line::TooLong => self.skip("too_long"),
+                    Line::Text if blank => {}
+                    Line::Text => {
+                        if let Some(text) = self.decode(buf.clone(), &at)? {
+                            self.text_document(format!("{}:{number}", self.name), text)?;
+                        }
+                    }
+                    Line::End => {}
+                }
+            }
+            if matches!(line, Line::End) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn jsonl(&mut self, mut input: impl BufRead) -> Result<(), String> {
+        let mut buf = Vec::new();
+        for number in 1.. {
+            let at = format!("{}:{number}", self.name);
+            match self
+                .read_line(&mut input, &mut buf)
+                .map_err(|e| format!("{at}: {e}"))?
+            {
+                Line::End => break,
+                Line::TooLong => self.skip("too_long"),
+                Line::Text if buf.iter().all(u8::is_ascii_whitespace) => {}
+                Line::Text => {
+                    let Some(line) = self.decode(buf.clone(), &at)? else {
+                        continue;
+                    };
+                    let record = self.json_record(&line, &at)?;
+                    self.emit(record)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A JSON object as a record: chat (`messages`), preference (`prompt`, `chosen`,
+    /// `rejected`), or text from the configured field.
+    fn json_record(&self, line: &str, at: &str) -> Result<Record, String> {
+        let value: serde_json::Value =
+            serde_json::from_str(line).map_err(|e| format!("{at}: not JSON: {e}"))?;
+        let object = value
+            .as_object()
+            .ok_or_else(|| format!("{at}: expected a JSON object"))?;
+        let id = at.to_string();
+        if let Some(messages) = object.get("messages") {
+            let messages: Vec<Message> = serde_json::from_value(messages.clone()).map_err(|e| {
+                format!("{at}: `messages` must be a list of {{role, content}}: {e}")
+            })?;
+            return Ok(Record::chat(id, messages, self.name));
+        }
+        let text_of = |key: &str| object.get(key).and_then(|v| v.as_str()).map(str::to_string);
+        if let (Some(prompt), Some(chosen), Some(rejected)) =
+            (text_of("prompt"), text_of("chosen"), text_of("rejected"))
+        {
+            return Ok(Record::preference(id, prompt, chosen, rejected, self.name));
+        }
+        let field = &self.options.field;
+        match object.get(field) {
+            Some(serde_json::Value::String(text)) => Ok(Record::text(id, text.clone(), self.name)),
+            Some(other) => Err(format!(
+                "{at}: field `{field}` must be a string, found {other}"
+            )),
+            None => Err(format!(
+                "{at}: no field `{field}` (set `field:` to the key that holds the text)"
+            )),
+        }
+    }
+
+    fn csv(&mut self, input: impl Read) -> Result<(), String> {
+        let mut csv = csv::ReaderBuilder::new().flexible(false).from_reader(input);
+        let headers = csv
+            .byte_headers()
+            .map_err(|e| format!("{}: {e}", self.name))?
+            .clone();
+        let field = &self.options.field;
+        let column = headers
+            .iter()
+            .position(|h| h == field.as_bytes())
+            .ok_or_else(|| {
+                let names: Vec<String> = headers
+                    .iter()
+                    .map(|h| String::from_utf8_lossy(h).into_owned())
+                    .collect();
+                format!(
+                    "{}: no column `{field}`; columns: {}",
+                    self.name,
+                    names.join(", ")
+                )
+            })?;
+        let mut row = csv::ByteRecord::new();
+        let mut number = 1;
+        while csv
+            .read_byte_record(&mut row)
+            .map_err(|e| format!("{}: {e}", self.name))?
+        {
+            number += 1;
+            let at = format!("{}:{number}", self.name);
+            let cell = row.get(column).unwrap_or_default();
+            if cell.len() as u64 > self.options.max_document_bytes {
+                self.skip("too_long");
+                continue;
+            }
+            if let Some(text) = self.decode(cell.to_vec(), &at)? {
+                self.text_document(at, text)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn options(split_on: SplitOn) -> ParseOptions {
+        ParseOptions {
+            format: None,
+            field: "text".into(),
+            split_on,
+            invalid_utf8: InvalidUtf8::Error,
+            max_document_bytes: 1000,
+        }
+    }
+
+    fn read(
+        name: &str,
+        bytes: &[u8],
+        options: &ParseOptions,
+    ) -> Result<(Vec<Record>, Skips), String> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(name);
+        std::fs::write(&path, bytes).unwrap();
+        let mut records = Vec::new();
+        let skips = read_file(&path, name, options, &mut |r| {
+            records.push(r);
+            Ok(())
+        })?;
+        Ok((records, skips))
+    }
+
+    fn texts(records: &[Record]) -> Vec<&str> {
+        records.iter().map(|r| r.text.as_str()).collect()
+    }
+
+    #[test]
+    fn text_splits_by_file_paragraph_and_line() {
+        let body = b"one\ntwo\n\n\nthree\r\n";
+        let (r, _) = read("a.txt", body, &options(SplitOn::File)).unwrap();
+        assert_eq!(texts(&r), ["one\ntwo\n\n\nthree\r\n"]);
+        let (r, _) = read("a.txt", body, &options(SplitOn::Paragraph)).unwrap();
+        assert_eq!(texts(&r), ["one\ntwo", "three"]);
+        assert_eq!(r[1].id, "a.txt#p2");
+        let (r, _) = read("a.txt", body, &options(SplitOn::Line)).unwrap();
+        assert_eq!(texts(&r), ["one", "two", "three"]);
+        assert_eq!(
+            (r[2].id.as_str(), r[2].source.as_str()),
+            ("a.txt:5", "a.txt")
+        );
+    }
+
+    #[test]
+    fn jsonl_reads_fields_chat_and_preferences_and_points_at_bad_lines() {
+        let body = b"{\"text\": \"hello\"}\n\n{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}]}\n{\"prompt\": \"p\", \"chosen\": \"c\", \"rejected\": \"r\"}\n";
+        let (r, _) = read("d.jsonl", body, &options(SplitOn::File)).unwrap();
+        assert_eq!(texts(&r), ["hello", "user: hi", "p"]);
+        assert_eq!(r[2].chosen.as_deref(), Some("c"));
+        let err = read(
+            "d.jsonl",
+            b"{\"text\": \"ok\"}\nnot json\n",
+            &options(SplitOn::File),
+        )
+        .unwrap_err();
+        assert!(err.starts_with("d.jsonl:2: not JSON"), "{err}");
+        let err = read("d.jsonl", b"{\"body\": \"x\"}\n", &options(SplitOn::File)).unwrap_err();
+        assert!(err.starts_with("d.jsonl:1: no field `text`"), "{err}");
+    }
+
+    #[test]
+    fn csv_reads_a_column() {
+        let (r, _) = read(
+            "t.csv",
+            b"id,text\n1,\"a, b\"\n2,c\n",
+            &options(SplitOn::File),
+        )
+        .unwrap();
+        assert_eq!(texts(&r), ["a, b", "c"]);
+        assert_eq!(r[1].id, "t.csv:3");
+        let err = read("t.csv", b"id,body\n1,x\n", &options(SplitOn::File)).unwrap_err();
+        assert!(err.contains("no column `text`; columns: id, body"), "{err}");
+    }
+
+    #[test]
+    fn invalid_utf8_errors_or_is_counted() {
+        let body = b"good\nbad \xff\nfine\n";
+        let err = read("u.txt", body, &options(SplitOn::Line)).unwrap_err();
+        assert!(err.starts_with("u.txt:2: invalid UTF-8 at byte 4"), "{err}");
+        let skip = ParseOptions {
+            invalid_utf8: InvalidUtf8::Skip,
+            ..options(SplitOn::Line)
+        };
+        let (r, skips) = read("u.txt", body, &skip).unwrap();
+        assert_eq!(texts(&r), ["good", "fine"]);
+        assert_eq!(skips["invalid_utf8"], 1);
+    }
+
+    #[test]
+    fn long_lines_and_empty_files_are_counted_not_loaded() {
+        let mut body = b"short\n".to_vec();
+        body.extend(std::iter::repeat_n(b'x', 5000));
+        body.extend(b"\nlast\n");
+        let (r, skips) = read("l.txt", &body, &options(SplitOn::Line)).unwrap();
+        assert_eq!(texts(&r), ["short", "last"]);
+        assert_eq!(skips["too_long"], 1);
+        let (r, skips) = read("l.txt", &body, &options(SplitOn::File)).unwrap();
+        assert!(r.is_empty());
+        assert_eq!(skips["too_long"], 1);
+        let (r, skips) = read("e.txt", b"", &options(SplitOn::File)).unwrap();
+        assert!(r.is_empty());
+        assert_eq!(skips["empty_file"], 1);
+    }
+
+    #[test]
+    fn globs_are_sorted_relative_and_must_match() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("d")).unwrap();
+        for f in ["d/b.txt", "d/a.txt", "d/c.md"] {
+            std::fs::write(dir.path().join(f), "x").unwrap();
+        }
+        assert_eq!(
+            expand_glob(dir.path(), "d/*.txt").unwrap(),
+            [PathBuf::from("d/a.txt"), PathBuf::from("d/b.txt")]
+        );
+        assert!(expand_glob(dir.path(), "d/*.csv")
+            .unwrap_err()
+            .contains("matches no file"));
+    }
+}

@@ -1,0 +1,210 @@
+//! Document records, the data model shared by the data stages: JSON lines with `id`, `text` and
+//! `source`, plus `messages` for chat data and `prompt`/`chosen`/`rejected` for preference pairs.
+//! Records are written to shards, `<split>-00000.jsonl`, with train and validation kept apart.
+
+use std::fs::File;
+use std::io::{self, BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// One document.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Record {
+    /// Stable identifier: where the document came from and its position there.
+    pub id: String,
+    /// The text (for chat records, the conversation rendered as plain text).
+    pub text: String,
+    /// Provenance: the source that produced it (a path, a URL, a generator).
+    pub source: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub messages: Option<Vec<Message>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chosen: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rejected: Option<String>,
+}
+
+/// One turn of a conversation.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Message {
+    /// `system`, `user` or `assistant`.
+    pub role: String,
+    pub content: String,
+}
+
+impl Record {
+    /// A plain text document.
+    pub fn text(id: String, text: String, source: &str) -> Self {
+        Record {
+            id,
+            text,
+            source: source.to_string(),
+            messages: None,
+            prompt: None,
+            chosen: None,
+            rejected: None,
+        }
+    }
+
+    /// A conversation; its `text` is the turns as `role: content` lines.
+    pub fn chat(id: String, messages: Vec<Message>, source: &str) -> Self {
+        let text = messages
+            .iter()
+            .map(|m| format!("{}: {}", m.role, m.content))
+            .collect::<Vec<_>>()
+            .join("\n");
+        Record {
+            messages: Some(messages),
+            ..Record::text(id, text, source)
+        }
+    }
+
+    /// A preference pair; its `text` is the prompt.
+    pub fn preference(
+        id: String,
+        prompt: String,
+        chosen: String,
+        rejected: String,
+        source: &str,
+    ) -> Self {
+        Record {
+            chosen: Some(chosen),
+            rejected: Some(rejected),
+            prompt: Some(prompt.clone()),
+            ..Record::text(id, prompt, source)
+        }
+    }
+}
+
+/// What one split's shards hold.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct SplitSummary {
+    pub documents: u64,
+    /// Bytes of `text`, UTF-8.
+    pub text_bytes: u64,
+    pub shards: Vec<String>,
+}
+
+/// Writes records of one split into numbered JSONL shards of at most `max_documents` each.
+pub struct ShardWriter {
+    dir: PathBuf,
+    split: &'static str,
+    max_documents: u64,
+    file: Option<BufWriter<File>>,
+    in_shard: u64,
+    summary: SplitSummary,
+}
+
+impl ShardWriter {
+    pub fn new(dir: &Path, split: &'static str, max_documents: u64) -> Self {
+        ShardWriter {
+            dir: dir.to_path_buf(),
+            split,
+            max_documents: max_documents.max(1),
+            file: None,
+            in_shard: 0,
+            summary: SplitSummary::default(),
+        }
+    }
+
+    pub fn write(&mut self, record: &Record) -> io::Result<()> {
+        if self.file.is_none() || self.in_shard == self.max_documents {
+            self.next_shard()?;
+        }
+        let file = self.file.as_mut().expect("a shard is open");
+        serde_json::to_writer(&mut *file, record)?;
+        file.write_all(b"\n")?;
+        self.in_shard += 1;
+        self.summary.documents += 1;
+        self.summary.text_bytes += record.text.len() as u64;
+        Ok(())
+    }
+
+    fn next_shard(&mut self) -> io::Result<()> {
+        if let Some(mut file) = self.file.take() {
+            file.flush()?;
+        }
+        let name = format!("{}-{:05}.jsonl", self.split, self.summary.shards.len());
+        self.file = Some(BufWriter::new(File::create(self.dir.join(&name))?));
+        self.summary.shards.push(name);
+        self.in_shard = 0;
+        Ok(())
+    }
+
+    pub fn finish(mut self) -> io::Result<SplitSummary> {
+        if let Some(mut file) = self.file.take() {
+            file.flush()?;
+        }
+        Ok(self.summary)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shards_roll_over_and_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut writer = ShardWriter::new(dir.path(), "train", 2);
+        let records: Vec<Record> = (0..5)
+            .map(|i| Record::text(format!("d{i}"), format!("text {i}"), "test"))
+            .collect();
+        for r in &records {
+            writer.write(r).unwrap();
+        }
+        let summary = writer.finish().unwrap();
+        assert_eq!(
+            summary.shards,
+            [
+                "train-00000.jsonl",
+                "train-00001.jsonl",
+                "train-00002.jsonl"
+            ]
+        );
+        assert_eq!(summary.documents, 5);
+        let back: Vec<Record> = summary
+            .shards
+            .iter()
+            .flat_map(|s| {
+                std::fs::read_to_string(dir.path().join(s))
+                    .unwrap()
+                    .lines()
+                    .map(String::from)
+                    .collect::<Vec<_>>()
+            })
+            .map(|l| serde_json::from_str(&l).unwrap())
+            .collect();
+        assert_eq!(back, records);
+    }
+
+    #[test]
+    fn chat_and_preference_records_keep_their_fields() {
+        let chat = Record::chat(
+            "c".into(),
+            vec![
+                Message {
+                    role: "user".into(),
+                    content: "hi".into(),
+                },
+                Message {
+                    role: "assistant".into(),
+                    content: "hello".into(),
+                },
+            ],
+            "gen",
+        );
+        assert_eq!(chat.text, "user: hi\nassistant: hello");
+        let json = serde_json::to_string(&chat).unwrap();
+        assert!(
+            json.contains("\"messages\"") && !json.contains("\"prompt\""),
+            "{json}"
+        );
+        let pref = Record::preference("p".into(), "q".into(), "good".into(), "bad".into(), "gen");
+        let back: Record = serde_json::from_str(&serde_json::to_string(&pref).unwrap()).unwrap();
+        assert_eq!(back, pref);
+    }
+}
