@@ -132,7 +132,7 @@ fn corpus_collects_offline_and_reruns_nothing_the_second_time() {
     )
     .unwrap();
     let run = smelt(&["run", "corpus.yaml"], work.path()).ok();
-    assert_has(&run.stdout, "3 ran");
+    assert_has(&run.stdout, "4 ran");
     let dir = smelt(&["show", "corpus.yaml", "corpus", "--path"], work.path())
         .ok()
         .stdout;
@@ -147,9 +147,21 @@ fn corpus_collects_offline_and_reruns_nothing_the_second_time() {
     let total = manifest["train"]["documents"].as_u64().unwrap()
         + manifest["validation"]["documents"].as_u64().unwrap();
     assert_eq!(total, 4000 + lines);
+    let dir = smelt(&["show", "corpus.yaml", "cleaned", "--path"], work.path())
+        .ok()
+        .stdout;
+    let stats: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(Path::new(dir.trim()).join("stats.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(stats["documents_in"].as_u64().unwrap(), total);
+    assert!(
+        stats["exact_duplicates"].as_u64().unwrap() > 0,
+        "arithmetic repeats itself: {stats:#}"
+    );
     let run = smelt(&["run", "corpus.yaml"], work.path()).ok();
-    assert_has(&run.stdout, "0 ran, 3 cached");
+    assert_has(&run.stdout, "0 ran, 4 cached");
     // A new seed changes the generated corpus, not the chat stage.
     let run = smelt(&["run", "corpus.yaml", "--set", "vars.seed=8"], work.path()).ok();
-    assert_has(&run.stdout, "2 ran");
+    assert_has(&run.stdout, "3 ran");
 }

@@ -1,6 +1,7 @@
 //! Smelt's stage kinds, one module each, and the data model they share. The binary registers
 //! them with [`registry`].
 
+pub mod clean;
 pub mod collect;
 pub mod command;
 pub mod records;
@@ -11,6 +12,7 @@ use smelt_engine::Registry;
 pub fn registry() -> Registry {
     let mut registry = Registry::new();
     registry
+        .register(clean::Clean)
         .register(collect::Collect)
         .register(command::Command);
     registry

@@ -1,0 +1,507 @@
+//! Text normalisation and the document filters other than Gopher's: length, C4 line rules,
+//! language, PII redaction and regular expressions. A filter either keeps a document (maybe
+//! rewritten) or drops it with a reason such as `c4.min_sentences`.
+
+use std::sync::LazyLock;
+
+use regex::Regex;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use unicode_normalization::UnicodeNormalization;
+
+use super::gopher::{self, QualityThresholds, RepetitionThresholds};
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Unicode {
+    None,
+    #[default]
+    Nfc,
+    Nfkc,
+}
+
+/// How text is normalised before filtering.
+#[derive(Clone, Debug)]
+pub struct Normalization {
+    pub unicode: Unicode,
+    pub lowercase: bool,
+    pub strip_html: bool,
+}
+
+static HTML_TAG: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(r"(?s)<!--.*?-->|<[A-Za-z/!][^>]*>").expect("valid"));
+
+impl Normalization {
+    /// HTML tags out (if asked), Unicode normal form, control characters out, runs of spaces
+    /// collapsed, lines trimmed, at most one blank line in a row, lowercase (if asked).
+    pub fn apply(&self, text: &str) -> String {
+        let text = if self.strip_html {
+            strip_html(text)
+        } else {
+            text.to_string()
+        };
+        let text: String = match self.unicode {
+            Unicode::None => text,
+            Unicode::Nfc => text.nfc().collect(),
+            Unicode::Nfkc => text.nfkc().collect(),
+        };
+        let mut out = String::with_capacity(text.len());
+        let mut blank_lines = 0;
+        for line in text.lines() {
+            let line = clean_line(line);
+            if line.is_empty() {
+                blank_lines += 1;
+                continue;
+            }
+            if !out.is_empty() {
+                out.push_str(if blank_lines > 0 { "\n\n" } else { "\n" });
+            }
+            blank_lines = 0;
+            out.push_str(&line);
+        }
+        if self.lowercase {
+            out = out.to_lowercase();
+        }
+        out
+    }
+}
+
+/// Control characters dropped, any run of whitespace made one space, ends trimmed.
+fn clean_line(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut space = false;
+    for c in line.chars() {
+        if c.is_whitespace() {
+            space = !out.is_empty();
+        } else if !c.is_control() && c != '\u{feff}' {
+            if space {
+                out.push(' ');
+                space = false;
+            }
+            out.push(c);
+        }
+    }
+    out
+}
+
+fn strip_html(text: &str) -> String {
+    let without_tags = HTML_TAG.replace_all(text, " ");
+    without_tags
+        .replace("&nbsp;", " ")
+        .replace("&lt;", "<")
+        .replace("&gt;", ">")
+        .replace("&quot;", "\"")
+        .replace("&#39;", "'")
+        .replace("&amp;", "&")
+}
+
+/// One entry of `filters:`.
+#[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Filter {
+    /// Words and characters within bounds.
+    Length(LengthFilter),
+    /// Gopher quality heuristics (word count, word length, symbols, bullets, ellipses, stop words).
+    GopherQuality(QualityThresholds),
+    /// Gopher repetition heuristics (duplicate lines and paragraphs, frequent n-grams).
+    GopherRepetition(RepetitionThresholds),
+    /// C4's line rules: drop lines without terminal punctuation or with too few words, boilerplate
+    /// lines; drop documents with code braces, lorem ipsum or too few sentences.
+    C4(C4Filter),
+    /// Keep documents in the given languages (whatlang detection).
+    Language(LanguageFilter),
+    /// Replace e-mail and IPv4 addresses with placeholders.
+    Pii(PiiFilter),
+    /// Drop documents that match a pattern, or keep only those that do.
+    Regex(RegexFilter),
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct LengthFilter {
+    pub min_words: Option<u64>,
+    pub max_words: Option<u64>,
+    pub min_chars: Option<u64>,
+    pub max_chars: Option<u64>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct C4Filter {
+    pub min_words_per_line: usize,
+    pub max_word_length: usize,
+    pub min_sentences: usize,
+    pub require_terminal_punctuation: bool,
+    pub drop_javascript_lines: bool,
+    pub drop_policy_lines: bool,
+    pub drop_lorem_ipsum: bool,
+    pub drop_curly_brackets: bool,
+    pub remove_citations: bool,
+}
+
+impl Default for C4Filter {
+    fn default() -> Self {
+        C4Filter {
+            min_words_per_line: 3,
+            max_word_length: 1000,
+            min_sentences: 5,
+            require_terminal_punctuation: true,
+            drop_javascript_lines: true,
+            drop_policy_lines: true,
+            drop_lorem_ipsum: true,
+            drop_curly_brackets: true,
+            remove_citations: true,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LanguageFilter {
+    /// ISO 639-3 codes, e.g. `eng`, `fra`, `deu`.
+    pub languages: Vec<String>,
+    /// Minimum detection confidence, 0 to 1.
+    #[serde(default = "default_language_threshold")]
+    pub threshold: f64,
+}
+
+fn default_language_threshold() -> f64 {
+    0.65
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct PiiFilter {
+    pub emails: bool,
+    pub ipv4: bool,
+    pub email_placeholder: String,
+    pub ip_placeholder: String,
+}
+
+impl Default for PiiFilter {
+    fn default() -> Self {
+        PiiFilter {
+            emails: true,
+            ipv4: true,
+            email_placeholder: "<EMAIL>".into(),
+            ip_placeholder: "<IP>".into(),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum RegexAction {
+    #[default]
+    Drop,
+    Keep,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RegexFilter {
+    pub pattern: String,
+    #[serde(default)]
+    pub action: RegexAction,
+}
+
+static EMAIL: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}").expect("valid")
+});
+static IPV4: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(r"\b(?:(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\.){3}(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\b")
+        .expect("valid")
+});
+static CITATION: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(r"\[\d*\]|\[edit\]|\[citation needed\]").expect("valid"));
+const POLICY: [&str; 6] = [
+    "terms of use",
+    "privacy policy",
+    "cookie policy",
+    "uses cookies",
+    "use of cookies",
+    "use cookies",
+];
+
+/// A filter ready to run (patterns compiled once).
+pub enum Prepared {
+    Length(LengthFilter),
+    GopherQuality(QualityThresholds),
+    GopherRepetition(RepetitionThresholds),
+    C4(C4Filter),
+    Language(Vec<whatlang::Lang>, f64),
+    Pii(PiiFilter),
+    Regex(Regex, RegexAction),
+}
+
+impl Filter {
+    pub fn prepare(&self) -> Result<Prepared, String> {
+        Ok(match self {
+            Filter::Length(f) => Prepared::Length(f.clone()),
+            Filter::GopherQuality(t) => Prepared::GopherQuality(t.clone()),
+            Filter::GopherRepetition(t) => Prepared::GopherRepetition(t.clone()),
+            Filter::C4(f) => Prepared::C4(f.clone()),
+            Filter::Language(f) => {
+                let langs = f
+                    .languages
+                    .iter()
+                    .map(|code| {
+                        whatlang::Lang::from_code(code).ok_or_else(|| {
+                            format!("unknown language code `{code}` (use ISO 639-3, e.g. eng)")
+                        })
+                    })
+                    .collect::<Result<_, _>>()?;
+                Prepared::Language(langs, f.threshold)
+            }
+            Filter::Pii(f) => Prepared::Pii(f.clone()),
+            Filter::Regex(f) => {
+                let regex = Regex::new(&f.pattern).map_err(|e| format!("regex filter: {e}"))?;
+                Prepared::Regex(regex, f.action)
+            }
+        })
+    }
+}
+
+/// What a filter decided: the (maybe rewritten) text, or why it was dropped and the text as it
+/// was then.
+pub type Verdict = Result<String, (&'static str, String)>;
+
+impl Prepared {
+    pub fn apply(&self, text: String) -> Verdict {
+        match self {
+            Prepared::Length(f) => match length(f, &text) {
+                None => Ok(text),
+                Some(reason) => Err((reason, text)),
+            },
+            Prepared::GopherQuality(t) => {
+                match gopher::quality_verdict(&gopher::quality_scores(&text), t) {
+                    None => Ok(text),
+                    Some(reason) => Err((reason, text)),
+                }
+            }
+            Prepared::GopherRepetition(t) => {
+                match gopher::repetition_verdict(&gopher::repetition_scores(&text), t) {
+                    None => Ok(text),
+                    Some(reason) => Err((reason, text)),
+                }
+            }
+            Prepared::C4(f) => c4(f, &text).map_err(|reason| (reason, text)),
+            Prepared::Language(langs, threshold) => match whatlang::detect(&text) {
+                Some(info) if langs.contains(&info.lang()) && info.confidence() >= *threshold => {
+                    Ok(text)
+                }
+                _ => Err(("language", text)),
+            },
+            Prepared::Pii(f) => {
+                let mut text = text;
+                if f.emails {
+                    text = EMAIL
+                        .replace_all(&text, f.email_placeholder.as_str())
+                        .into_owned();
+                }
+                if f.ipv4 {
+                    text = IPV4
+                        .replace_all(&text, f.ip_placeholder.as_str())
+                        .into_owned();
+                }
+                Ok(text)
+            }
+            Prepared::Regex(regex, action) => match (regex.is_match(&text), action) {
+                (true, RegexAction::Drop) => Err(("regex.drop", text)),
+                (false, RegexAction::Keep) => Err(("regex.keep", text)),
+                _ => Ok(text),
+            },
+        }
+    }
+}
+
+fn length(f: &LengthFilter, text: &str) -> Option<&'static str> {
+    let words = text.split_whitespace().count() as u64;
+    let chars = text.chars().count() as u64;
+    if f.min_words.is_some_and(|m| words < m) {
+        Some("length.min_words")
+    } else if f.max_words.is_some_and(|m| words > m) {
+        Some("length.max_words")
+    } else if f.min_chars.is_some_and(|m| chars < m) {
+        Some("length.min_chars")
+    } else if f.max_chars.is_some_and(|m| chars > m) {
+        Some("length.max_chars")
+    } else {
+        None
+    }
+}
+
+/// C4's rules: the kept lines, or why the document goes.
+fn c4(f: &C4Filter, text: &str) -> Result<String, &'static str> {
+    let lower = text.to_lowercase();
+    if f.drop_lorem_ipsum && lower.contains("lorem ipsum") {
+        return Err("c4.lorem_ipsum");
+    }
+    if f.drop_curly_brackets && text.contains('{') {
+        return Err("c4.curly_bracket");
+    }
+    let mut kept = Vec::new();
+    for line in text.lines() {
+        let line = if f.remove_citations {
+            CITATION.replace_all(line, "").into_owned()
+        } else {
+            line.to_string()
+        };
+        let line = line.trim();
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let lower = line.to_lowercase();
+        let drop = words.len() < f.min_words_per_line
+            || words.iter().any(|w| w.chars().count() > f.max_word_length)
+            || (f.require_terminal_punctuation && !line.ends_with(['.', '!', '?', '"', '\'']))
+            || (f.drop_javascript_lines && lower.contains("javascript"))
+            || (f.drop_policy_lines && POLICY.iter().any(|p| lower.contains(p)));
+        if !drop {
+            kept.push(line.to_string());
+        }
+    }
+    let text = kept.join("\n");
+    let sentences = text
+        .split(['.', '!', '?'])
+        .filter(|s| !s.trim().is_empty())
+        .count();
+    if text.is_empty() {
+        Err("c4.no_lines_left")
+    } else if sentences < f.min_sentences {
+        Err("c4.min_sentences")
+    } else {
+        Ok(text)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(filter: Filter, text: &str) -> Result<String, &'static str> {
+        filter
+            .prepare()
+            .unwrap()
+            .apply(text.to_string())
+            .map_err(|(reason, _)| reason)
+    }
+
+    #[test]
+    fn normalization_cleans_whitespace_controls_and_forms() {
+        let n = Normalization {
+            unicode: Unicode::Nfkc,
+            lowercase: true,
+            strip_html: true,
+        };
+        let text = "  <p>Ｆｕｌｌ&amp;width</p>\u{0007}  text \t here  \n\n\n\nnext<br/>line \r\n";
+        assert_eq!(n.apply(text), "full&width text here\n\nnext line");
+        let plain = Normalization {
+            unicode: Unicode::Nfc,
+            lowercase: false,
+            strip_html: false,
+        };
+        assert_eq!(plain.apply("e\u{0301} <b>"), "é <b>");
+    }
+
+    #[test]
+    fn length_bounds() {
+        let f = || {
+            Filter::Length(LengthFilter {
+                min_words: Some(2),
+                max_chars: Some(10),
+                ..Default::default()
+            })
+        };
+        assert_eq!(run(f(), "one"), Err("length.min_words"));
+        assert_eq!(run(f(), "one two three"), Err("length.max_chars"));
+        assert_eq!(run(f(), "one two"), Ok("one two".into()));
+    }
+
+    #[test]
+    fn c4_keeps_sentences_and_drops_boilerplate() {
+        let page = "Home | About | Contact\n\
+            The river flooded the valley in the spring of that year.\n\
+            Farmers moved their animals to the higher fields at once.\n\
+            Please enable JavaScript to view this page properly.\n\
+            The water stayed for three weeks before it went down.\n\
+            Read our privacy policy for details on data use.\n\
+            Most houses were repaired by the end of the summer[1].\n\
+            The village built a new wall along the river bank.\n\
+            ok.";
+        let kept = run(Filter::C4(C4Filter::default()), page).unwrap();
+        assert_eq!(kept.lines().count(), 5, "{kept}");
+        assert!(!kept.contains("JavaScript") && !kept.contains("privacy") && !kept.contains("[1]"));
+        assert_eq!(
+            run(
+                Filter::C4(C4Filter::default()),
+                "function f() { return 1; }"
+            ),
+            Err("c4.curly_bracket")
+        );
+        assert_eq!(
+            run(
+                Filter::C4(C4Filter::default()),
+                "Lorem ipsum dolor sit amet."
+            ),
+            Err("c4.lorem_ipsum")
+        );
+        assert_eq!(
+            run(Filter::C4(C4Filter::default()), "One short sentence here."),
+            Err("c4.min_sentences")
+        );
+    }
+
+    #[test]
+    fn language_detection_keeps_the_listed_languages() {
+        let english =
+            "The quick brown fox jumps over the lazy dog while the farmer watches from the porch.";
+        let french = "Le renard brun rapide saute par-dessus le chien paresseux pendant que le fermier regarde.";
+        let f = || {
+            Filter::Language(LanguageFilter {
+                languages: vec!["eng".into()],
+                threshold: 0.5,
+            })
+        };
+        assert!(run(f(), english).is_ok());
+        assert_eq!(run(f(), french), Err("language"));
+        let bad = Filter::Language(LanguageFilter {
+            languages: vec!["english".into()],
+            threshold: 0.5,
+        });
+        assert!(bad
+            .prepare()
+            .err()
+            .unwrap()
+            .contains("unknown language code"));
+    }
+
+    #[test]
+    fn pii_is_replaced() {
+        let text =
+            "Mail jane.doe+x@mail.example.org or ping 192.168.0.12, not 999.1.1.1 or v1.2.3.";
+        assert_eq!(
+            run(Filter::Pii(PiiFilter::default()), text).unwrap(),
+            "Mail <EMAIL> or ping <IP>, not 999.1.1.1 or v1.2.3."
+        );
+    }
+
+    #[test]
+    fn regex_drops_or_keeps() {
+        let drop = || {
+            Filter::Regex(RegexFilter {
+                pattern: "(?i)casino".into(),
+                action: RegexAction::Drop,
+            })
+        };
+        assert_eq!(run(drop(), "Best CASINO bonus"), Err("regex.drop"));
+        let keep = Filter::Regex(RegexFilter {
+            pattern: "^Q:".into(),
+            action: RegexAction::Keep,
+        });
+        assert_eq!(run(keep, "no question"), Err("regex.keep"));
+        let bad = Filter::Regex(RegexFilter {
+            pattern: "(".into(),
+            action: RegexAction::Drop,
+        });
+        assert!(bad.prepare().is_err());
+    }
+}

@@ -1,0 +1,567 @@
+//! `clean`: normalises text, runs an ordered list of filters, and removes exact and near
+//! duplicates, writing the kept documents as shards again plus `stats.json`.
+//!
+//! Documents stream through in chunks: each chunk is normalised, filtered and MinHashed in
+//! parallel (rayon), then admitted to the dedup index one by one in corpus order, so the output
+//! is the same for any thread count and memory does not grow with the corpus (only the dedup
+//! index does: a few hashes per kept document). Train is processed before validation with one
+//! index, so a validation document that duplicates a training one is dropped (no leakage).
+
+mod dedup;
+mod filters;
+mod gopher;
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+
+use rayon::prelude::*;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use smelt_engine::{Metrics, Port, Ports, Stage, StageContext, StageError};
+
+pub use dedup::{DedupParams, MinHashParams};
+pub use filters::{Filter, Unicode};
+
+use crate::records::{Record, ShardWriter, SplitSummary};
+
+/// Documents processed in parallel at a time.
+const CHUNK: usize = 4096;
+/// Characters of each sampled dropped document kept in stats.json.
+const SAMPLE_CHARS: usize = 300;
+
+pub struct Clean;
+
+/// Params of a `clean` stage.
+#[derive(Debug, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CleanParams {
+    /// Unicode normal form: `none`, `nfc` or `nfkc`. Whitespace and control characters are
+    /// always tidied.
+    #[serde(default)]
+    pub normalize: Unicode,
+    #[serde(default)]
+    pub lowercase: bool,
+    /// Remove HTML tags and decode the common entities.
+    #[serde(default)]
+    pub strip_html: bool,
+    /// Applied in order; a document dropped by one is not seen by the next.
+    #[serde(default)]
+    pub filters: Vec<Filter>,
+    #[serde(default)]
+    pub dedup: DedupParams,
+    /// Whether chat and preference records go through the filters and dedup too (their fields
+    /// are always normalised). Off by default: short turns would fail document-level filters.
+    #[serde(default)]
+    pub filter_structured: bool,
+    /// Dropped documents kept as examples per reason in stats.json.
+    #[serde(default = "default_samples")]
+    pub samples_per_reason: usize,
+    /// Documents per output shard.
+    #[serde(default = "default_shard_documents")]
+    pub shard_documents: u64,
+}
+
+fn default_samples() -> usize {
+    3
+}
+
+fn default_shard_documents() -> u64 {
+    100_000
+}
+
+/// A dropped document shown in stats.json.
+#[derive(Debug, Serialize)]
+struct Sample {
+    id: String,
+    text: String,
+}
+
+#[derive(Debug, Default, Serialize)]
+struct Stats {
+    documents_in: u64,
+    documents_out: u64,
+    /// Reason → documents dropped for it.
+    dropped: BTreeMap<String, u64>,
+    samples: BTreeMap<String, Vec<Sample>>,
+    exact_duplicates: u64,
+    near_duplicates: u64,
+    /// Kept documents that near-duplicates were folded into.
+    near_duplicate_clusters: u64,
+    train: SplitSummary,
+    validation: SplitSummary,
+}
+
+impl Stats {
+    fn drop(&mut self, reason: &str, record: &Record, samples: usize) {
+        *self.dropped.entry(reason.to_string()).or_default() += 1;
+        let kept = self.samples.entry(reason.to_string()).or_default();
+        if kept.len() < samples {
+            kept.push(Sample {
+                id: record.id.clone(),
+                text: record.text.chars().take(SAMPLE_CHARS).collect(),
+            });
+        }
+    }
+}
+
+/// One document after the parallel part.
+enum Processed {
+    Kept(Record, Option<dedup::Signature>, bool),
+    Dropped(Record, &'static str),
+}
+
+impl Stage for Clean {
+    type Params = CleanParams;
+    const KIND: &'static str = "clean";
+    const VERSION: u32 = 1;
+    const SUMMARY: &'static str =
+        "Normalise, filter (Gopher, C4, language, PII, regex) and deduplicate documents";
+
+    fn ports(&self) -> Ports {
+        Ports::Declared(vec![Port {
+            name: "corpus",
+            required: true,
+            many: false,
+            doc: "a collect or clean stage",
+        }])
+    }
+
+    fn run(&self, params: &CleanParams, ctx: &StageContext) -> Result<Metrics, StageError> {
+        let input = ctx.input("corpus").ok_or("no `corpus` input")?;
+        let filters = params
+            .filters
+            .iter()
+            .map(Filter::prepare)
+            .collect::<Result<Vec<_>, _>>()?;
+        let normalization = filters::Normalization {
+            unicode: params.normalize,
+            lowercase: params.lowercase,
+            strip_html: params.strip_html,
+        };
+        let mut index = dedup::Index::new(&params.dedup)?;
+        let mut stats = Stats::default();
+        let cleaner = Cleaner {
+            params,
+            normalization,
+            filters,
+        };
+        for split in ["train", "validation"] {
+            let mut writer = ShardWriter::new(&ctx.out_dir, split, params.shard_documents);
+            for shard in shards(input, split)? {
+                cleaner.clean_shard(&shard, &mut index, &mut writer, &mut stats)?;
+                ctx.report(stats.documents_in, None, "documents");
+            }
+            let summary = writer.finish()?;
+            stats.documents_out += summary.documents;
+            if split == "train" {
+                stats.train = summary
+            } else {
+                stats.validation = summary
+            }
+        }
+        stats.near_duplicate_clusters = index.clusters.len() as u64;
+        std::fs::write(
+            ctx.out_dir.join("stats.json"),
+            serde_json::to_vec_pretty(&stats)?,
+        )?;
+        if stats.train.documents == 0 {
+            return Err(format!(
+                "no documents left after cleaning ({} in; dropped: {:?})",
+                stats.documents_in, stats.dropped
+            )
+            .into());
+        }
+        Ok(Metrics::from([
+            ("documents_in".to_string(), stats.documents_in.into()),
+            ("documents_out".to_string(), stats.documents_out.into()),
+            (
+                "exact_duplicates".to_string(),
+                stats.exact_duplicates.into(),
+            ),
+            ("near_duplicates".to_string(), stats.near_duplicates.into()),
+        ]))
+    }
+}
+
+/// The input shards of a split, in order.
+fn shards(dir: &Path, split: &str) -> Result<Vec<PathBuf>, String> {
+    let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| format!("{}: {e}", dir.display()))?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            name.starts_with(&format!("{split}-")) && name.ends_with(".jsonl")
+        })
+        .collect();
+    found.sort();
+    Ok(found)
+}
+
+struct Cleaner<'a> {
+    params: &'a CleanParams,
+    normalization: filters::Normalization,
+    filters: Vec<filters::Prepared>,
+}
+
+impl Cleaner<'_> {
+    fn clean_shard(
+        &self,
+        shard: &Path,
+        index: &mut dedup::Index,
+        writer: &mut ShardWriter,
+        stats: &mut Stats,
+    ) -> Result<(), String> {
+        let name = shard
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let file = File::open(shard).map_err(|e| format!("{name}: {e}"))?;
+        let mut lines = BufReader::new(file).lines().enumerate();
+        loop {
+            let mut chunk = Vec::with_capacity(CHUNK);
+            for (number, line) in lines.by_ref().take(CHUNK) {
+                let line = line.map_err(|e| format!("{name}:{}: {e}", number + 1))?;
+                let record: Record = serde_json::from_str(&line)
+                    .map_err(|e| format!("{name}:{}: not a record: {e}", number + 1))?;
+                chunk.push(record);
+            }
+            if chunk.is_empty() {
+                return Ok(());
+            }
+            stats.documents_in += chunk.len() as u64;
+            let hasher = index.hasher();
+            let processed: Vec<Processed> = chunk
+                .into_par_iter()
+                .map(|r| self.process(r, hasher))
+                .collect();
+            for item in processed {
+                self.admit(item, index, writer, stats)?;
+            }
+        }
+    }
+
+    /// The parallel part: normalise, filter, sign.
+    fn process(&self, mut record: Record, hasher: Option<&dedup::MinHasher>) -> Processed {
+        let structured = record.messages.is_some() || record.prompt.is_some();
+        self.normalize_fields(&mut record);
+        if structured && !self.params.filter_structured {
+            return Processed::Kept(record, None, false);
+        }
+        let mut text = std::mem::take(&mut record.text);
+        for filter in &self.filters {
+            match filter.apply(text) {
+                Ok(kept) => text = kept,
+                Err((reason, text)) => {
+                    record.text = text;
+                    return Processed::Dropped(record, reason);
+                }
+            }
+        }
+        record.text = text;
+        if record.text.is_empty() {
+            return Processed::Dropped(record, "empty");
+        }
+        let signature = hasher.map(|h| h.signature(&record.text));
+        Processed::Kept(record, signature, true)
+    }
+
+    fn normalize_fields(&self, record: &mut Record) {
+        let n = &self.normalization;
+        record.text = n.apply(&record.text);
+        for message in record.messages.iter_mut().flatten() {
+            message.content = n.apply(&message.content);
+        }
+        for value in [&mut record.prompt, &mut record.chosen, &mut record.rejected]
+            .into_iter()
+            .flatten()
+        {
+            *value = n.apply(value);
+        }
+    }
+
+    /// The sequential part, in corpus order: dedup, then write.
+    fn admit(
+        &self,
+        item: Processed,
+        index: &mut dedup::Index,
+        writer: &mut ShardWriter,
+        stats: &mut Stats,
+    ) -> Result<(), String> {
+        let samples = self.params.samples_per_reason;
+        match item {
+            Processed::Dropped(record, reason) => stats.drop(reason, &record, samples),
+            Processed::Kept(record, signature, dedupable) => {
+                let verdict = if dedupable {
+                    index.admit(&record.text, signature.as_ref())
+                } else {
+                    Ok(())
+                };
+                match verdict {
+                    Ok(()) => writer.write(&record).map_err(|e| format!("writing: {e}"))?,
+                    Err(dedup::Duplicate::Exact) => {
+                        stats.exact_duplicates += 1;
+                        stats.drop("dedup.exact", &record, samples);
+                    }
+                    Err(dedup::Duplicate::Near) => {
+                        stats.near_duplicates += 1;
+                        stats.drop("dedup.minhash", &record, samples);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::records::Message;
+    use smelt_engine::stage::NoProgress;
+    use std::sync::Arc;
+
+    fn write_corpus(dir: &Path, train: &[Record], validation: &[Record]) {
+        for (split, records) in [("train", train), ("validation", validation)] {
+            let mut w = ShardWriter::new(
+                dir,
+                if split == "train" {
+                    "train"
+                } else {
+                    "validation"
+                },
+                3,
+            );
+            for r in records {
+                w.write(r).unwrap();
+            }
+            w.finish().unwrap();
+        }
+    }
+
+    fn run(
+        params: serde_json::Value,
+        input: &Path,
+        out: &Path,
+    ) -> Result<serde_json::Value, String> {
+        let params: CleanParams = serde_json::from_value(params).map_err(|e| e.to_string())?;
+        let _ = std::fs::remove_dir_all(out);
+        std::fs::create_dir_all(out).unwrap();
+        let ctx = StageContext {
+            stage: "clean".into(),
+            pipeline_dir: input.to_path_buf(),
+            out_dir: out.to_path_buf(),
+            work_dir: out.join("work"),
+            inputs: BTreeMap::from([("corpus".to_string(), vec![input.to_path_buf()])]),
+            threads: 1,
+            progress: Arc::new(NoProgress),
+            key_lock_fd: -1,
+        };
+        Clean.run(&params, &ctx).map_err(|e| e.to_string())?;
+        Ok(serde_json::from_slice(&std::fs::read(out.join("stats.json")).unwrap()).unwrap())
+    }
+
+    fn output(out: &Path, split: &str) -> Vec<Record> {
+        shards(out, split)
+            .unwrap()
+            .iter()
+            .flat_map(|s| {
+                std::fs::read_to_string(s)
+                    .unwrap()
+                    .lines()
+                    .map(|l| serde_json::from_str(l).unwrap())
+                    .collect::<Vec<Record>>()
+            })
+            .collect()
+    }
+
+    fn doc(i: usize, text: &str) -> Record {
+        Record::text(format!("d{i}"), text.to_string(), "test")
+    }
+
+    /// Twelve varied sentences of plain English: passes the Gopher filters.
+    fn prose(seed: usize) -> String {
+        use rand::{seq::IndexedRandom, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed as u64);
+        let subjects = [
+            "The farmer",
+            "A child",
+            "The old sailor",
+            "Her brother",
+            "The teacher",
+            "A stranger",
+            "My aunt",
+            "The baker",
+            "Our neighbour",
+            "The captain",
+        ];
+        let verbs = [
+            "carried", "painted", "found", "repaired", "sold", "watched", "borrowed", "cleaned",
+            "measured", "hid",
+        ];
+        let objects = [
+            "the wooden boat",
+            "a basket of apples",
+            "the broken gate",
+            "an old map",
+            "the red kite",
+            "a heavy trunk",
+            "the silver bell",
+            "some warm bread",
+            "a box of letters",
+            "the garden fence",
+        ];
+        let places = [
+            "near the river",
+            "in the village",
+            "behind the barn",
+            "at the market",
+            "on the hill",
+            "by the harbour",
+            "under the bridge",
+            "in the cellar",
+        ];
+        let mut endings = vec![
+            "before the sun went down",
+            "while the rain kept falling",
+            "and nobody noticed",
+            "to everyone's surprise",
+            "for the first time in years",
+            "as the bells rang",
+            "without saying a word",
+            "and then went home",
+            "despite the cold wind",
+            "long after midnight",
+            "with great care",
+            "just in time",
+        ];
+        rand::seq::SliceRandom::shuffle(endings.as_mut_slice(), &mut rng);
+        endings
+            .iter()
+            .map(|ending| {
+                let pick = |words: &[&'static str], rng: &mut rand_chacha::ChaCha8Rng| {
+                    *words.choose(rng).unwrap()
+                };
+                format!(
+                    "{} {} {} {} {ending}.",
+                    pick(&subjects, &mut rng),
+                    pick(&verbs, &mut rng),
+                    pick(&objects, &mut rng),
+                    pick(&places, &mut rng)
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    #[test]
+    fn filters_dedup_and_stats() {
+        let dir = tempfile::tempdir().unwrap();
+        let input = dir.path().join("in");
+        std::fs::create_dir(&input).unwrap();
+        let good: Vec<String> = (0..6).map(prose).collect();
+        let train = vec![
+            doc(0, &good[0]),
+            doc(1, "too short"),
+            doc(2, &good[1]),
+            doc(3, &format!("  {}  ", good[0])),
+            doc(4, &good[2].replacen("farmer", "fisher", 1)),
+            doc(5, &good[3]),
+        ];
+        let validation = vec![doc(6, &good[1]), doc(7, &good[4])];
+        write_corpus(&input, &train, &validation);
+        let params = serde_json::json!({
+            "filters": [ { "gopher_quality": {} }, { "gopher_repetition": {} } ],
+            "dedup": { "exact": true, "minhash": {} }
+        });
+        let out = dir.path().join("out");
+        let stats = run(params, &input, &out).unwrap();
+        assert_eq!(stats["documents_in"], 8);
+        assert_eq!(stats["dropped"]["gopher_quality.min_words"], 1);
+        assert_eq!(
+            stats["exact_duplicates"], 2,
+            "the padded copy in train, the copy in validation: {stats:#}"
+        );
+        let kept: Vec<String> = output(&out, "train").into_iter().map(|r| r.id).collect();
+        assert!(kept.contains(&"d0".to_string()) && !kept.contains(&"d3".to_string()));
+        assert_eq!(output(&out, "validation").len(), 1);
+        assert_eq!(stats["samples"]["gopher_quality.min_words"][0]["id"], "d1");
+    }
+
+    #[test]
+    fn output_does_not_depend_on_the_thread_count() {
+        let dir = tempfile::tempdir().unwrap();
+        let input = dir.path().join("in");
+        std::fs::create_dir(&input).unwrap();
+        let train: Vec<Record> = (0..300).map(|i| doc(i, &prose(i % 40))).collect();
+        write_corpus(&input, &train, &[]);
+        let params = serde_json::json!({ "filters": [ { "gopher_repetition": {} } ], "dedup": { "minhash": { "threshold": 0.7 } } });
+        let mut outputs = Vec::new();
+        for threads in [1, 2] {
+            let out = dir.path().join(format!("out{threads}"));
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| run(params.clone(), &input, &out)).unwrap();
+            let bytes: Vec<Vec<u8>> = shards(&out, "train")
+                .unwrap()
+                .iter()
+                .map(|s| std::fs::read(s).unwrap())
+                .collect();
+            outputs.push(bytes);
+        }
+        assert_eq!(outputs[0], outputs[1]);
+        assert!(!outputs[0].is_empty());
+    }
+
+    #[test]
+    fn structured_records_are_normalised_but_not_filtered_by_default() {
+        let dir = tempfile::tempdir().unwrap();
+        let input = dir.path().join("in");
+        std::fs::create_dir(&input).unwrap();
+        let chat = Record::chat(
+            "c".into(),
+            vec![
+                Message {
+                    role: "user".into(),
+                    content: "What is  2+2?".into(),
+                },
+                Message {
+                    role: "assistant".into(),
+                    content: "4".into(),
+                },
+            ],
+            "t",
+        );
+        write_corpus(&input, &[chat, doc(1, &prose(1))], &[]);
+        let params = serde_json::json!({ "filters": [ { "gopher_quality": {} } ] });
+        let out = dir.path().join("out");
+        run(params.clone(), &input, &out).unwrap();
+        let kept = output(&out, "train");
+        assert_eq!(
+            kept[0].messages.as_ref().unwrap()[0].content,
+            "What is 2+2?"
+        );
+        let strict = serde_json::json!({ "filters": [ { "gopher_quality": {} } ], "filter_structured": true });
+        let stats = run(strict, &input, &out).unwrap();
+        assert_eq!(stats["dropped"]["gopher_quality.min_words"], 1);
+    }
+
+    #[test]
+    fn dropping_everything_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let input = dir.path().join("in");
+        std::fs::create_dir(&input).unwrap();
+        write_corpus(&input, &[doc(0, "short")], &[]);
+        let err = run(
+            serde_json::json!({ "filters": [ { "gopher_quality": {} } ] }),
+            &input,
+            &dir.path().join("out"),
+        )
+        .unwrap_err();
+        assert!(err.contains("no documents left"), "{err}");
+    }
+}
