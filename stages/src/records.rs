@@ -111,15 +111,20 @@ impl ShardWriter {
     }
 
     pub fn write(&mut self, record: &Record) -> io::Result<()> {
+        self.write_json(&serde_json::to_string(record)?, record.text.len())
+    }
+
+    /// Writes a record already serialised (by a parallel worker) as one JSON line.
+    pub fn write_json(&mut self, json: &str, text_bytes: usize) -> io::Result<()> {
         if self.file.is_none() || self.in_shard == self.max_documents {
             self.next_shard()?;
         }
         let file = self.file.as_mut().expect("a shard is open");
-        serde_json::to_writer(&mut *file, record)?;
+        file.write_all(json.as_bytes())?;
         file.write_all(b"\n")?;
         self.in_shard += 1;
         self.summary.documents += 1;
-        self.summary.text_bytes += record.text.len() as u64;
+        self.summary.text_bytes += text_bytes as u64;
         Ok(())
     }
 

@@ -170,6 +170,16 @@ pub fn optimal_bands(threshold: f64, permutations: usize) -> (usize, usize) {
         .unwrap_or((1, 1))
 }
 
+/// The hash exact dedup compares (computed by the parallel workers).
+#[derive(Clone, Copy, Debug)]
+pub struct ExactHash(u128);
+
+impl ExactHash {
+    pub fn of(text: &str) -> Self {
+        ExactHash(xxhash_rust::xxh3::xxh3_128(text.as_bytes()))
+    }
+}
+
 /// Why a document is a duplicate.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Duplicate {
@@ -209,10 +219,13 @@ impl Index {
     }
 
     /// Admits a document (in corpus order) unless it duplicates an admitted one.
-    pub fn admit(&mut self, text: &str, signature: Option<&Signature>) -> Result<(), Duplicate> {
+    pub fn admit(
+        &mut self,
+        exact: ExactHash,
+        signature: Option<&Signature>,
+    ) -> Result<(), Duplicate> {
         if let Some(seen) = &mut self.exact {
-            let hash = xxhash_rust::xxh3::xxh3_128(text.as_bytes());
-            if !seen.insert(hash) {
+            if !seen.insert(exact.0) {
                 return Err(Duplicate::Exact);
             }
         }
@@ -276,7 +289,7 @@ mod tests {
         let originals: Vec<String> = (0..200).map(|i| text(i, 100)).collect();
         for t in &originals {
             assert_eq!(
-                index.admit(t, Some(&hasher.signature(t))),
+                index.admit(ExactHash::of(t), Some(&hasher.signature(t))),
                 Ok(()),
                 "distinct texts are kept"
             );
@@ -284,7 +297,9 @@ mod tests {
         let mut caught = 0;
         for (i, t) in originals.iter().enumerate() {
             let copy = edited(t, 2, i as u64);
-            if index.admit(&copy, Some(&hasher.signature(&copy))) == Err(Duplicate::Near) {
+            if index.admit(ExactHash::of(&copy), Some(&hasher.signature(&copy)))
+                == Err(Duplicate::Near)
+            {
                 caught += 1;
             }
         }
@@ -292,7 +307,10 @@ mod tests {
             caught >= 175,
             "caught {caught} of 200 copies with 2 words changed in 100"
         );
-        assert_eq!(index.admit(&originals[3], None), Err(Duplicate::Exact));
+        assert_eq!(
+            index.admit(ExactHash::of(&originals[3]), None),
+            Err(Duplicate::Exact)
+        );
     }
 
     #[test]

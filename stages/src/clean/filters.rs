@@ -7,7 +7,7 @@ use std::sync::LazyLock;
 use regex::Regex;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
-use unicode_normalization::UnicodeNormalization;
+use unicode_normalization::{is_nfc_quick, is_nfkc_quick, IsNormalized, UnicodeNormalization};
 
 use super::gopher::{self, QualityThresholds, RepetitionThresholds};
 
@@ -34,52 +34,78 @@ static HTML_TAG: LazyLock<Regex> =
 impl Normalization {
     /// HTML tags out (if asked), Unicode normal form, control characters out, runs of spaces
     /// collapsed, lines trimmed, at most one blank line in a row, lowercase (if asked).
-    pub fn apply(&self, text: &str) -> String {
-        let text = if self.strip_html {
-            strip_html(text)
-        } else {
-            text.to_string()
-        };
-        let text: String = match self.unicode {
-            Unicode::None => text,
-            Unicode::Nfc => text.nfc().collect(),
-            Unicode::Nfkc => text.nfkc().collect(),
-        };
-        let mut out = String::with_capacity(text.len());
-        let mut blank_lines = 0;
-        for line in text.lines() {
-            let line = clean_line(line);
-            if line.is_empty() {
-                blank_lines += 1;
-                continue;
+    #[cfg(test)]
+    fn apply(&self, text: &str) -> String {
+        self.rewrite(text).unwrap_or_else(|| text.to_string())
+    }
+
+    /// The normalised text, or `None` when it would be unchanged (most text already is: quick
+    /// checks skip the rewrites without allocating).
+    pub fn rewrite(&self, text: &str) -> Option<String> {
+        let html = self.strip_html.then(|| strip_html(text));
+        let text = html.as_deref().unwrap_or(text);
+        let unicode = match self.unicode {
+            Unicode::Nfc if is_nfc_quick(text.chars()) != IsNormalized::Yes => {
+                Some(text.nfc().collect::<String>())
             }
-            if !out.is_empty() {
-                out.push_str(if blank_lines > 0 { "\n\n" } else { "\n" });
+            Unicode::Nfkc if is_nfkc_quick(text.chars()) != IsNormalized::Yes => {
+                Some(text.nfkc().collect())
             }
-            blank_lines = 0;
-            out.push_str(&line);
-        }
-        if self.lowercase {
-            out = out.to_lowercase();
-        }
-        out
+            _ => None,
+        };
+        let text = unicode.as_deref().unwrap_or(text);
+        let tidy = (!is_tidy_ascii(text)).then(|| tidy_whitespace(text));
+        let text = tidy.as_deref().unwrap_or(text);
+        let lower =
+            (self.lowercase && text.chars().any(char::is_uppercase)).then(|| text.to_lowercase());
+        let changed = html.is_some() || unicode.is_some() || tidy.is_some() || lower.is_some();
+        changed.then(|| {
+            lower
+                .or(tidy)
+                .or(unicode)
+                .or(html)
+                .expect("something changed")
+        })
     }
 }
 
-/// Control characters dropped, any run of whitespace made one space, ends trimmed.
-fn clean_line(line: &str) -> String {
-    let mut out = String::with_capacity(line.len());
-    let mut space = false;
-    for c in line.chars() {
-        if c.is_whitespace() {
-            space = !out.is_empty();
-        } else if !c.is_control() && c != '\u{feff}' {
-            if space {
-                out.push(' ');
-                space = false;
+/// Whether ASCII text is already what [`tidy_whitespace`] would make of it (the common case,
+/// checked without allocating).
+fn is_tidy_ascii(text: &str) -> bool {
+    let bytes = text.as_bytes();
+    let ends_ok = !bytes.first().is_some_and(|b| b.is_ascii_whitespace())
+        && !bytes.last().is_some_and(|b| b.is_ascii_whitespace());
+    ends_ok
+        && bytes
+            .iter()
+            .all(|&b| b.is_ascii() && (b >= 0x20 || b == b'\n') && b != 0x7f)
+        && !bytes
+            .windows(2)
+            .any(|w| matches!(w, [b' ', b' '] | [b' ', b'\n'] | [b'\n', b' ']))
+        && !bytes.windows(3).any(|w| w == b"\n\n\n")
+}
+
+/// Control characters dropped, runs of whitespace inside a line made one space, lines trimmed,
+/// blank lines between paragraphs kept as one, none at the ends. One pass, one allocation.
+fn tidy_whitespace(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut blank_lines = 0;
+    for line in text.lines() {
+        let (mut wrote, mut space) = (false, false);
+        for c in line.chars() {
+            if c.is_whitespace() {
+                space = wrote;
+            } else if !c.is_control() && c != '\u{feff}' {
+                if !wrote && !out.is_empty() {
+                    out.push_str(if blank_lines > 0 { "\n\n" } else { "\n" });
+                } else if space {
+                    out.push(' ');
+                }
+                (wrote, space) = (true, false);
+                out.push(c);
             }
-            out.push(c);
         }
+        blank_lines = if wrote { 0 } else { blank_lines + 1 };
     }
     out
 }
@@ -400,6 +426,32 @@ mod tests {
             strip_html: false,
         };
         assert_eq!(plain.apply("e\u{0301} <b>"), "é <b>");
+    }
+
+    #[test]
+    fn the_fast_path_agrees_with_the_full_tidy() {
+        for text in [
+            "plain text\nnext line\n\npara",
+            "a  b",
+            " lead",
+            "trail ",
+            "a \nb",
+            "a\n\n\nb",
+            "tab\there",
+            "x\x7fy",
+            "é",
+        ] {
+            // The fast check may say "unsure" (non-ASCII) but never "tidy" wrongly.
+            let tidy = tidy_whitespace(text) == text;
+            assert!(
+                if text.is_ascii() {
+                    is_tidy_ascii(text) == tidy
+                } else {
+                    !is_tidy_ascii(text)
+                },
+                "{text:?}"
+            );
+        }
     }
 
     #[test]

@@ -5,6 +5,8 @@
 
 use std::collections::{HashMap, HashSet};
 
+use nohash_hasher::BuildNoHashHasher;
+
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -163,14 +165,22 @@ pub struct RepetitionScores {
     pub duplicate_ngram_chars: [f64; 6],
 }
 
+/// Sets and maps keyed by hashes that are already well mixed.
+type U64Set = HashSet<u64, BuildNoHashHasher<u64>>;
+type U64Map<V> = HashMap<u64, V, BuildNoHashHasher<u64>>;
+
+fn hash(s: &str) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(s.as_bytes())
+}
+
 /// Fraction of pieces that repeat an earlier one, and the fraction of characters they hold.
 fn duplicate_fractions<'a>(pieces: impl Iterator<Item = &'a str>) -> (f64, f64) {
-    let mut seen = HashSet::new();
+    let mut seen = U64Set::default();
     let (mut total, mut dups, mut chars, mut dup_chars) = (0usize, 0usize, 0usize, 0usize);
     for piece in pieces {
         total += 1;
         chars += piece.len();
-        if !seen.insert(piece) {
+        if !seen.insert(hash(piece)) {
             dups += 1;
             dup_chars += piece.len();
         }
@@ -187,14 +197,16 @@ pub fn repetition_scores(text: &str) -> RepetitionScores {
     let lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
     let (duplicate_lines, duplicate_line_chars) = duplicate_fractions(lines);
     let words: Vec<&str> = words(text).collect();
-    let chars = words.iter().map(|w| w.len()).sum::<usize>().max(1) as f64;
+    let hashes: Vec<u64> = words.iter().map(|w| hash(w)).collect();
+    let lengths: Vec<usize> = words.iter().map(|w| w.len()).collect();
+    let chars = lengths.iter().sum::<usize>().max(1) as f64;
     let mut top_ngram_chars = [0.0; 3];
     for (i, n) in (2..=4).enumerate() {
-        top_ngram_chars[i] = top_ngram_fraction(&words, n, chars);
+        top_ngram_chars[i] = top_ngram_fraction(&hashes, &lengths, n, chars);
     }
     let mut duplicate_ngram_chars = [0.0; 6];
     for (i, n) in (5..=10).enumerate() {
-        duplicate_ngram_chars[i] = duplicate_ngram_fraction(&words, n, chars);
+        duplicate_ngram_chars[i] = duplicate_ngram_fraction(&hashes, &lengths, n, chars);
     }
     RepetitionScores {
         duplicate_lines,
@@ -206,40 +218,50 @@ pub fn repetition_scores(text: &str) -> RepetitionScores {
     }
 }
 
-/// Characters covered by the most frequent n-gram (counted once per occurrence).
-fn top_ngram_fraction(words: &[&str], n: usize, chars: f64) -> f64 {
-    if words.len() < n {
+/// Hash of each run of `n` words, from the words' hashes.
+fn ngram_hashes(hashes: &[u64], n: usize) -> impl Iterator<Item = u64> + '_ {
+    hashes.windows(n).map(|w| {
+        w.iter().fold(0u64, |h, &x| {
+            h.rotate_left(5).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ x
+        })
+    })
+}
+
+/// Characters covered by the most frequent repeated n-gram (counted once per occurrence).
+fn top_ngram_fraction(hashes: &[u64], lengths: &[usize], n: usize, chars: f64) -> f64 {
+    if hashes.len() < n {
         return 0.0;
     }
-    let mut counts: HashMap<&[&str], usize> = HashMap::new();
-    for gram in words.windows(n) {
-        *counts.entry(gram).or_default() += 1;
+    // n-gram → (occurrences, first position)
+    let mut counts: U64Map<(usize, usize)> = U64Map::default();
+    for (i, h) in ngram_hashes(hashes, n).enumerate() {
+        counts.entry(h).or_insert((0, i)).0 += 1;
     }
     let top = counts
-        .iter()
-        .filter(|(_, &c)| c > 1)
-        .max_by(|a, b| a.1.cmp(b.1).then_with(|| b.0.cmp(a.0)))
-        .map(|(gram, &count)| gram.iter().map(|w| w.len()).sum::<usize>() * count);
+        .values()
+        .filter(|(count, _)| *count > 1)
+        .max_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)))
+        .map(|&(count, first)| lengths[first..first + n].iter().sum::<usize>() * count);
     top.unwrap_or(0) as f64 / chars
 }
 
 /// Characters of words inside n-grams that occurred before (each word counted once).
-fn duplicate_ngram_fraction(words: &[&str], n: usize, chars: f64) -> f64 {
-    if words.len() < n {
+fn duplicate_ngram_fraction(hashes: &[u64], lengths: &[usize], n: usize, chars: f64) -> f64 {
+    if hashes.len() < n {
         return 0.0;
     }
-    let mut seen = HashSet::new();
-    let mut covered = vec![false; words.len()];
-    for (i, gram) in words.windows(n).enumerate() {
-        if !seen.insert(gram) {
+    let mut seen = U64Set::default();
+    let mut covered = vec![false; hashes.len()];
+    for (i, h) in ngram_hashes(hashes, n).enumerate() {
+        if !seen.insert(h) {
             covered[i..i + n].iter_mut().for_each(|c| *c = true);
         }
     }
-    let dup: usize = words
+    let dup: usize = lengths
         .iter()
         .zip(&covered)
         .filter(|(_, &c)| c)
-        .map(|(w, _)| w.len())
+        .map(|(l, _)| l)
         .sum();
     dup as f64 / chars
 }

@@ -71,6 +71,9 @@ fn default_shard_documents() -> u64 {
     100_000
 }
 
+/// Kept documents of a chunk, as (JSON line, text bytes), on their way to the shard writer.
+type Batch = Vec<(String, usize)>;
+
 /// A dropped document shown in stats.json.
 #[derive(Debug, Serialize)]
 struct Sample {
@@ -108,8 +111,39 @@ impl Stats {
 
 /// One document after the parallel part.
 enum Processed {
-    Kept(Record, Option<dedup::Signature>, bool),
+    Kept(Kept),
     Dropped(Record, &'static str),
+}
+
+/// A document that passed the filters, ready for dedup and writing.
+struct Kept {
+    record: Record,
+    /// The record as its output JSON line.
+    json: String,
+    exact: dedup::ExactHash,
+    signature: Option<dedup::Signature>,
+    /// Structured records skip dedup unless `filter_structured`.
+    dedupable: bool,
+}
+
+impl Kept {
+    fn new(
+        record: Record,
+        json: Option<String>,
+        signature: Option<dedup::Signature>,
+        dedupable: bool,
+    ) -> Self {
+        let json =
+            json.unwrap_or_else(|| serde_json::to_string(&record).expect("records serialise"));
+        let exact = dedup::ExactHash::of(&record.text);
+        Kept {
+            record,
+            json,
+            exact,
+            signature,
+            dedupable,
+        }
+    }
 }
 
 impl Stage for Clean {
@@ -148,12 +182,33 @@ impl Stage for Clean {
             filters,
         };
         for split in ["train", "validation"] {
-            let mut writer = ShardWriter::new(&ctx.out_dir, split, params.shard_documents);
-            for shard in shards(input, split)? {
-                cleaner.clean_shard(&shard, &mut index, &mut writer, &mut stats)?;
-                ctx.report(stats.documents_in, None, "documents");
-            }
-            let summary = writer.finish()?;
+            // Shards are written by their own thread while the next chunk is cleaned.
+            let summary = std::thread::scope(|scope| -> Result<SplitSummary, String> {
+                let (sink, batches) = std::sync::mpsc::sync_channel::<Batch>(2);
+                let mut writer = ShardWriter::new(&ctx.out_dir, split, params.shard_documents);
+                let writing = scope.spawn(move || -> std::io::Result<SplitSummary> {
+                    for batch in batches {
+                        for (json, text_bytes) in batch {
+                            writer.write_json(&json, text_bytes)?;
+                        }
+                    }
+                    writer.finish()
+                });
+                let mut cleaned = Ok(());
+                for shard in shards(input, split)? {
+                    cleaned = cleaner.clean_shard(&shard, &mut index, &sink, &mut stats);
+                    if cleaned.is_err() {
+                        break;
+                    }
+                    ctx.report(stats.documents_in, None, "documents");
+                }
+                drop(sink);
+                let written = writing
+                    .join()
+                    .map_err(|_| "the shard writer failed".to_string())?;
+                let summary = written.map_err(|e| format!("writing shards: {e}"))?;
+                cleaned.map(|()| summary)
+            })?;
             stats.documents_out += summary.documents;
             if split == "train" {
                 stats.train = summary
@@ -211,7 +266,7 @@ impl Cleaner<'_> {
         &self,
         shard: &Path,
         index: &mut dedup::Index,
-        writer: &mut ShardWriter,
+        sink: &std::sync::mpsc::SyncSender<Batch>,
         stats: &mut Stats,
     ) -> Result<(), String> {
         let name = shard
@@ -219,36 +274,64 @@ impl Cleaner<'_> {
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
         let file = File::open(shard).map_err(|e| format!("{name}: {e}"))?;
-        let mut lines = BufReader::new(file).lines().enumerate();
-        loop {
+        let mut lines = BufReader::new(file).lines();
+        let mut number = 0;
+        let mut read_chunk = || -> Result<Vec<(usize, String)>, String> {
             let mut chunk = Vec::with_capacity(CHUNK);
-            for (number, line) in lines.by_ref().take(CHUNK) {
-                let line = line.map_err(|e| format!("{name}:{}: {e}", number + 1))?;
-                let record: Record = serde_json::from_str(&line)
-                    .map_err(|e| format!("{name}:{}: not a record: {e}", number + 1))?;
-                chunk.push(record);
+            for line in lines.by_ref().take(CHUNK) {
+                number += 1;
+                chunk.push((number, line.map_err(|e| format!("{name}:{number}: {e}"))?));
             }
-            if chunk.is_empty() {
-                return Ok(());
-            }
+            Ok(chunk)
+        };
+        let mut next = read_chunk()?;
+        while !next.is_empty() {
+            let chunk = std::mem::take(&mut next);
             stats.documents_in += chunk.len() as u64;
             let hasher = index.hasher();
-            let processed: Vec<Processed> = chunk
-                .into_par_iter()
-                .map(|r| self.process(r, hasher))
-                .collect();
+            // Read the next chunk while this one is processed.
+            let (processed, read) = rayon::join(
+                || {
+                    chunk
+                        .into_par_iter()
+                        .map(|(number, line)| {
+                            let record: Record = serde_json::from_str(&line)
+                                .map_err(|e| format!("{name}:{number}: not a record: {e}"))?;
+                            Ok(self.process(record, line, hasher))
+                        })
+                        .collect::<Vec<Result<Processed, String>>>()
+                },
+                &mut read_chunk,
+            );
+            next = read?;
+            let mut batch = Batch::with_capacity(processed.len());
             for item in processed {
-                self.admit(item, index, writer, stats)?;
+                batch.extend(self.admit(item?, index, stats));
             }
+            sink.send(batch)
+                .map_err(|_| "the shard writer stopped".to_string())?;
         }
+        Ok(())
     }
 
     /// The parallel part: normalise, filter, sign.
-    fn process(&self, mut record: Record, hasher: Option<&dedup::MinHasher>) -> Processed {
+    /// `line` is the record's input JSON: written back as it is when cleaning changed nothing
+    /// (shards are always written by smelt's serialiser, so the bytes would be the same).
+    fn process(
+        &self,
+        mut record: Record,
+        line: String,
+        hasher: Option<&dedup::MinHasher>,
+    ) -> Processed {
         let structured = record.messages.is_some() || record.prompt.is_some();
-        self.normalize_fields(&mut record);
+        let normalized = self.normalize_fields(&mut record);
+        let original_text = (!self.filters.is_empty()).then(|| record.text.clone());
+        let unchanged = |r: &Record| {
+            (!normalized && original_text.as_ref().is_none_or(|t| *t == r.text)).then_some(line)
+        };
         if structured && !self.params.filter_structured {
-            return Processed::Kept(record, None, false);
+            let json = unchanged(&record);
+            return Processed::Kept(Kept::new(record, json, None, false));
         }
         let mut text = std::mem::take(&mut record.text);
         for filter in &self.filters {
@@ -265,42 +348,58 @@ impl Cleaner<'_> {
             return Processed::Dropped(record, "empty");
         }
         let signature = hasher.map(|h| h.signature(&record.text));
-        Processed::Kept(record, signature, true)
+        let json = unchanged(&record);
+        Processed::Kept(Kept::new(record, json, signature, true))
     }
 
-    fn normalize_fields(&self, record: &mut Record) {
+    /// Normalises every text field; says whether anything changed.
+    fn normalize_fields(&self, record: &mut Record) -> bool {
         let n = &self.normalization;
-        record.text = n.apply(&record.text);
+        let mut changed = false;
+        let mut fix = |value: &mut String| {
+            if let Some(new) = n.rewrite(value) {
+                *value = new;
+                changed = true;
+            }
+        };
+        fix(&mut record.text);
         for message in record.messages.iter_mut().flatten() {
-            message.content = n.apply(&message.content);
+            fix(&mut message.content);
         }
         for value in [&mut record.prompt, &mut record.chosen, &mut record.rejected]
             .into_iter()
             .flatten()
         {
-            *value = n.apply(value);
+            fix(value);
         }
+        changed
     }
 
     /// The sequential part, in corpus order: dedup, then write.
+    /// Returns the JSON line to write, if the document is kept.
     fn admit(
         &self,
         item: Processed,
         index: &mut dedup::Index,
-        writer: &mut ShardWriter,
         stats: &mut Stats,
-    ) -> Result<(), String> {
+    ) -> Option<(String, usize)> {
         let samples = self.params.samples_per_reason;
         match item {
             Processed::Dropped(record, reason) => stats.drop(reason, &record, samples),
-            Processed::Kept(record, signature, dedupable) => {
+            Processed::Kept(Kept {
+                record,
+                json,
+                exact,
+                signature,
+                dedupable,
+            }) => {
                 let verdict = if dedupable {
-                    index.admit(&record.text, signature.as_ref())
+                    index.admit(exact, signature.as_ref())
                 } else {
                     Ok(())
                 };
                 match verdict {
-                    Ok(()) => writer.write(&record).map_err(|e| format!("writing: {e}"))?,
+                    Ok(()) => return Some((json, record.text.len())),
                     Err(dedup::Duplicate::Exact) => {
                         stats.exact_duplicates += 1;
                         stats.drop("dedup.exact", &record, samples);
@@ -312,7 +411,7 @@ impl Cleaner<'_> {
                 }
             }
         }
-        Ok(())
+        None
     }
 }
 

@@ -315,7 +315,11 @@ impl Reader<'_> {
         let object = value
             .as_object()
             .ok_or_else(|| format!("{at}: expected a JSON object"))?;
-        let id = at.to_string();
+        // A record's own string `id` is kept; otherwise it is named by its file and line.
+        let id = object
+            .get("id")
+            .and_then(|v| v.as_str())
+            .map_or_else(|| at.to_string(), str::to_string);
         if let Some(messages) = object.get("messages") {
             let messages: Vec<Message> = serde_json::from_value(messages.clone()).map_err(|e| {
                 format!("{at}: `messages` must be a list of {{role, content}}: {e}")
@@ -437,7 +441,15 @@ mod tests {
         let body = b"{\"text\": \"hello\"}\n\n{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}]}\n{\"prompt\": \"p\", \"chosen\": \"c\", \"rejected\": \"r\"}\n";
         let (r, _) = read("d.jsonl", body, &options(SplitOn::File)).unwrap();
         assert_eq!(texts(&r), ["hello", "user: hi", "p"]);
+        assert_eq!(r[1].id, "d.jsonl:3");
         assert_eq!(r[2].chosen.as_deref(), Some("c"));
+        let (own, _) = read(
+            "d.jsonl",
+            b"{\"id\": \"doc-7\", \"text\": \"x\"}\n",
+            &options(SplitOn::File),
+        )
+        .unwrap();
+        assert_eq!(own[0].id, "doc-7", "a record's own id is kept");
         let err = read(
             "d.jsonl",
             b"{\"text\": \"ok\"}\nnot json\n",
