@@ -324,6 +324,7 @@ impl Executor<'_> {
             threads: rayon::current_num_threads(),
             progress: self.progress.clone(),
             key_lock_fd: std::os::fd::AsRawFd::as_raw_fd(lock),
+            memo_dir: self.store.memo_dir(),
         };
         let started = Instant::now();
         let ran = catch_unwind(AssertUnwindSafe(|| kind.run(&spec.params, &ctx)));

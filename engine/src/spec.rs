@@ -112,7 +112,7 @@ pub fn apply_overrides(root: &mut Node, overrides: &[Override]) -> Result<(), St
     Ok(())
 }
 
-/// Sets `path` to `value`, creating mappings on the way. The new node takes the span of what it
+/// Sets `path` to `value`, creating mappings on the way (list items must exist). The new node takes the span of what it
 /// replaces (or of its parent) so that later diagnostics still point somewhere sensible.
 fn set_path(node: &mut Node, path: &[String], value: Value) -> Result<(), String> {
     let Some((first, rest)) = path.split_first() else {
@@ -123,6 +123,14 @@ fn set_path(node: &mut Node, path: &[String], value: Value) -> Result<(), String
         node.value = Value::Map(Vec::new());
     }
     let span = node.span;
+    // A list item is addressed by its index: `filters.0.gopher_quality.min_words`.
+    if let Value::Seq(items) = &mut node.value {
+        let item = first.parse::<usize>().ok().and_then(|i| items.get_mut(i));
+        let Some(item) = item else {
+            return Err(first.clone());
+        };
+        return set_path(item, rest, value).map_err(|at| format!("{first}.{at}"));
+    }
     let Value::Map(entries) = &mut node.value else {
         return Err(first.clone());
     };
@@ -175,6 +183,14 @@ mod tests {
             root.get("vars").unwrap().get("seed").unwrap().value,
             Value::Int(8)
         );
+        let (mut listed, _) =
+            yaml::parse("stages:\n  a:\n    with: { f: [ { q: { n: 1 } } ] }\n").unwrap();
+        apply_overrides(&mut listed, &[set("stages.a.with.f.0.q.n=5")]).unwrap();
+        let n = listed
+            .lookup(&["stages", "a", "with", "f", "0", "q", "n"].map(String::from))
+            .unwrap();
+        assert_eq!(n.value, Value::Int(5));
+        assert!(apply_overrides(&mut listed, &[set("stages.a.with.f.3.q=1")]).is_err());
         let err = apply_overrides(&mut root, &[set("stages.b.with.x=1")]).unwrap_err();
         assert!(err.contains("no stage `b`"), "{err}");
     }

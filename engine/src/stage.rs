@@ -73,6 +73,8 @@ pub struct StageContext {
     /// them lives, so a rerun after smelt is killed waits for orphans instead of resuming from
     /// a work dir they are still writing.
     pub key_lock_fd: std::os::fd::RawFd,
+    /// Where [`StageContext::memo_file`] keeps its files.
+    pub memo_dir: PathBuf,
 }
 
 impl StageContext {
@@ -82,6 +84,18 @@ impl StageContext {
             .get(port)
             .and_then(|dirs| dirs.first())
             .map(PathBuf::as_path)
+    }
+
+    /// A file for an intermediate result that depends on only part of what the stage key
+    /// covers (per-document scores that do not depend on thresholds), named by a hash of `key`:
+    /// a later run with the same `key` finds it. The stage must put in `key` everything the
+    /// content depends on (input artifacts, its version, the params that matter), and must
+    /// write the file atomically (a temp file renamed into place). gc deletes memos.
+    pub fn memo_file(&self, key: &serde_json::Value) -> PathBuf {
+        let mut canonical = String::new();
+        crate::key::write_canonical(key, &mut canonical);
+        self.memo_dir
+            .join(blake3::hash(canonical.as_bytes()).to_hex().as_str())
     }
 
     pub fn report(&self, done: u64, total: Option<u64>, message: &str) {

@@ -9,6 +9,7 @@
 //!   locks/<key>.lock        flock held while a key is being built (file-*.lock: file updates)
 //!   tmp/<key>.<pid>.<n>/    outputs being written; renamed into artifacts/ when complete
 //!   work/<key>/             checkpoints of a stage key; survives failures, removed on success
+//!   memo/<hash>             intermediates a stage keys on part of its inputs (see `StageContext::memo_file`)
 //!   statcache/<path hash>   stat → hash cache of each external dependency
 //!   lockfiles               pipeline lockfiles that use this store (gc keeps what they name)
 //! ```
@@ -115,7 +116,7 @@ impl Store {
     }
 
     fn open_with(root: &Path, exclusive: bool) -> io::Result<Store> {
-        for dir in ["artifacts", "records", "locks", "tmp", "work"] {
+        for dir in ["artifacts", "records", "locks", "tmp", "work", "memo"] {
             fs::create_dir_all(root.join(dir))?;
         }
         let lock = File::options()
@@ -152,6 +153,10 @@ impl Store {
 
     pub fn stat_cache_dir(&self) -> PathBuf {
         self.root.join("statcache")
+    }
+
+    pub fn memo_dir(&self) -> PathBuf {
+        self.root.join("memo")
     }
 
     pub fn work_dir(&self, key: &StageKey) -> PathBuf {
@@ -331,7 +336,8 @@ impl Store {
     }
 
     /// What gc would delete: artifacts no registered lockfile names, the records pointing at
-    /// them, leftover temp directories and lock files. Call on an exclusively opened store.
+    /// them, leftover temp directories, lock files and memos (rebuilt when needed). Call on an
+    /// exclusively opened store.
     ///
     /// A registered lockfile that no longer exists protects nothing; one that exists but cannot
     /// be read is an error (a merge conflict in it must not cost its artifacts). Work dirs hold
@@ -377,9 +383,9 @@ impl Store {
             }
         }
         let dirs: &[&str] = if include_work {
-            &["tmp", "work", "locks"]
+            &["tmp", "work", "locks", "memo"]
         } else {
-            &["tmp", "locks"]
+            &["tmp", "locks", "memo"]
         };
         for dir in dirs {
             for entry in fs::read_dir(self.root.join(dir))?.flatten() {

@@ -160,6 +160,7 @@ mod tests {
             key_lock_fd: std::os::fd::IntoRawFd::into_raw_fd(
                 std::fs::File::create(dir.join("lock")).unwrap(),
             ),
+            memo_dir: dir.join("memo"),
         }
     }
 

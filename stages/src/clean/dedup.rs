@@ -96,9 +96,19 @@ impl MinHasher {
         })
     }
 
-    /// The signature of a text: per hash function, the minimum over its shingles.
+    /// The signature of a text: per hash function, the minimum over its shingles. Words are
+    /// compared lowercased and without punctuation, so `Lord,` and `lord` are the same word.
     pub fn signature(&self, text: &str) -> Signature {
-        let words: Vec<String> = text.split_whitespace().map(str::to_lowercase).collect();
+        let words: Vec<String> = text
+            .split_whitespace()
+            .map(|w| {
+                w.chars()
+                    .filter(|c| c.is_alphanumeric())
+                    .flat_map(char::to_lowercase)
+                    .collect::<String>()
+            })
+            .filter(|w| !w.is_empty())
+            .collect();
         let mut shingles: Vec<u64> = if words.len() < self.shingle {
             vec![xxhash_rust::xxh3::xxh3_64(words.join(" ").as_bytes())]
         } else {

@@ -293,31 +293,62 @@ impl Filter {
 pub type Verdict = Result<String, (&'static str, String)>;
 
 impl Prepared {
+    /// Scoring filters measure a document, then judge the scores against thresholds; their
+    /// scores can be kept and judged again under other thresholds. The others rewrite or judge
+    /// text directly, and their decisions depend only on their params.
+    pub fn is_scoring(&self) -> bool {
+        matches!(
+            self,
+            Prepared::Length(_)
+                | Prepared::GopherQuality(_)
+                | Prepared::GopherRepetition(_)
+                | Prepared::Language(..)
+        )
+    }
+
+    /// What a scoring filter measures (`None` for the others).
+    pub fn measure(&self, text: &str) -> Option<Scores> {
+        Some(match self {
+            Prepared::Length(_) => Scores::Length {
+                words: text.split_whitespace().count() as u64,
+                chars: text.chars().count() as u64,
+            },
+            Prepared::GopherQuality(_) => Scores::Quality(gopher::quality_scores(text)),
+            Prepared::GopherRepetition(_) => Scores::Repetition(gopher::repetition_scores(text)),
+            Prepared::Language(..) => match whatlang::detect(text) {
+                Some(info) => Scores::Language {
+                    code: info.lang().code().to_string(),
+                    confidence: info.confidence(),
+                },
+                None => Scores::Language {
+                    code: String::new(),
+                    confidence: 0.0,
+                },
+            },
+            _ => return None,
+        })
+    }
+
+    /// A scoring filter's verdict on scores it measured.
+    pub fn judge(&self, scores: &Scores) -> Option<&'static str> {
+        match (self, scores) {
+            (Prepared::Length(f), Scores::Length { words, chars }) => length(f, *words, *chars),
+            (Prepared::GopherQuality(t), Scores::Quality(s)) => gopher::quality_verdict(s, t),
+            (Prepared::GopherRepetition(t), Scores::Repetition(s)) => {
+                gopher::repetition_verdict(s, t)
+            }
+            (Prepared::Language(langs, threshold), Scores::Language { code, confidence }) => {
+                let known = whatlang::Lang::from_code(code).is_some_and(|l| langs.contains(&l));
+                (!(known && confidence >= threshold)).then_some("language")
+            }
+            _ => Some("scores of another filter"),
+        }
+    }
+
+    /// Applies a filter that is not a scoring one.
     pub fn apply(&self, text: String) -> Verdict {
         match self {
-            Prepared::Length(f) => match length(f, &text) {
-                None => Ok(text),
-                Some(reason) => Err((reason, text)),
-            },
-            Prepared::GopherQuality(t) => {
-                match gopher::quality_verdict(&gopher::quality_scores(&text), t) {
-                    None => Ok(text),
-                    Some(reason) => Err((reason, text)),
-                }
-            }
-            Prepared::GopherRepetition(t) => {
-                match gopher::repetition_verdict(&gopher::repetition_scores(&text), t) {
-                    None => Ok(text),
-                    Some(reason) => Err((reason, text)),
-                }
-            }
             Prepared::C4(f) => c4(f, &text).map_err(|reason| (reason, text)),
-            Prepared::Language(langs, threshold) => match whatlang::detect(&text) {
-                Some(info) if langs.contains(&info.lang()) && info.confidence() >= *threshold => {
-                    Ok(text)
-                }
-                _ => Err(("language", text)),
-            },
             Prepared::Pii(f) => {
                 let mut text = text;
                 if f.emails {
@@ -337,13 +368,24 @@ impl Prepared {
                 (false, RegexAction::Keep) => Err(("regex.keep", text)),
                 _ => Ok(text),
             },
+            scoring => match scoring.measure(&text).and_then(|s| scoring.judge(&s)) {
+                None => Ok(text),
+                Some(reason) => Err((reason, text)),
+            },
         }
     }
 }
 
-fn length(f: &LengthFilter, text: &str) -> Option<&'static str> {
-    let words = text.split_whitespace().count() as u64;
-    let chars = text.chars().count() as u64;
+/// What a scoring filter measured about one document.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Scores {
+    Length { words: u64, chars: u64 },
+    Quality(gopher::QualityScores),
+    Repetition(gopher::RepetitionScores),
+    Language { code: String, confidence: f64 },
+}
+
+fn length(f: &LengthFilter, words: u64, chars: u64) -> Option<&'static str> {
     if f.min_words.is_some_and(|m| words < m) {
         Some("length.min_words")
     } else if f.max_words.is_some_and(|m| words > m) {

@@ -10,6 +10,7 @@
 mod dedup;
 mod filters;
 mod gopher;
+mod tape;
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -25,6 +26,7 @@ pub use dedup::{DedupParams, MinHashParams};
 pub use filters::{Filter, Unicode};
 
 use crate::records::{Record, ShardWriter, SplitSummary};
+use tape::ScoreTape;
 
 /// Documents processed in parallel at a time.
 const CHUNK: usize = 4096;
@@ -71,6 +73,9 @@ fn default_shard_documents() -> u64 {
     100_000
 }
 
+/// One document's scores, per filter (`None`: not a scoring filter, or not reached).
+type DocScores = Vec<Option<filters::Scores>>;
+
 /// Kept documents of a chunk, as (JSON line, text bytes), on their way to the shard writer.
 type Batch = Vec<(String, usize)>;
 
@@ -92,6 +97,8 @@ struct Stats {
     near_duplicates: u64,
     /// Kept documents that near-duplicates were folded into.
     near_duplicate_clusters: u64,
+    /// Whether the filters' scores came from an earlier run (only thresholds changed).
+    scores_from_memo: bool,
     train: SplitSummary,
     validation: SplitSummary,
 }
@@ -176,6 +183,8 @@ impl Stage for Clean {
         };
         let mut index = dedup::Index::new(&params.dedup)?;
         let mut stats = Stats::default();
+        let mut tape = ScoreTape::open(ctx, params, input)?;
+        stats.scores_from_memo = tape.replaying();
         let cleaner = Cleaner {
             params,
             normalization,
@@ -196,7 +205,7 @@ impl Stage for Clean {
                 });
                 let mut cleaned = Ok(());
                 for shard in shards(input, split)? {
-                    cleaned = cleaner.clean_shard(&shard, &mut index, &sink, &mut stats);
+                    cleaned = cleaner.clean_shard(&shard, &mut index, &sink, &mut tape, &mut stats);
                     if cleaned.is_err() {
                         break;
                     }
@@ -217,6 +226,7 @@ impl Stage for Clean {
             }
         }
         stats.near_duplicate_clusters = index.clusters.len() as u64;
+        tape.finish()?;
         std::fs::write(
             ctx.out_dir.join("stats.json"),
             serde_json::to_vec_pretty(&stats)?,
@@ -267,6 +277,7 @@ impl Cleaner<'_> {
         shard: &Path,
         index: &mut dedup::Index,
         sink: &std::sync::mpsc::SyncSender<Batch>,
+        tape: &mut ScoreTape,
         stats: &mut Stats,
     ) -> Result<(), String> {
         let name = shard
@@ -289,25 +300,34 @@ impl Cleaner<'_> {
             let chunk = std::mem::take(&mut next);
             stats.documents_in += chunk.len() as u64;
             let hasher = index.hasher();
+            let cached: Vec<Option<DocScores>> = match tape.replay(chunk.len())? {
+                Some(scores) => scores.into_iter().map(Some).collect(),
+                None => vec![None; chunk.len()],
+            };
             // Read the next chunk while this one is processed.
             let (processed, read) = rayon::join(
                 || {
                     chunk
                         .into_par_iter()
-                        .map(|(number, line)| {
+                        .zip(cached)
+                        .map(|((number, line), cached)| {
                             let record: Record = serde_json::from_str(&line)
                                 .map_err(|e| format!("{name}:{number}: not a record: {e}"))?;
-                            Ok(self.process(record, line, hasher))
+                            Ok(self.process(record, line, hasher, cached))
                         })
-                        .collect::<Vec<Result<Processed, String>>>()
+                        .collect::<Vec<Result<(Processed, DocScores), String>>>()
                 },
                 &mut read_chunk,
             );
             next = read?;
             let mut batch = Batch::with_capacity(processed.len());
+            let mut scores = Vec::with_capacity(processed.len());
             for item in processed {
-                batch.extend(self.admit(item?, index, stats));
+                let (item, doc_scores) = item?;
+                scores.push(doc_scores);
+                batch.extend(self.admit(item, index, stats));
             }
+            tape.record(&scores)?;
             sink.send(batch)
                 .map_err(|_| "the shard writer stopped".to_string())?;
         }
@@ -322,7 +342,8 @@ impl Cleaner<'_> {
         mut record: Record,
         line: String,
         hasher: Option<&dedup::MinHasher>,
-    ) -> Processed {
+        cached: Option<DocScores>,
+    ) -> (Processed, DocScores) {
         let structured = record.messages.is_some() || record.prompt.is_some();
         let normalized = self.normalize_fields(&mut record);
         let original_text = (!self.filters.is_empty()).then(|| record.text.clone());
@@ -331,25 +352,68 @@ impl Cleaner<'_> {
         };
         if structured && !self.params.filter_structured {
             let json = unchanged(&record);
-            return Processed::Kept(Kept::new(record, json, None, false));
+            return (
+                Processed::Kept(Kept::new(record, json, None, false)),
+                DocScores::new(),
+            );
         }
-        let mut text = std::mem::take(&mut record.text);
-        for filter in &self.filters {
-            match filter.apply(text) {
-                Ok(kept) => text = kept,
-                Err((reason, text)) => {
-                    record.text = text;
-                    return Processed::Dropped(record, reason);
-                }
-            }
+        let (text, scores, dropped) = self.filter(std::mem::take(&mut record.text), cached);
+        if let Some((reason, text)) = dropped {
+            record.text = text;
+            return (Processed::Dropped(record, reason), scores);
         }
         record.text = text;
         if record.text.is_empty() {
-            return Processed::Dropped(record, "empty");
+            return (Processed::Dropped(record, "empty"), scores);
         }
         let signature = hasher.map(|h| h.signature(&record.text));
         let json = unchanged(&record);
-        Processed::Kept(Kept::new(record, json, signature, true))
+        (
+            Processed::Kept(Kept::new(record, json, signature, true)),
+            scores,
+        )
+    }
+
+    /// Runs the filters in order. Scoring filters take their scores from `cached` when given;
+    /// otherwise every scoring filter measures the document, even after an earlier one dropped
+    /// it, so that the scores serve any later thresholds. Returns the final text, the scores, and
+    /// the first drop (reason and the text at that point).
+    #[allow(clippy::type_complexity)]
+    fn filter(
+        &self,
+        mut text: String,
+        cached: Option<DocScores>,
+    ) -> (String, DocScores, Option<(&'static str, String)>) {
+        let replay = cached.is_some();
+        let mut scores: DocScores = cached.unwrap_or_else(|| vec![None; self.filters.len()]);
+        scores.resize(self.filters.len(), None);
+        let mut dropped = None;
+        for (i, filter) in self.filters.iter().enumerate() {
+            if filter.is_scoring() {
+                if scores[i].is_none() {
+                    scores[i] = filter.measure(&text);
+                }
+                let verdict = scores[i].as_ref().and_then(|s| filter.judge(s));
+                if let (None, Some(reason)) = (&dropped, verdict) {
+                    dropped = Some((reason, text.clone()));
+                    if replay {
+                        break;
+                    }
+                }
+            } else if dropped.is_some() && replay {
+                break;
+            } else {
+                match filter.apply(text) {
+                    Ok(kept) => text = kept,
+                    Err((reason, at_drop)) => {
+                        dropped = dropped.or(Some((reason, at_drop)));
+                        text = String::new();
+                        break;
+                    }
+                }
+            }
+        }
+        (text, scores, dropped)
     }
 
     /// Normalises every text field; says whether anything changed.
@@ -457,6 +521,7 @@ mod tests {
             threads: 1,
             progress: Arc::new(NoProgress),
             key_lock_fd: -1,
+            memo_dir: input.join("memo"),
         };
         Clean.run(&params, &ctx).map_err(|e| e.to_string())?;
         Ok(serde_json::from_slice(&std::fs::read(out.join("stats.json")).unwrap()).unwrap())
@@ -647,6 +712,47 @@ mod tests {
         let strict = serde_json::json!({ "filters": [ { "gopher_quality": {} } ], "filter_structured": true });
         let stats = run(strict, &input, &out).unwrap();
         assert_eq!(stats["dropped"]["gopher_quality.min_words"], 1);
+    }
+
+    #[test]
+    fn changing_only_thresholds_replays_the_scores_and_gives_the_same_result() {
+        let dir = tempfile::tempdir().unwrap();
+        let input = dir.path().join("in");
+        std::fs::create_dir(&input).unwrap();
+        let mut train: Vec<Record> = (0..40).map(|i| doc(i, &prose(i))).collect();
+        train.extend((0..10).map(|i| {
+            doc(
+                100 + i,
+                &prose(i).split(". ").take(4).collect::<Vec<_>>().join(". "),
+            )
+        }));
+        write_corpus(&input, &train, &[]);
+        let with = |min_words: u64| {
+            serde_json::json!({
+                "filters": [ { "pii": {} }, { "gopher_quality": { "min_words": min_words } }, { "gopher_repetition": {} } ],
+                "dedup": { "exact": false }
+            })
+        };
+        let first = run(with(50), &input, &dir.path().join("a")).unwrap();
+        assert_eq!(first["scores_from_memo"], false);
+        let replayed = run(with(60), &input, &dir.path().join("b")).unwrap();
+        assert_eq!(replayed["scores_from_memo"], true);
+        assert_ne!(
+            first["documents_out"], replayed["documents_out"],
+            "the new threshold matters"
+        );
+        std::fs::remove_dir_all(input.join("memo")).unwrap();
+        let fresh = run(with(60), &input, &dir.path().join("c")).unwrap();
+        assert_eq!(fresh["scores_from_memo"], false);
+        let read = |d: &str| {
+            shards(&dir.path().join(d), "train")
+                .unwrap()
+                .iter()
+                .map(|s| std::fs::read(s).unwrap())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(read("b"), read("c"));
+        assert_eq!(fresh["dropped"], replayed["dropped"]);
     }
 
     #[test]

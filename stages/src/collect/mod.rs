@@ -354,6 +354,7 @@ mod tests {
             threads: 1,
             progress: Arc::new(NoProgress),
             key_lock_fd: -1,
+            memo_dir: dir.join("memo"),
         };
         let metrics = Collect.run(&params, &ctx).map_err(|e| e.to_string())?;
         let manifest =
