@@ -45,6 +45,8 @@ impl Normalization {
         let html = self.strip_html.then(|| strip_html(text));
         let text = html.as_deref().unwrap_or(text);
         let unicode = match self.unicode {
+            // ASCII is in every normal form.
+            _ if text.is_ascii() => None,
             Unicode::Nfc if is_nfc_quick(text.chars()) != IsNormalized::Yes => {
                 Some(text.nfc().collect::<String>())
             }
@@ -73,16 +75,24 @@ impl Normalization {
 /// checked without allocating).
 fn is_tidy_ascii(text: &str) -> bool {
     let bytes = text.as_bytes();
-    let ends_ok = !bytes.first().is_some_and(|b| b.is_ascii_whitespace())
-        && !bytes.last().is_some_and(|b| b.is_ascii_whitespace());
-    ends_ok
-        && bytes
-            .iter()
-            .all(|&b| b.is_ascii() && (b >= 0x20 || b == b'\n') && b != 0x7f)
-        && !bytes
-            .windows(2)
-            .any(|w| matches!(w, [b' ', b' '] | [b' ', b'\n'] | [b'\n', b' ']))
-        && !bytes.windows(3).any(|w| w == b"\n\n\n")
+    if bytes.first().is_some_and(u8::is_ascii_whitespace)
+        || bytes.last().is_some_and(u8::is_ascii_whitespace)
+    {
+        return false;
+    }
+    // One pass: printable ASCII or newline, no space next to a space or newline, no third
+    // newline in a row.
+    let (mut previous, mut newlines) = (0u8, 0);
+    for &b in bytes {
+        let allowed = (0x20..0x7f).contains(&b) || b == b'\n';
+        let bad_pair = matches!((previous, b), (b' ', b' ') | (b' ', b'\n') | (b'\n', b' '));
+        newlines = if b == b'\n' { newlines + 1 } else { 0 };
+        if !allowed || bad_pair || newlines > 2 {
+            return false;
+        }
+        previous = b;
+    }
+    true
 }
 
 /// Control characters dropped, runs of whitespace inside a line made one space, lines trimmed,
