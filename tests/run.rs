@@ -484,3 +484,21 @@ fn a_closed_output_pipe_ends_smelt_quietly() {
     let out = child.wait_with_output().unwrap();
     assert!(!String::from_utf8_lossy(&out.stderr).contains("internal error"));
 }
+
+#[test]
+fn two_clean_stages_that_differ_only_in_thresholds_share_one_score_memo() {
+    let p = Project::new(
+        "smelt: 1\nstages:\n  corpus:\n    uses: collect\n    with: { sources: [ { synthetic: { generator: stories, documents: 300 } } ] }\n  a:\n    uses: clean\n    inputs: { corpus: corpus }\n    with: { filters: [ { gopher_quality: { min_words: 40 } } ] }\n  b:\n    uses: clean\n    inputs: { corpus: corpus }\n    with: { filters: [ { gopher_quality: { min_words: 60 } } ] }\n",
+    );
+    p.smelt(&["run", "p.yaml", "-j", "2"]).ok();
+    let memos: Vec<_> = std::fs::read_dir(p.path(".smelt/memo"))
+        .unwrap()
+        .flatten()
+        .collect();
+    assert_eq!(memos.len(), 1, "one memo, no leftovers: {memos:?}");
+    let stats = |s: &str| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(p.artifact(s).join("stats.json")).unwrap())
+            .unwrap()
+    };
+    assert_ne!(stats("a")["documents_out"], stats("b")["documents_out"]);
+}

@@ -44,7 +44,7 @@ pub struct MinHashParams {
     pub threshold: f64,
     /// Words per shingle.
     pub shingle: usize,
-    /// Hash functions per signature; split into bands × rows for the given threshold.
+    /// Hash functions per signature (1 to 4096); split into bands × rows for the given threshold.
     pub permutations: usize,
     pub seed: u64,
 }
@@ -76,11 +76,12 @@ pub struct MinHasher {
 impl MinHasher {
     pub fn new(params: &MinHashParams) -> Result<Self, String> {
         if !(0.0..=1.0).contains(&params.threshold)
-            || params.permutations == 0
+            || !(1..=4096).contains(&params.permutations)
             || params.shingle == 0
         {
             return Err(
-                "minhash: threshold must be in 0..1, and permutations and shingle above 0".into(),
+                "minhash: threshold must be in 0..1, permutations in 1..4096 and shingle above 0"
+                    .into(),
             );
         }
         let mut rng = ChaCha8Rng::seed_from_u64(params.seed);
@@ -98,7 +99,8 @@ impl MinHasher {
 
     /// The signature of a text: per hash function, the minimum over its shingles. Words are
     /// compared lowercased and without punctuation, so `Lord,` and `lord` are the same word.
-    pub fn signature(&self, text: &str) -> Signature {
+    /// `None` for a text without words: such documents are not near-duplicates of each other.
+    pub fn signature(&self, text: &str) -> Option<Signature> {
         let words: Vec<String> = text
             .split_whitespace()
             .map(|w| {
@@ -109,6 +111,9 @@ impl MinHasher {
             })
             .filter(|w| !w.is_empty())
             .collect();
+        if words.is_empty() {
+            return None;
+        }
         let mut shingles: Vec<u64> = if words.len() < self.shingle {
             vec![xxhash_rust::xxh3::xxh3_64(words.join(" ").as_bytes())]
         } else {
@@ -119,7 +124,8 @@ impl MinHasher {
         };
         shingles.sort_unstable();
         shingles.dedup();
-        self.coefficients
+        let signature = self
+            .coefficients
             .iter()
             .map(|&(a, b)| {
                 shingles
@@ -130,7 +136,8 @@ impl MinHasher {
                     .min()
                     .unwrap_or(u32::MAX)
             })
-            .collect()
+            .collect();
+        Some(signature)
     }
 
     fn band_keys<'a>(&'a self, signature: &'a Signature) -> impl Iterator<Item = u64> + 'a {
@@ -299,7 +306,7 @@ mod tests {
         let originals: Vec<String> = (0..200).map(|i| text(i, 100)).collect();
         for t in &originals {
             assert_eq!(
-                index.admit(ExactHash::of(t), Some(&hasher.signature(t))),
+                index.admit(ExactHash::of(t), hasher.signature(t).as_ref()),
                 Ok(()),
                 "distinct texts are kept"
             );
@@ -307,7 +314,7 @@ mod tests {
         let mut caught = 0;
         for (i, t) in originals.iter().enumerate() {
             let copy = edited(t, 2, i as u64);
-            if index.admit(ExactHash::of(&copy), Some(&hasher.signature(&copy)))
+            if index.admit(ExactHash::of(&copy), hasher.signature(&copy).as_ref())
                 == Err(Duplicate::Near)
             {
                 caught += 1;
@@ -329,6 +336,7 @@ mod tests {
         let b = MinHasher::new(&MinHashParams::default()).unwrap();
         let t = text(1, 50);
         assert_eq!(a.signature(&t), b.signature(&t));
+        assert_eq!(a.signature("... !!"), None, "no words, no signature");
         let c = MinHasher::new(&MinHashParams {
             seed: 2,
             ..Default::default()

@@ -411,13 +411,6 @@ fn length(f: &LengthFilter, words: u64, chars: u64) -> Option<&'static str> {
 
 /// C4's rules: the kept lines, or why the document goes.
 fn c4(f: &C4Filter, text: &str) -> Result<String, &'static str> {
-    let lower = text.to_lowercase();
-    if f.drop_lorem_ipsum && lower.contains("lorem ipsum") {
-        return Err("c4.lorem_ipsum");
-    }
-    if f.drop_curly_brackets && text.contains('{') {
-        return Err("c4.curly_bracket");
-    }
     let mut kept = Vec::new();
     for line in text.lines() {
         let line = if f.remove_citations {
@@ -430,17 +423,33 @@ fn c4(f: &C4Filter, text: &str) -> Result<String, &'static str> {
         let lower = line.to_lowercase();
         let drop = words.len() < f.min_words_per_line
             || words.iter().any(|w| w.chars().count() > f.max_word_length)
-            || (f.require_terminal_punctuation && !line.ends_with(['.', '!', '?', '"', '\'']))
+            || (f.require_terminal_punctuation
+                && (!line.ends_with(['.', '!', '?', '"', '\''])
+                    || line.ends_with("...")
+                    || line.ends_with('…')))
             || (f.drop_javascript_lines && lower.contains("javascript"))
             || (f.drop_policy_lines && POLICY.iter().any(|p| lower.contains(p)));
-        if !drop {
-            kept.push(line.to_string());
+        if drop {
+            continue;
         }
+        // As in C4, these end the document only when they are in a line that survived.
+        if f.drop_lorem_ipsum && lower.contains("lorem ipsum") {
+            return Err("c4.lorem_ipsum");
+        }
+        if f.drop_curly_brackets && line.contains('{') {
+            return Err("c4.curly_bracket");
+        }
+        kept.push(line.to_string());
     }
     let text = kept.join("\n");
+    // Sentences end in terminal punctuation followed by a space or the end of a line: decimal
+    // points and "e.g." inside a sentence do not split it.
     let sentences = text
-        .split(['.', '!', '?'])
-        .filter(|s| !s.trim().is_empty())
+        .char_indices()
+        .filter(|&(i, c)| {
+            matches!(c, '.' | '!' | '?')
+                && text[i + 1..].chars().next().is_none_or(char::is_whitespace)
+        })
         .count();
     if text.is_empty() {
         Err("c4.no_lines_left")
@@ -534,12 +543,20 @@ mod tests {
         let kept = run(Filter::C4(C4Filter::default()), page).unwrap();
         assert_eq!(kept.lines().count(), 5, "{kept}");
         assert!(!kept.contains("JavaScript") && !kept.contains("privacy") && !kept.contains("[1]"));
+        let code = "We show the code below in full.\nfunction f() { return 1; } is the code here.";
         assert_eq!(
-            run(
-                Filter::C4(C4Filter::default()),
-                "function f() { return 1; }"
-            ),
+            run(Filter::C4(C4Filter::default()), code),
             Err("c4.curly_bracket")
+        );
+        let nav = page.replace("Home | About | Contact", "Menu {Home} and more");
+        assert!(
+            run(Filter::C4(C4Filter::default()), &nav).is_ok(),
+            "a dropped line's brace does not count"
+        );
+        let decimals = "Pi is about 3.14 and e is 2.71 in value.\nThat is all we know e.g. today.";
+        assert_eq!(
+            run(Filter::C4(C4Filter::default()), decimals),
+            Err("c4.min_sentences")
         );
         assert_eq!(
             run(

@@ -30,7 +30,7 @@ pub struct QualityThresholds {
     pub max_words: u64,
     pub min_mean_word_length: f64,
     pub max_mean_word_length: f64,
-    /// `#` and ellipses per word.
+    /// `#` per word, and ellipses per word (each is checked).
     pub max_symbol_word_ratio: f64,
     pub max_bullet_lines_ratio: f64,
     pub max_ellipsis_lines_ratio: f64,
@@ -61,7 +61,8 @@ impl Default for QualityThresholds {
 pub struct QualityScores {
     pub words: u64,
     pub mean_word_length: f64,
-    pub symbol_word_ratio: f64,
+    pub hash_word_ratio: f64,
+    pub ellipsis_word_ratio: f64,
     pub bullet_lines_ratio: f64,
     pub ellipsis_lines_ratio: f64,
     pub alpha_words_ratio: f64,
@@ -72,8 +73,10 @@ pub fn quality_scores(text: &str) -> QualityScores {
     let all: Vec<&str> = words(text).collect();
     let counted: Vec<&&str> = all.iter().filter(|w| !is_symbol_only(w)).collect();
     let n = counted.len().max(1) as f64;
-    let symbols =
-        text.matches('#').count() + text.matches("...").count() + text.matches('…').count();
+    // The paper: "> 0.1 for either the hash symbol or the ellipsis", each over all words.
+    let all_n = all.len().max(1) as f64;
+    let hashes = text.matches('#').count();
+    let ellipses = text.matches("...").count() + text.matches('…').count();
     let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
     let lines_n = lines.len().max(1) as f64;
     let bullets = lines
@@ -87,7 +90,8 @@ pub fn quality_scores(text: &str) -> QualityScores {
     QualityScores {
         words: counted.len() as u64,
         mean_word_length: counted.iter().map(|w| w.chars().count()).sum::<usize>() as f64 / n,
-        symbol_word_ratio: symbols as f64 / n,
+        hash_word_ratio: hashes as f64 / all_n,
+        ellipsis_word_ratio: ellipses as f64 / all_n,
         bullet_lines_ratio: bullets as f64 / lines_n,
         ellipsis_lines_ratio: ellipsis.count() as f64 / lines_n,
         alpha_words_ratio: all
@@ -112,7 +116,7 @@ pub fn quality_verdict(s: &QualityScores, t: &QualityThresholds) -> Option<&'sta
         Some("gopher_quality.min_mean_word_length")
     } else if s.mean_word_length > t.max_mean_word_length {
         Some("gopher_quality.max_mean_word_length")
-    } else if s.symbol_word_ratio > t.max_symbol_word_ratio {
+    } else if s.hash_word_ratio.max(s.ellipsis_word_ratio) > t.max_symbol_word_ratio {
         Some("gopher_quality.max_symbol_word_ratio")
     } else if s.bullet_lines_ratio > t.max_bullet_lines_ratio {
         Some("gopher_quality.max_bullet_lines_ratio")
@@ -409,7 +413,10 @@ mod tests {
     fn scores_are_what_the_paper_defines() {
         let s = quality_scores("one two three\n\n# four...");
         assert_eq!(s.words, 4);
-        assert_eq!(s.symbol_word_ratio, 2.0 / 4.0);
+        assert_eq!(
+            (s.hash_word_ratio, s.ellipsis_word_ratio),
+            (1.0 / 5.0, 1.0 / 5.0)
+        );
         assert_eq!(s.ellipsis_lines_ratio, 0.5);
         let r = repetition_scores("a b\na b\nc d");
         assert!((r.duplicate_lines - 1.0 / 3.0).abs() < 1e-9);

@@ -156,7 +156,7 @@ impl Kept {
 impl Stage for Clean {
     type Params = CleanParams;
     const KIND: &'static str = "clean";
-    const VERSION: u32 = 1;
+    const VERSION: u32 = 2;
     const SUMMARY: &'static str =
         "Normalise, filter (Gopher, C4, language, PII, regex) and deduplicate documents";
 
@@ -366,7 +366,7 @@ impl Cleaner<'_> {
         if record.text.is_empty() {
             return (Processed::Dropped(record, "empty"), scores);
         }
-        let signature = hasher.map(|h| h.signature(&record.text));
+        let signature = hasher.and_then(|h| h.signature(&record.text));
         let json = unchanged(&record);
         (
             Processed::Kept(Kept::new(record, json, signature, true)),

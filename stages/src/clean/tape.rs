@@ -11,6 +11,9 @@ use smelt_engine::{Stage, StageContext};
 
 use super::{Clean, CleanParams, DocScores};
 
+/// One document's scores take a few hundred bytes; a larger length means a damaged file.
+const MAX_ENTRY_BYTES: usize = 1 << 20;
+
 pub enum ScoreTape {
     /// No scoring filters: nothing to keep.
     Off,
@@ -58,7 +61,10 @@ impl ScoreTape {
         }
         std::fs::create_dir_all(&ctx.memo_dir)
             .map_err(|e| format!("{}: {e}", ctx.memo_dir.display()))?;
-        let partial = path.with_extension(format!("partial.{}", std::process::id()));
+        // Unique per writer: two stages of one run may record the same memo at once.
+        static WRITERS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = WRITERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let partial = path.with_extension(format!("partial.{}.{n}", std::process::id()));
         let file = File::create(&partial).map_err(|e| format!("{}: {e}", partial.display()))?;
         Ok(ScoreTape::Record {
             writer: BufWriter::new(file),
@@ -83,7 +89,11 @@ impl ScoreTape {
         for _ in 0..n {
             let mut len = [0u8; 4];
             reader.read_exact(&mut len).map_err(|e| corrupt(&e))?;
-            let mut bytes = vec![0; u32::from_le_bytes(len) as usize];
+            let len = u32::from_le_bytes(len) as usize;
+            if len > MAX_ENTRY_BYTES {
+                return Err(corrupt(&format!("an entry claims {len} bytes")));
+            }
+            let mut bytes = vec![0; len];
             reader.read_exact(&mut bytes).map_err(|e| corrupt(&e))?;
             out.push(postcard::from_bytes(&bytes).map_err(|e| corrupt(&e))?);
         }
@@ -118,7 +128,13 @@ impl ScoreTape {
         {
             let file = writer.into_inner().map_err(|e| e.to_string())?;
             drop(file);
-            std::fs::rename(&partial, &path).map_err(|e| format!("{}: {e}", path.display()))?;
+            // Another writer may have published the same memo first: theirs is as good.
+            if let Err(e) = std::fs::rename(&partial, &path) {
+                let _ = std::fs::remove_file(&partial);
+                if !path.exists() {
+                    return Err(format!("{}: {e}", path.display()));
+                }
+            }
         }
         Ok(())
     }

@@ -102,7 +102,11 @@ pub fn infer_format(path: &Path) -> Format {
 
 /// Files matching `pattern` (relative to `dir`), sorted, as paths relative to `dir`.
 pub fn expand_glob(dir: &Path, pattern: &str) -> Result<Vec<PathBuf>, String> {
-    let full = dir.join(pattern);
+    // The pipeline's folder is literal text, even if its name holds `[` or `*`.
+    let dir_text = dir
+        .to_str()
+        .ok_or_else(|| format!("{} is not UTF-8", dir.display()))?;
+    let full = Path::new(&glob::Pattern::escape(dir_text)).join(pattern);
     let full = full
         .to_str()
         .ok_or_else(|| format!("glob `{pattern}` is not UTF-8"))?;
@@ -234,6 +238,7 @@ impl Reader<'_> {
         let mut buf = Vec::new();
         let mut paragraph: Vec<u8> = Vec::new();
         let mut paragraph_too_long = false;
+        let mut paragraph_start = 1;
         let mut count = 0u64;
         for number in 1.. {
             let line = self
@@ -248,6 +253,7 @@ impl Reader<'_> {
                     } else if !paragraph.is_empty() {
                         count += 1;
                         let bytes = std::mem::take(&mut paragraph);
+                        let at = format!("{}:{paragraph_start} (paragraph)", self.name);
                         if let Some(text) = self.decode(bytes, &at)? {
                             self.text_document(format!("{}#p{count}", self.name), text)?;
                         }
@@ -260,7 +266,9 @@ impl Reader<'_> {
                     paragraph_too_long = true;
                     paragraph.clear();
                 } else if !paragraph_too_long {
-                    if !paragraph.is_empty() {
+                    if paragraph.is_empty() {
+                        paragraph_start = number;
+                    } else {
                         paragraph.push(b'\n');
                     }
                     paragraph.extend_from_slice(&buf);
@@ -300,6 +308,10 @@ impl Reader<'_> {
                         continue;
                     };
                     let record = self.json_record(&line, &at)?;
+                    if record.text.trim().is_empty() {
+                        self.skip("empty");
+                        continue;
+                    }
                     self.emit(record)?;
                 }
             }
@@ -366,12 +378,12 @@ impl Reader<'_> {
                 )
             })?;
         let mut row = csv::ByteRecord::new();
-        let mut number = 1;
         while csv
             .read_byte_record(&mut row)
             .map_err(|e| format!("{}: {e}", self.name))?
         {
-            number += 1;
+            // The line the row starts on (quoted cells may span lines).
+            let number = row.position().map_or(0, |p| p.line());
             let at = format!("{}:{number}", self.name);
             let cell = row.get(column).unwrap_or_default();
             if cell.len() as u64 > self.options.max_document_bytes {
@@ -503,6 +515,18 @@ mod tests {
         let (r, skips) = read("e.txt", b"", &options(SplitOn::File)).unwrap();
         assert!(r.is_empty());
         assert_eq!(skips["empty_file"], 1);
+    }
+
+    #[test]
+    fn glob_characters_in_the_folder_name_are_literal() {
+        let dir = tempfile::tempdir().unwrap();
+        let folder = dir.path().join("exp[1]");
+        std::fs::create_dir(&folder).unwrap();
+        std::fs::write(folder.join("a.txt"), "x").unwrap();
+        assert_eq!(
+            expand_glob(&folder, "*.txt").unwrap(),
+            [PathBuf::from("a.txt")]
+        );
     }
 
     #[test]

@@ -306,7 +306,9 @@ fn read_source(
             Ok((format!("files:{}", f.glob), skipped))
         }
         Source::Url(u) => {
-            let path = url::fetch(&u.href, &u.sha256, &ctx.work_dir)?;
+            let memo =
+                ctx.memo_file(&serde_json::json!({ "download": u.sha256.to_ascii_lowercase() }));
+            let path = url::fetch(&u.href, &u.sha256, &memo)?;
             let format = u
                 .format
                 .unwrap_or_else(|| files::infer_format(Path::new(&u.href)));
@@ -323,7 +325,7 @@ fn read_source(
                 emit(record).map_err(|e| format!("writing documents: {e}"))?;
             }
             Ok((
-                format!("synthetic:{}", s.generator.name()),
+                format!("synthetic:{}:seed{}", s.generator.name(), s.seed),
                 files::Skips::new(),
             ))
         }

@@ -37,7 +37,7 @@ impl Generator {
 /// `documents` records from `generator`, the same for the same seed.
 pub fn generate(generator: Generator, documents: u64, seed: u64) -> impl Iterator<Item = Record> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let source = format!("synthetic:{}", generator.name());
+    let source = format!("synthetic:{}:seed{seed}", generator.name());
     (0..documents).map(move |i| {
         let id = format!("{source}#{i}");
         match generator {
@@ -84,7 +84,7 @@ const OBJECTS: &[&str] = &[
     "ball", "kite", "apple", "book", "hat", "stone", "key", "shell",
 ];
 const COLORS: &[&str] = &[
-    "red", "blue", "green", "yellow", "shiny", "tiny", "old", "round",
+    "red", "blue", "green", "yellow", "shiny", "tiny", "small", "round",
 ];
 const FEELINGS: &[&str] = &["happy", "proud", "surprised", "glad", "excited"];
 
@@ -203,7 +203,7 @@ fn task(rng: &mut ChaCha8Rng) -> Task {
         3 => {
             let word = pick(rng, WORDS);
             let reversed: String = word.chars().rev().collect();
-            // A near miss: the first two letters of the answer left in place.
+            // A near miss: the answer with its first two letters swapped.
             let mut wrong: Vec<char> = reversed.chars().collect();
             wrong.swap(0, 1);
             Task {

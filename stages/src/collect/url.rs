@@ -1,6 +1,6 @@
-//! Downloading a source pinned by its SHA-256. The sha256 is a param, so it is in the stage key:
-//! the same pin never downloads twice (the file is kept in the stage's work dir), and a server that
-//! serves other bytes is an error, never a silently different corpus.
+//! Downloading a source pinned by its SHA-256. The sha256 is a param, so it is in the stage key;
+//! the file is kept as a memo named by the checksum, so the same pin is downloaded once (until
+//! gc), and a server that serves other bytes is an error, never a silently different corpus.
 
 use std::fs::File;
 use std::io::{self, Read, Write};
@@ -8,35 +8,34 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-/// The verified local copy of `href`, downloading it into `work_dir` unless already there.
-pub fn fetch(href: &str, sha256: &str, work_dir: &Path) -> Result<PathBuf, String> {
+/// The verified local copy of `href` at `target`, downloading it unless already there. `target`
+/// is a memo named by the checksum, so the same pin is downloaded once whatever else changes.
+pub fn fetch(href: &str, sha256: &str, target: &Path) -> Result<PathBuf, String> {
     let expected = sha256.to_ascii_lowercase();
     if expected.len() != 64 || !expected.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(format!(
             "{href}: sha256 must be 64 hex digits, got `{sha256}`"
         ));
     }
-    let dir = work_dir.join("downloads");
-    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let target = dir.join(&expected);
-    if target.exists()
-        && sha256_of(&mut File::open(&target).map_err(|e| e.to_string())?)
-            .ok()
-            .as_deref()
-            == Some(&expected)
-    {
-        return Ok(target);
+    if let Ok(mut file) = File::open(target) {
+        if sha256_of(&mut file).ok().as_deref() == Some(expected.as_str()) {
+            return Ok(target.to_path_buf());
+        }
     }
-    let partial = dir.join(format!("{expected}.part"));
-    let actual = download(href, &partial).map_err(|e| format!("{href}: {e}"))?;
-    if actual != expected {
+    if let Some(dir) = target.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    }
+    let partial = target.with_extension(format!("part.{}", std::process::id()));
+    let actual = download(href, &partial).map_err(|e| format!("{href}: {e}"));
+    if actual.as_deref() != Ok(expected.as_str()) {
         let _ = std::fs::remove_file(&partial);
+        let actual = actual?;
         return Err(format!(
             "{href}: sha256 mismatch: expected {expected}, downloaded {actual}"
         ));
     }
-    std::fs::rename(&partial, &target).map_err(|e| format!("{}: {e}", target.display()))?;
-    Ok(target)
+    std::fs::rename(&partial, target).map_err(|e| format!("{}: {e}", target.display()))?;
+    Ok(target.to_path_buf())
 }
 
 /// Streams the body into `path`, returning its SHA-256 as hex.
@@ -101,13 +100,13 @@ pub(crate) mod tests {
     fn downloads_verifies_and_reuses() {
         let url = serve(b"hello corpus\n");
         let work = tempfile::tempdir().unwrap();
-        let path = fetch(&url, &sha(b"hello corpus\n"), work.path()).unwrap();
+        let path = fetch(&url, &sha(b"hello corpus\n"), &work.path().join("memo/x")).unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), b"hello corpus\n");
         // Reused without the server: a URL that cannot connect still works.
         let again = fetch(
             "http://127.0.0.1:1/gone",
             &sha(b"hello corpus\n"),
-            work.path(),
+            &work.path().join("memo/x"),
         )
         .unwrap();
         assert_eq!(again, path);
@@ -117,15 +116,13 @@ pub(crate) mod tests {
     fn a_mismatch_is_an_error_and_leaves_nothing() {
         let url = serve(b"other bytes");
         let work = tempfile::tempdir().unwrap();
-        let err = fetch(&url, &sha(b"expected bytes"), work.path()).unwrap_err();
+        let err = fetch(&url, &sha(b"expected bytes"), &work.path().join("memo/x")).unwrap_err();
         assert!(err.contains("sha256 mismatch"), "{err}");
         assert_eq!(
-            std::fs::read_dir(work.path().join("downloads"))
-                .unwrap()
-                .count(),
+            std::fs::read_dir(work.path().join("memo")).unwrap().count(),
             0
         );
-        assert!(fetch(&url, "abc", work.path())
+        assert!(fetch(&url, "abc", &work.path().join("memo/x"))
             .unwrap_err()
             .contains("64 hex digits"));
     }
