@@ -62,6 +62,24 @@ impl Record {
         }
     }
 
+    /// Every text field, for filters and dedup that judge a record as a whole: `text`, plus a
+    /// preference pair's answers (a conversation's `text` already holds every turn).
+    pub fn all_text(&self) -> std::borrow::Cow<'_, str> {
+        match (&self.chosen, &self.rejected) {
+            (Some(chosen), Some(rejected)) => format!("{}\n{chosen}\n{rejected}", self.text).into(),
+            _ => self.text.as_str().into(),
+        }
+    }
+
+    /// Recomputes `text` from the structured fields after they were rewritten.
+    pub fn render_text(&mut self) {
+        if let Some(messages) = &self.messages {
+            self.text = Record::chat(String::new(), messages.clone(), "").text;
+        } else if let Some(prompt) = &self.prompt {
+            self.text = prompt.clone();
+        }
+    }
+
     /// A preference pair; its `text` is the prompt.
     pub fn preference(
         id: String,

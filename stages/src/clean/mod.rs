@@ -142,7 +142,7 @@ impl Kept {
     ) -> Self {
         let json =
             json.unwrap_or_else(|| serde_json::to_string(&record).expect("records serialise"));
-        let exact = dedup::ExactHash::of(&record.text);
+        let exact = dedup::ExactHash::of(&record.all_text());
         Kept {
             record,
             json,
@@ -357,6 +357,9 @@ impl Cleaner<'_> {
                 DocScores::new(),
             );
         }
+        if structured {
+            return (self.filter_fields(record, hasher), DocScores::new());
+        }
         let (text, scores, dropped) = self.filter(std::mem::take(&mut record.text), cached);
         if let Some((reason, text)) = dropped {
             record.text = text;
@@ -372,6 +375,40 @@ impl Cleaner<'_> {
             Processed::Kept(Kept::new(record, json, signature, true)),
             scores,
         )
+    }
+
+    /// Filters a chat or preference record field by field: rewriting filters (PII, C4) apply
+    /// to every turn, prompt and answer, and the record goes if one of its fields would; judging
+    /// filters look at the whole record as text. Dedup compares all its fields.
+    fn filter_fields(&self, mut record: Record, hasher: Option<&dedup::MinHasher>) -> Processed {
+        for filter in &self.filters {
+            if filter.is_scoring() || matches!(filter, filters::Prepared::Regex(..)) {
+                if let Err((reason, _)) = filter.apply(record.all_text().into_owned()) {
+                    return Processed::Dropped(record, reason);
+                }
+                continue;
+            }
+            let mut fields: Vec<&mut String> = record
+                .messages
+                .iter_mut()
+                .flatten()
+                .map(|m| &mut m.content)
+                .collect();
+            fields.extend(
+                [&mut record.prompt, &mut record.chosen, &mut record.rejected]
+                    .into_iter()
+                    .flatten(),
+            );
+            for field in fields {
+                match filter.apply(std::mem::take(field)) {
+                    Ok(kept) => *field = kept,
+                    Err((reason, _)) => return Processed::Dropped(record, reason),
+                }
+            }
+            record.render_text();
+        }
+        let signature = hasher.and_then(|h| h.signature(&record.all_text()));
+        Processed::Kept(Kept::new(record, None, signature, true))
     }
 
     /// Runs the filters in order. Scoring filters take their scores from `cached` when given;
@@ -753,6 +790,62 @@ mod tests {
         };
         assert_eq!(read("b"), read("c"));
         assert_eq!(fresh["dropped"], replayed["dropped"]);
+    }
+
+    #[test]
+    fn structured_records_are_filtered_field_by_field_when_asked() {
+        let dir = tempfile::tempdir().unwrap();
+        let input = dir.path().join("in");
+        std::fs::create_dir(&input).unwrap();
+        let chat = Record::chat(
+            "c".into(),
+            vec![
+                Message {
+                    role: "user".into(),
+                    content: "Mail me at a@b.com please".into(),
+                },
+                Message {
+                    role: "assistant".into(),
+                    content: "Sure".into(),
+                },
+            ],
+            "t",
+        );
+        let pair = |id: &str, chosen: &str| {
+            Record::preference(
+                id.into(),
+                "Same prompt?".into(),
+                chosen.into(),
+                "No".into(),
+                "t",
+            )
+        };
+        write_corpus(
+            &input,
+            &[
+                chat,
+                pair("p1", "Yes"),
+                pair("p2", "Maybe"),
+                pair("p3", "Yes"),
+            ],
+            &[],
+        );
+        let params = serde_json::json!({ "filters": [ { "pii": {} } ], "filter_structured": true, "dedup": { "exact": true } });
+        let out = dir.path().join("out");
+        let stats = run(params, &input, &out).unwrap();
+        let kept = output(&out, "train");
+        assert_eq!(
+            kept[0].messages.as_ref().unwrap()[0].content,
+            "Mail me at <EMAIL> please"
+        );
+        assert!(kept[0].text.contains("<EMAIL>"));
+        let ids: Vec<&str> = kept.iter().map(|r| r.id.as_str()).collect();
+        assert_eq!(
+            ids,
+            ["c", "p1", "p2"],
+            "pairs differ by their answers; p3 repeats p1"
+        );
+        assert_eq!(stats["exact_duplicates"], 1);
     }
 
     #[test]
