@@ -1,20 +1,19 @@
 #!/usr/bin/env python3
 """`clean` throughput and dedup quality on the corpus of bench/clean_corpus.py.
 
-With --recall, instead builds a 20,000-document corpus of random words (no natural overlap, see
-clean_corpus.py --distinct) and reports the MinHash stage's recall per kind of injected copy and
-its precision (the share of removed documents that belong to an injected pair). A pair counts as
-caught when either document is removed (the first in corpus order is kept).
-
 Runs one pipeline with a `collect` stage and three `clean` stages measured separately, as in
 datatrove's figures: the Gopher repetition + quality filters, exact dedup, MinHash dedup. Each
 clean stage is forced to rerun `--rounds` times; its run time is the stage duration smelt records
-(reading and writing shards included), measured cold (no scores memo); `filters_rethreshold` is
-the same stage after only a threshold changed, replaying the memoised scores. Recall is measured on the injected copies: the share of
-exact / 2-word / 4-word near copies missing from the MinHash stage's output; precision is the share
-of the documents it removed that were injected copies.
+(reading and writing shards included), measured cold (no scores memo). `filters_rethreshold` is
+the same stage after only a threshold changed, replaying the memoised scores.
 
-usage: cargo build --release && python3 bench/clean_bench.py [--rounds N]
+With --recall, it instead builds a corpus of random words (--recall-documents, default 100,000;
+no natural overlap, see clean_corpus.py --distinct) and reports the MinHash stage's recall per
+kind of injected copy, and its precision (the share of removed documents that belong to an
+injected pair). A pair counts as caught when either document is removed (the first in corpus
+order is kept).
+
+usage: cargo build --release && python3 bench/clean_bench.py [--rounds N] [--recall]
 """
 
 import argparse
@@ -74,10 +73,11 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--recall", action="store_true")
+    parser.add_argument("--recall-documents", type=int, default=100_000)
     args = parser.parse_args()
     corpus_dir = "clean-distinct" if args.recall else "clean"
     if not (WORK / corpus_dir / "truth.json").exists():
-        extra = ["--distinct", "--documents", "20000"] if args.recall else []
+        extra = ["--distinct", "--documents", str(args.recall_documents)] if args.recall else []
         subprocess.run(["python3", str(ROOT / "bench" / "clean_corpus.py"), "--out", str(WORK / corpus_dir), *extra], check=True)
     (WORK / "clean.yaml").write_text(PIPELINE.replace("clean/corpus-", f"{corpus_dir}/corpus-"))
     smelt("run", "clean.yaml", "--only", "corpus")
