@@ -233,11 +233,8 @@ fn only_refuses_a_stage_whose_input_was_never_built() {
     assert!(p.executed().is_empty());
 }
 
-#[test]
-fn kill_during_a_stage_then_rerun_resumes_and_completes() {
-    let p = Project::new(
-        "smelt: 1\nstages:\n  slow:\n    uses: command\n    with:\n      run: \"if [ -f $SMELT_WORK/ckpt ]; then echo resumed >> log; else touch $SMELT_WORK/ckpt; echo started >> log; exec sleep 30; fi; echo done > $SMELT_OUT/x\"\n",
-    );
+/// Starts `smelt run`, waits until the stage logged "started", and kills smelt with SIGKILL.
+fn kill_once_started(p: &Project) {
     let mut child = p
         .command(&["run", "p.yaml"])
         .stdout(Stdio::null())
@@ -248,8 +245,16 @@ fn kill_during_a_stage_then_rerun_resumes_and_completes() {
         assert!(Instant::now() < deadline, "the stage never started");
         std::thread::sleep(Duration::from_millis(20));
     }
-    child.kill().unwrap(); // SIGKILL
+    child.kill().unwrap();
     child.wait().unwrap();
+}
+
+#[test]
+fn kill_during_a_stage_then_rerun_resumes_and_completes() {
+    let p = Project::new(
+        "smelt: 1\nstages:\n  slow:\n    uses: command\n    with:\n      run: \"if [ -f $SMELT_WORK/ckpt ]; then echo resumed >> log; else touch $SMELT_WORK/ckpt; echo started >> log; exec sleep 30; fi; echo done > $SMELT_OUT/x\"\n",
+    );
+    kill_once_started(&p);
     assert_eq!(
         std::fs::read_dir(p.path(".smelt/artifacts"))
             .unwrap()
@@ -281,18 +286,7 @@ fn a_rerun_waits_for_processes_a_killed_run_left_behind() {
     let p = Project::new(
         "smelt: 1\nstages:\n  slow:\n    uses: command\n    with:\n      run: \"if [ -f $SMELT_WORK/ckpt ]; then echo resumed >> log; else touch $SMELT_WORK/ckpt; echo started >> log; (sleep 2; echo orphan-done >> log) & wait; fi; echo done > $SMELT_OUT/x\"\n",
     );
-    let mut child = p
-        .command(&["run", "p.yaml"])
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !p.read("log").contains("started") {
-        assert!(Instant::now() < deadline, "the stage never started");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child.kill().unwrap();
-    child.wait().unwrap();
+    kill_once_started(&p);
     let run = p.smelt(&["run", "p.yaml"]).ok();
     assert_has(&run.stdout, "wait    slow");
     assert_eq!(p.executed(), ["started", "orphan-done", "resumed"]);

@@ -523,6 +523,14 @@ mod tests {
     use smelt_engine::stage::NoProgress;
     use std::sync::Arc;
 
+    /// A temporary directory and an empty input folder inside it.
+    fn scratch() -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let input = dir.path().join("in");
+        std::fs::create_dir(&input).unwrap();
+        (dir, input)
+    }
+
     fn write_corpus(dir: &Path, train: &[Record], validation: &[Record]) {
         for (split, records) in [("train", train), ("validation", validation)] {
             let mut w = ShardWriter::new(
@@ -659,9 +667,7 @@ mod tests {
 
     #[test]
     fn filters_dedup_and_stats() {
-        let dir = tempfile::tempdir().unwrap();
-        let input = dir.path().join("in");
-        std::fs::create_dir(&input).unwrap();
+        let (dir, input) = scratch();
         let good: Vec<String> = (0..6).map(prose).collect();
         let train = vec![
             doc(0, &good[0]),
@@ -693,9 +699,7 @@ mod tests {
 
     #[test]
     fn output_does_not_depend_on_the_thread_count() {
-        let dir = tempfile::tempdir().unwrap();
-        let input = dir.path().join("in");
-        std::fs::create_dir(&input).unwrap();
+        let (dir, input) = scratch();
         let train: Vec<Record> = (0..300).map(|i| doc(i, &prose(i % 40))).collect();
         write_corpus(&input, &train, &[]);
         let params = serde_json::json!({ "filters": [ { "gopher_repetition": {} } ], "dedup": { "minhash": { "threshold": 0.7 } } });
@@ -720,9 +724,7 @@ mod tests {
 
     #[test]
     fn structured_records_are_normalised_but_not_filtered_by_default() {
-        let dir = tempfile::tempdir().unwrap();
-        let input = dir.path().join("in");
-        std::fs::create_dir(&input).unwrap();
+        let (dir, input) = scratch();
         let chat = Record::chat(
             "c".into(),
             vec![
@@ -753,9 +755,7 @@ mod tests {
 
     #[test]
     fn changing_only_thresholds_replays_the_scores_and_gives_the_same_result() {
-        let dir = tempfile::tempdir().unwrap();
-        let input = dir.path().join("in");
-        std::fs::create_dir(&input).unwrap();
+        let (dir, input) = scratch();
         let mut train: Vec<Record> = (0..40).map(|i| doc(i, &prose(i))).collect();
         train.extend((0..10).map(|i| {
             doc(
@@ -794,9 +794,7 @@ mod tests {
 
     #[test]
     fn structured_records_are_filtered_field_by_field_when_asked() {
-        let dir = tempfile::tempdir().unwrap();
-        let input = dir.path().join("in");
-        std::fs::create_dir(&input).unwrap();
+        let (dir, input) = scratch();
         let chat = Record::chat(
             "c".into(),
             vec![
@@ -850,9 +848,7 @@ mod tests {
 
     #[test]
     fn dropping_everything_is_an_error() {
-        let dir = tempfile::tempdir().unwrap();
-        let input = dir.path().join("in");
-        std::fs::create_dir(&input).unwrap();
+        let (dir, input) = scratch();
         write_corpus(&input, &[doc(0, "short")], &[]);
         let err = run(
             serde_json::json!({ "filters": [ { "gopher_quality": {} } ] }),

@@ -77,7 +77,8 @@ pub struct FilesSource {
     pub split_on: SplitOn,
 }
 
-/// A file downloaded over HTTP(S), pinned by its SHA-256.
+/// A file downloaded over HTTP(S), pinned by its SHA-256. (`format`, `field` and `split_on`
+/// repeat `FilesSource`'s: serde cannot flatten a shared struct into `deny_unknown_fields` ones.)
 #[derive(Debug, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UrlSource {
