@@ -43,11 +43,7 @@ fn param_change_reruns_that_stage_and_its_descendants() {
     let p = diamond();
     p.smelt(&["run", "p.yaml"]).ok();
     p.executed();
-    p.write(
-        "p.yaml",
-        &p.read("p.yaml")
-            .replace("vars: { b: B }", "vars: { b: B2 }"),
-    );
+    p.edit("vars: { b: B }", "vars: { b: B2 }");
     let plan = p.smelt(&["plan", "p.yaml"]).ok();
     assert_has(&plan.stdout, "params: run");
     assert_has(&plan.stdout, "input in will be rebuilt (stage b)");
@@ -61,11 +57,7 @@ fn unchanged_output_stops_the_rerun_early() {
     p.smelt(&["run", "p.yaml"]).ok();
     p.executed();
     // A different command producing the same bytes: `a` reruns, b, c and d are cut off.
-    p.write(
-        "p.yaml",
-        &p.read("p.yaml")
-            .replace("echo a >> log;", "echo a >> log; true;"),
-    );
+    p.edit("echo a >> log;", "echo a >> log; true;");
     let plan = p.smelt(&["plan", "p.yaml", "--format", "json"]).ok();
     let plan: serde_json::Value = serde_json::from_str(&plan.stdout).unwrap();
     let b = plan["stages"]

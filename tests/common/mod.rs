@@ -59,6 +59,13 @@ impl Project {
         std::fs::write(path, text).unwrap();
     }
 
+    /// Replaces text in the pipeline file.
+    pub fn edit(&self, old: &str, new: &str) {
+        let text = self.read("p.yaml");
+        assert!(text.contains(old), "{old:?} is not in the pipeline");
+        self.write("p.yaml", &text.replace(old, new));
+    }
+
     pub fn read(&self, rel: &str) -> String {
         std::fs::read_to_string(self.path(rel)).unwrap_or_default()
     }

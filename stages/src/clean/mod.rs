@@ -523,6 +523,19 @@ mod tests {
     use smelt_engine::stage::NoProgress;
     use std::sync::Arc;
 
+    /// A two-turn conversation with id `c`.
+    fn chat(user: &str, assistant: &str) -> Record {
+        let turn = |role: &str, content: &str| Message {
+            role: role.into(),
+            content: content.into(),
+        };
+        Record::chat(
+            "c".into(),
+            vec![turn("user", user), turn("assistant", assistant)],
+            "t",
+        )
+    }
+
     /// A temporary directory and an empty input folder inside it.
     fn scratch() -> (tempfile::TempDir, PathBuf) {
         let dir = tempfile::tempdir().unwrap();
@@ -725,21 +738,8 @@ mod tests {
     #[test]
     fn structured_records_are_normalised_but_not_filtered_by_default() {
         let (dir, input) = scratch();
-        let chat = Record::chat(
-            "c".into(),
-            vec![
-                Message {
-                    role: "user".into(),
-                    content: "What is  2+2?".into(),
-                },
-                Message {
-                    role: "assistant".into(),
-                    content: "4".into(),
-                },
-            ],
-            "t",
-        );
-        write_corpus(&input, &[chat, doc(1, &prose(1))], &[]);
+        let conversation = chat("What is  2+2?", "4");
+        write_corpus(&input, &[conversation, doc(1, &prose(1))], &[]);
         let params = serde_json::json!({ "filters": [ { "gopher_quality": {} } ] });
         let out = dir.path().join("out");
         run(params.clone(), &input, &out).unwrap();
@@ -795,20 +795,7 @@ mod tests {
     #[test]
     fn structured_records_are_filtered_field_by_field_when_asked() {
         let (dir, input) = scratch();
-        let chat = Record::chat(
-            "c".into(),
-            vec![
-                Message {
-                    role: "user".into(),
-                    content: "Mail me at a@b.com please".into(),
-                },
-                Message {
-                    role: "assistant".into(),
-                    content: "Sure".into(),
-                },
-            ],
-            "t",
-        );
+        let conversation = chat("Mail me at a@b.com please", "Sure");
         let pair = |id: &str, chosen: &str| {
             Record::preference(
                 id.into(),
@@ -821,7 +808,7 @@ mod tests {
         write_corpus(
             &input,
             &[
-                chat,
+                conversation,
                 pair("p1", "Yes"),
                 pair("p2", "Maybe"),
                 pair("p3", "Yes"),
