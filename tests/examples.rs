@@ -29,6 +29,30 @@ fn smelt(args: &[&str], dir: &Path) -> Run {
         .into()
 }
 
+/// A temporary copy of an example pipeline and its data; also returns the `pipelines/` folder.
+fn example_copy(pipeline: &str) -> (tempfile::TempDir, std::path::PathBuf) {
+    let work = tempfile::tempdir().unwrap();
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines");
+    std::fs::create_dir_all(work.path().join("data")).unwrap();
+    std::fs::copy(source.join(pipeline), work.path().join(pipeline)).unwrap();
+    std::fs::copy(
+        source.join("data/sample.txt"),
+        work.path().join("data/sample.txt"),
+    )
+    .unwrap();
+    (work, source)
+}
+
+/// The artifact directory of a stage, via `smelt show --path`.
+fn artifact_dir(pipeline: &str, stage: &str, dir: &Path) -> std::path::PathBuf {
+    std::path::PathBuf::from(
+        smelt(&["show", pipeline, stage, "--path"], dir)
+            .ok()
+            .stdout
+            .trim(),
+    )
+}
+
 #[test]
 fn the_committed_schema_is_what_smelt_schema_prints() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -80,25 +104,11 @@ fn examples_satisfy_the_published_schema_as_an_editor_sees_them() {
 
 #[test]
 fn wordcount_runs_and_reruns_only_what_a_var_touches() {
-    let work = tempfile::tempdir().unwrap();
-    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines");
-    std::fs::create_dir_all(work.path().join("data")).unwrap();
-    std::fs::copy(
-        source.join("wordcount.yaml"),
-        work.path().join("wordcount.yaml"),
-    )
-    .unwrap();
-    std::fs::copy(
-        source.join("data/sample.txt"),
-        work.path().join("data/sample.txt"),
-    )
-    .unwrap();
+    let (work, source) = example_copy("wordcount.yaml");
     let run = smelt(&["run", "wordcount.yaml"], work.path()).ok();
     assert_has(&run.stdout, "3 ran");
-    let dir = smelt(&["show", "wordcount.yaml", "counts", "--path"], work.path())
-        .ok()
-        .stdout;
-    let top = std::fs::read_to_string(Path::new(dir.trim()).join("top.txt")).unwrap();
+    let dir = artifact_dir("wordcount.yaml", "counts", work.path());
+    let top = std::fs::read_to_string(dir.as_path().join("top.txt")).unwrap();
     let first = top
         .lines()
         .next()
@@ -122,22 +132,12 @@ fn wordcount_runs_and_reruns_only_what_a_var_touches() {
 
 #[test]
 fn corpus_collects_offline_and_reruns_nothing_the_second_time() {
-    let work = tempfile::tempdir().unwrap();
-    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines");
-    std::fs::create_dir_all(work.path().join("data")).unwrap();
-    std::fs::copy(source.join("corpus.yaml"), work.path().join("corpus.yaml")).unwrap();
-    std::fs::copy(
-        source.join("data/sample.txt"),
-        work.path().join("data/sample.txt"),
-    )
-    .unwrap();
+    let (work, source) = example_copy("corpus.yaml");
     let run = smelt(&["run", "corpus.yaml"], work.path()).ok();
     assert_has(&run.stdout, "4 ran");
-    let dir = smelt(&["show", "corpus.yaml", "corpus", "--path"], work.path())
-        .ok()
-        .stdout;
+    let dir = artifact_dir("corpus.yaml", "corpus", work.path());
     let manifest: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(Path::new(dir.trim()).join("manifest.json")).unwrap(),
+        &std::fs::read_to_string(dir.as_path().join("manifest.json")).unwrap(),
     )
     .unwrap();
     let lines = std::fs::read_to_string(source.join("data/sample.txt"))
@@ -147,13 +147,10 @@ fn corpus_collects_offline_and_reruns_nothing_the_second_time() {
     let total = manifest["train"]["documents"].as_u64().unwrap()
         + manifest["validation"]["documents"].as_u64().unwrap();
     assert_eq!(total, 4000 + lines);
-    let dir = smelt(&["show", "corpus.yaml", "cleaned", "--path"], work.path())
-        .ok()
-        .stdout;
-    let stats: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(Path::new(dir.trim()).join("stats.json")).unwrap(),
-    )
-    .unwrap();
+    let dir = artifact_dir("corpus.yaml", "cleaned", work.path());
+    let stats: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.as_path().join("stats.json")).unwrap())
+            .unwrap();
     assert_eq!(stats["documents_in"].as_u64().unwrap(), total);
     assert!(
         stats["exact_duplicates"].as_u64().unwrap() > 0,
