@@ -80,19 +80,29 @@ fn is_tidy_ascii(text: &str) -> bool {
     {
         return false;
     }
-    // One pass: printable ASCII or newline, no space next to a space or newline, no third
-    // newline in a row.
-    let (mut previous, mut newlines) = (0u8, 0);
-    for &b in bytes {
-        let allowed = (0x20..0x7f).contains(&b) || b == b'\n';
-        let bad_pair = matches!((previous, b), (b' ', b' ') | (b' ', b'\n') | (b'\n', b' '));
-        newlines = if b == b'\n' { newlines + 1 } else { 0 };
-        if !allowed || bad_pair || newlines > 2 {
-            return false;
-        }
-        previous = b;
-    }
-    true
+    // Printable ASCII or newline; no space next to a space or newline; no third newline in a
+    // row. Branch-free folds over shifted slices, which the compiler vectorises: this check runs
+    // on every document, and a byte-at-a-time loop made it a third of exact dedup's time.
+    let space_or_newline = |b: u8| b == b' ' || b == b'\n';
+    let bad_bytes = bytes.iter().fold(false, |bad, &b| {
+        bad | ((b < 0x20 && b != b'\n') | (b >= 0x7f))
+    });
+    let (head, tail) = (
+        &bytes[..bytes.len().saturating_sub(1)],
+        bytes.get(1..).unwrap_or(&[]),
+    );
+    let bad_pairs = head.iter().zip(tail).fold(false, |bad, (&a, &b)| {
+        bad | (space_or_newline(a) & space_or_newline(b) & ((a == b' ') | (b == b' ')))
+    });
+    let third = bytes.get(2..).unwrap_or(&[]);
+    let three_newlines = head
+        .iter()
+        .zip(tail)
+        .zip(third)
+        .fold(false, |bad, ((&a, &b), &c)| {
+            bad | ((a == b'\n') & (b == b'\n') & (c == b'\n'))
+        });
+    !(bad_bytes | bad_pairs | three_newlines)
 }
 
 /// Control characters dropped, runs of whitespace inside a line made one space, lines trimmed,

@@ -14,8 +14,10 @@ mod tape;
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{BufRead, BufReader};
+use std::io::Read;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use rayon::prelude::*;
 use schemars::JsonSchema;
@@ -76,8 +78,80 @@ fn default_shard_documents() -> u64 {
 /// One document's scores, per filter (`None`: not a scoring filter, or not reached).
 type DocScores = Vec<Option<filters::Scores>>;
 
-/// Kept documents of a chunk, as (JSON line, text bytes), on their way to the shard writer.
-type Batch = Vec<(String, usize)>;
+/// Kept documents of a chunk on their way to the shard writer: the chunk's input block, and
+/// per document its JSON line and text bytes.
+struct Batch {
+    block: Arc<Block>,
+    kept: Vec<(Json, usize)>,
+}
+
+/// A kept document's output line.
+enum Json {
+    /// Cleaning changed nothing: the input line, as a range of the chunk's block (shards are
+    /// always written by smelt's serialiser, so re-serialising would give the same bytes).
+    AsRead(Range<usize>),
+    Rewritten(String),
+}
+
+/// A chunk of input lines, read as one buffer: no allocation per line, and lines that pass
+/// unchanged are written from it without a copy.
+#[derive(Default)]
+struct Block {
+    bytes: Vec<u8>,
+    /// Line ranges, without the newline.
+    lines: Vec<Range<usize>>,
+    /// The 1-based line number of the first line in its shard.
+    first_line: usize,
+}
+
+impl Block {
+    /// Bytes read per block: about `CHUNK` typical documents, so that a block is a parallel
+    /// batch and the next one is read while it is processed.
+    const BYTES: usize = 4 << 20;
+
+    /// Reads the next block of about `target` bytes from `input`, whole lines only: `carry`
+    /// holds the unfinished last line of the previous block. `None` at the end of the input.
+    fn read(
+        input: &mut impl Read,
+        carry: &mut Vec<u8>,
+        first_line: usize,
+        target: usize,
+    ) -> std::io::Result<Option<Block>> {
+        // `carry` holds no newline; read until the block has a complete line and its target size.
+        let mut bytes = std::mem::take(carry);
+        let (mut has_newline, mut at_end) = (false, false);
+        while !(has_newline && bytes.len() >= target) {
+            let start = bytes.len();
+            // Into spare capacity, without zeroing it first.
+            bytes.reserve(target);
+            if input.by_ref().take(target as u64).read_to_end(&mut bytes)? == 0 {
+                at_end = true;
+                break;
+            }
+            has_newline |= memchr::memchr(b'\n', &bytes[start..]).is_some();
+        }
+        // Whatever follows the last newline waits for the next block, unless the input ended.
+        if !at_end {
+            let last = memchr::memrchr(b'\n', &bytes).expect("the block has a newline");
+            carry.extend_from_slice(&bytes[last + 1..]);
+            bytes.truncate(last + 1);
+        }
+        let mut lines = Vec::with_capacity(CHUNK);
+        let mut start = 0;
+        for end in memchr::memchr_iter(b'\n', &bytes) {
+            lines.push(start..end);
+            start = end + 1;
+        }
+        if start < bytes.len() {
+            lines.push(start..bytes.len());
+        }
+        Ok((!lines.is_empty()).then_some(Block {
+            bytes,
+            lines,
+            first_line,
+        }))
+    }
+}
 
 /// A dropped document shown in stats.json.
 #[derive(Debug, Serialize)]
@@ -126,7 +200,7 @@ enum Processed {
 struct Kept {
     record: Record,
     /// The record as its output JSON line.
-    json: String,
+    json: Json,
     exact: dedup::ExactHash,
     signature: Option<dedup::Signature>,
     /// Structured records skip dedup unless `filter_structured`.
@@ -136,12 +210,13 @@ struct Kept {
 impl Kept {
     fn new(
         record: Record,
-        json: Option<String>,
+        json: Option<Json>,
         signature: Option<dedup::Signature>,
         dedupable: bool,
     ) -> Self {
-        let json =
-            json.unwrap_or_else(|| serde_json::to_string(&record).expect("records serialise"));
+        let json = json.unwrap_or_else(|| {
+            Json::Rewritten(serde_json::to_string(&record).expect("records serialise"))
+        });
         let exact = dedup::ExactHash::of(&record.all_text());
         Kept {
             record,
@@ -156,7 +231,7 @@ impl Kept {
 impl Stage for Clean {
     type Params = CleanParams;
     const KIND: &'static str = "clean";
-    const VERSION: u32 = 2;
+    const VERSION: u32 = 3;
     const SUMMARY: &'static str =
         "Normalise, filter (Gopher, C4, language, PII, regex) and deduplicate documents";
 
@@ -197,8 +272,12 @@ impl Stage for Clean {
                 let mut writer = ShardWriter::new(&ctx.out_dir, split, params.shard_documents);
                 let writing = scope.spawn(move || -> std::io::Result<SplitSummary> {
                     for batch in batches {
-                        for (json, text_bytes) in batch {
-                            writer.write_json(&json, text_bytes)?;
+                        for (json, text_bytes) in batch.kept {
+                            let line = match &json {
+                                Json::AsRead(range) => &batch.block.bytes[range.clone()],
+                                Json::Rewritten(json) => json.as_bytes(),
+                            };
+                            writer.write_line(line, text_bytes)?;
                         }
                     }
                     writer.finish()
@@ -285,62 +364,65 @@ impl Cleaner<'_> {
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
         let file = File::open(shard).map_err(|e| format!("{name}: {e}"))?;
-        let mut lines = BufReader::new(file).lines();
-        let mut number = 0;
-        let mut read_chunk = || -> Result<Vec<(usize, String)>, String> {
-            let mut chunk = Vec::with_capacity(CHUNK);
-            for line in lines.by_ref().take(CHUNK) {
-                number += 1;
-                chunk.push((number, line.map_err(|e| format!("{name}:{number}: {e}"))?));
-            }
-            Ok(chunk)
+        let mut input = file;
+        let mut carry = Vec::new();
+        let mut lines_read = 0;
+        let mut read_block = || -> Result<Option<Block>, String> {
+            let block = Block::read(&mut input, &mut carry, lines_read + 1, Block::BYTES)
+                .map_err(|e| format!("{name}:{}: {e}", lines_read + 1))?;
+            lines_read += block.as_ref().map_or(0, |b| b.lines.len());
+            Ok(block)
         };
-        let mut next = read_chunk()?;
-        while !next.is_empty() {
-            let chunk = std::mem::take(&mut next);
-            stats.documents_in += chunk.len() as u64;
+        let mut next = read_block()?;
+        while let Some(block) = next.take() {
+            let block = Arc::new(block);
+            stats.documents_in += block.lines.len() as u64;
             let hasher = index.hasher();
-            let cached: Vec<Option<DocScores>> = match tape.replay(chunk.len())? {
+            let cached: Vec<Option<DocScores>> = match tape.replay(block.lines.len())? {
                 Some(scores) => scores.into_iter().map(Some).collect(),
-                None => vec![None; chunk.len()],
+                None => vec![None; block.lines.len()],
             };
-            // Read the next chunk while this one is processed.
+            // Read the next block while this one is processed.
             let (processed, read) = rayon::join(
                 || {
-                    chunk
-                        .into_par_iter()
+                    block
+                        .lines
+                        .par_iter()
+                        .enumerate()
                         .zip(cached)
-                        .map(|((number, line), cached)| {
-                            let record: Record = serde_json::from_str(&line)
-                                .map_err(|e| format!("{name}:{number}: not a record: {e}"))?;
-                            Ok(self.process(record, line, hasher, cached))
+                        .map(|((i, range), cached)| {
+                            let line = &block.bytes[range.clone()];
+                            let record: Record = serde_json::from_slice(line).map_err(|e| {
+                                format!("{name}:{}: not a record: {e}", block.first_line + i)
+                            })?;
+                            Ok(self.process(record, range.clone(), hasher, cached))
                         })
                         .collect::<Vec<Result<(Processed, DocScores), String>>>()
                 },
-                &mut read_chunk,
+                &mut read_block,
             );
             next = read?;
-            let mut batch = Batch::with_capacity(processed.len());
+            let mut kept = Vec::with_capacity(processed.len());
             let mut scores = Vec::with_capacity(processed.len());
             for item in processed {
-                let (item, doc_scores) = item?;
+                let (mut item, doc_scores) = item?;
                 scores.push(doc_scores);
-                batch.extend(self.admit(item, index, stats));
+                kept.extend(self.admit(&mut item, index, stats));
             }
             tape.record(&scores)?;
-            sink.send(batch)
+            sink.send(Batch { block, kept })
                 .map_err(|_| "the shard writer stopped".to_string())?;
         }
         Ok(())
     }
 
     /// The parallel part: normalise, filter, sign.
-    /// `line` is the record's input JSON: written back as it is when cleaning changed nothing
-    /// (shards are always written by smelt's serialiser, so the bytes would be the same).
+    /// `line` is where the record's input JSON is in its block: written back as it is when
+    /// cleaning changed nothing.
     fn process(
         &self,
         mut record: Record,
-        line: String,
+        line: Range<usize>,
         hasher: Option<&dedup::MinHasher>,
         cached: Option<DocScores>,
     ) -> (Processed, DocScores) {
@@ -348,7 +430,8 @@ impl Cleaner<'_> {
         let normalized = self.normalize_fields(&mut record);
         let original_text = (!self.filters.is_empty()).then(|| record.text.clone());
         let unchanged = |r: &Record| {
-            (!normalized && original_text.as_ref().is_none_or(|t| *t == r.text)).then_some(line)
+            (!normalized && original_text.as_ref().is_none_or(|t| *t == r.text))
+                .then_some(Json::AsRead(line))
         };
         if structured && !self.params.filter_structured {
             let json = unchanged(&record);
@@ -480,34 +563,31 @@ impl Cleaner<'_> {
     /// Returns the JSON line to write, if the document is kept.
     fn admit(
         &self,
-        item: Processed,
+        item: &mut Processed,
         index: &mut dedup::Index,
         stats: &mut Stats,
-    ) -> Option<(String, usize)> {
+    ) -> Option<(Json, usize)> {
         let samples = self.params.samples_per_reason;
         match item {
-            Processed::Dropped(record, reason) => stats.drop(reason, &record, samples),
-            Processed::Kept(Kept {
-                record,
-                json,
-                exact,
-                signature,
-                dedupable,
-            }) => {
-                let verdict = if dedupable {
-                    index.admit(exact, signature.as_ref())
+            Processed::Dropped(record, reason) => stats.drop(reason, record, samples),
+            Processed::Kept(kept) => {
+                let verdict = if kept.dedupable {
+                    index.admit(kept.exact, kept.signature.as_ref())
                 } else {
                     Ok(())
                 };
                 match verdict {
-                    Ok(()) => return Some((json, record.text.len())),
+                    Ok(()) => {
+                        let json = std::mem::replace(&mut kept.json, Json::AsRead(0..0));
+                        return Some((json, kept.record.text.len()));
+                    }
                     Err(dedup::Duplicate::Exact) => {
                         stats.exact_duplicates += 1;
-                        stats.drop("dedup.exact", &record, samples);
+                        stats.drop("dedup.exact", &kept.record, samples);
                     }
                     Err(dedup::Duplicate::Near) => {
                         stats.near_duplicates += 1;
-                        stats.drop("dedup.minhash", &record, samples);
+                        stats.drop("dedup.minhash", &kept.record, samples);
                     }
                 }
             }
@@ -831,6 +911,28 @@ mod tests {
             "pairs differ by their answers; p3 repeats p1"
         );
         assert_eq!(stats["exact_duplicates"], 1);
+    }
+
+    #[test]
+    fn blocks_hold_whole_lines_whatever_the_read_sizes() {
+        let text = "a\nbb\n\nccccccccccccccc\nd\neeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeee\nf";
+        let expected: Vec<&str> = text.split('\n').collect();
+        for target in [1, 2, 3, 7, 16, 100] {
+            let (mut input, mut carry) = (text.as_bytes(), Vec::new());
+            let mut lines: Vec<String> = Vec::new();
+            while let Some(block) =
+                Block::read(&mut input, &mut carry, lines.len() + 1, target).unwrap()
+            {
+                // Line numbers continue across blocks.
+                assert_eq!(block.first_line, lines.len() + 1);
+                lines.extend(
+                    block.lines.iter().map(|range| {
+                        String::from_utf8(block.bytes[range.clone()].to_vec()).unwrap()
+                    }),
+                );
+            }
+            assert_eq!(lines, expected, "target {target}");
+        }
     }
 
     #[test]

@@ -356,45 +356,142 @@ impl Reader<'_> {
         }
     }
 
-    fn csv(&mut self, input: impl Read) -> Result<(), String> {
-        let mut csv = csv::ReaderBuilder::new().flexible(false).from_reader(input);
-        let headers = csv
-            .byte_headers()
-            .map_err(|e| format!("{}: {e}", self.name))?
-            .clone();
+    /// CSV with a header row; the configured column is the text. Built on csv-core so that
+    /// memory stays bounded: cells are streamed through a small buffer, only the text column
+    /// is kept, and a text cell over `max_document_bytes` is counted and skipped whatever its
+    /// size (the `csv` crate would hold a whole row, however long, in memory).
+    fn csv(&mut self, mut input: impl BufRead) -> Result<(), String> {
+        let mut rows = CsvRows::new(self.options.max_document_bytes as usize);
+        let Some(headers) = rows
+            .next_row(&mut input, None)
+            .map_err(|e| self.csv_error(e))?
+        else {
+            return Ok(());
+        };
         let field = &self.options.field;
-        let column = headers
+        let names: Vec<String> = headers
+            .cells
             .iter()
-            .position(|h| h == field.as_bytes())
-            .ok_or_else(|| {
-                let names: Vec<String> = headers
-                    .iter()
-                    .map(|h| String::from_utf8_lossy(h).into_owned())
-                    .collect();
-                format!(
-                    "{}: no column `{field}`; columns: {}",
-                    self.name,
-                    names.join(", ")
-                )
-            })?;
-        let mut row = csv::ByteRecord::new();
-        while csv
-            .read_byte_record(&mut row)
-            .map_err(|e| format!("{}: {e}", self.name))?
+            .enumerate()
+            .map(|(i, h)| {
+                let h = String::from_utf8_lossy(h.as_deref().unwrap_or_default());
+                // A UTF-8 byte order mark is not part of the first name.
+                if i == 0 {
+                    h.trim_start_matches('\u{feff}')
+                } else {
+                    &h
+                }
+                .to_string()
+            })
+            .collect();
+        let column = names.iter().position(|h| h == field).ok_or_else(|| {
+            format!(
+                "{}: no column `{field}`; columns: {}",
+                self.name,
+                names.join(", ")
+            )
+        })?;
+        while let Some(row) = rows
+            .next_row(&mut input, Some(column))
+            .map_err(|e| self.csv_error(e))?
         {
-            // The line the row starts on (quoted cells may span lines).
-            let number = row.position().map_or(0, |p| p.line());
-            let at = format!("{}:{number}", self.name);
-            let cell = row.get(column).unwrap_or_default();
-            if cell.len() as u64 > self.options.max_document_bytes {
-                self.skip("too_long");
-                continue;
+            let at = format!("{}:{}", self.name, row.line);
+            if row.fields != names.len() {
+                return Err(format!(
+                    "{at}: the row has {} field(s) where the header has {}",
+                    row.fields,
+                    names.len()
+                ));
             }
-            if let Some(text) = self.decode(cell.to_vec(), &at)? {
-                self.text_document(at, text)?;
+            match row.cells.into_iter().next().flatten() {
+                None => self.skip("too_long"),
+                Some(cell) => {
+                    if let Some(text) = self.decode(cell, &at)? {
+                        self.text_document(at, text)?;
+                    }
+                }
             }
         }
         Ok(())
+    }
+
+    fn csv_error(&self, e: io::Error) -> String {
+        format!("{}: {e}", self.name)
+    }
+}
+
+/// One CSV row as [`CsvRows`] reads it.
+struct CsvRow {
+    /// The line the row starts on (quoted cells may span lines).
+    line: u64,
+    /// How many fields the row has.
+    fields: usize,
+    /// The kept cells: every cell for the header, else only the wanted column. `None` for a
+    /// cell longer than the limit.
+    cells: Vec<Option<Vec<u8>>>,
+}
+
+/// Streams CSV rows through csv-core, keeping at most `limit` bytes of any cell.
+struct CsvRows {
+    parser: csv_core::Reader,
+    limit: usize,
+    at_end: bool,
+}
+
+impl CsvRows {
+    fn new(limit: usize) -> Self {
+        CsvRows {
+            parser: csv_core::Reader::new(),
+            limit,
+            at_end: false,
+        }
+    }
+
+    /// The next row, keeping only cell `keep` (every cell when `None`); `None` at the end.
+    fn next_row(
+        &mut self,
+        input: &mut impl BufRead,
+        keep: Option<usize>,
+    ) -> io::Result<Option<CsvRow>> {
+        let mut chunk = [0u8; 8192];
+        let mut row = CsvRow {
+            line: self.parser.line(),
+            fields: 0,
+            cells: Vec::new(),
+        };
+        let mut cell: Option<Vec<u8>> = Some(Vec::new());
+        loop {
+            if self.at_end {
+                return Ok(None);
+            }
+            let available = input.fill_buf()?;
+            let (result, read, written) = self.parser.read_field(available, &mut chunk);
+            input.consume(read);
+            let wanted = keep.is_none_or(|k| k == row.fields);
+            if wanted {
+                if let Some(bytes) = &mut cell {
+                    if bytes.len() + written > self.limit {
+                        cell = None;
+                    } else {
+                        bytes.extend_from_slice(&chunk[..written]);
+                    }
+                }
+            }
+            match result {
+                csv_core::ReadFieldResult::InputEmpty | csv_core::ReadFieldResult::OutputFull => {}
+                csv_core::ReadFieldResult::Field { record_end } => {
+                    if wanted {
+                        row.cells.push(cell.take());
+                    }
+                    row.fields += 1;
+                    cell = Some(Vec::new());
+                    if record_end {
+                        return Ok(Some(row));
+                    }
+                }
+                csv_core::ReadFieldResult::End => self.at_end = true,
+            }
+        }
     }
 }
 
@@ -485,6 +582,24 @@ mod tests {
         assert_eq!(r[1].id, "t.csv:3");
         let err = read("t.csv", b"id,body\n1,x\n", &options(SplitOn::File)).unwrap_err();
         assert!(err.contains("no column `text`; columns: id, body"), "{err}");
+    }
+
+    #[test]
+    fn csv_cells_are_bounded_and_rows_checked() {
+        // Limit 1000 bytes: a 5 MB cell in another column costs nothing, a 5 MB text cell is
+        // counted and skipped, and the rows after both still read with their line numbers.
+        let big = "x".repeat(5 << 20);
+        let body = format!("\u{feff}text,note\n\"multi\nline\",{big}\n{big},n\nlast,\"q\"\"q\"\n");
+        let (r, skips) = read("b.csv", body.as_bytes(), &options(SplitOn::File)).unwrap();
+        assert_eq!(texts(&r), ["multi\nline", "last"]);
+        assert_eq!(r[0].id, "b.csv:2");
+        assert_eq!(r[1].id, "b.csv:5");
+        assert_eq!(skips["too_long"], 1);
+        let err = read("r.csv", b"text,note\na,b\nc\n", &options(SplitOn::File)).unwrap_err();
+        assert_eq!(
+            err,
+            "r.csv:3: the row has 1 field(s) where the header has 2"
+        );
     }
 
     #[test]
