@@ -134,7 +134,7 @@ fn wordcount_runs_and_reruns_only_what_a_var_touches() {
 fn corpus_collects_offline_and_reruns_nothing_the_second_time() {
     let (work, source) = example_copy("corpus.yaml");
     let run = smelt(&["run", "corpus.yaml"], work.path()).ok();
-    assert_has(&run.stdout, "4 ran");
+    assert_has(&run.stdout, "6 ran");
     let dir = artifact_dir("corpus.yaml", "corpus", work.path());
     let manifest: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(dir.as_path().join("manifest.json")).unwrap(),
@@ -156,9 +156,23 @@ fn corpus_collects_offline_and_reruns_nothing_the_second_time() {
         stats["exact_duplicates"].as_u64().unwrap() > 0,
         "arithmetic repeats itself: {stats:#}"
     );
+    let tokens = artifact_dir("corpus.yaml", "tokens", work.path());
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(tokens.join("meta.json")).unwrap()).unwrap();
+    // The stories' grammar is small: BPE runs out of pairs to merge before 1024 tokens.
+    let vocab = meta["vocab_size"].as_u64().unwrap();
+    assert!((300..=1024).contains(&vocab), "{vocab}");
+    assert_eq!(meta["stats"]["documents"], stats["documents_out"]);
+    let chat_tokens = artifact_dir("corpus.yaml", "chat_tokens", work.path());
+    let chat_meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(chat_tokens.join("meta.json")).unwrap())
+            .unwrap();
+    assert_eq!(chat_meta["tokenizer_hash"], meta["tokenizer_hash"]);
+    assert_eq!(chat_meta["stats"]["conversations"], 500);
+    assert_eq!(chat_meta["stats"]["preference_pairs"], 500);
     let run = smelt(&["run", "corpus.yaml"], work.path()).ok();
-    assert_has(&run.stdout, "0 ran, 4 cached");
-    // A new seed changes the generated corpus, not the chat stage.
+    assert_has(&run.stdout, "0 ran, 6 cached");
+    // A new seed changes the generated corpus and its vocabulary, not the chat data.
     let run = smelt(&["run", "corpus.yaml", "--set", "vars.seed=8"], work.path()).ok();
-    assert_has(&run.stdout, "3 ran");
+    assert_has(&run.stdout, "5 ran");
 }

@@ -5,6 +5,10 @@ pub mod clean;
 pub mod collect;
 pub mod command;
 pub mod records;
+pub mod tokenize;
+
+#[cfg(test)]
+mod testing;
 
 use smelt_engine::Registry;
 
@@ -14,6 +18,7 @@ pub fn registry() -> Registry {
     registry
         .register(clean::Clean)
         .register(collect::Collect)
-        .register(command::Command);
+        .register(command::Command)
+        .register(tokenize::Tokenize);
     registry
 }

@@ -13,10 +13,8 @@ mod gopher;
 mod tape;
 
 use std::collections::BTreeMap;
-use std::fs::File;
-use std::io::Read;
 use std::ops::Range;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use rayon::prelude::*;
@@ -27,11 +25,9 @@ use smelt_engine::{Metrics, Port, Ports, Stage, StageContext, StageError};
 pub use dedup::{DedupParams, MinHashParams};
 pub use filters::{Filter, Unicode};
 
-use crate::records::{Record, ShardWriter, SplitSummary};
+use crate::records::{shards, LineBlock, Record, ShardLines, ShardWriter, SplitSummary};
 use tape::ScoreTape;
 
-/// Documents processed in parallel at a time.
-const CHUNK: usize = 4096;
 /// Characters of each sampled dropped document kept in stats.json.
 const SAMPLE_CHARS: usize = 300;
 
@@ -81,7 +77,7 @@ type DocScores = Vec<Option<filters::Scores>>;
 /// Kept documents of a chunk on their way to the shard writer: the chunk's input block, and
 /// per document its JSON line and text bytes.
 struct Batch {
-    block: Arc<Block>,
+    block: Arc<LineBlock>,
     kept: Vec<(Json, usize)>,
 }
 
@@ -91,66 +87,6 @@ enum Json {
     /// always written by smelt's serialiser, so re-serialising would give the same bytes).
     AsRead(Range<usize>),
     Rewritten(String),
-}
-
-/// A chunk of input lines, read as one buffer: no allocation per line, and lines that pass
-/// unchanged are written from it without a copy.
-#[derive(Default)]
-struct Block {
-    bytes: Vec<u8>,
-    /// Line ranges, without the newline.
-    lines: Vec<Range<usize>>,
-    /// The 1-based line number of the first line in its shard.
-    first_line: usize,
-}
-
-impl Block {
-    /// Bytes read per block: about `CHUNK` typical documents, so that a block is a parallel
-    /// batch and the next one is read while it is processed.
-    const BYTES: usize = 4 << 20;
-
-    /// Reads the next block of about `target` bytes from `input`, whole lines only: `carry`
-    /// holds the unfinished last line of the previous block. `None` at the end of the input.
-    fn read(
-        input: &mut impl Read,
-        carry: &mut Vec<u8>,
-        first_line: usize,
-        target: usize,
-    ) -> std::io::Result<Option<Block>> {
-        // `carry` holds no newline; read until the block has a complete line and its target size.
-        let mut bytes = std::mem::take(carry);
-        let (mut has_newline, mut at_end) = (false, false);
-        while !(has_newline && bytes.len() >= target) {
-            let start = bytes.len();
-            // Into spare capacity, without zeroing it first.
-            bytes.reserve(target);
-            if input.by_ref().take(target as u64).read_to_end(&mut bytes)? == 0 {
-                at_end = true;
-                break;
-            }
-            has_newline |= memchr::memchr(b'\n', &bytes[start..]).is_some();
-        }
-        // Whatever follows the last newline waits for the next block, unless the input ended.
-        if !at_end {
-            let last = memchr::memrchr(b'\n', &bytes).expect("the block has a newline");
-            carry.extend_from_slice(&bytes[last + 1..]);
-            bytes.truncate(last + 1);
-        }
-        let mut lines = Vec::with_capacity(CHUNK);
-        let mut start = 0;
-        for end in memchr::memchr_iter(b'\n', &bytes) {
-            lines.push(start..end);
-            start = end + 1;
-        }
-        if start < bytes.len() {
-            lines.push(start..bytes.len());
-        }
-        Ok((!lines.is_empty()).then_some(Block {
-            bytes,
-            lines,
-            first_line,
-        }))
-    }
 }
 
 /// A dropped document shown in stats.json.
@@ -329,21 +265,6 @@ impl Stage for Clean {
     }
 }
 
-/// The input shards of a split, in order.
-fn shards(dir: &Path, split: &str) -> Result<Vec<PathBuf>, String> {
-    let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map_err(|e| format!("{}: {e}", dir.display()))?
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| {
-            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-            name.starts_with(&format!("{split}-")) && name.ends_with(".jsonl")
-        })
-        .collect();
-    found.sort();
-    Ok(found)
-}
-
 struct Cleaner<'a> {
     params: &'a CleanParams,
     normalization: filters::Normalization,
@@ -359,20 +280,8 @@ impl Cleaner<'_> {
         tape: &mut ScoreTape,
         stats: &mut Stats,
     ) -> Result<(), String> {
-        let name = shard
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let file = File::open(shard).map_err(|e| format!("{name}: {e}"))?;
-        let mut input = file;
-        let mut carry = Vec::new();
-        let mut lines_read = 0;
-        let mut read_block = || -> Result<Option<Block>, String> {
-            let block = Block::read(&mut input, &mut carry, lines_read + 1, Block::BYTES)
-                .map_err(|e| format!("{name}:{}: {e}", lines_read + 1))?;
-            lines_read += block.as_ref().map_or(0, |b| b.lines.len());
-            Ok(block)
-        };
+        let mut input = ShardLines::open(shard)?;
+        let mut read_block = || input.next_block();
         let mut next = read_block()?;
         while let Some(block) = next.take() {
             let block = Arc::new(block);
@@ -391,10 +300,7 @@ impl Cleaner<'_> {
                         .enumerate()
                         .zip(cached)
                         .map(|((i, range), cached)| {
-                            let line = &block.bytes[range.clone()];
-                            let record: Record = serde_json::from_slice(line).map_err(|e| {
-                                format!("{name}:{}: not a record: {e}", block.first_line + i)
-                            })?;
+                            let record = block.record(i)?;
                             Ok(self.process(record, range.clone(), hasher, cached))
                         })
                         .collect::<Vec<Result<(Processed, DocScores), String>>>()
@@ -600,8 +506,8 @@ impl Cleaner<'_> {
 mod tests {
     use super::*;
     use crate::records::Message;
-    use smelt_engine::stage::NoProgress;
-    use std::sync::Arc;
+    use crate::testing::{context, write_corpus};
+    use std::path::PathBuf;
 
     /// A two-turn conversation with id `c`.
     fn chat(user: &str, assistant: &str) -> Record {
@@ -624,43 +530,13 @@ mod tests {
         (dir, input)
     }
 
-    fn write_corpus(dir: &Path, train: &[Record], validation: &[Record]) {
-        for (split, records) in [("train", train), ("validation", validation)] {
-            let mut w = ShardWriter::new(
-                dir,
-                if split == "train" {
-                    "train"
-                } else {
-                    "validation"
-                },
-                3,
-            );
-            for r in records {
-                w.write(r).unwrap();
-            }
-            w.finish().unwrap();
-        }
-    }
-
     fn run(
         params: serde_json::Value,
         input: &Path,
         out: &Path,
     ) -> Result<serde_json::Value, String> {
         let params: CleanParams = serde_json::from_value(params).map_err(|e| e.to_string())?;
-        let _ = std::fs::remove_dir_all(out);
-        std::fs::create_dir_all(out).unwrap();
-        let ctx = StageContext {
-            stage: "clean".into(),
-            pipeline_dir: input.to_path_buf(),
-            out_dir: out.to_path_buf(),
-            work_dir: out.join("work"),
-            inputs: BTreeMap::from([("corpus".to_string(), vec![input.to_path_buf()])]),
-            threads: 1,
-            progress: Arc::new(NoProgress),
-            key_lock_fd: -1,
-            memo_dir: input.join("memo"),
-        };
+        let ctx = context("clean", &[("corpus", input)], out);
         Clean.run(&params, &ctx).map_err(|e| e.to_string())?;
         Ok(serde_json::from_slice(&std::fs::read(out.join("stats.json")).unwrap()).unwrap())
     }
@@ -858,7 +734,7 @@ mod tests {
             first["documents_out"], replayed["documents_out"],
             "the new threshold matters"
         );
-        std::fs::remove_dir_all(input.join("memo")).unwrap();
+        std::fs::remove_dir_all(dir.path().join("memo")).unwrap();
         let fresh = run(with(60), &input, &dir.path().join("c")).unwrap();
         assert_eq!(fresh["scores_from_memo"], false);
         let read = |d: &str| {
@@ -911,28 +787,6 @@ mod tests {
             "pairs differ by their answers; p3 repeats p1"
         );
         assert_eq!(stats["exact_duplicates"], 1);
-    }
-
-    #[test]
-    fn blocks_hold_whole_lines_whatever_the_read_sizes() {
-        let text = "a\nbb\n\nccccccccccccccc\nd\neeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeee\nf";
-        let expected: Vec<&str> = text.split('\n').collect();
-        for target in [1, 2, 3, 7, 16, 100] {
-            let (mut input, mut carry) = (text.as_bytes(), Vec::new());
-            let mut lines: Vec<String> = Vec::new();
-            while let Some(block) =
-                Block::read(&mut input, &mut carry, lines.len() + 1, target).unwrap()
-            {
-                // Line numbers continue across blocks.
-                assert_eq!(block.first_line, lines.len() + 1);
-                lines.extend(
-                    block.lines.iter().map(|range| {
-                        String::from_utf8(block.bytes[range.clone()].to_vec()).unwrap()
-                    }),
-                );
-            }
-            assert_eq!(lines, expected, "target {target}");
-        }
     }
 
     #[test]

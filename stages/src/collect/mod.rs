@@ -6,7 +6,7 @@
 //! data), and `manifest.json` with counts, bytes, per-source skips and the shard names.
 
 mod files;
-mod synthetic;
+pub(crate) mod synthetic;
 mod url;
 
 use std::collections::BTreeMap;

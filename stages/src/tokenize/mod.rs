@@ -1,0 +1,1060 @@
+//! `tokenize`: trains a vocabulary (or loads one), encodes the corpus in parallel, and writes
+//! token shards, an HF `tokenizer.json` and `meta.json`.
+//!
+//! Records become three kinds of streams, per split:
+//! - text documents → `train-*.bin` / `validation-*.bin`: documents with the end-of-text token
+//!   after each, for pretraining;
+//! - conversations → `chat-<split>-*.bin` with a `.mask` (1 on assistant tokens) for SFT;
+//! - preference pairs → `preference-<split>-*.bin` with masks: two sequences per pair, the
+//!   chosen answer first, for DPO.
+//!
+//! Documents are encoded in parallel a block at a time and written in corpus order, so the
+//! output does not depend on the thread count.
+
+mod chat;
+mod encoder;
+mod pretokenize;
+pub mod shards;
+mod train;
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashMap};
+use std::hash::Hash;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use rayon::prelude::*;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use smelt_engine::{Metrics, Port, Ports, Stage, StageContext, StageError};
+use thread_local::ThreadLocal;
+use tokenizers::Tokenizer;
+
+pub use chat::{ChatTemplate, Example};
+pub use encoder::Encoder;
+pub use shards::{Dtype, Stream};
+pub use train::{ModelKind, TrainParams};
+
+use crate::records::{shards as record_shards, Record, ShardLines};
+use shards::TokenWriter;
+
+pub struct Tokenize;
+
+/// Params of a `tokenize` stage. The vocabulary comes from `train` (the default), `from`, or
+/// the `tokenizer` input — exactly one.
+#[derive(Debug, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TokenizeParams {
+    /// Train a vocabulary on the corpus's training split.
+    #[serde(default)]
+    pub train: Option<TrainParams>,
+    /// An HF `tokenizer.json` to use instead, relative to the pipeline file (its content is
+    /// part of the stage key).
+    #[serde(default)]
+    pub from: Option<String>,
+    /// How conversations and preference pairs are rendered.
+    #[serde(default)]
+    pub chat_template: ChatTemplate,
+    /// Longest fine-tuning sequence, in tokens: longer conversations and pairs are cut (and
+    /// counted in meta.json).
+    #[serde(default = "default_max_length")]
+    pub max_length: usize,
+    /// The token after every pretraining document.
+    #[serde(default = "default_eos")]
+    pub eos_token: String,
+    /// Tokens per shard file at most.
+    #[serde(default = "default_shard_tokens")]
+    pub shard_tokens: u64,
+}
+
+fn default_max_length() -> usize {
+    1024
+}
+
+fn default_eos() -> String {
+    "<|endoftext|>".into()
+}
+
+fn default_shard_tokens() -> u64 {
+    1 << 28
+}
+
+impl TokenizeParams {
+    fn check(&self) -> Result<(), String> {
+        if self.train.is_some() && self.from.is_some() {
+            return Err("give either `train` or `from`, not both".into());
+        }
+        if self.max_length == 0 {
+            return Err("`max_length` must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+/// meta.json: what the shards hold and how to read them.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Meta {
+    pub tokenizer: String,
+    /// BLAKE3 of tokenizer.json.
+    pub tokenizer_hash: String,
+    pub vocab_size: usize,
+    pub dtype: Dtype,
+    pub eos_id: u32,
+    pub special_tokens: BTreeMap<String, u32>,
+    /// Streams by name: `train`, `validation`, `chat-train`, `preference-validation`, …
+    pub streams: BTreeMap<String, Stream>,
+    pub max_length: usize,
+    pub stats: Stats,
+}
+
+impl Meta {
+    pub fn read(dir: &Path) -> Result<Meta, String> {
+        let path = dir.join("meta.json");
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| format!("{}: {e} (is it a tokenize stage's output?)", path.display()))?;
+        serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
+    }
+}
+
+/// Corpus statistics, in meta.json.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct Stats {
+    pub documents: u64,
+    /// UTF-8 bytes of text per token, over text documents (end-of-text tokens not counted).
+    pub bytes_per_token: f64,
+    /// Share of tokens that are the unknown token (`None` when the vocabulary has none).
+    pub unknown_rate: Option<f64>,
+    /// Text documents by token count: `[at_least, documents]` for each power-of-two bucket.
+    pub tokens_per_document: Vec<(u64, u64)>,
+    pub conversations: u64,
+    pub preference_pairs: u64,
+    /// Fine-tuning examples cut to `max_length`.
+    pub truncated: u64,
+    /// Fine-tuning examples (or pairs) with no token to train on, left out.
+    pub zero_trainable: u64,
+    /// Which encoder ran: a fast path or `tokenizers`.
+    pub encoder: String,
+    pub train_seconds: f64,
+    pub encode_seconds: f64,
+}
+
+impl Stage for Tokenize {
+    type Params = TokenizeParams;
+    const KIND: &'static str = "tokenize";
+    const VERSION: u32 = 1;
+    const SUMMARY: &'static str =
+        "Train or load a tokenizer and encode the corpus into token shards";
+
+    fn ports(&self) -> Ports {
+        Ports::Declared(vec![
+            Port {
+                name: "corpus",
+                required: true,
+                many: false,
+                doc: "a collect or clean stage",
+            },
+            Port {
+                name: "tokenizer",
+                required: false,
+                many: false,
+                doc: "a tokenize stage whose vocabulary to reuse",
+            },
+        ])
+    }
+
+    fn external_deps(
+        &self,
+        params: &TokenizeParams,
+        pipeline_dir: &Path,
+    ) -> Result<Vec<PathBuf>, String> {
+        params.check()?;
+        Ok(match &params.from {
+            Some(path) => {
+                if !pipeline_dir.join(path).is_file() {
+                    return Err(format!("`from`: no file {path} next to the pipeline"));
+                }
+                vec![PathBuf::from(path)]
+            }
+            None => Vec::new(),
+        })
+    }
+
+    fn run(&self, params: &TokenizeParams, ctx: &StageContext) -> Result<Metrics, StageError> {
+        params.check()?;
+        let corpus = Corpus {
+            dir: ctx
+                .input("corpus")
+                .ok_or("no `corpus` input")?
+                .to_path_buf(),
+        };
+        let started = Instant::now();
+        let (tokenizer, json) = tokenizer(params, ctx, &corpus)?;
+        let train_seconds = started.elapsed().as_secs_f64();
+        let encoder = Encoder::new(&tokenizer)?;
+        let eos_id = tokenizer.token_to_id(&params.eos_token).ok_or_else(|| {
+            format!(
+                "the tokenizer has no `{}` token: set `eos_token` to one it has",
+                params.eos_token
+            )
+        })?;
+        let vocab_size = tokenizer.get_vocab_size(true);
+        let unknown = unknown_id(&json);
+        let mut encoding = Encoding {
+            params,
+            encoder: &encoder,
+            eos_id,
+            unknown,
+            dtype: Dtype::for_vocab(vocab_size),
+            out: &ctx.out_dir,
+            tally: Tally::default(),
+        };
+        let started = Instant::now();
+        let mut streams = BTreeMap::new();
+        for split in ["train", "validation"] {
+            streams.extend(encoding.split(&corpus, split, ctx)?);
+        }
+        let encode_seconds = started.elapsed().as_secs_f64();
+        if encoding.tally.documents == 0 {
+            return Err("the corpus has no documents".into());
+        }
+        std::fs::write(ctx.out_dir.join("tokenizer.json"), &json)?;
+        std::fs::write(
+            ctx.out_dir.join("tokenizer_config.json"),
+            serde_json::to_vec_pretty(&tokenizer_config(params, &tokenizer, unknown))?,
+        )?;
+        let stats =
+            encoding
+                .tally
+                .stats(&encoder, unknown.is_some(), train_seconds, encode_seconds);
+        let tokens: u64 = streams.values().map(|s: &Stream| s.tokens).sum();
+        let meta = Meta {
+            tokenizer: "tokenizer.json".into(),
+            tokenizer_hash: blake3::hash(json.as_bytes()).to_hex().to_string(),
+            vocab_size,
+            dtype: encoding.dtype,
+            eos_id,
+            special_tokens: special_tokens(&json),
+            streams,
+            max_length: params.max_length,
+            stats,
+        };
+        std::fs::write(
+            ctx.out_dir.join("meta.json"),
+            serde_json::to_vec_pretty(&meta)?,
+        )?;
+        let stream_tokens = |name: &str| meta.streams.get(name).map_or(0, |s| s.tokens);
+        Ok(Metrics::from([
+            ("vocab_size".to_string(), vocab_size.into()),
+            ("train_tokens".to_string(), stream_tokens("train").into()),
+            (
+                "validation_tokens".to_string(),
+                stream_tokens("validation").into(),
+            ),
+            (
+                "bytes_per_token".to_string(),
+                meta.stats.bytes_per_token.into(),
+            ),
+            ("train_seconds".to_string(), train_seconds.into()),
+            ("encode_seconds".to_string(), encode_seconds.into()),
+            (
+                "encode_tokens_per_second".to_string(),
+                (tokens as f64 / encode_seconds.max(1e-9)).round().into(),
+            ),
+        ]))
+    }
+}
+
+/// The tokenizer and its JSON (written out unchanged when loaded).
+fn tokenizer(
+    params: &TokenizeParams,
+    ctx: &StageContext,
+    corpus: &Corpus,
+) -> Result<(Tokenizer, String), String> {
+    let load = |path: &Path| -> Result<(Tokenizer, String), String> {
+        let json = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let tokenizer = Tokenizer::from_bytes(json.as_bytes()).map_err(|e| {
+            format!(
+                "{}: not a tokenizer.json `tokenizers` can load: {e}",
+                path.display()
+            )
+        })?;
+        Ok((tokenizer, json))
+    };
+    let wired = ctx.input("tokenizer");
+    match (&params.from, wired, &params.train) {
+        (Some(_), Some(_), _) | (_, Some(_), Some(_)) => Err(
+            "the vocabulary comes from the `tokenizer` input here: remove `from` and `train`"
+                .into(),
+        ),
+        (Some(path), None, _) => load(&ctx.pipeline_dir.join(path)),
+        (None, Some(dir), None) => load(&dir.join("tokenizer.json")),
+        (None, None, train) => {
+            let tokenizer = train::train(&train.clone().unwrap_or_default(), corpus)?;
+            let json = tokenizer
+                .to_string(false)
+                .map_err(|e| format!("cannot serialise the tokenizer: {e}"))?;
+            Ok((tokenizer, json))
+        }
+    }
+}
+
+/// The unknown token's id, if the model has one (Unigram names it by id, the others by text).
+fn unknown_id(json: &str) -> Option<u32> {
+    let value: serde_json::Value = serde_json::from_str(json).ok()?;
+    let model = &value["model"];
+    if let Some(id) = model["unk_id"].as_u64() {
+        return Some(id as u32);
+    }
+    model["vocab"]
+        .get(model["unk_token"].as_str()?)?
+        .as_u64()
+        .map(|id| id as u32)
+}
+
+fn special_tokens(json: &str) -> BTreeMap<String, u32> {
+    let value: serde_json::Value = serde_json::from_str(json).unwrap_or_default();
+    value["added_tokens"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|t| t["special"] == true)
+        .filter_map(|t| Some((t["content"].as_str()?.to_string(), t["id"].as_u64()? as u32)))
+        .collect()
+}
+
+/// tokenizer_config.json, so that `AutoTokenizer.from_pretrained(dir)` finds the fast tokenizer,
+/// its special tokens and the chat template.
+fn tokenizer_config(
+    params: &TokenizeParams,
+    tokenizer: &Tokenizer,
+    unknown: Option<u32>,
+) -> serde_json::Value {
+    let mut config = serde_json::json!({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "eos_token": params.eos_token,
+        "bos_token": params.eos_token,
+        "pad_token": params.eos_token,
+        "clean_up_tokenization_spaces": false,
+        "model_max_length": params.max_length,
+        "chat_template": params.chat_template.jinja(),
+    });
+    if let Some(token) = unknown.and_then(|id| tokenizer.id_to_token(id)) {
+        config["unk_token"] = token.into();
+    }
+    config
+}
+
+/// The input corpus.
+pub struct Corpus {
+    dir: PathBuf,
+}
+
+/// The texts of a record a vocabulary learns from.
+fn training_texts(record: &Record) -> Vec<&str> {
+    if let Some(messages) = &record.messages {
+        return messages.iter().map(|m| m.content.as_str()).collect();
+    }
+    match (&record.prompt, &record.chosen, &record.rejected) {
+        (Some(p), Some(c), Some(r)) => vec![p, c, r],
+        _ => vec![&record.text],
+    }
+}
+
+impl Corpus {
+    /// Runs `count` over every training text in parallel, each thread into its own map, and
+    /// sums the maps.
+    fn count<K, F>(&self, count: F) -> Result<HashMap<K, u64>, String>
+    where
+        K: Hash + Eq + Send,
+        F: Fn(&str, &mut HashMap<K, u64>) + Sync,
+    {
+        let maps: ThreadLocal<RefCell<HashMap<K, u64>>> = ThreadLocal::new();
+        self.for_each_block("train", |block| {
+            (0..block.lines.len()).into_par_iter().try_for_each(|i| {
+                let record = block.record(i)?;
+                let mut map = maps.get_or_default().borrow_mut();
+                for text in training_texts(&record) {
+                    count(text, &mut map);
+                }
+                Ok::<_, String>(())
+            })
+        })?;
+        let mut total: HashMap<K, u64> = HashMap::new();
+        for map in maps.into_iter().map(RefCell::into_inner) {
+            if map.len() > total.len() {
+                let smaller = std::mem::replace(&mut total, map);
+                merge(&mut total, smaller);
+            } else {
+                merge(&mut total, map);
+            }
+        }
+        if total.is_empty() {
+            return Err("the corpus has no training text".into());
+        }
+        Ok(total)
+    }
+
+    /// Every training text, read lazily (for the trainers `tokenizers` feeds itself).
+    fn texts(&self) -> Result<TextStream, String> {
+        let shards = record_shards(&self.dir, "train")?;
+        if shards.is_empty() {
+            return Err("the corpus has no training text".into());
+        }
+        Ok(TextStream {
+            shards: shards.into_iter().rev().collect(),
+            current: None,
+            pending: Vec::new(),
+            error: Arc::new(Mutex::new(None)),
+        })
+    }
+
+    /// Calls `f` with each block of a split's shards, in order.
+    fn for_each_block(
+        &self,
+        split: &str,
+        mut f: impl FnMut(&crate::records::LineBlock) -> Result<(), String>,
+    ) -> Result<(), String> {
+        for shard in record_shards(&self.dir, split)? {
+            let mut lines = ShardLines::open(&shard)?;
+            while let Some(block) = lines.next_block()? {
+                f(&block)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn merge<K: Hash + Eq>(into: &mut HashMap<K, u64>, from: HashMap<K, u64>) {
+    for (key, n) in from {
+        *into.entry(key).or_default() += n;
+    }
+}
+
+/// Training texts one at a time; a read error ends the stream and is kept in `error`.
+struct TextStream {
+    shards: Vec<PathBuf>,
+    current: Option<ShardLines>,
+    pending: Vec<String>,
+    error: Arc<Mutex<Option<String>>>,
+}
+
+impl TextStream {
+    fn fail(&mut self, error: String) -> Option<String> {
+        *self.error.lock().expect("not poisoned") = Some(error);
+        self.shards.clear();
+        self.current = None;
+        None
+    }
+}
+
+impl Iterator for TextStream {
+    type Item = String;
+
+    fn next(&mut self) -> Option<String> {
+        loop {
+            if let Some(text) = self.pending.pop() {
+                return Some(text);
+            }
+            if self.current.is_none() {
+                let shard = self.shards.pop()?;
+                match ShardLines::open(&shard) {
+                    Ok(lines) => self.current = Some(lines),
+                    Err(e) => return self.fail(e),
+                }
+            }
+            match self.current.as_mut().expect("open").next_block() {
+                Ok(Some(block)) => {
+                    for i in (0..block.lines.len()).rev() {
+                        match block.record(i) {
+                            Ok(record) => self.pending.extend(
+                                training_texts(&record).into_iter().rev().map(String::from),
+                            ),
+                            Err(e) => return self.fail(e),
+                        }
+                    }
+                }
+                Ok(None) => self.current = None,
+                Err(e) => return self.fail(e),
+            }
+        }
+    }
+}
+
+/// What one record became.
+enum Encoded {
+    Text { ids: Vec<u32>, bytes: usize },
+    Chat(Example),
+    Preference(Example, Example),
+}
+
+/// Running totals for meta.json's statistics.
+#[derive(Default)]
+struct Tally {
+    documents: u64,
+    text_bytes: u64,
+    text_tokens: u64,
+    unknown_tokens: u64,
+    /// Documents per power-of-two bucket of token counts.
+    buckets: BTreeMap<u32, u64>,
+    conversations: u64,
+    preference_pairs: u64,
+    truncated: u64,
+    zero_trainable: u64,
+}
+
+impl Tally {
+    fn stats(
+        &self,
+        encoder: &Encoder,
+        has_unknown: bool,
+        train_seconds: f64,
+        encode_seconds: f64,
+    ) -> Stats {
+        Stats {
+            documents: self.documents,
+            bytes_per_token: self.text_bytes as f64 / self.text_tokens.max(1) as f64,
+            unknown_rate: has_unknown
+                .then(|| self.unknown_tokens as f64 / self.text_tokens.max(1) as f64),
+            tokens_per_document: self
+                .buckets
+                .iter()
+                .map(|(&bucket, &n)| (if bucket == 0 { 0 } else { 1 << (bucket - 1) }, n))
+                .collect(),
+            conversations: self.conversations,
+            preference_pairs: self.preference_pairs,
+            truncated: self.truncated,
+            zero_trainable: self.zero_trainable,
+            encoder: encoder.fast_path().unwrap_or("tokenizers").to_string(),
+            train_seconds,
+            encode_seconds,
+        }
+    }
+}
+
+struct Encoding<'a> {
+    params: &'a TokenizeParams,
+    encoder: &'a Encoder,
+    eos_id: u32,
+    unknown: Option<u32>,
+    dtype: Dtype,
+    out: &'a Path,
+    tally: Tally,
+}
+
+/// The three streams of one split, opened on first use.
+#[derive(Default)]
+struct SplitWriters {
+    text: Option<TokenWriter>,
+    chat: Option<TokenWriter>,
+    preference: Option<TokenWriter>,
+}
+
+impl Encoding<'_> {
+    /// Encodes one split; returns its streams by name.
+    fn split(
+        &mut self,
+        corpus: &Corpus,
+        split: &'static str,
+        ctx: &StageContext,
+    ) -> Result<Vec<(String, Stream)>, String> {
+        let mut writers = SplitWriters::default();
+        corpus.for_each_block(split, |block| {
+            let encoded: Vec<Encoded> = (0..block.lines.len())
+                .into_par_iter()
+                .map(|i| self.encode(&block.record(i)?))
+                .collect::<Result<_, String>>()?;
+            for item in encoded {
+                self.write(item, split, &mut writers)
+                    .map_err(|e| format!("writing token shards: {e}"))?;
+            }
+            ctx.report(self.tally.documents, None, "documents");
+            Ok(())
+        })?;
+        let mut streams = Vec::new();
+        for (name, writer) in [
+            (split.to_string(), writers.text),
+            (format!("chat-{split}"), writers.chat),
+            (format!("preference-{split}"), writers.preference),
+        ] {
+            if let Some(writer) = writer {
+                let stream = writer
+                    .finish()
+                    .map_err(|e| format!("writing token shards: {e}"))?;
+                streams.push((name, stream));
+            }
+        }
+        Ok(streams)
+    }
+
+    /// The parallel part: one record to ids.
+    fn encode(&self, record: &Record) -> Result<Encoded, String> {
+        let template = &self.params.chat_template;
+        if let Some(messages) = &record.messages {
+            return Ok(Encoded::Chat(template.conversation(
+                self.encoder,
+                record,
+                messages,
+            )?));
+        }
+        if let (Some(prompt), Some(chosen), Some(rejected)) =
+            (&record.prompt, &record.chosen, &record.rejected)
+        {
+            let (chosen, rejected) = template.preference(self.encoder, prompt, chosen, rejected)?;
+            return Ok(Encoded::Preference(chosen, rejected));
+        }
+        let mut ids = Vec::with_capacity(record.text.len() / 3);
+        self.encoder.encode(&record.text, &mut ids)?;
+        Ok(Encoded::Text {
+            ids,
+            bytes: record.text.len(),
+        })
+    }
+
+    /// The sequential part, in corpus order.
+    fn write(
+        &mut self,
+        item: Encoded,
+        split: &str,
+        writers: &mut SplitWriters,
+    ) -> std::io::Result<()> {
+        let (out, dtype, shard_tokens) = (self.out, self.dtype, self.params.shard_tokens);
+        let tally = &mut self.tally;
+        tally.documents += 1;
+        match item {
+            Encoded::Text { mut ids, bytes } => {
+                tally.text_bytes += bytes as u64;
+                tally.text_tokens += ids.len() as u64;
+                if let Some(unknown) = self.unknown {
+                    tally.unknown_tokens += ids.iter().filter(|&&id| id == unknown).count() as u64;
+                }
+                *tally
+                    .buckets
+                    .entry(u64::BITS - (ids.len() as u64).leading_zeros())
+                    .or_default() += 1;
+                ids.push(self.eos_id);
+                let writer = writers.text.get_or_insert_with(|| {
+                    TokenWriter::new(out, split, dtype, false, shard_tokens)
+                });
+                writer.push(&ids, None)
+            }
+            Encoded::Chat(mut example) => {
+                tally.conversations += 1;
+                tally.truncated += u64::from(example.truncate(self.params.max_length));
+                if example.trainable() == 0 {
+                    tally.zero_trainable += 1;
+                    return Ok(());
+                }
+                let writer = writers.chat.get_or_insert_with(|| {
+                    TokenWriter::new(out, &format!("chat-{split}"), dtype, true, shard_tokens)
+                });
+                writer.push(&example.ids, Some(&example.mask))
+            }
+            Encoded::Preference(mut chosen, mut rejected) => {
+                tally.preference_pairs += 1;
+                let cut = chosen.truncate(self.params.max_length)
+                    | rejected.truncate(self.params.max_length);
+                tally.truncated += u64::from(cut);
+                if chosen.trainable() == 0 || rejected.trainable() == 0 {
+                    tally.zero_trainable += 1;
+                    return Ok(());
+                }
+                let writer = writers.preference.get_or_insert_with(|| {
+                    TokenWriter::new(
+                        out,
+                        &format!("preference-{split}"),
+                        dtype,
+                        true,
+                        shard_tokens,
+                    )
+                });
+                writer.push(&chosen.ids, Some(&chosen.mask))?;
+                writer.push(&rejected.ids, Some(&rejected.mask))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::collect::synthetic::{generate, Generator};
+    use crate::records::Message;
+    use crate::testing::{context, write_corpus};
+
+    fn records(generator: Generator, n: u64) -> Vec<Record> {
+        generate(generator, n, 3).collect()
+    }
+
+    /// Runs the stage; the corpus is `dir/corpus`, the output `dir/<out>`.
+    fn run(
+        params: serde_json::Value,
+        dir: &Path,
+        out: &str,
+        tokenizer: Option<&Path>,
+    ) -> Result<Meta, String> {
+        let params: TokenizeParams = serde_json::from_value(params).map_err(|e| e.to_string())?;
+        let corpus = dir.join("corpus");
+        let mut inputs = vec![("corpus", corpus.as_path())];
+        inputs.extend(tokenizer.map(|t| ("tokenizer", t)));
+        let ctx = context("tokens", &inputs, &dir.join(out));
+        Tokenize.run(&params, &ctx).map_err(|e| e.to_string())?;
+        Meta::read(&dir.join(out))
+    }
+
+    fn corpus(train: &[Record], validation: &[Record]) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("corpus")).unwrap();
+        write_corpus(&dir.path().join("corpus"), train, validation);
+        dir
+    }
+
+    fn stream(out: &Path, meta: &Meta, name: &str) -> Vec<shards::Sequence> {
+        shards::read_stream(out, &meta.streams[name], meta.dtype).unwrap()
+    }
+
+    /// Texts that stress pre-tokenization and bytes: spacing, contractions, numbers, scripts,
+    /// emoji, control characters, and a special token written in the text.
+    const ODD_TEXTS: [&str; 6] = [
+        "  Two  spaces,\ttabs\r\nand CRLF.\n\n\nThree newlines; isn't it? They'll say 'tis 3.14.",
+        "naïve café — ünïcödé «quotes» 日本語のテキスト 한국어 ½ Ⅻ 🦀🦀 👩‍👩‍👧",
+        "\u{0}\u{1b}[31m control \u{7f} bytes \u{a0}nbsp\u{2028}line",
+        "before<|endoftext|>after <|im_start|>user\nhi<|im_end|>",
+        "x",
+        "",
+    ];
+
+    #[test]
+    fn byte_level_bpe_round_trips_and_matches_tokenizers() {
+        let mut train = records(Generator::Stories, 200);
+        train.extend(
+            ODD_TEXTS[..4]
+                .iter()
+                .enumerate()
+                .map(|(i, t)| Record::text(format!("odd{i}"), t.to_string(), "t")),
+        );
+        let dir = corpus(&train, &records(Generator::Stories, 20)[10..]);
+        let meta = run(
+            serde_json::json!({ "train": { "vocab_size": 500 } }),
+            dir.path(),
+            "out",
+            None,
+        )
+        .unwrap();
+        assert_eq!(meta.stats.encoder, "byte_level_bpe");
+        assert_eq!(meta.vocab_size, 500);
+        assert_eq!(meta.dtype, Dtype::U16);
+        assert_eq!(meta.special_tokens["<|endoftext|>"], meta.eos_id);
+        let out = dir.path().join("out");
+        let reference = Tokenizer::from_file(out.join("tokenizer.json")).unwrap();
+        let fast = Encoder::new(&reference).unwrap();
+        let texts = train.iter().map(|r| r.text.as_str()).chain(ODD_TEXTS);
+        for text in texts {
+            let mut ids = Vec::new();
+            fast.encode(text, &mut ids).unwrap();
+            let expected = reference.encode(text, false).unwrap();
+            assert_eq!(ids, expected.get_ids(), "{text:?}");
+            assert_eq!(reference.decode(&ids, false).unwrap(), text, "round trip");
+        }
+        // The shards hold every training document in order, each followed by the end token.
+        let sequences = stream(&out, &meta, "train");
+        assert_eq!(sequences.len(), train.len());
+        assert_eq!(meta.streams["train"].sequences, train.len() as u64);
+        for (record, (ids, mask)) in train.iter().zip(&sequences) {
+            assert_eq!(mask, &None);
+            assert_eq!(ids.last(), Some(&meta.eos_id));
+            let expected = reference.encode(record.text.as_str(), false).unwrap();
+            assert_eq!(&ids[..ids.len() - 1], expected.get_ids());
+        }
+        let total: usize = sequences.iter().map(|(ids, _)| ids.len()).sum();
+        assert_eq!(meta.streams["train"].tokens, total as u64);
+        assert!(meta.streams["validation"].tokens > 0);
+        assert!(
+            meta.stats.bytes_per_token > 1.5,
+            "{}",
+            meta.stats.bytes_per_token
+        );
+        assert_eq!(meta.stats.unknown_rate, None);
+        let histogram: u64 = meta.stats.tokens_per_document.iter().map(|b| b.1).sum();
+        assert_eq!(histogram, meta.stats.documents);
+    }
+
+    #[test]
+    fn characters_match_tokenizers_and_unknowns_are_counted() {
+        let train = records(Generator::Stories, 50);
+        let validation = [Record::text("v".into(), "Zebras ~ quietly".into(), "t")];
+        let dir = corpus(&train, &validation);
+        let meta = run(
+            serde_json::json!({ "train": { "model": "char" } }),
+            dir.path(),
+            "out",
+            None,
+        )
+        .unwrap();
+        assert_eq!(meta.stats.encoder, "chars");
+        let out = dir.path().join("out");
+        let reference = Tokenizer::from_file(out.join("tokenizer.json")).unwrap();
+        let fast = Encoder::new(&reference).unwrap();
+        for text in train
+            .iter()
+            .map(|r| r.text.as_str())
+            .chain(ODD_TEXTS)
+            .chain(["~Z"])
+        {
+            let mut ids = Vec::new();
+            fast.encode(text, &mut ids).unwrap();
+            assert_eq!(
+                ids,
+                reference.encode(text, false).unwrap().get_ids(),
+                "{text:?}"
+            );
+        }
+        let story = &train[0].text;
+        let mut ids = Vec::new();
+        fast.encode(story, &mut ids).unwrap();
+        assert_eq!(ids.len(), story.chars().count(), "one token per character");
+        assert_eq!(&reference.decode(&ids, false).unwrap(), story);
+        assert!(meta.stats.unknown_rate.unwrap() > 0.0, "`~` was never seen");
+        let alphabet = meta.vocab_size;
+        let err = run(
+            serde_json::json!({ "train": { "model": "char", "vocab_size": alphabet - 1 } }),
+            dir.path(),
+            "small",
+            None,
+        )
+        .unwrap_err();
+        assert!(
+            err.contains(&format!("vocab_size {}", alphabet - 1)),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn other_vocabularies_train_through_tokenizers() {
+        let dir = corpus(&records(Generator::Stories, 200), &[]);
+        for model in ["bpe", "wordpiece", "unigram"] {
+            let meta = run(
+                serde_json::json!({ "train": { "model": model, "vocab_size": 300 } }),
+                dir.path(),
+                model,
+                None,
+            )
+            .unwrap_or_else(|e| panic!("{model}: {e}"));
+            assert_eq!(meta.stats.encoder, "tokenizers", "{model}");
+            assert!(
+                meta.vocab_size <= 300 && meta.vocab_size > 50,
+                "{model}: {}",
+                meta.vocab_size
+            );
+            assert!(meta.streams["train"].tokens > 1000, "{model}");
+            assert_eq!(meta.stats.unknown_rate, Some(0.0), "{model}");
+        }
+        let err = run(
+            serde_json::json!({ "train": { "model": "byte_level_bpe", "vocab_size": 100 } }),
+            dir.path(),
+            "tiny",
+            None,
+        )
+        .unwrap_err();
+        assert!(err.contains("below the 256 bytes"), "{err}");
+    }
+
+    #[test]
+    fn chat_masks_cover_only_what_the_assistant_says() {
+        let chats = records(Generator::Chat, 30);
+        let pairs = records(Generator::Preferences, 20);
+        let train: Vec<Record> = chats.iter().chain(&pairs).cloned().collect();
+        let dir = corpus(&train, &[]);
+        let meta = run(
+            serde_json::json!({ "train": { "vocab_size": 400 } }),
+            dir.path(),
+            "out",
+            None,
+        )
+        .unwrap();
+        let out = dir.path().join("out");
+        let tokenizer = Tokenizer::from_file(out.join("tokenizer.json")).unwrap();
+        let decode = |ids: &[u32]| tokenizer.decode(ids, false).unwrap();
+        let masked = |ids: &[u32], mask: &[u8], on: u8| {
+            let kept: Vec<u32> = ids
+                .iter()
+                .zip(mask)
+                .filter(|p| *p.1 == on)
+                .map(|p| *p.0)
+                .collect();
+            decode(&kept)
+        };
+        let conversations = stream(&out, &meta, "chat-train");
+        assert_eq!(conversations.len(), chats.len());
+        for (record, (ids, mask)) in chats.iter().zip(&conversations) {
+            let messages = record.messages.as_ref().unwrap();
+            let mask = mask.as_ref().unwrap();
+            assert_eq!(
+                masked(ids, mask, 1),
+                format!("{}<|im_end|>\n", messages[1].content)
+            );
+            assert_eq!(
+                masked(ids, mask, 0),
+                format!(
+                    "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n",
+                    messages[0].content
+                )
+            );
+        }
+        let preferences = stream(&out, &meta, "preference-train");
+        assert_eq!(
+            preferences.len(),
+            2 * pairs.len(),
+            "chosen and rejected per pair"
+        );
+        for (record, pair) in pairs.iter().zip(preferences.chunks(2)) {
+            let chosen = masked(&pair[0].0, pair[0].1.as_ref().unwrap(), 1);
+            let rejected = masked(&pair[1].0, pair[1].1.as_ref().unwrap(), 1);
+            assert_eq!(
+                chosen,
+                format!("{}<|im_end|>\n", record.chosen.as_ref().unwrap())
+            );
+            assert_eq!(
+                rejected,
+                format!("{}<|im_end|>\n", record.rejected.as_ref().unwrap())
+            );
+        }
+        assert_eq!(meta.stats.conversations, 30);
+        assert_eq!(meta.stats.preference_pairs, 20);
+        let trainable: u64 = conversations
+            .iter()
+            .map(|(_, m)| m.as_ref().unwrap().iter().map(|&b| b as u64).sum::<u64>())
+            .sum();
+        assert_eq!(meta.streams["chat-train"].trainable_tokens, Some(trainable));
+        // Cut to four tokens, nothing the assistant says is left.
+        let short = run(
+            serde_json::json!({ "from": "out/tokenizer.json", "max_length": 4 }),
+            dir.path(),
+            "short",
+            None,
+        )
+        .unwrap();
+        assert_eq!(short.stats.truncated, 50);
+        assert_eq!(short.stats.zero_trainable, 50);
+        assert!(!short.streams.contains_key("chat-train"));
+    }
+
+    #[test]
+    fn a_conversation_without_an_assistant_turn_is_an_error() {
+        let lonely = Record::chat(
+            "lonely".into(),
+            vec![Message {
+                role: "user".into(),
+                content: "anyone?".into(),
+            }],
+            "t",
+        );
+        let mut train = records(Generator::Stories, 20);
+        train.push(lonely);
+        let dir = corpus(&train, &[]);
+        let err = run(serde_json::json!({}), dir.path(), "out", None).unwrap_err();
+        assert!(
+            err.contains("record `lonely` has no assistant turn"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn output_does_not_depend_on_the_thread_count() {
+        let mut train = records(Generator::Stories, 300);
+        train.extend(records(Generator::Chat, 20));
+        let dir = corpus(&train, &records(Generator::Stories, 30));
+        let files = |out: &str| {
+            let mut names: Vec<_> = std::fs::read_dir(dir.path().join(out))
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .collect();
+            names.sort();
+            names
+                .into_iter()
+                .map(|p| {
+                    (
+                        p.file_name().unwrap().to_owned(),
+                        std::fs::read(&p).unwrap(),
+                    )
+                })
+                .collect::<Vec<_>>()
+        };
+        let mut outputs = Vec::new();
+        for threads in [1, 2] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            let out = format!("out{threads}");
+            pool.install(|| {
+                run(
+                    serde_json::json!({ "train": { "vocab_size": 600 } }),
+                    dir.path(),
+                    &out,
+                    None,
+                )
+            })
+            .unwrap();
+            let mut meta: serde_json::Value = serde_json::from_slice(
+                &std::fs::read(dir.path().join(&out).join("meta.json")).unwrap(),
+            )
+            .unwrap();
+            // Timings differ from run to run.
+            meta["stats"]["train_seconds"] = 0.into();
+            meta["stats"]["encode_seconds"] = 0.into();
+            let mut all = files(&out);
+            all.retain(|(name, _)| name != "meta.json");
+            outputs.push((all, meta));
+        }
+        assert_eq!(outputs[0], outputs[1]);
+    }
+
+    #[test]
+    fn a_wired_or_loaded_tokenizer_is_reused_as_is() {
+        let dir = corpus(&records(Generator::Stories, 100), &[]);
+        let first = run(
+            serde_json::json!({ "train": { "vocab_size": 300 } }),
+            dir.path(),
+            "a",
+            None,
+        )
+        .unwrap();
+        let wired = dir.path().join("a");
+        let second = run(serde_json::json!({}), dir.path(), "b", Some(&wired)).unwrap();
+        assert_eq!(first.tokenizer_hash, second.tokenizer_hash);
+        assert_eq!(first.streams["train"], second.streams["train"]);
+        let err = run(
+            serde_json::json!({ "train": {} }),
+            dir.path(),
+            "c",
+            Some(&wired),
+        )
+        .unwrap_err();
+        assert!(err.contains("remove `from` and `train`"), "{err}");
+        std::fs::write(dir.path().join("broken.json"), "{\"model\": 1}").unwrap();
+        let err = run(
+            serde_json::json!({ "from": "broken.json" }),
+            dir.path(),
+            "d",
+            None,
+        )
+        .unwrap_err();
+        assert!(err.contains("not a tokenizer.json"), "{err}");
+        let err = run(
+            serde_json::json!({ "from": "a/tokenizer.json", "eos_token": "</s>" }),
+            dir.path(),
+            "e",
+            None,
+        )
+        .unwrap_err();
+        assert!(err.contains("has no `</s>` token"), "{err}");
+    }
+
+    #[test]
+    fn an_empty_corpus_is_an_error() {
+        let dir = corpus(&[], &[]);
+        let err = run(serde_json::json!({}), dir.path(), "out", None).unwrap_err();
+        assert!(err.contains("no training text"), "{err}");
+    }
+}
