@@ -293,6 +293,44 @@ pub fn show(
     Ok(())
 }
 
+pub fn generate(args: &crate::GenerateArgs, store: Option<PathBuf>) -> Result<(), Failure> {
+    let dir = match (&args.model_dir, &args.pipeline, &args.stage) {
+        (Some(dir), _, _) => dir.clone(),
+        (None, Some(file), Some(stage)) => {
+            let session = Session::open(file, &args.overrides.set, store)?;
+            let select = Selection {
+                only: vec![stage.clone()],
+                ..Default::default()
+            };
+            let plan = session.plan(&select)?;
+            let stage_plan = plan.get(stage).expect("selection was checked");
+            let Some(artifact) = &stage_plan.artifact else {
+                let why = smelt_engine::plan::describe(&stage_plan.reasons);
+                return Err(Failure::Usage(format!(
+                    "stage `{stage}` has no up-to-date artifact ({why}); run it first"
+                )));
+            };
+            session.store.artifact_dir(artifact)
+        }
+        _ => {
+            return Err(Failure::Usage(
+                "give a model directory, or --pipeline and --stage".into(),
+            ))
+        }
+    };
+    let sampling = smelt_stages::model::sample::Sampling {
+        max_tokens: args.max_tokens,
+        temperature: args.temperature,
+        top_k: args.top_k,
+        seed: args.seed,
+    };
+    let text = smelt_stages::model::sample::Generator::open(&dir)
+        .and_then(|mut generator| generator.generate(&args.prompt, &sampling))
+        .map_err(Failure::Usage)?;
+    println!("{text}");
+    Ok(())
+}
+
 pub fn dag(file: &Path, format: DagFormat, overrides: &[Override]) -> Result<(), Failure> {
     let registry = registry();
     let pipeline = load(file, overrides, &registry)?;

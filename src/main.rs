@@ -100,6 +100,35 @@ enum Command {
     },
     /// The stage kinds a pipeline can use
     Stages,
+    /// Sample a continuation from a model directory (or a pipeline's model stage); prints only
+    /// the generated text
+    Generate(GenerateArgs),
+}
+
+#[derive(Args)]
+pub struct GenerateArgs {
+    /// An HF GPT-2 model directory (a pretrain stage's artifact, say)
+    #[arg(required_unless_present = "pipeline", conflicts_with = "pipeline")]
+    pub model_dir: Option<PathBuf>,
+    /// A pipeline file whose `--stage` output to use instead of a directory
+    #[arg(long, requires = "stage")]
+    pub pipeline: Option<PathBuf>,
+    #[arg(long)]
+    pub stage: Option<String>,
+    #[arg(long)]
+    pub prompt: String,
+    #[arg(long, default_value_t = 200)]
+    pub max_tokens: usize,
+    /// 0 picks the most likely token every time
+    #[arg(long, default_value_t = 0.8)]
+    pub temperature: f32,
+    /// Sample among the k most likely tokens only
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[command(flatten)]
+    pub overrides: Overrides,
 }
 
 #[derive(Args, Clone, Default)]
@@ -212,6 +241,7 @@ fn main() -> ExitCode {
             work,
         } => commands::gc(&files, dry_run, work, store),
         Command::Stages => commands::stages(),
+        Command::Generate(args) => commands::generate(&args, store),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -176,3 +176,118 @@ fn corpus_collects_offline_and_reruns_nothing_the_second_time() {
     let run = smelt(&["run", "corpus.yaml", "--set", "vars.seed=8"], work.path()).ok();
     assert_has(&run.stdout, "5 ran");
 }
+
+/// The shakespeare-char example, shortened, on ../shared's text: it trains, a run killed after a
+/// checkpoint resumes to the same weights as an uninterrupted one, and `smelt generate` samples
+/// from it.
+#[test]
+fn shakespeare_char_resumes_after_a_kill_and_generates() {
+    let text = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/tinyshakespeare.txt");
+    let text = text
+        .canonicalize()
+        .expect("../shared/data/tinyshakespeare.txt is beside the checkout");
+    let sets = [
+        format!("vars.text={}", text.display()),
+        "vars.steps=60".to_string(),
+        "stages.model.with.train.checkpoint_every=10".to_string(),
+        "stages.model.with.eval.every=30".to_string(),
+        "stages.model.with.model.layers=2".to_string(),
+    ];
+    let args = |command: &[&str]| -> Vec<String> {
+        let mut args: Vec<String> = command.iter().map(|s| s.to_string()).collect();
+        for set in &sets {
+            args.extend(["--set".to_string(), set.clone()]);
+        }
+        args
+    };
+    let run = |dir: &Path, command: &[&str]| {
+        let args = args(command);
+        smelt(&args.iter().map(String::as_str).collect::<Vec<_>>(), dir)
+    };
+    // Uninterrupted.
+    let (whole, _) = example_copy("shakespeare-char.yaml");
+    run(whole.path(), &["run", "shakespeare-char.yaml"]).ok();
+    // Killed once the first checkpoint exists, then rerun.
+    let (killed, _) = example_copy("shakespeare-char.yaml");
+    let mut child = std::process::Command::new(common::smelt_bin())
+        .args(args(&["run", "shakespeare-char.yaml"]))
+        .current_dir(killed.path())
+        .env_remove("SMELT_STORE")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let work = killed.path().join(".smelt/work");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    let checkpointed = || {
+        std::fs::read_dir(&work)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|d| d.path().join("checkpoint.safetensors").exists())
+    };
+    while !checkpointed() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no checkpoint appeared"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let rerun = run(killed.path(), &["run", "shakespeare-char.yaml"]).ok();
+    assert_has(&rerun.stdout, "ran   model");
+    let show = run(killed.path(), &["show", "shakespeare-char.yaml", "model"]).ok();
+    assert!(
+        !show.stdout.contains("resumed_from_step: 0"),
+        "{}",
+        show.stdout
+    );
+    let weights = |dir: &Path| {
+        let path = run(dir, &["show", "shakespeare-char.yaml", "model", "--path"])
+            .ok()
+            .stdout;
+        std::fs::read(Path::new(path.trim()).join("model.safetensors")).unwrap()
+    };
+    assert_eq!(
+        weights(whole.path()),
+        weights(killed.path()),
+        "resumed to the same weights"
+    );
+    // It learnt something: well below the uniform loss, ln(~68) ≈ 4.2.
+    assert_has(&show.stdout, "val_loss: ");
+    let val: f64 = show
+        .stdout
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("val_loss: "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(val < 3.4, "val_loss {val}");
+    let generate = |seed: &str| {
+        run(
+            killed.path(),
+            &[
+                "generate",
+                "--pipeline",
+                "shakespeare-char.yaml",
+                "--stage",
+                "model",
+                "--prompt",
+                "ROMEO:",
+                "--max-tokens",
+                "30",
+                "--seed",
+                seed,
+            ],
+        )
+        .ok()
+        .stdout
+    };
+    let sample = generate("1");
+    assert!(
+        sample.trim_end_matches('\n').chars().count() > 5,
+        "{sample:?}"
+    );
+    assert_eq!(sample, generate("1"), "the same seed, the same text");
+}

@@ -4,6 +4,8 @@
 pub mod clean;
 pub mod collect;
 pub mod command;
+pub mod model;
+pub mod pretrain;
 pub mod records;
 pub mod tokenize;
 
@@ -19,6 +21,7 @@ pub fn registry() -> Registry {
         .register(clean::Clean)
         .register(collect::Collect)
         .register(command::Command)
+        .register(pretrain::Pretrain)
         .register(tokenize::Tokenize);
     registry
 }

@@ -33,7 +33,13 @@ pub enum SplitOn {
     Paragraph,
     /// Every non-empty line.
     Line,
+    /// Runs of whole lines of about 4 KB, newlines kept (as `\n`): the file's text is its
+    /// documents joined, as character-level language modelling wants it.
+    Chunk,
 }
+
+/// Target size of a `chunk` document.
+const CHUNK_BYTES: usize = 4096;
 
 /// What to do with bytes that are not UTF-8.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -85,6 +91,7 @@ pub fn read_file(
     let input = BufReader::with_capacity(1 << 16, file);
     match (format, options.split_on) {
         (Format::Text, SplitOn::File) => reader.whole_file(input, size)?,
+        (Format::Text, SplitOn::Chunk) => reader.chunks(input)?,
         (Format::Text, split) => reader.text_lines(input, split == SplitOn::Paragraph)?,
         (Format::Jsonl, _) => reader.jsonl(input)?,
         (Format::Csv, _) => reader.csv(input)?,
@@ -286,6 +293,37 @@ impl Reader<'_> {
                 }
             }
             if matches!(line, Line::End) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn chunks(&mut self, mut input: impl BufRead) -> Result<(), String> {
+        let (mut buf, mut chunk) = (Vec::new(), Vec::new());
+        let (mut start, mut count) = (1, 0u64);
+        for number in 1.. {
+            let line = self
+                .read_line(&mut input, &mut buf)
+                .map_err(|e| format!("{}:{number}: {e}", self.name))?;
+            match line {
+                Line::TooLong => self.skip("too_long"),
+                Line::Text => {
+                    chunk.extend_from_slice(&buf);
+                    chunk.push(b'\n');
+                }
+                Line::End => {}
+            }
+            let end = matches!(line, Line::End);
+            if (chunk.len() >= CHUNK_BYTES || end) && !chunk.is_empty() {
+                count += 1;
+                let at = format!("{}:{start} (chunk)", self.name);
+                if let Some(text) = self.decode(std::mem::take(&mut chunk), &at)? {
+                    self.text_document(format!("{}#c{count}", self.name), text)?;
+                }
+                start = number + 1;
+            }
+            if end {
                 break;
             }
         }
@@ -582,6 +620,21 @@ mod tests {
         assert_eq!(r[1].id, "t.csv:3");
         let err = read("t.csv", b"id,body\n1,x\n", &options(SplitOn::File)).unwrap_err();
         assert!(err.contains("no column `text`; columns: id, body"), "{err}");
+    }
+
+    #[test]
+    fn chunks_keep_every_line_and_newline() {
+        let text: String = (0..2000)
+            .map(|i| format!("line {i}\n"))
+            .chain(["\n".into(), "last".into()])
+            .collect();
+        let (r, _) = read("t.txt", text.as_bytes(), &options(SplitOn::Chunk)).unwrap();
+        assert!(r.len() > 3, "{} chunks", r.len());
+        assert!(r.iter().all(|d| d.text.len() < 4096 + 16));
+        assert_eq!(
+            r.iter().map(|d| d.text.as_str()).collect::<String>(),
+            format!("{text}\n")
+        );
     }
 
     #[test]

@@ -109,8 +109,8 @@ fn default_field() -> String {
 }
 
 /// Which documents go to validation: decided by a hash of the text and the seed, so a document
-/// lands in the same split whatever else the corpus holds.
-#[derive(Debug, Serialize, Deserialize, JsonSchema)]
+/// lands in the same split whatever else the corpus holds — or, with `tail`, the last ones.
+#[derive(Debug, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Split {
     /// Fraction of documents for validation, 0 to 1.
@@ -118,19 +118,23 @@ pub struct Split {
     pub validation: f64,
     #[serde(default)]
     pub seed: u64,
-}
-
-impl Default for Split {
-    fn default() -> Self {
-        Split {
-            validation: 0.0,
-            seed: 0,
-        }
-    }
+    /// Take the last documents in corpus order instead of hashing (as nanoGPT holds out the end
+    /// of its text); the sources are read twice, once to count.
+    #[serde(default)]
+    pub tail: bool,
 }
 
 impl Split {
-    fn is_validation(&self, record: &Record) -> bool {
+    /// Whether document `index` (0-based, in corpus order) of `total` goes to validation.
+    fn is_validation(&self, record: &Record, index: u64, total: u64) -> bool {
+        if self.tail {
+            let held_out = (total as f64 * self.validation).round() as u64;
+            return index >= total - held_out;
+        }
+        self.hashes_to_validation(record)
+    }
+
+    fn hashes_to_validation(&self, record: &Record) -> bool {
         let mut hasher = blake3::Hasher::new();
         hasher.update(&self.seed.to_le_bytes());
         hasher.update(record.text.as_bytes());
@@ -188,11 +192,18 @@ impl Stage for Collect {
         let mut train = ShardWriter::new(&ctx.out_dir, "train", params.shard_documents);
         let mut validation = ShardWriter::new(&ctx.out_dir, "validation", params.shard_documents);
         let mut reports = Vec::new();
+        let total = if params.split.tail {
+            count_documents(params, ctx)?
+        } else {
+            0
+        };
+        let mut index = 0;
         for source in &params.sources {
             let mut documents = 0;
             let mut emit = |record: Record| {
                 documents += 1;
-                if params.split.is_validation(&record) {
+                index += 1;
+                if params.split.is_validation(&record, index - 1, total) {
                     validation.write(&record)
                 } else {
                     train.write(&record)
@@ -241,6 +252,18 @@ impl Stage for Collect {
             ("skipped_documents".to_string(), skipped.into()),
         ]))
     }
+}
+
+/// Documents the sources produce (a first pass for `split.tail`).
+fn count_documents(params: &CollectParams, ctx: &StageContext) -> Result<u64, String> {
+    let mut total = 0;
+    for source in &params.sources {
+        read_source(source, params, ctx, &mut |_| {
+            total += 1;
+            Ok(())
+        })?;
+    }
+    Ok(total)
 }
 
 fn check_params(params: &CollectParams) -> Result<(), String> {
@@ -336,6 +359,7 @@ fn read_source(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::collect::synthetic::{generate, Generator};
     use smelt_engine::stage::NoProgress;
     use std::sync::Arc;
 
@@ -415,10 +439,33 @@ mod tests {
         let split = Split {
             validation: 0.1,
             seed: 3,
+            tail: false,
         };
         assert!(validation_texts
             .iter()
-            .all(|t| split.is_validation(&Record::text(String::new(), t.clone(), ""))));
+            .all(|t| split.hashes_to_validation(&Record::text(String::new(), t.clone(), ""))));
+    }
+
+    #[test]
+    fn a_tail_split_holds_out_the_last_documents() {
+        let dir = tempfile::tempdir().unwrap();
+        let params = serde_json::json!({
+            "sources": [ { "synthetic": { "generator": "arithmetic", "documents": 40, "seed": 1 } } ],
+            "split": { "validation": 0.1, "tail": true }
+        });
+        run(params, dir.path()).unwrap();
+        let all: Vec<Record> = generate(Generator::Arithmetic, 40, 1).collect();
+        let ids = |file: &str| {
+            lines(dir.path(), file)
+                .into_iter()
+                .map(|r| r.id)
+                .collect::<Vec<_>>()
+        };
+        let expected = |range: std::ops::Range<usize>| {
+            all[range].iter().map(|r| r.id.clone()).collect::<Vec<_>>()
+        };
+        assert_eq!(ids("validation-00000.jsonl"), expected(36..40));
+        assert_eq!(ids("train-00000.jsonl").len(), 36);
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //!
 //! Records become three kinds of streams, per split:
 //! - text documents → `train-*.bin` / `validation-*.bin`: documents with the end-of-text token
-//!   after each, for pretraining;
+//!   after each (or nothing between them, with `separator: none`), for pretraining;
 //! - conversations → `chat-<split>-*.bin` with a `.mask` (1 on assistant tokens) for SFT;
 //! - preference pairs → `preference-<split>-*.bin` with masks: two sequences per pair, the
 //!   chosen answer first, for DPO.
@@ -63,9 +63,21 @@ pub struct TokenizeParams {
     /// The token after every pretraining document.
     #[serde(default = "default_eos")]
     pub eos_token: String,
+    /// What separates pretraining documents: `eos` (the `eos_token`), or `none` for documents
+    /// that are consecutive pieces of one text (collect's `split_on: chunk`).
+    #[serde(default)]
+    pub separator: Separator,
     /// Tokens per shard file at most.
     #[serde(default = "default_shard_tokens")]
     pub shard_tokens: u64,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Separator {
+    #[default]
+    Eos,
+    None,
 }
 
 fn default_max_length() -> usize {
@@ -632,7 +644,9 @@ impl Encoding<'_> {
                     .buckets
                     .entry(u64::BITS - (ids.len() as u64).leading_zeros())
                     .or_default() += 1;
-                ids.push(self.eos_id);
+                if self.params.separator == Separator::Eos {
+                    ids.push(self.eos_id);
+                }
                 let writer = writers.text.get_or_insert_with(|| {
                     TokenWriter::new(out, split, dtype, false, shard_tokens)
                 });

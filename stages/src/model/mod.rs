@@ -1,0 +1,503 @@
+//! The model layer: GPT-2 on dfdx behind a small interface. Stages use [`Trainer`] (forward,
+//! backward, optimizer step, evaluation, save and load) and [`GptConfig`]; no dfdx type leaves
+//! this module, so the backend can change without touching them.
+//!
+//! - `gpt.rs`: the model, nanoGPT-style, with a visitor naming every tensor by its HF name;
+//! - `optim.rs`: AdamW with clipping and accumulation;
+//! - `io.rs`: HF model directories (config.json, model.safetensors);
+//! - `sample.rs`: generation.
+
+mod gpt;
+pub mod io;
+mod optim;
+pub mod sample;
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use dfdx::prelude::*;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use gpt::{cross_entropy, Dropout, Gpt};
+pub use optim::AdamWConfig;
+use optim::{AdamW, Buffers};
+
+/// The sizes of a GPT-2 model.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GptConfig {
+    pub vocab_size: usize,
+    /// Context length (positions).
+    pub seq_len: usize,
+    pub d_model: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub dropout: f32,
+    /// Biases in linear layers and LayerNorms (without, they stay zero and untrained).
+    pub bias: bool,
+    /// The output head shares the token embedding.
+    pub tied_head: bool,
+}
+
+impl GptConfig {
+    pub fn check(&self) -> Result<(), String> {
+        let sizes = [
+            ("vocab_size", self.vocab_size),
+            ("seq_len", self.seq_len),
+            ("d_model", self.d_model),
+            ("layers", self.layers),
+            ("heads", self.heads),
+        ];
+        if let Some((name, _)) = sizes.iter().find(|(_, n)| *n == 0) {
+            return Err(format!("`{name}` must be at least 1"));
+        }
+        if !self.d_model.is_multiple_of(self.heads) {
+            return Err(format!(
+                "`d_model` ({}) must be divisible by `heads` ({})",
+                self.d_model, self.heads
+            ));
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return Err(format!("`dropout` must be in [0, 1), not {}", self.dropout));
+        }
+        Ok(())
+    }
+
+    /// Training FLOPs per token: 6 per parameter (forward and backward) plus attention's
+    /// scores and weighted sums over the full context, as nanoGPT and PaLM count them.
+    pub fn flops_per_token(&self, parameters: usize) -> f64 {
+        6.0 * parameters as f64 + 12.0 * (self.layers * self.seq_len * self.d_model) as f64
+    }
+}
+
+/// Where the model runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceKind {
+    #[default]
+    Cpu,
+    /// NVIDIA GPUs through cudarc; needs a build with the `cuda` feature.
+    Cuda,
+}
+
+/// A batch of token ids, `batch × seq`, row-major, with next-token targets of the same shape.
+pub struct Batch<'a> {
+    pub inputs: &'a [u32],
+    pub targets: &'a [u32],
+    pub batch: usize,
+    pub seq: usize,
+}
+
+/// A GPT with its optimizer on a device: what the training stages use.
+pub struct Trainer {
+    session: Session,
+}
+
+enum Session {
+    Cpu(Box<Engine<Cpu>>),
+    #[cfg(feature = "cuda")]
+    Cuda(Box<Engine<Cuda>>),
+}
+
+/// Runs `$body` with `$engine` bound to the session's engine, whatever its device.
+macro_rules! on_device {
+    ($trainer:expr, $engine:ident => $body:expr) => {
+        match &mut $trainer.session {
+            Session::Cpu($engine) => $body,
+            #[cfg(feature = "cuda")]
+            Session::Cuda($engine) => $body,
+        }
+    };
+}
+
+impl Trainer {
+    /// A freshly initialised model (deterministic for `seed`).
+    pub fn new(
+        config: GptConfig,
+        device: DeviceKind,
+        seed: u64,
+        optimizer: AdamWConfig,
+    ) -> Result<Self, String> {
+        config.check()?;
+        let session = match device {
+            DeviceKind::Cpu => Session::Cpu(Box::new(Engine::new(
+                Cpu::seed_from_u64(seed),
+                config,
+                optimizer,
+            ))),
+            #[cfg(feature = "cuda")]
+            DeviceKind::Cuda => Session::Cuda(Box::new(Engine::new(
+                Cuda::seed_from_u64(seed),
+                config,
+                optimizer,
+            ))),
+            #[cfg(not(feature = "cuda"))]
+            DeviceKind::Cuda => {
+                return Err("`device: cuda` needs smelt built with `--features cuda`".into());
+            }
+        };
+        Ok(Trainer { session })
+    }
+
+    /// A model read from an HF GPT-2 directory (config.json + model.safetensors).
+    pub fn load(
+        dir: &Path,
+        device: DeviceKind,
+        optimizer: AdamWConfig,
+    ) -> Result<(Self, Option<u32>), String> {
+        let (config, eos) = io::read_hf_config(dir)?;
+        let mut trainer = Trainer::new(config, device, 0, optimizer)?;
+        let tensors = io::read_safetensors(&dir.join("model.safetensors"))?;
+        trainer
+            .set_weights(&tensors)
+            .map_err(|e| format!("{}: {e}", dir.join("model.safetensors").display()))?;
+        Ok((trainer, eos))
+    }
+
+    pub fn config(&mut self) -> GptConfig {
+        on_device!(self, e => e.model.config.clone())
+    }
+
+    pub fn parameters(&mut self) -> usize {
+        on_device!(self, e => e.model.parameters())
+    }
+
+    /// Forward and backward on one micro-batch; its gradients, times `weight`, are added to
+    /// those of the step. `dropout_seed` draws the dropout masks. Returns the loss.
+    pub fn accumulate(&mut self, batch: &Batch, weight: f32, dropout_seed: u64) -> f32 {
+        on_device!(self, e => e.accumulate(batch, weight, dropout_seed))
+    }
+
+    /// Clips the accumulated gradients to `max_norm` and applies AdamW with `lr`; returns the
+    /// gradient norm before clipping.
+    pub fn step(&mut self, lr: f64, max_norm: Option<f32>) -> f32 {
+        on_device!(self, e => e.step(lr, max_norm))
+    }
+
+    /// Mean loss without gradients (evaluation).
+    pub fn loss(&mut self, batch: &Batch) -> f32 {
+        on_device!(self, e => e.loss(batch))
+    }
+
+    /// Logits `(batch·seq, vocab)` for ids `(batch, seq)`, row-major.
+    pub fn logits(&mut self, ids: &[u32], batch: usize, seq: usize) -> Vec<f32> {
+        on_device!(self, e => e.logits(ids, batch, seq))
+    }
+
+    /// Every weight by HF name (trainable or not).
+    pub fn weights(&mut self) -> io::Named {
+        on_device!(self, e => io::weights(&mut e.model))
+    }
+
+    pub fn set_weights(&mut self, tensors: &io::Tensors) -> Result<(), String> {
+        on_device!(self, e => io::set_weights(&mut e.model, tensors))
+    }
+
+    /// The optimizer's moments by parameter name (`<name>.m`, `<name>.v`) and its step count.
+    pub fn optimizer_state(&mut self) -> (io::Named, i32) {
+        on_device!(self, e => (e.optimizer.moments(&mut e.model), e.optimizer.t))
+    }
+
+    pub fn restore_optimizer(&mut self, tensors: &io::Tensors, t: i32) -> Result<(), String> {
+        let find = |name: &str| tensors.get(name).map(|(_, data)| data.clone());
+        on_device!(self, e => e.optimizer.restore(&mut e.model, t, &find))
+    }
+
+    /// Writes `config.json` and `model.safetensors` in HF GPT-2 layout.
+    pub fn save_hf(&mut self, dir: &Path, eos_id: u32) -> Result<(), String> {
+        let config = io::hf_config(&self.config(), eos_id);
+        std::fs::write(
+            dir.join("config.json"),
+            serde_json::to_vec_pretty(&config).map_err(|e| e.to_string())?,
+        )
+        .map_err(|e| format!("{}: {e}", dir.display()))?;
+        let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
+        io::write_safetensors(
+            &dir.join("model.safetensors"),
+            &self.weights(),
+            Some(metadata),
+        )
+    }
+}
+
+/// The device-generic part of [`Trainer`].
+struct Engine<D: Buffers> {
+    device: D,
+    model: Gpt<D>,
+    optimizer: AdamW<D>,
+    /// The step's gradients so far.
+    gradients: Gradients<f32, D>,
+}
+
+impl<D: Buffers> Engine<D> {
+    fn new(device: D, config: GptConfig, optimizer: AdamWConfig) -> Self {
+        Engine {
+            model: Gpt::new(&device, config),
+            optimizer: AdamW::new(optimizer),
+            gradients: Gradients::leaky(),
+            device,
+        }
+    }
+
+    fn ids(&self, ids: &[u32], batch: usize, seq: usize) -> Tensor<(usize, usize), usize, D> {
+        self.device
+            .tensor_from_vec(ids.iter().map(|&i| i as usize).collect(), (batch, seq))
+    }
+
+    fn targets(&self, batch: &Batch) -> Tensor<(usize,), usize, D> {
+        self.device.tensor_from_vec(
+            batch.targets.iter().map(|&i| i as usize).collect(),
+            (batch.batch * batch.seq,),
+        )
+    }
+
+    fn accumulate(&mut self, batch: &Batch, weight: f32, dropout_seed: u64) -> f32 {
+        let ids = self.ids(batch.inputs, batch.batch, batch.seq);
+        let mut dropout = Dropout::seeded(self.model.config.dropout, dropout_seed);
+        let logits = self
+            .model
+            .forward(ids.traced(Gradients::leaky()), &mut dropout);
+        let loss = cross_entropy(logits, self.targets(batch));
+        let value = loss.as_vec()[0];
+        let mut gradients = loss.backward();
+        optim::accumulate(&mut self.model, &mut self.gradients, &mut gradients, weight);
+        value
+    }
+
+    fn step(&mut self, lr: f64, max_norm: Option<f32>) -> f32 {
+        let mut gradients = std::mem::replace(&mut self.gradients, Gradients::leaky());
+        self.optimizer
+            .step(&mut self.model, &mut gradients, lr, max_norm)
+    }
+
+    fn loss(&mut self, batch: &Batch) -> f32 {
+        let ids = self.ids(batch.inputs, batch.batch, batch.seq);
+        let logits = self.model.forward(ids, &mut Dropout::off());
+        cross_entropy(logits, self.targets(batch)).as_vec()[0]
+    }
+
+    fn logits(&mut self, ids: &[u32], batch: usize, seq: usize) -> Vec<f32> {
+        let ids = self.ids(ids, batch, seq);
+        self.model.forward(ids, &mut Dropout::off()).as_vec()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny(tied_head: bool) -> GptConfig {
+        GptConfig {
+            vocab_size: 11,
+            seq_len: 6,
+            d_model: 8,
+            layers: 2,
+            heads: 2,
+            dropout: 0.0,
+            bias: true,
+            tied_head,
+        }
+    }
+
+    fn adamw() -> AdamWConfig {
+        AdamWConfig {
+            betas: [0.9, 0.95],
+            eps: 1e-8,
+            weight_decay: 0.0,
+        }
+    }
+
+    fn batch_ids() -> (Vec<u32>, Vec<u32>) {
+        let inputs = vec![1, 4, 2, 9, 3, 7, 0, 5, 5, 10, 2, 8];
+        let targets = vec![4, 2, 9, 3, 7, 1, 5, 5, 10, 2, 8, 6];
+        (inputs, targets)
+    }
+
+    /// The gradient of every checked tensor agrees with central finite differences of the loss,
+    /// at the elements where it is largest (elsewhere f32 noise dominates).
+    #[test]
+    fn gradients_match_finite_differences() {
+        for tied in [true, false] {
+            let mut engine = Engine::new(Cpu::seed_from_u64(3), tiny(tied), adamw());
+            let (inputs, targets) = batch_ids();
+            let batch = Batch {
+                inputs: &inputs,
+                targets: &targets,
+                batch: 2,
+                seq: 6,
+            };
+            engine.accumulate(&batch, 1.0, 0);
+            let mut grads = std::mem::replace(&mut engine.gradients, Gradients::leaky());
+            type Pick = fn(&mut Gpt<Cpu>) -> &mut Tensor<(usize, usize), f32, Cpu>;
+            let matrices: [(&str, Pick); 4] = [
+                ("wte", |m| &mut m.wte),
+                ("wpe", |m| &mut m.wpe),
+                ("h.0.attn.c_attn", |m| &mut m.h[0].attn.c_attn.weight),
+                ("h.1.mlp.c_proj", |m| &mut m.h[1].mlp.c_proj.weight),
+            ];
+            for (name, pick) in matrices {
+                let analytic = grads
+                    .get_or_alloc_mut(pick(&mut engine.model))
+                    .unwrap()
+                    .to_vec();
+                let mut order: Vec<usize> = (0..analytic.len()).collect();
+                order.sort_by(|&a, &b| analytic[b].abs().total_cmp(&analytic[a].abs()));
+                for &i in &order[..4] {
+                    let original = pick(&mut engine.model).as_vec();
+                    let mut at = |delta: f32| {
+                        let mut changed = original.clone();
+                        changed[i] += delta;
+                        pick(&mut engine.model).copy_from(&changed);
+                        engine.loss(&batch)
+                    };
+                    let h = 1e-3;
+                    let numeric = (at(h) - at(-h)) / (2.0 * h);
+                    pick(&mut engine.model).copy_from(&original);
+                    // f32 rounding of the loss puts a floor of about 1e-4 under the difference.
+                    let allowed = 1e-2 * analytic[i].abs() + 2e-4;
+                    assert!(
+                        (numeric - analytic[i]).abs() < allowed,
+                        "{name}[{i}] (tied {tied}): numeric {numeric}, analytic {}",
+                        analytic[i]
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_later_token_never_changes_earlier_logits() {
+        let mut model = Trainer::new(tiny(true), DeviceKind::Cpu, 1, adamw()).unwrap();
+        let ids = [3, 1, 4, 1, 5, 9];
+        let mut changed = ids;
+        changed[4] = 2;
+        let before = model.logits(&ids, 1, 6);
+        let after = model.logits(&changed, 1, 6);
+        assert_eq!(
+            before[..4 * 11],
+            after[..4 * 11],
+            "positions 0..4 see only the past"
+        );
+        assert_ne!(before[4 * 11..], after[4 * 11..]);
+    }
+
+    #[test]
+    fn one_batch_is_learnt_by_heart() {
+        let mut model = Trainer::new(tiny(true), DeviceKind::Cpu, 2, adamw()).unwrap();
+        let (inputs, targets) = batch_ids();
+        let batch = Batch {
+            inputs: &inputs,
+            targets: &targets,
+            batch: 2,
+            seq: 6,
+        };
+        let first = model.loss(&batch);
+        for _ in 0..150 {
+            model.accumulate(&batch, 1.0, 0);
+            model.step(2e-2, Some(1.0));
+        }
+        let last = model.loss(&batch);
+        assert!(first > 2.0 && last < 0.1, "loss {first} → {last}");
+    }
+
+    #[test]
+    fn a_saved_model_loads_back_bit_for_bit() {
+        for tied in [true, false] {
+            let dir = tempfile::tempdir().unwrap();
+            let mut model = Trainer::new(tiny(tied), DeviceKind::Cpu, 4, adamw()).unwrap();
+            model.save_hf(dir.path(), 0).unwrap();
+            let names: Vec<String> = io::read_safetensors(&dir.path().join("model.safetensors"))
+                .unwrap()
+                .into_keys()
+                .collect();
+            assert_eq!(names.contains(&"lm_head.weight".to_string()), !tied);
+            assert!(names.contains(&"transformer.h.1.attn.c_attn.weight".to_string()));
+            let (mut loaded, eos) = Trainer::load(dir.path(), DeviceKind::Cpu, adamw()).unwrap();
+            assert_eq!(eos, Some(0));
+            assert_eq!(loaded.config(), model.config());
+            let ids = [1, 2, 3, 4, 5, 6];
+            assert_eq!(loaded.logits(&ids, 1, 6), model.logits(&ids, 1, 6));
+            assert_eq!(loaded.weights(), model.weights());
+        }
+    }
+
+    #[test]
+    fn a_missing_or_misshapen_tensor_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut model = Trainer::new(tiny(true), DeviceKind::Cpu, 4, adamw()).unwrap();
+        model.save_hf(dir.path(), 0).unwrap();
+        let path = dir.path().join("model.safetensors");
+        let mut tensors = model.weights();
+        tensors.retain(|(name, _, _)| name != "transformer.ln_f.bias");
+        for (name, shape, data) in &mut tensors {
+            if name == "transformer.h.0.mlp.c_fc.weight" {
+                *shape = vec![32, 8];
+                *data = vec![0.0; 256];
+            }
+        }
+        io::write_safetensors(&path, &tensors, None).unwrap();
+        let err = Trainer::load(dir.path(), DeviceKind::Cpu, adamw())
+            .err()
+            .unwrap();
+        assert!(err.contains("`transformer.ln_f.bias` is missing"), "{err}");
+        assert!(
+            err.contains(
+                "`transformer.h.0.mlp.c_fc.weight` has shape [32, 8], the model needs [8, 32]"
+            ),
+            "{err}"
+        );
+    }
+
+    /// Tiny models saved by transformers, with the logits it computed (tests/fixtures).
+    #[test]
+    fn transformers_models_give_transformers_logits() {
+        let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures");
+        for name in ["gpt2-tiny-tied", "gpt2-tiny-untied"] {
+            let dir = fixtures.join(name);
+            let (mut model, _) = Trainer::load(&dir, DeviceKind::Cpu, adamw()).unwrap();
+            let expected: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(dir.join("logits.json")).unwrap()).unwrap();
+            let ids: Vec<u32> = expected["ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .flat_map(|row| {
+                    row.as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|i| i.as_u64().unwrap() as u32)
+                })
+                .collect();
+            let logits = model.logits(&ids, 2, 8);
+            let reference: Vec<f32> = expected["logits"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap() as f32)
+                .collect();
+            assert_eq!(logits.len(), reference.len());
+            let worst = logits
+                .iter()
+                .zip(&reference)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0f32, f32::max);
+            assert!(worst < 1e-5, "{name}: logits differ by up to {worst}");
+        }
+    }
+
+    #[test]
+    fn sizes_are_checked() {
+        let config = GptConfig {
+            d_model: 10,
+            heads: 4,
+            ..tiny(true)
+        };
+        let err = Trainer::new(config, DeviceKind::Cpu, 0, adamw())
+            .err()
+            .unwrap();
+        assert!(
+            err.contains("`d_model` (10) must be divisible by `heads` (4)"),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,68 @@
+//! The loss curve as a small self-contained SVG: training loss and, where measured, validation
+//! loss against the step.
+
+use std::fmt::Write;
+
+/// One line of the plot: label, colour and (step, loss) points.
+pub type Series<'a> = (&'a str, &'a str, Vec<(f64, f64)>);
+
+/// An SVG with one polyline per series.
+pub fn loss_curve(series: &[Series]) -> String {
+    let (width, height, margin) = (640.0, 360.0, 48.0);
+    let points = series.iter().flat_map(|s| s.2.iter());
+    let (mut x_max, mut y_min, mut y_max) = (1.0f64, f64::INFINITY, f64::NEG_INFINITY);
+    for &(x, y) in points {
+        x_max = x_max.max(x);
+        y_min = y_min.min(y);
+        y_max = y_max.max(y);
+    }
+    if !y_min.is_finite() {
+        (y_min, y_max) = (0.0, 1.0);
+    }
+    if y_max - y_min < 1e-9 {
+        y_max = y_min + 1.0;
+    }
+    let to_x = |x: f64| margin + x / x_max * (width - 2.0 * margin);
+    let to_y = |y: f64| height - margin - (y - y_min) / (y_max - y_min) * (height - 2.0 * margin);
+    let mut svg = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" height=\"{height}\" \
+         font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n"
+    );
+    let _ = writeln!(
+        svg,
+        "<line x1=\"{margin}\" y1=\"{b}\" x2=\"{r}\" y2=\"{b}\" stroke=\"black\"/>\
+         <line x1=\"{margin}\" y1=\"{margin}\" x2=\"{margin}\" y2=\"{b}\" stroke=\"black\"/>",
+        b = height - margin,
+        r = width - margin
+    );
+    for (value, anchor_y) in [(y_max, to_y(y_max)), (y_min, to_y(y_min))] {
+        let _ = writeln!(
+            svg,
+            "<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{value:.3}</text>",
+            margin - 4.0,
+            anchor_y + 4.0
+        );
+    }
+    let _ = writeln!(
+        svg,
+        "<text x=\"{}\" y=\"{}\" text-anchor=\"end\">step {x_max:.0}</text>",
+        width - margin,
+        height - margin + 16.0
+    );
+    for (i, (label, colour, points)) in series.iter().enumerate() {
+        let path: Vec<String> = points
+            .iter()
+            .map(|&(x, y)| format!("{:.1},{:.1}", to_x(x), to_y(y)))
+            .collect();
+        let _ = writeln!(
+            svg,
+            "<polyline fill=\"none\" stroke=\"{colour}\" stroke-width=\"1.5\" points=\"{}\"/>\
+             <text x=\"{}\" y=\"{}\" fill=\"{colour}\">{label}</text>",
+            path.join(" "),
+            width - margin - 120.0,
+            margin + 16.0 * i as f64
+        );
+    }
+    svg.push_str("</svg>\n");
+    svg
+}
