@@ -485,6 +485,78 @@ mod tests {
         }
     }
 
+    /// The tiny model of the export fixture: seeded, then a few optimizer steps so that biases and
+    /// LayerNorm weights are not at their initial values.
+    fn exported_tiny() -> Trainer {
+        let config = GptConfig {
+            vocab_size: 16,
+            seq_len: 8,
+            ..tiny(true)
+        };
+        let mut model = Trainer::new(config, DeviceKind::Cpu, 11, adamw()).unwrap();
+        let inputs: Vec<u32> = (0..16).map(|i| (i * 7 % 16) as u32).collect();
+        let targets: Vec<u32> = (0..16).map(|i| (i * 5 % 16) as u32).collect();
+        let batch = Batch {
+            inputs: &inputs,
+            targets: &targets,
+            batch: 2,
+            seq: 8,
+        };
+        for _ in 0..3 {
+            model.accumulate(&batch, 1.0, 0);
+            model.step(5e-2, Some(1.0));
+        }
+        model
+    }
+
+    /// Writes tests/fixtures/gpt2-smelt-export (run by make_gpt2_fixture.py, which then adds the
+    /// logits transformers computes for it).
+    #[test]
+    #[ignore]
+    fn write_export_fixture() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/gpt2-smelt-export");
+        std::fs::create_dir_all(&dir).unwrap();
+        exported_tiny().save_hf(&dir, 0).unwrap();
+    }
+
+    /// A model smelt exports gives, in transformers, the logits smelt computes.
+    #[test]
+    fn exported_models_give_the_logits_transformers_computes() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/gpt2-smelt-export");
+        let expected: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.join("logits.json")).unwrap()).unwrap();
+        let ids: Vec<u32> = expected["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|row| {
+                row.as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|i| i.as_u64().unwrap() as u32)
+            })
+            .collect();
+        let reference: Vec<f32> = expected["logits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap() as f32)
+            .collect();
+        let out = tempfile::tempdir().unwrap();
+        exported_tiny().save_hf(out.path(), 0).unwrap();
+        let (mut model, _) = Trainer::load(out.path(), DeviceKind::Cpu, adamw()).unwrap();
+        let logits = model.logits(&ids, 2, 8);
+        let worst = logits
+            .iter()
+            .zip(&reference)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        assert!(
+            worst < 1e-4,
+            "logits differ from transformers' by up to {worst}"
+        );
+    }
+
     #[test]
     fn sizes_are_checked() {
         let config = GptConfig {
