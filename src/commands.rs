@@ -331,6 +331,50 @@ pub fn generate(args: &crate::GenerateArgs, store: Option<PathBuf>) -> Result<()
     Ok(())
 }
 
+pub fn metric(
+    metric: crate::TextMetric,
+    hyp: &Path,
+    references: &[PathBuf],
+    format: Format,
+) -> Result<(), Failure> {
+    use smelt_stages::metrics;
+    let segments = |path: &Path| -> Result<Vec<String>, Failure> {
+        std::fs::read_to_string(path)
+            .map(|text| text.lines().map(String::from).collect())
+            .map_err(|e| Failure::Usage(format!("{}: {e}", path.display())))
+    };
+    let hypotheses = segments(hyp)?;
+    let references = references
+        .iter()
+        .map(|path| segments(path))
+        .collect::<Result<Vec<_>, _>>()?;
+    let (line, json) = match metric {
+        crate::TextMetric::Bleu => {
+            let bleu = metrics::corpus_bleu(&hypotheses, &references).map_err(Failure::Usage)?;
+            let mut json = serde_json::to_value(&bleu).expect("serialisable");
+            json["name"] = "BLEU".into();
+            (bleu.line(), json)
+        }
+        crate::TextMetric::Chrf | crate::TextMetric::ChrfPlus => {
+            let word_order = if matches!(metric, crate::TextMetric::ChrfPlus) {
+                2
+            } else {
+                0
+            };
+            let chrf = metrics::corpus_chrf(&hypotheses, &references, word_order)
+                .map_err(Failure::Usage)?;
+            let mut json = serde_json::to_value(&chrf).expect("serialisable");
+            json["name"] = if word_order > 0 { "chrF2++" } else { "chrF2" }.into();
+            (chrf.line(word_order), json)
+        }
+    };
+    match format {
+        Format::Text => println!("{line}"),
+        Format::Json => println!("{json}"),
+    }
+    Ok(())
+}
+
 pub fn dag(file: &Path, format: DagFormat, overrides: &[Override]) -> Result<(), Failure> {
     let registry = registry();
     let pipeline = load(file, overrides, &registry)?;

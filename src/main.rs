@@ -103,6 +103,29 @@ enum Command {
     /// Sample a continuation from a model directory (or a pipeline's model stage); prints only
     /// the generated text
     Generate(GenerateArgs),
+    /// Score plain-text hypotheses against references (one segment per line), as sacrebleu does
+    Metric {
+        #[arg(value_enum)]
+        metric: TextMetric,
+        /// The system output
+        #[arg(long, value_name = "FILE")]
+        hyp: PathBuf,
+        /// A reference file (repeatable: several references per segment)
+        #[arg(long = "ref", value_name = "FILE", required = true)]
+        references: Vec<PathBuf>,
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum TextMetric {
+    /// BLEU (13a tokenizer, exp smoothing, corpus level)
+    Bleu,
+    /// chrF (character 6-grams, beta 2)
+    Chrf,
+    /// chrF++ (chrF plus word 1- and 2-grams)
+    ChrfPlus,
 }
 
 #[derive(Args)]
@@ -242,6 +265,12 @@ fn main() -> ExitCode {
         } => commands::gc(&files, dry_run, work, store),
         Command::Stages => commands::stages(),
         Command::Generate(args) => commands::generate(&args, store),
+        Command::Metric {
+            metric,
+            hyp,
+            references,
+            format,
+        } => commands::metric(metric, &hyp, &references, format),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

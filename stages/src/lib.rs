@@ -4,6 +4,7 @@
 pub mod clean;
 pub mod collect;
 pub mod command;
+pub mod metrics;
 pub mod model;
 pub mod pretrain;
 pub mod records;
