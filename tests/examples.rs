@@ -292,6 +292,14 @@ fn shakespeare_char_resumes_after_a_kill_and_generates() {
         .ok()
         .stdout
     };
+    let eval = run(
+        killed.path(),
+        &["show", "shakespeare-char.yaml", "eval", "--path"],
+    )
+    .ok()
+    .stdout;
+    let report = std::fs::read_to_string(Path::new(eval.trim()).join("report.md")).unwrap();
+    assert_has(&report, "| bits_per_byte |");
     let sample = generate("1");
     assert!(
         sample.trim_end_matches('\n').chars().count() > 5,

@@ -4,8 +4,10 @@
 pub mod clean;
 pub mod collect;
 pub mod command;
+pub mod evaluate;
 pub mod metrics;
 pub mod model;
+pub mod plot;
 pub mod pretrain;
 pub mod records;
 pub mod tokenize;
@@ -22,6 +24,7 @@ pub fn registry() -> Registry {
         .register(clean::Clean)
         .register(collect::Collect)
         .register(command::Command)
+        .register(evaluate::Evaluate)
         .register(pretrain::Pretrain)
         .register(tokenize::Tokenize);
     registry

@@ -1,4 +1,5 @@
-//! Sampling continuations from a model directory (`smelt generate`).
+//! A model directory ready to use: encoding, scoring (log-probabilities) and generation, for
+//! `smelt generate` and the `evaluate` stage.
 
 use std::path::Path;
 
@@ -6,7 +7,8 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tokenizers::Tokenizer;
 
-use super::{AdamWConfig, DeviceKind, Trainer};
+use super::{AdamWConfig, DeviceKind, GptConfig, Trainer};
+use crate::tokenize::Encoder;
 
 /// How to sample.
 #[derive(Clone, Debug)]
@@ -18,11 +20,24 @@ pub struct Sampling {
     pub seed: u64,
 }
 
-/// A model directory and its tokenizer, ready to generate.
+impl Sampling {
+    pub fn greedy(max_tokens: usize) -> Self {
+        Sampling {
+            max_tokens,
+            temperature: 0.0,
+            top_k: None,
+            seed: 0,
+        }
+    }
+}
+
+/// A model directory (config.json, model.safetensors, tokenizer.json), loaded.
 pub struct Generator {
     model: Trainer,
-    tokenizer: Tokenizer,
-    eos: Option<u32>,
+    pub tokenizer: Tokenizer,
+    encoder: Encoder,
+    pub config: GptConfig,
+    pub eos: Option<u32>,
 }
 
 impl Generator {
@@ -32,22 +47,80 @@ impl Generator {
             eps: 1e-8,
             weight_decay: 0.0,
         };
-        let (model, eos) = Trainer::load(dir, DeviceKind::Cpu, optimizer)?;
+        let (mut model, eos) = Trainer::load(dir, DeviceKind::Cpu, optimizer)?;
         let path = dir.join("tokenizer.json");
         let tokenizer =
             Tokenizer::from_file(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let config = model.config();
+        if tokenizer.get_vocab_size(true) > config.vocab_size {
+            return Err(format!(
+                "{}: the tokenizer has {} tokens, the model only {}",
+                dir.display(),
+                tokenizer.get_vocab_size(true),
+                config.vocab_size
+            ));
+        }
+        let encoder = Encoder::new(&tokenizer)?;
         Ok(Generator {
             model,
             tokenizer,
+            encoder,
+            config,
             eos,
         })
     }
 
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>, String> {
+        let mut ids = Vec::new();
+        self.encoder.encode(text, &mut ids)?;
+        Ok(ids)
+    }
+
+    pub fn decode(&self, ids: &[u32]) -> Result<String, String> {
+        self.tokenizer
+            .decode(ids, true)
+            .map_err(|e| format!("cannot decode: {e}"))
+    }
+
+    /// `log p(ids[t + 1] | ids[..= t])` for every `t` (see [`log_probs`]).
+    pub fn log_probs(&mut self, ids: &[u32]) -> Vec<f32> {
+        log_probs(&mut self.model, ids)
+    }
+
+    /// Sum of `log p(continuation | context)` (the context is cut from the left to fit).
+    pub fn continuation_log_prob(&mut self, context: &[u32], continuation: &[u32]) -> f64 {
+        let ids: Vec<u32> = context.iter().chain(continuation).copied().collect();
+        let ids = &ids[ids.len().saturating_sub(self.config.seq_len + 1)..];
+        let scored = self.log_probs(ids);
+        let n = continuation.len().min(scored.len());
+        scored[scored.len() - n..]
+            .iter()
+            .map(|&x| f64::from(x))
+            .sum()
+    }
+
+    /// Continues `ids` until a token of `stop`, the end-of-text token or `max_tokens`; returns
+    /// the new ids.
+    pub fn continue_ids(&mut self, ids: &[u32], sampling: &Sampling, stop: &[u32]) -> Vec<u32> {
+        let mut ids = ids.to_vec();
+        let mut rng = ChaCha8Rng::seed_from_u64(sampling.seed);
+        let start = ids.len();
+        for _ in 0..sampling.max_tokens {
+            let window = &ids[ids.len().saturating_sub(self.config.seq_len)..];
+            let logits = self.model.logits(window, 1, window.len());
+            let last = &logits[(window.len() - 1) * self.config.vocab_size..];
+            let next = pick(last, sampling, &mut rng);
+            if Some(next) == self.eos || stop.contains(&next) {
+                break;
+            }
+            ids.push(next);
+        }
+        ids.split_off(start)
+    }
+
     /// The continuation of `prompt`, stopping at the end-of-text token or `max_tokens`.
     pub fn generate(&mut self, prompt: &str, sampling: &Sampling) -> Result<String, String> {
-        let encoder = crate::tokenize::Encoder::new(&self.tokenizer)?;
-        let mut ids = Vec::new();
-        encoder.encode(prompt, &mut ids)?;
+        let mut ids = self.encode(prompt)?;
         if ids.is_empty() {
             ids.extend(self.eos);
         }
@@ -56,23 +129,28 @@ impl Generator {
                 "the prompt is empty and the model has no end-of-text token to start from".into(),
             );
         }
-        let config = self.model.config();
-        let mut rng = ChaCha8Rng::seed_from_u64(sampling.seed);
-        let prompt_len = ids.len();
-        for _ in 0..sampling.max_tokens {
-            let window = &ids[ids.len().saturating_sub(config.seq_len)..];
-            let logits = self.model.logits(window, 1, window.len());
-            let last = &logits[(window.len() - 1) * config.vocab_size..];
-            let next = pick(last, sampling, &mut rng);
-            if Some(next) == self.eos {
-                break;
-            }
-            ids.push(next);
-        }
-        self.tokenizer
-            .decode(&ids[prompt_len..], true)
-            .map_err(|e| format!("cannot decode: {e}"))
+        let new = self.continue_ids(&ids, sampling, &[]);
+        self.decode(&new)
     }
+}
+
+/// `log p(ids[t + 1] | ids[..= t])` for every `t`, in one forward pass over all but the last
+/// id (so at most `seq_len + 1` ids).
+pub fn log_probs(model: &mut Trainer, ids: &[u32]) -> Vec<f32> {
+    if ids.len() < 2 {
+        return Vec::new();
+    }
+    let vocab = model.config().vocab_size;
+    let inputs = &ids[..ids.len() - 1];
+    let logits = model.logits(inputs, 1, inputs.len());
+    (0..inputs.len())
+        .map(|t| {
+            let row = &logits[t * vocab..(t + 1) * vocab];
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let sum: f32 = row.iter().map(|&x| (x - max).exp()).sum();
+            row[ids[t + 1] as usize] - max - sum.ln()
+        })
+        .collect()
 }
 
 /// The next token from one position's logits.

@@ -7,7 +7,6 @@
 //! moments, step) go to the stage's work dir, which survives failures of the same stage key.
 
 mod data;
-mod plot;
 mod schedule;
 
 use std::collections::HashMap;
@@ -283,6 +282,8 @@ fn train(
     };
     let mut model = Trainer::new(config.clone(), params.device, t.seed, optimizer)?;
     let parameters = model.parameters();
+    std::fs::create_dir_all(&ctx.work_dir)
+        .map_err(|e| format!("{}: {e}", ctx.work_dir.display()))?;
     let checkpoint = ctx.work_dir.join("checkpoint.safetensors");
     let log_path = ctx.work_dir.join("metrics.jsonl");
     let start = resume(&mut model, &checkpoint, &log_path)?;
@@ -514,7 +515,7 @@ fn write_outputs(
         .iter()
         .filter_map(|l| Some((l.step as f64, f64::from(l.val_loss?))))
         .collect();
-    let svg = plot::loss_curve(&[
+    let svg = crate::plot::loss_curve(&[
         ("train loss", "#1f77b4", train),
         ("validation loss", "#d62728", val),
     ]);

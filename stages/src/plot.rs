@@ -1,5 +1,4 @@
-//! The loss curve as a small self-contained SVG: training loss and, where measured, validation
-//! loss against the step.
+//! Small self-contained SVG charts for the stages' reports: loss curves and metric bars.
 
 use std::fmt::Write;
 
@@ -65,4 +64,45 @@ pub fn loss_curve(series: &[Series]) -> String {
     }
     svg.push_str("</svg>\n");
     svg
+}
+
+/// Horizontal bars, one per (label, value), scaled to the largest value.
+pub fn bars(title: &str, bars: &[(String, f64)]) -> String {
+    let (width, row, left) = (640.0, 28.0, 220.0);
+    let height = 40.0 + row * bars.len() as f64;
+    let max = bars
+        .iter()
+        .map(|b| b.1.abs())
+        .fold(0.0f64, f64::max)
+        .max(1e-12);
+    let mut svg = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" height=\"{height}\" \
+         font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
+         <text x=\"8\" y=\"18\" font-weight=\"bold\">{}</text>\n",
+        escape(title)
+    );
+    for (i, (label, value)) in bars.iter().enumerate() {
+        let y = 30.0 + row * i as f64;
+        let length = (width - left - 80.0) * value.abs() / max;
+        let _ = writeln!(
+            svg,
+            "<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{}</text>\
+             <rect x=\"{left}\" y=\"{y}\" width=\"{length:.1}\" height=\"{}\" fill=\"#1f77b4\"/>\
+             <text x=\"{}\" y=\"{}\">{value:.4}</text>",
+            left - 6.0,
+            y + 15.0,
+            escape(label),
+            row - 8.0,
+            left + length + 4.0,
+            y + 15.0
+        );
+    }
+    svg.push_str("</svg>\n");
+    svg
+}
+
+fn escape(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
 }

@@ -1,0 +1,892 @@
+//! `evaluate`: measures one or several model artifacts side by side on held-out data and
+//! writes `metrics.json`, `report.md` and a self-contained `report.html`.
+//!
+//! Data comes from the `data` input (a collect or clean artifact; its validation split, or its
+//! training split when it has none): text documents feed perplexity, conversations feed exact
+//! match and BLEU/chrF (the last user turn is the prompt, the assistant's answer the reference),
+//! preference pairs feed preference accuracy. Multiple-choice questions (and BLEU pairs) can
+//! also come from JSONL files next to the pipeline. Every result carries its signature: what
+//! was measured, how, on which model and tokenizer.
+
+mod perplexity;
+mod report;
+
+use std::path::{Path, PathBuf};
+
+use regex::Regex;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use smelt_engine::{Metrics, Port, Ports, Stage, StageContext, StageError};
+
+use crate::metrics;
+use crate::model::sample::{Generator, Sampling};
+use crate::records::{shards, Record, ShardLines};
+use crate::tokenize::ChatTemplate;
+pub use perplexity::Window;
+
+pub struct Evaluate;
+
+#[derive(Debug, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EvaluateParams {
+    /// What to measure, in order; each is measured on every model.
+    pub metrics: Vec<Metric>,
+    /// How conversations are rendered into prompts (the `tokenize` stage's template).
+    #[serde(default)]
+    pub chat_template: ChatTemplate,
+    /// Records of each kind used at most (the first ones of the split).
+    #[serde(default = "default_max_examples")]
+    pub max_examples: usize,
+}
+
+fn default_max_examples() -> usize {
+    200
+}
+
+fn default_max_tokens() -> usize {
+    32
+}
+
+fn default_beta() -> f64 {
+    0.1
+}
+
+fn default_temperature() -> f32 {
+    0.8
+}
+
+/// One metric and its settings.
+#[derive(Debug, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Metric {
+    /// Token-level perplexity and bits per byte of the text documents.
+    Perplexity {
+        /// `disjoint` (lm-evaluation-harness) or `sliding` (Hugging Face's strided guide).
+        #[serde(default)]
+        window: Window,
+        /// Tokens a sliding window advances; default half the context.
+        #[serde(default)]
+        stride: Option<usize>,
+    },
+    /// Greedy answers to the conversations' last user turn, compared with the reference answer.
+    ExactMatch {
+        /// A regex whose first group (or whole match) is the answer, applied to both sides;
+        /// without it, answers are compared with surrounding white space stripped.
+        #[serde(default)]
+        pattern: Option<String>,
+        #[serde(default = "default_max_tokens")]
+        max_tokens: usize,
+    },
+    /// Accuracy of picking the right choice by summed log-likelihood (`acc`) and by
+    /// log-likelihood per byte (`acc_norm`). Needs `file`: JSONL lines `{"question": …,
+    /// "choices": [...], "answer": index}`.
+    MultipleChoice { file: String },
+    /// Corpus BLEU (sacrebleu's defaults) of greedy answers against references.
+    Bleu {
+        /// JSONL lines `{"prompt": …, "reference": …}`; default: the data's conversations.
+        #[serde(default)]
+        file: Option<String>,
+        #[serde(default = "default_max_tokens")]
+        max_tokens: usize,
+    },
+    /// Corpus chrF (sacrebleu's defaults), like `bleu`.
+    Chrf {
+        #[serde(default)]
+        file: Option<String>,
+        #[serde(default = "default_max_tokens")]
+        max_tokens: usize,
+    },
+    /// Share of preference pairs whose chosen answer the model finds likelier, and the mean DPO
+    /// implicit reward margin against the first model (`beta` × log-ratio difference).
+    PreferenceAccuracy {
+        #[serde(default = "default_beta")]
+        beta: f64,
+    },
+    /// A few sampled continuations per model, for reading.
+    Samples {
+        prompts: Vec<String>,
+        #[serde(default = "default_max_tokens")]
+        max_tokens: usize,
+        #[serde(default = "default_temperature")]
+        temperature: f32,
+        #[serde(default)]
+        seed: u64,
+    },
+}
+
+impl Metric {
+    fn name(&self) -> &'static str {
+        match self {
+            Metric::Perplexity { .. } => "perplexity",
+            Metric::ExactMatch { .. } => "exact_match",
+            Metric::MultipleChoice { .. } => "multiple_choice",
+            Metric::Bleu { .. } => "bleu",
+            Metric::Chrf { .. } => "chrf",
+            Metric::PreferenceAccuracy { .. } => "preference_accuracy",
+            Metric::Samples { .. } => "samples",
+        }
+    }
+
+    fn file(&self) -> Option<&str> {
+        match self {
+            Metric::MultipleChoice { file } => Some(file),
+            Metric::Bleu { file, .. } | Metric::Chrf { file, .. } => file.as_deref(),
+            _ => None,
+        }
+    }
+}
+
+/// One measured value with its signature.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Result_ {
+    pub metric: String,
+    /// The model's position in `models` and its artifact id.
+    pub model: usize,
+    pub model_artifact: String,
+    pub value: f64,
+    pub unit: String,
+    pub signature: serde_json::Value,
+}
+
+/// metrics.json.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Report {
+    pub models: Vec<String>,
+    pub results: Vec<Result_>,
+    /// Generated texts by model, for `samples`.
+    pub samples: Vec<(usize, String, String)>,
+}
+
+impl Stage for Evaluate {
+    type Params = EvaluateParams;
+    const KIND: &'static str = "evaluate";
+    const VERSION: u32 = 1;
+    const SUMMARY: &'static str =
+        "Compare models: perplexity, exact match, multiple choice, BLEU/chrF, preferences";
+
+    fn ports(&self) -> Ports {
+        Ports::Declared(vec![
+            Port {
+                name: "models",
+                required: true,
+                many: true,
+                doc: "model stages (pretrain, finetune, dpo), compared side by side",
+            },
+            Port {
+                name: "data",
+                required: false,
+                many: false,
+                doc: "a collect or clean stage with the evaluation records",
+            },
+            Port {
+                name: "tokenizer",
+                required: false,
+                many: false,
+                doc: "a tokenize stage; each model's vocabulary must match it",
+            },
+        ])
+    }
+
+    fn external_deps(
+        &self,
+        params: &EvaluateParams,
+        pipeline_dir: &Path,
+    ) -> Result<Vec<PathBuf>, String> {
+        if params.metrics.is_empty() {
+            return Err("`metrics` is empty: name at least one".into());
+        }
+        let mut files = Vec::new();
+        for metric in &params.metrics {
+            if let Some(file) = metric.file() {
+                if !pipeline_dir.join(file).is_file() {
+                    return Err(format!(
+                        "`{}.file`: no file {file} next to the pipeline",
+                        metric.name()
+                    ));
+                }
+                files.push(PathBuf::from(file));
+            }
+        }
+        Ok(files)
+    }
+
+    fn run(&self, params: &EvaluateParams, ctx: &StageContext) -> Result<Metrics, StageError> {
+        let model_dirs = ctx.inputs.get("models").cloned().unwrap_or_default();
+        let data = match ctx.input("data") {
+            Some(dir) => read_records(dir, params.max_examples)?,
+            None => Records::default(),
+        };
+        let tokenizer_hash = match ctx.input("tokenizer") {
+            Some(dir) => Some(crate::tokenize::Meta::read(dir)?.tokenizer_hash),
+            None => None,
+        };
+        let mut report = Report {
+            models: model_dirs.iter().map(|d| artifact_id(d)).collect(),
+            results: Vec::new(),
+            samples: Vec::new(),
+        };
+        // Per model, per pair: (log p(chosen), log p(rejected)), for reward margins against model 0.
+        let mut preference_log_probs: Vec<Vec<(f64, f64)>> = Vec::new();
+        for (index, dir) in model_dirs.iter().enumerate() {
+            let mut model = Generator::open(dir)?;
+            let model_hash = blake3::hash(
+                &std::fs::read(dir.join("tokenizer.json")).map_err(|e| e.to_string())?,
+            )
+            .to_hex()
+            .to_string();
+            if let Some(expected) = &tokenizer_hash {
+                if *expected != model_hash {
+                    return Err(format!(
+                        "model {index} ({}) was trained with another vocabulary than the `tokenizer` input",
+                        artifact_id(dir)
+                    )
+                    .into());
+                }
+            }
+            let mut measure = Measure {
+                model: &mut model,
+                index,
+                artifact: artifact_id(dir),
+                tokenizer_hash: model_hash,
+                params,
+                data: &data,
+                pipeline_dir: &ctx.pipeline_dir,
+                report: &mut report,
+            };
+            for metric in &params.metrics {
+                if let Some(pairs) = measure.metric(metric)? {
+                    preference_log_probs.push(pairs);
+                }
+            }
+            ctx.report(index as u64 + 1, Some(model_dirs.len() as u64), "models");
+        }
+        add_reward_margins(params, &mut report, &preference_log_probs);
+        std::fs::write(
+            ctx.out_dir.join("metrics.json"),
+            serde_json::to_vec_pretty(&report)?,
+        )?;
+        let curves: Vec<(String, Vec<(f64, f64)>)> = model_dirs
+            .iter()
+            .enumerate()
+            .map(|(i, dir)| (format!("model {i}"), report::training_curve(dir)))
+            .collect();
+        std::fs::write(ctx.out_dir.join("report.md"), report::markdown(&report))?;
+        std::fs::write(
+            ctx.out_dir.join("report.html"),
+            report::html(&report, &curves),
+        )?;
+        let mut metrics = Metrics::new();
+        for result in &report.results {
+            metrics.insert(
+                format!("{}.{}", result.metric, result.model),
+                result.value.into(),
+            );
+        }
+        Ok(metrics)
+    }
+}
+
+fn artifact_id(dir: &Path) -> String {
+    dir.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// The evaluation records by kind.
+#[derive(Default)]
+struct Records {
+    texts: Vec<String>,
+    /// (conversation up to the last user turn, the reference answer)
+    conversations: Vec<(Vec<crate::records::Message>, String)>,
+    /// (prompt, chosen, rejected)
+    preferences: Vec<(String, String, String)>,
+}
+
+fn read_records(dir: &Path, limit: usize) -> Result<Records, String> {
+    let mut split = shards(dir, "validation")?;
+    if split.is_empty() {
+        split = shards(dir, "train")?;
+    }
+    let mut records = Records::default();
+    for shard in split {
+        let mut lines = ShardLines::open(&shard)?;
+        while let Some(block) = lines.next_block()? {
+            for i in 0..block.lines.len() {
+                records.add(block.record(i)?, limit);
+            }
+        }
+    }
+    Ok(records)
+}
+
+impl Records {
+    fn add(&mut self, record: Record, limit: usize) {
+        if let Some(mut messages) = record.messages {
+            if messages.last().is_some_and(|m| m.role == "assistant")
+                && self.conversations.len() < limit
+            {
+                let answer = messages.pop().expect("a last message").content;
+                self.conversations.push((messages, answer));
+            }
+        } else if let (Some(p), Some(c), Some(r)) = (record.prompt, record.chosen, record.rejected)
+        {
+            if self.preferences.len() < limit {
+                self.preferences.push((p, c, r));
+            }
+        } else if self.texts.len() < limit && !record.text.is_empty() {
+            self.texts.push(record.text);
+        }
+    }
+}
+
+struct Measure<'a> {
+    model: &'a mut Generator,
+    index: usize,
+    artifact: String,
+    tokenizer_hash: String,
+    params: &'a EvaluateParams,
+    data: &'a Records,
+    pipeline_dir: &'a Path,
+    report: &'a mut Report,
+}
+
+impl Measure<'_> {
+    fn push(&mut self, metric: &str, value: f64, unit: &str, mut signature: serde_json::Value) {
+        signature["metric"] = metric.into();
+        signature["model"] = self.artifact.clone().into();
+        signature["tokenizer"] = self.tokenizer_hash.clone().into();
+        signature["unit"] = unit.into();
+        signature["dtype"] = "f32".into();
+        signature["few_shot"] = 0.into();
+        self.report.results.push(Result_ {
+            metric: metric.to_string(),
+            model: self.index,
+            model_artifact: self.artifact.clone(),
+            value,
+            unit: unit.to_string(),
+            signature,
+        });
+    }
+
+    /// Measures one metric; preference accuracy also returns the pairs' log-probabilities.
+    fn metric(&mut self, metric: &Metric) -> Result<Option<Vec<(f64, f64)>>, String> {
+        match metric {
+            Metric::Perplexity { window, stride } => self.perplexity(*window, *stride)?,
+            Metric::ExactMatch {
+                pattern,
+                max_tokens,
+            } => self.exact_match(pattern.as_deref(), *max_tokens)?,
+            Metric::MultipleChoice { file } => self.multiple_choice(file)?,
+            Metric::Bleu { file, max_tokens } | Metric::Chrf { file, max_tokens } => {
+                self.overlap(metric.name(), file.as_deref(), *max_tokens)?
+            }
+            Metric::PreferenceAccuracy { .. } => return self.preferences().map(Some),
+            Metric::Samples {
+                prompts,
+                max_tokens,
+                temperature,
+                seed,
+            } => {
+                for prompt in prompts {
+                    let sampling = Sampling {
+                        max_tokens: *max_tokens,
+                        temperature: *temperature,
+                        top_k: None,
+                        seed: *seed,
+                    };
+                    let text = self.model.generate(prompt, &sampling)?;
+                    self.report.samples.push((self.index, prompt.clone(), text));
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    fn perplexity(&mut self, window: Window, stride: Option<usize>) -> Result<(), String> {
+        if self.data.texts.is_empty() {
+            return Err("perplexity: the data has no text documents".into());
+        }
+        let context = self.model.config.seq_len;
+        let stride = stride.unwrap_or(context / 2).max(1);
+        let start = self
+            .model
+            .eos
+            .ok_or("perplexity: the model has no end-of-text token to start documents with")?;
+        let (mut nll, mut bytes) = (perplexity::Nll::default(), 0u64);
+        for text in &self.data.texts {
+            let mut ids = vec![start];
+            ids.extend(self.model.encode(text)?);
+            let model = &mut *self.model;
+            let doc =
+                perplexity::document_nll(&ids, context, window, stride, &mut |w: &[u32]| {
+                    model.log_probs(w)
+                });
+            nll.nats += doc.nats;
+            nll.tokens += doc.tokens;
+            bytes += text.len() as u64;
+        }
+        let signature = serde_json::json!({
+            "window": window, "context": context,
+            "stride": (window == Window::Sliding).then_some(stride),
+            "documents": self.data.texts.len(), "tokens": nll.tokens, "bytes": bytes,
+        });
+        self.push(
+            "perplexity",
+            (nll.nats / nll.tokens.max(1) as f64).exp(),
+            "token",
+            signature.clone(),
+        );
+        self.push(
+            "bits_per_byte",
+            nll.nats / std::f64::consts::LN_2 / bytes.max(1) as f64,
+            "bit/byte",
+            signature,
+        );
+        Ok(())
+    }
+
+    /// Greedy answers to `(conversation, reference)` pairs, stopping at the template's end marker.
+    fn answers(
+        &mut self,
+        pairs: &[(Vec<crate::records::Message>, String)],
+        max_tokens: usize,
+    ) -> Result<Vec<String>, String> {
+        let template = &self.params.chat_template;
+        let stop = self.model.encode(template.turn_end.trim_end())?;
+        let stop: Vec<u32> = stop.first().copied().into_iter().collect();
+        pairs
+            .iter()
+            .map(|(messages, _)| {
+                let mut prompt = String::new();
+                for m in messages {
+                    prompt.push_str(&template.turn_start.replace("{role}", &m.role));
+                    prompt.push_str(&m.content);
+                    prompt.push_str(&template.turn_end);
+                }
+                prompt.push_str(&template.turn_start.replace("{role}", "assistant"));
+                let ids = self.model.encode(&prompt)?;
+                let new = self
+                    .model
+                    .continue_ids(&ids, &Sampling::greedy(max_tokens), &stop);
+                self.model.decode(&new)
+            })
+            .collect()
+    }
+
+    fn exact_match(&mut self, pattern: Option<&str>, max_tokens: usize) -> Result<(), String> {
+        if self.data.conversations.is_empty() {
+            return Err(
+                "exact_match: the data has no conversations ending in an assistant answer".into(),
+            );
+        }
+        let regex = pattern
+            .map(Regex::new)
+            .transpose()
+            .map_err(|e| format!("exact_match.pattern: {e}"))?;
+        let extract = |text: &str| -> String {
+            match &regex {
+                Some(regex) => regex
+                    .captures(text)
+                    .and_then(|c| c.get(1).or_else(|| c.get(0)))
+                    .map_or(String::new(), |m| m.as_str().trim().to_string()),
+                None => text.trim().to_string(),
+            }
+        };
+        let answers = self.answers(&self.data.conversations, max_tokens)?;
+        let correct = answers
+            .iter()
+            .zip(&self.data.conversations)
+            .filter(|(answer, (_, reference))| extract(answer) == extract(reference))
+            .count();
+        let n = answers.len();
+        let signature = serde_json::json!({ "examples": n, "extract": pattern.unwrap_or("strip"), "max_tokens": max_tokens, "decoding": "greedy" });
+        self.push(
+            "exact_match",
+            correct as f64 / n as f64,
+            "fraction",
+            signature,
+        );
+        Ok(())
+    }
+
+    fn multiple_choice(&mut self, file: &str) -> Result<(), String> {
+        let path = self.pipeline_dir.join(file);
+        let text =
+            std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let (mut correct, mut correct_norm, mut n) = (0, 0, 0);
+        for (line_number, line) in text
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+        {
+            let at = format!("{file}:{}", line_number + 1);
+            let item: serde_json::Value =
+                serde_json::from_str(line).map_err(|e| format!("{at}: not JSON: {e}"))?;
+            let question = item["question"]
+                .as_str()
+                .ok_or_else(|| format!("{at}: no `question` string"))?;
+            let choices: Vec<&str> = item["choices"]
+                .as_array()
+                .map(|c| c.iter().filter_map(|x| x.as_str()).collect())
+                .unwrap_or_default();
+            if choices.len() < 2 {
+                return Err(format!("{at}: `choices` needs at least two strings"));
+            }
+            let answer = item["answer"]
+                .as_u64()
+                .map(|a| a as usize)
+                .filter(|&a| a < choices.len())
+                .ok_or_else(|| format!("{at}: `answer` must be the index of a choice"))?;
+            let context = self.model.encode(question)?;
+            let mut scores = Vec::new();
+            for choice in &choices {
+                // As lm-evaluation-harness: the choice follows the question after a space.
+                let continuation = self.model.encode(&format!(" {choice}"))?;
+                let log_prob = self.model.continuation_log_prob(&context, &continuation);
+                scores.push((log_prob, log_prob / (choice.len() + 1) as f64));
+            }
+            let best = |key: fn(&(f64, f64)) -> f64| {
+                (0..scores.len())
+                    .max_by(|&a, &b| key(&scores[a]).total_cmp(&key(&scores[b])))
+                    .unwrap_or(0)
+            };
+            correct += usize::from(best(|s| s.0) == answer);
+            correct_norm += usize::from(best(|s| s.1) == answer);
+            n += 1;
+        }
+        if n == 0 {
+            return Err(format!("{file}: no questions"));
+        }
+        let signature = serde_json::json!({ "examples": n, "file": file, "delimiter": " " });
+        self.push(
+            "multiple_choice.acc",
+            correct as f64 / n as f64,
+            "fraction",
+            signature.clone(),
+        );
+        self.push(
+            "multiple_choice.acc_norm",
+            correct_norm as f64 / n as f64,
+            "fraction",
+            signature,
+        );
+        Ok(())
+    }
+
+    /// BLEU or chrF of greedy answers.
+    fn overlap(
+        &mut self,
+        metric: &str,
+        file: Option<&str>,
+        max_tokens: usize,
+    ) -> Result<(), String> {
+        let pairs: Vec<(Vec<crate::records::Message>, String)> = match file {
+            Some(file) => {
+                let path = self.pipeline_dir.join(file);
+                let text = std::fs::read_to_string(&path)
+                    .map_err(|e| format!("{}: {e}", path.display()))?;
+                text.lines()
+                    .enumerate()
+                    .filter(|(_, l)| !l.trim().is_empty())
+                    .map(|(i, line)| {
+                        let item: serde_json::Value = serde_json::from_str(line)
+                            .map_err(|e| format!("{file}:{}: not JSON: {e}", i + 1))?;
+                        let (Some(prompt), Some(reference)) =
+                            (item["prompt"].as_str(), item["reference"].as_str())
+                        else {
+                            return Err(format!(
+                                "{file}:{}: needs `prompt` and `reference` strings",
+                                i + 1
+                            ));
+                        };
+                        let user = crate::records::Message {
+                            role: "user".into(),
+                            content: prompt.into(),
+                        };
+                        Ok((vec![user], reference.to_string()))
+                    })
+                    .collect::<Result<_, _>>()?
+            }
+            None => self.data.conversations.clone(),
+        };
+        if pairs.is_empty() {
+            return Err(format!(
+                "{metric}: no references (give `file`, or data with conversations)"
+            ));
+        }
+        let hypotheses = self.answers(&pairs, max_tokens)?;
+        let references = vec![pairs.iter().map(|p| p.1.clone()).collect::<Vec<_>>()];
+        let (value, signature) = if metric == "bleu" {
+            let bleu = metrics::corpus_bleu(&hypotheses, &references)?;
+            (bleu.score, bleu.signature)
+        } else {
+            let chrf = metrics::corpus_chrf(&hypotheses, &references, 0)?;
+            (chrf.score, chrf.signature)
+        };
+        let signature = serde_json::json!({ "sacrebleu": signature, "examples": pairs.len(), "decoding": "greedy", "max_tokens": max_tokens });
+        self.push(metric, value, "score", signature);
+        Ok(())
+    }
+
+    fn preferences(&mut self) -> Result<Vec<(f64, f64)>, String> {
+        if self.data.preferences.is_empty() {
+            return Err("preference_accuracy: the data has no preference pairs".into());
+        }
+        let template = self.params.chat_template.clone();
+        let mut pairs = Vec::new();
+        for (prompt, chosen, rejected) in &self.data.preferences {
+            let context = format!(
+                "{}{prompt}{}{}",
+                template.turn_start.replace("{role}", "user"),
+                template.turn_end,
+                template.turn_start.replace("{role}", "assistant")
+            );
+            let context = self.model.encode(&context)?;
+            let mut score = |answer: &str| -> Result<f64, String> {
+                let continuation = self
+                    .model
+                    .encode(&format!("{answer}{}", template.turn_end))?;
+                Ok(self.model.continuation_log_prob(&context, &continuation))
+            };
+            pairs.push((score(chosen)?, score(rejected)?));
+        }
+        let accuracy = pairs.iter().filter(|(c, r)| c > r).count() as f64 / pairs.len() as f64;
+        let margin = pairs.iter().map(|(c, r)| c - r).sum::<f64>() / pairs.len() as f64;
+        let signature = serde_json::json!({ "examples": pairs.len(), "score": "summed log-probability of the answer and end marker" });
+        self.push(
+            "preference_accuracy",
+            accuracy,
+            "fraction",
+            signature.clone(),
+        );
+        self.push("log_prob_margin", margin, "nats", signature);
+        Ok(pairs)
+    }
+}
+
+/// The mean DPO implicit reward margin of each model against model 0 (the reference):
+/// `beta · ((log π(c) − log π_ref(c)) − (log π(r) − log π_ref(r)))`.
+fn add_reward_margins(params: &EvaluateParams, report: &mut Report, log_probs: &[Vec<(f64, f64)>]) {
+    let Some(beta) = params.metrics.iter().find_map(|m| match m {
+        Metric::PreferenceAccuracy { beta } => Some(*beta),
+        _ => None,
+    }) else {
+        return;
+    };
+    let Some(reference) = log_probs.first() else {
+        return;
+    };
+    for (index, pairs) in log_probs.iter().enumerate().skip(1) {
+        let margin = pairs
+            .iter()
+            .zip(reference)
+            .map(|((c, r), (rc, rr))| beta * ((c - rc) - (r - rr)))
+            .sum::<f64>()
+            / pairs.len().max(1) as f64;
+        report.results.push(Result_ {
+            metric: "reward_margin".into(),
+            model: index,
+            model_artifact: report.models[index].clone(),
+            value: margin,
+            unit: "nats".into(),
+            signature: serde_json::json!({ "metric": "reward_margin", "beta": beta, "reference_model": report.models[0], "examples": pairs.len() }),
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::collect::synthetic::{generate, Generator as Synthetic};
+    use crate::pretrain::Pretrain;
+    use crate::testing::{context, write_corpus};
+    use crate::tokenize::Tokenize;
+
+    /// `dir/corpus` (stories, chat, preferences), `dir/tokens`, and models trained 4 and 60 steps.
+    fn setup() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path();
+        let corpus = p.join("corpus");
+        std::fs::create_dir(&corpus).unwrap();
+        let mut records: Vec<Record> = generate(Synthetic::Stories, 80, 1).collect();
+        records.extend(generate(Synthetic::Chat, 30, 1));
+        records.extend(generate(Synthetic::Preferences, 30, 1));
+        let validation: Vec<Record> = records.iter().step_by(5).cloned().collect();
+        write_corpus(&corpus, &records, &validation);
+        let run = |stage: &dyn Fn(&StageContext), name: &str, inputs: &[(&str, &Path)]| {
+            stage(&context(name, inputs, &p.join(name)));
+        };
+        let tokens: crate::tokenize::TokenizeParams =
+            serde_json::from_value(serde_json::json!({ "train": { "vocab_size": 300 } })).unwrap();
+        run(
+            &|ctx| {
+                Tokenize.run(&tokens, ctx).unwrap();
+            },
+            "tokens",
+            &[("corpus", &corpus)],
+        );
+        for steps in [4, 60] {
+            let params: crate::pretrain::PretrainParams =
+                serde_json::from_value(serde_json::json!({
+                    "model": { "layers": 1, "heads": 2, "d_model": 32, "seq_len": 32 },
+                    "train": { "steps": steps, "batch_size": 8, "warmup": 2, "lr": 3e-3 },
+                    "eval": { "every": 100, "batches": 1 }
+                }))
+                .unwrap();
+            let tokens_dir = p.join("tokens");
+            run(
+                &|ctx| {
+                    Pretrain.run(&params, ctx).unwrap();
+                },
+                &format!("model{steps}"),
+                &[("tokens", &tokens_dir)],
+            );
+        }
+        std::fs::write(
+            p.join("mc.jsonl"),
+            "{\"question\": \"The cat sat on the\", \"choices\": [\"mat\", \"zzqx\"], \"answer\": 0}\n\
+             {\"question\": \"Once upon a\", \"choices\": [\"time\", \"qqq\", \"xx\"], \"answer\": 0}\n",
+        )
+        .unwrap();
+        dir
+    }
+
+    fn evaluate(dir: &Path, params: serde_json::Value, tokenizer: bool) -> Result<Report, String> {
+        let params: EvaluateParams = serde_json::from_value(params).map_err(|e| e.to_string())?;
+        let p = dir;
+        let mut ctx = context("eval", &[("data", &p.join("corpus"))], &p.join("eval"));
+        ctx.inputs
+            .insert("models".into(), vec![p.join("model4"), p.join("model60")]);
+        if tokenizer {
+            ctx.inputs
+                .insert("tokenizer".into(), vec![p.join("tokens")]);
+        }
+        Evaluate.external_deps(&params, p)?;
+        Evaluate.run(&params, &ctx).map_err(|e| e.to_string())?;
+        Ok(serde_json::from_slice(&std::fs::read(p.join("eval/metrics.json")).unwrap()).unwrap())
+    }
+
+    #[test]
+    fn models_are_compared_on_every_metric() {
+        let dir = setup();
+        let report = evaluate(
+            dir.path(),
+            serde_json::json!({ "metrics": [
+                { "perplexity": {} }, { "perplexity": { "window": "sliding", "stride": 8 } },
+                { "exact_match": { "max_tokens": 8 } }, { "multiple_choice": { "file": "mc.jsonl" } },
+                { "bleu": { "max_tokens": 8 } }, { "chrf": { "max_tokens": 8 } },
+                { "preference_accuracy": {} }, { "samples": { "prompts": ["Once"], "max_tokens": 5 } }
+            ] }),
+            true,
+        )
+        .unwrap();
+        let value = |metric: &str, model: usize, window: &str| {
+            report
+                .results
+                .iter()
+                .find(|r| {
+                    r.metric == metric
+                        && r.model == model
+                        && (window.is_empty() || r.signature["window"] == window)
+                })
+                .unwrap_or_else(|| panic!("{metric} {model}"))
+                .value
+        };
+        // More training, lower perplexity, in both conventions.
+        assert!(value("perplexity", 1, "disjoint") < value("perplexity", 0, "disjoint"));
+        assert!(value("perplexity", 1, "sliding") < value("perplexity", 0, "sliding"));
+        let tokens = |window: &str| {
+            let r = report
+                .results
+                .iter()
+                .find(|r| r.metric == "perplexity" && r.signature["window"] == window)
+                .unwrap();
+            r.signature["tokens"].clone()
+        };
+        assert_eq!(
+            tokens("disjoint"),
+            tokens("sliding"),
+            "the same tokens are scored"
+        );
+        for metric in [
+            "exact_match",
+            "multiple_choice.acc",
+            "multiple_choice.acc_norm",
+            "preference_accuracy",
+        ] {
+            for model in [0, 1] {
+                assert!((0.0..=1.0).contains(&value(metric, model, "")), "{metric}");
+            }
+        }
+        assert!(value("bleu", 1, "") >= 0.0 && value("chrf", 1, "") >= 0.0);
+        assert!(report
+            .results
+            .iter()
+            .any(|r| r.metric == "reward_margin" && r.model == 1));
+        let ppl = report
+            .results
+            .iter()
+            .find(|r| r.metric == "perplexity")
+            .unwrap();
+        for key in [
+            "model",
+            "tokenizer",
+            "window",
+            "context",
+            "unit",
+            "dtype",
+            "few_shot",
+        ] {
+            assert!(!ppl.signature[key].is_null(), "signature lacks {key}");
+        }
+        assert_eq!(report.samples.len(), 2);
+        let html = std::fs::read_to_string(dir.path().join("eval/report.html")).unwrap();
+        assert!(
+            html.contains("<svg") && html.contains("perplexity") && html.contains("Training loss")
+        );
+        let md = std::fs::read_to_string(dir.path().join("eval/report.md")).unwrap();
+        assert!(md.contains("| perplexity |"), "{md}");
+    }
+
+    #[test]
+    fn bad_evaluation_input_is_a_clear_error() {
+        let dir = setup();
+        std::fs::write(
+            dir.path().join("one.jsonl"),
+            "{\"question\": \"q\", \"choices\": [\"only\"], \"answer\": 0}\n",
+        )
+        .unwrap();
+        let err = evaluate(
+            dir.path(),
+            serde_json::json!({ "metrics": [ { "multiple_choice": { "file": "one.jsonl" } } ] }),
+            false,
+        )
+        .unwrap_err();
+        assert!(
+            err.contains("one.jsonl:1: `choices` needs at least two strings"),
+            "{err}"
+        );
+        let err = evaluate(
+            dir.path(),
+            serde_json::json!({ "metrics": [ { "multiple_choice": { "file": "nope.jsonl" } } ] }),
+            false,
+        )
+        .unwrap_err();
+        assert!(err.contains("no file nope.jsonl"), "{err}");
+        let err = evaluate(dir.path(), serde_json::json!({ "metrics": [] }), false).unwrap_err();
+        assert!(err.contains("`metrics` is empty"), "{err}");
+        // A tokenizer input with another vocabulary.
+        let other = dir.path().join("tokens/meta.json");
+        let mut meta: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&other).unwrap()).unwrap();
+        meta["tokenizer_hash"] = "0000".into();
+        std::fs::write(&other, serde_json::to_vec(&meta).unwrap()).unwrap();
+        let err = evaluate(
+            dir.path(),
+            serde_json::json!({ "metrics": [ { "perplexity": {} } ] }),
+            true,
+        )
+        .unwrap_err();
+        assert!(err.contains("another vocabulary"), "{err}");
+    }
+}
