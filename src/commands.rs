@@ -211,6 +211,22 @@ pub fn run(
         return Err(Failure::Failed);
     }
     output::print_summary(&results, started.elapsed());
+    let last = crate::report::LastRun::new(
+        &session.pipeline.name,
+        &results,
+        started.elapsed().as_secs_f64(),
+    );
+    let last_path = crate::report::path(session.store.root(), &session.lockfile_path);
+    let written = std::fs::create_dir_all(last_path.parent().expect("runs/ has a parent"))
+        .and_then(|()| {
+            smelt_engine::store::write_atomic(
+                &last_path,
+                &serde_json::to_vec_pretty(&last).expect("serialisable"),
+            )
+        });
+    if let Err(e) = written {
+        eprintln!("warning: cannot record this run for `smelt report`: {e}");
+    }
     let failed = results
         .iter()
         .any(|r| matches!(r.outcome, Outcome::Failed { .. }));
@@ -328,6 +344,73 @@ pub fn generate(args: &crate::GenerateArgs, store: Option<PathBuf>) -> Result<()
         .and_then(|mut generator| generator.generate(&args.prompt, &sampling))
         .map_err(Failure::Usage)?;
     println!("{text}");
+    Ok(())
+}
+
+pub fn report(
+    file: &Path,
+    html: Option<PathBuf>,
+    overrides: &[Override],
+    store: Option<PathBuf>,
+) -> Result<(), Failure> {
+    use crate::report;
+    let session = Session::open(file, overrides, store)?;
+    let last_path = report::path(session.store.root(), &session.lockfile_path);
+    let last: report::LastRun = std::fs::read(&last_path)
+        .ok()
+        .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+        .ok_or_else(|| {
+            Failure::Usage(format!(
+                "no run of {} is recorded in its store: run it first",
+                file.display()
+            ))
+        })?;
+    let rows: Vec<report::Row> = last
+        .stages
+        .iter()
+        .map(|run| {
+            let record = run
+                .key
+                .as_ref()
+                .and_then(|k| session.store.record(&smelt_engine::StageKey(k.clone())));
+            report::Row {
+                stage: run.stage.clone(),
+                kind: session
+                    .pipeline
+                    .stages
+                    .get(&run.stage)
+                    .map_or("?".into(), |s| s.kind.clone()),
+                built_in_s: record.as_ref().map(|r| r.duration_s),
+                metrics: record
+                    .map(|r| r.metrics.into_iter().collect())
+                    .unwrap_or_default(),
+                artifact_dir: run.artifact.as_ref().map(|a| {
+                    session
+                        .store
+                        .artifact_dir(&smelt_engine::ArtifactId(a.clone()))
+                }),
+                run: report::StageRun {
+                    stage: run.stage.clone(),
+                    outcome: run.outcome.clone(),
+                    artifact: run.artifact.clone(),
+                    key: run.key.clone(),
+                    duration_s: run.duration_s,
+                    detail: run.detail.clone(),
+                },
+            }
+        })
+        .collect();
+    print!("{}", report::markdown(&last, &rows));
+    let html_path = html.unwrap_or_else(|| {
+        let stem = file
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        session.pipeline.dir.join(format!("{stem}.report.html"))
+    });
+    std::fs::write(&html_path, report::html(&last, &rows))
+        .map_err(|e| Failure::Usage(format!("{}: {e}", html_path.display())))?;
+    eprintln!("wrote {}", html_path.display());
     Ok(())
 }
 

@@ -3,6 +3,7 @@
 
 mod commands;
 mod output;
+mod report;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -103,6 +104,16 @@ enum Command {
     /// Sample a continuation from a model directory (or a pipeline's model stage); prints only
     /// the generated text
     Generate(GenerateArgs),
+    /// The last run as a report: stages, outcomes, durations, metrics, training curves,
+    /// evaluations (markdown on stdout, HTML to a file)
+    Report {
+        file: PathBuf,
+        /// Where to write the HTML [default: <pipeline>.report.html next to the pipeline]
+        #[arg(long, value_name = "FILE")]
+        html: Option<PathBuf>,
+        #[command(flatten)]
+        overrides: Overrides,
+    },
     /// Score plain-text hypotheses against references (one segment per line), as sacrebleu does
     Metric {
         #[arg(value_enum)]
@@ -265,6 +276,11 @@ fn main() -> ExitCode {
         } => commands::gc(&files, dry_run, work, store),
         Command::Stages => commands::stages(),
         Command::Generate(args) => commands::generate(&args, store),
+        Command::Report {
+            file,
+            html,
+            overrides,
+        } => commands::report(&file, html, &overrides.set, store),
         Command::Metric {
             metric,
             hyp,

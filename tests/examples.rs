@@ -300,6 +300,12 @@ fn shakespeare_char_resumes_after_a_kill_and_generates() {
     .stdout;
     let report = std::fs::read_to_string(Path::new(eval.trim()).join("report.md")).unwrap();
     assert_has(&report, "| bits_per_byte |");
+    let report = run(killed.path(), &["report", "shakespeare-char.yaml"])
+        .ok()
+        .stdout;
+    assert_has(&report, "| model | pretrain | ran |");
+    let html = std::fs::read_to_string(killed.path().join("shakespeare-char.report.html")).unwrap();
+    assert!(html.contains("model — training loss") && html.contains("eval — evaluation"));
     let sample = generate("1");
     assert!(
         sample.trim_end_matches('\n').chars().count() > 5,

@@ -358,6 +358,9 @@ impl Measure<'_> {
         signature["unit"] = unit.into();
         signature["dtype"] = "f32".into();
         signature["few_shot"] = 0.into();
+        if signature.get("seed").is_none() {
+            signature["seed"] = serde_json::Value::Null;
+        }
         self.report.results.push(Result_ {
             metric: metric.to_string(),
             model: self.index,
@@ -543,15 +546,11 @@ impl Measure<'_> {
                 // As lm-evaluation-harness: the choice follows the question after a space.
                 let continuation = self.model.encode(&format!(" {choice}"))?;
                 let log_prob = self.model.continuation_log_prob(&context, &continuation);
-                scores.push((log_prob, log_prob / (choice.len() + 1) as f64));
+                scores.push((log_prob, choice.len() + 1));
             }
-            let best = |key: fn(&(f64, f64)) -> f64| {
-                (0..scores.len())
-                    .max_by(|&a, &b| key(&scores[a]).total_cmp(&key(&scores[b])))
-                    .unwrap_or(0)
-            };
-            correct += usize::from(best(|s| s.0) == answer);
-            correct_norm += usize::from(best(|s| s.1) == answer);
+            let (pick, pick_norm) = choose(&scores);
+            correct += usize::from(pick == answer);
+            correct_norm += usize::from(pick_norm == answer);
             n += 1;
         }
         if n == 0 {
@@ -662,6 +661,21 @@ impl Measure<'_> {
         self.push("log_prob_margin", margin, "nats", signature);
         Ok(pairs)
     }
+}
+
+/// The choice with the highest summed log-likelihood, and the one with the highest per byte
+/// (`acc_norm`), from (log-likelihood, bytes) per choice; the first wins a tie.
+fn choose(scores: &[(f64, usize)]) -> (usize, usize) {
+    let best = |key: &dyn Fn(&(f64, usize)) -> f64| {
+        (0..scores.len()).fold(0, |best, i| {
+            if key(&scores[i]) > key(&scores[best]) {
+                i
+            } else {
+                best
+            }
+        })
+    };
+    (best(&|s| s.0), best(&|s| s.0 / s.1 as f64))
 }
 
 /// The mean DPO implicit reward margin of each model against model 0 (the reference):
@@ -846,6 +860,19 @@ mod tests {
         );
         let md = std::fs::read_to_string(dir.path().join("eval/report.md")).unwrap();
         assert!(md.contains("| perplexity |"), "{md}");
+    }
+
+    #[test]
+    fn multiple_choice_scores_by_sum_and_by_byte() {
+        // "a" (2 bytes with its space) at -3 nats beats "bbbbbbb" (8 bytes) at -4 by sum, but
+        // loses per byte: -1.5 against -0.5.
+        assert_eq!(choose(&[(-3.0, 2), (-4.0, 8)]), (0, 1));
+        assert_eq!(
+            choose(&[(-1.0, 4), (-1.0, 4)]),
+            (0, 0),
+            "ties go to the first"
+        );
+        assert_eq!(choose(&[(-9.0, 3), (-2.0, 3), (-5.0, 3)]), (1, 1));
     }
 
     #[test]
