@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use smelt_engine::{Outcome, StageResult};
-use smelt_stages::plot;
+use smelt_stages::plot::{self, escape};
 
 /// What one `smelt run` did, kept for `smelt report`.
 #[derive(Debug, Serialize, Deserialize)]
@@ -128,16 +128,6 @@ fn short(value: &serde_json::Value) -> String {
     }
 }
 
-/// The training loss of a model artifact, if it has metrics.jsonl.
-fn loss_curve(dir: &Path) -> Vec<(f64, f64)> {
-    std::fs::read_to_string(dir.join("metrics.jsonl"))
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter_map(|v| Some((v["step"].as_f64()?, v["loss"].as_f64()?)))
-        .collect()
-}
-
 pub fn html(last: &LastRun, rows: &[Row]) -> String {
     let mut html = format!(
         "<!doctype html><html><head><meta charset=\"utf-8\"><title>{0}</title><style>body{{font-family:sans-serif;max-width:960px;margin:2em auto}}\
@@ -181,7 +171,7 @@ pub fn html(last: &LastRun, rows: &[Row]) -> String {
         let Some(dir) = &row.artifact_dir else {
             continue;
         };
-        let curve = loss_curve(dir);
+        let curve = plot::training_curve(dir);
         if !curve.is_empty() {
             let _ = write!(
                 html,
@@ -203,10 +193,4 @@ pub fn html(last: &LastRun, rows: &[Row]) -> String {
     }
     html.push_str("</body></html>\n");
     html
-}
-
-fn escape(text: &str) -> String {
-    text.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
 }

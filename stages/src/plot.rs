@@ -101,8 +101,19 @@ pub fn bars(title: &str, bars: &[(String, f64)]) -> String {
     svg
 }
 
-fn escape(text: &str) -> String {
+/// Text made safe for HTML and SVG.
+pub fn escape(text: &str) -> String {
     text.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")
+}
+
+/// The training loss curve of a model directory's metrics.jsonl (empty without one).
+pub fn training_curve(dir: &std::path::Path) -> Vec<(f64, f64)> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| Some((v["step"].as_f64()?, v["loss"].as_f64()?)))
+        .collect()
 }

@@ -268,7 +268,7 @@ impl Stage for Evaluate {
         let curves: Vec<(String, Vec<(f64, f64)>)> = model_dirs
             .iter()
             .enumerate()
-            .map(|(i, dir)| (format!("model {i}"), report::training_curve(dir)))
+            .map(|(i, dir)| (format!("model {i}"), crate::plot::training_curve(dir)))
             .collect();
         std::fs::write(ctx.out_dir.join("report.md"), report::markdown(&report))?;
         std::fs::write(

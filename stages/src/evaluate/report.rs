@@ -2,10 +2,9 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
-use std::path::Path;
 
 use super::Report;
-use crate::plot;
+use crate::plot::{self, escape};
 
 /// The metrics as a table: one row per metric, one column per model.
 fn table(report: &Report) -> (Vec<String>, BTreeMap<String, BTreeMap<usize, f64>>) {
@@ -55,16 +54,6 @@ pub fn markdown(report: &Report) -> String {
         }
     }
     md
-}
-
-/// The training loss of a model directory's metrics.jsonl, if it has one.
-pub fn training_curve(dir: &Path) -> Vec<(f64, f64)> {
-    std::fs::read_to_string(dir.join("metrics.jsonl"))
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter_map(|v| Some((v["step"].as_f64()?, v["loss"].as_f64()?)))
-        .collect()
 }
 
 pub fn html(report: &Report, curves: &[(String, Vec<(f64, f64)>)]) -> String {
@@ -121,10 +110,4 @@ pub fn html(report: &Report, curves: &[(String, Vec<(f64, f64)>)]) -> String {
     }
     html.push_str("</body></html>\n");
     html
-}
-
-fn escape(text: &str) -> String {
-    text.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
 }

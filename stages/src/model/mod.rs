@@ -448,6 +448,41 @@ mod tests {
         );
     }
 
+    /// A fixture's token ids (2 rows of 8, flattened) and the logits transformers computed.
+    fn fixture_logits(dir: &Path) -> (Vec<u32>, Vec<f32>) {
+        let fixture: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.join("logits.json")).unwrap()).unwrap();
+        let numbers = |v: &serde_json::Value| -> Vec<f64> {
+            let flat: Vec<&serde_json::Value> = match v.as_array().unwrap().first() {
+                Some(serde_json::Value::Array(_)) => v
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .flat_map(|r| r.as_array().unwrap())
+                    .collect(),
+                _ => v.as_array().unwrap().iter().collect(),
+            };
+            flat.iter().map(|x| x.as_f64().unwrap()).collect()
+        };
+        let ids = numbers(&fixture["ids"])
+            .into_iter()
+            .map(|i| i as u32)
+            .collect();
+        let logits = numbers(&fixture["logits"])
+            .into_iter()
+            .map(|x| x as f32)
+            .collect();
+        (ids, logits)
+    }
+
+    fn worst_difference(a: &[f32], b: &[f32]) -> f32 {
+        assert_eq!(a.len(), b.len());
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max)
+    }
+
     /// Tiny models saved by transformers, with the logits it computed (tests/fixtures).
     #[test]
     fn transformers_models_give_transformers_logits() {
@@ -455,32 +490,8 @@ mod tests {
         for name in ["gpt2-tiny-tied", "gpt2-tiny-untied"] {
             let dir = fixtures.join(name);
             let (mut model, _) = Trainer::load(&dir, DeviceKind::Cpu, adamw()).unwrap();
-            let expected: serde_json::Value =
-                serde_json::from_slice(&std::fs::read(dir.join("logits.json")).unwrap()).unwrap();
-            let ids: Vec<u32> = expected["ids"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .flat_map(|row| {
-                    row.as_array()
-                        .unwrap()
-                        .iter()
-                        .map(|i| i.as_u64().unwrap() as u32)
-                })
-                .collect();
-            let logits = model.logits(&ids, 2, 8);
-            let reference: Vec<f32> = expected["logits"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_f64().unwrap() as f32)
-                .collect();
-            assert_eq!(logits.len(), reference.len());
-            let worst = logits
-                .iter()
-                .zip(&reference)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0.0f32, f32::max);
+            let (ids, reference) = fixture_logits(&dir);
+            let worst = worst_difference(&model.logits(&ids, 2, 8), &reference);
             assert!(worst < 1e-5, "{name}: logits differ by up to {worst}");
         }
     }
@@ -523,34 +534,11 @@ mod tests {
     #[test]
     fn exported_models_give_the_logits_transformers_computes() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/gpt2-smelt-export");
-        let expected: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(dir.join("logits.json")).unwrap()).unwrap();
-        let ids: Vec<u32> = expected["ids"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .flat_map(|row| {
-                row.as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|i| i.as_u64().unwrap() as u32)
-            })
-            .collect();
-        let reference: Vec<f32> = expected["logits"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_f64().unwrap() as f32)
-            .collect();
+        let (ids, reference) = fixture_logits(&dir);
         let out = tempfile::tempdir().unwrap();
         exported_tiny().save_hf(out.path(), 0).unwrap();
         let (mut model, _) = Trainer::load(out.path(), DeviceKind::Cpu, adamw()).unwrap();
-        let logits = model.logits(&ids, 2, 8);
-        let worst = logits
-            .iter()
-            .zip(&reference)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0f32, f32::max);
+        let worst = worst_difference(&model.logits(&ids, 2, 8), &reference);
         assert!(
             worst < 1e-4,
             "logits differ from transformers' by up to {worst}"
