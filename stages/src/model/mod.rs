@@ -1,5 +1,6 @@
-//! The model layer: GPT-2 on dfdx behind a small interface. Stages use [`Trainer`] (forward,
-//! backward, optimizer step, evaluation, save and load) and [`GptConfig`]; no dfdx type leaves
+//! The model layer: GPT-2 on dfdx behind a small interface. Stages use [`Backend`] (forward,
+//! backward, optimizer step, evaluation, save and load; [`Trainer`] implements it on dfdx) and
+//! [`GptConfig`]; no dfdx type leaves
 //! this module, so the backend can change without touching them.
 //!
 //! - `gpt.rs`: the model, nanoGPT-style, with a visitor naming every tensor by its HF name;
@@ -153,58 +154,33 @@ impl Trainer {
             .map_err(|e| format!("{}: {e}", dir.join("model.safetensors").display()))?;
         Ok((trainer, eos))
     }
+}
 
-    pub fn config(&mut self) -> GptConfig {
-        on_device!(self, e => e.model.config.clone())
-    }
-
-    pub fn parameters(&mut self) -> usize {
-        on_device!(self, e => e.model.parameters())
-    }
-
+/// What training and evaluation stages need from a model backend. [`Trainer`] implements it on
+/// dfdx; stages hold a `Trainer` or a `&mut dyn Backend` and never see dfdx types.
+pub trait Backend {
+    fn config(&mut self) -> GptConfig;
+    /// Trainable parameters.
+    fn parameters(&mut self) -> usize;
     /// Forward and backward on one micro-batch; its gradients, times `weight`, are added to
     /// those of the step. `dropout_seed` draws the dropout masks. Returns the loss.
-    pub fn accumulate(&mut self, batch: &Batch, weight: f32, dropout_seed: u64) -> f32 {
-        on_device!(self, e => e.accumulate(batch, weight, dropout_seed))
-    }
-
+    fn accumulate(&mut self, batch: &Batch, weight: f32, dropout_seed: u64) -> f32;
     /// Clips the accumulated gradients to `max_norm` and applies AdamW with `lr`; returns the
     /// gradient norm before clipping.
-    pub fn step(&mut self, lr: f64, max_norm: Option<f32>) -> f32 {
-        on_device!(self, e => e.step(lr, max_norm))
-    }
-
+    fn step(&mut self, lr: f64, max_norm: Option<f32>) -> f32;
     /// Mean loss without gradients (evaluation).
-    pub fn loss(&mut self, batch: &Batch) -> f32 {
-        on_device!(self, e => e.loss(batch))
-    }
-
+    fn loss(&mut self, batch: &Batch) -> f32;
     /// Logits `(batch·seq, vocab)` for ids `(batch, seq)`, row-major.
-    pub fn logits(&mut self, ids: &[u32], batch: usize, seq: usize) -> Vec<f32> {
-        on_device!(self, e => e.logits(ids, batch, seq))
-    }
-
+    fn logits(&mut self, ids: &[u32], batch: usize, seq: usize) -> Vec<f32>;
     /// Every weight by HF name (trainable or not).
-    pub fn weights(&mut self) -> io::Named {
-        on_device!(self, e => io::weights(&mut e.model))
-    }
-
-    pub fn set_weights(&mut self, tensors: &io::Tensors) -> Result<(), String> {
-        on_device!(self, e => io::set_weights(&mut e.model, tensors))
-    }
-
+    fn weights(&mut self) -> io::Named;
+    fn set_weights(&mut self, tensors: &io::Tensors) -> Result<(), String>;
     /// The optimizer's moments by parameter name (`<name>.m`, `<name>.v`) and its step count.
-    pub fn optimizer_state(&mut self) -> (io::Named, i32) {
-        on_device!(self, e => (e.optimizer.moments(&mut e.model), e.optimizer.t))
-    }
-
-    pub fn restore_optimizer(&mut self, tensors: &io::Tensors, t: i32) -> Result<(), String> {
-        let find = |name: &str| tensors.get(name).map(|(_, data)| data.clone());
-        on_device!(self, e => e.optimizer.restore(&mut e.model, t, &find))
-    }
+    fn optimizer_state(&mut self) -> (io::Named, i32);
+    fn restore_optimizer(&mut self, tensors: &io::Tensors, t: i32) -> Result<(), String>;
 
     /// Writes `config.json` and `model.safetensors` in HF GPT-2 layout.
-    pub fn save_hf(&mut self, dir: &Path, eos_id: u32) -> Result<(), String> {
+    fn save_hf(&mut self, dir: &Path, eos_id: u32) -> Result<(), String> {
         let config = io::hf_config(&self.config(), eos_id);
         std::fs::write(
             dir.join("config.json"),
@@ -217,6 +193,49 @@ impl Trainer {
             &self.weights(),
             Some(metadata),
         )
+    }
+}
+
+impl Backend for Trainer {
+    fn config(&mut self) -> GptConfig {
+        on_device!(self, e => e.model.config.clone())
+    }
+
+    fn parameters(&mut self) -> usize {
+        on_device!(self, e => e.model.parameters())
+    }
+
+    fn accumulate(&mut self, batch: &Batch, weight: f32, dropout_seed: u64) -> f32 {
+        on_device!(self, e => e.accumulate(batch, weight, dropout_seed))
+    }
+
+    fn step(&mut self, lr: f64, max_norm: Option<f32>) -> f32 {
+        on_device!(self, e => e.step(lr, max_norm))
+    }
+
+    fn loss(&mut self, batch: &Batch) -> f32 {
+        on_device!(self, e => e.loss(batch))
+    }
+
+    fn logits(&mut self, ids: &[u32], batch: usize, seq: usize) -> Vec<f32> {
+        on_device!(self, e => e.logits(ids, batch, seq))
+    }
+
+    fn weights(&mut self) -> io::Named {
+        on_device!(self, e => io::weights(&mut e.model))
+    }
+
+    fn set_weights(&mut self, tensors: &io::Tensors) -> Result<(), String> {
+        on_device!(self, e => io::set_weights(&mut e.model, tensors))
+    }
+
+    fn optimizer_state(&mut self) -> (io::Named, i32) {
+        on_device!(self, e => (e.optimizer.moments(&mut e.model), e.optimizer.t))
+    }
+
+    fn restore_optimizer(&mut self, tensors: &io::Tensors, t: i32) -> Result<(), String> {
+        let find = |name: &str| tensors.get(name).map(|(_, data)| data.clone());
+        on_device!(self, e => e.optimizer.restore(&mut e.model, t, &find))
     }
 }
 

@@ -7,7 +7,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tokenizers::Tokenizer;
 
-use super::{AdamWConfig, DeviceKind, GptConfig, Trainer};
+use super::{AdamWConfig, Backend, DeviceKind, GptConfig, Trainer};
 use crate::tokenize::Encoder;
 
 /// How to sample.

@@ -18,7 +18,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use smelt_engine::{Metrics, Port, Ports, Stage, StageContext, StageError};
 
-use crate::model::{io, AdamWConfig, Batch, DeviceKind, GptConfig, Trainer};
+use crate::model::{io, AdamWConfig, Backend, Batch, DeviceKind, GptConfig, Trainer};
 use crate::tokenize::Meta;
 use data::Tokens;
 pub use schedule::Schedule;
@@ -414,7 +414,7 @@ fn mix(seed: u64, n: u64) -> u64 {
 }
 
 /// Weights, optimizer moments and the step, in one safetensors file written atomically.
-fn save_checkpoint(model: &mut Trainer, path: &Path, step: u64) -> Result<(), String> {
+fn save_checkpoint(model: &mut dyn Backend, path: &Path, step: u64) -> Result<(), String> {
     let (moments, t) = model.optimizer_state();
     let mut tensors = model.weights();
     tensors.extend(
@@ -431,7 +431,7 @@ fn save_checkpoint(model: &mut Trainer, path: &Path, step: u64) -> Result<(), St
 
 /// Restores the checkpoint in the work dir, if any; returns the step to start from. The metrics
 /// log is cut back to that step (lines after it belong to work that is redone).
-fn resume(model: &mut Trainer, checkpoint: &Path, log_path: &Path) -> Result<u64, String> {
+fn resume(model: &mut dyn Backend, checkpoint: &Path, log_path: &Path) -> Result<u64, String> {
     if !checkpoint.exists() {
         let _ = std::fs::remove_file(log_path);
         return Ok(0);
@@ -483,7 +483,7 @@ fn read_log(path: &Path) -> Result<Vec<LogLine>, String> {
 
 /// The HF model directory, the metrics and the loss curve.
 fn write_outputs(
-    model: &mut Trainer,
+    model: &mut dyn Backend,
     ctx: &StageContext,
     tokens_dir: &Path,
     meta: &Meta,
