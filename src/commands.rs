@@ -340,7 +340,7 @@ pub fn generate(args: &crate::GenerateArgs, store: Option<PathBuf>) -> Result<()
         top_k: args.top_k,
         seed: args.seed,
     };
-    let text = smelt_stages::model::sample::Generator::open(&dir)
+    let text = smelt_stages::model::sample::LoadedModel::open(&dir)
         .and_then(|mut generator| generator.generate(&args.prompt, &sampling))
         .map_err(Failure::Usage)?;
     println!("{text}");

@@ -95,11 +95,6 @@ pub fn markdown(last: &LastRun, rows: &[Row]) -> String {
         last.duration_s
     );
     for row in rows {
-        let metrics: Vec<String> = row
-            .metrics
-            .iter()
-            .map(|(k, v)| format!("{k}: {}", short(v)))
-            .collect();
         let _ = writeln!(
             md,
             "| {} | {} | {}{} | {} | {} | {} |",
@@ -111,14 +106,28 @@ pub fn markdown(last: &LastRun, rows: &[Row]) -> String {
                 .as_deref()
                 .map(|d| format!(" ({})", d.lines().next().unwrap_or("")))
                 .unwrap_or_default(),
-            row.run
-                .duration_s
-                .map_or("—".into(), |d| format!("{d:.2}s")),
-            row.built_in_s.map_or("—".into(), |d| format!("{d:.2}s")),
-            metrics.join(", ")
+            seconds(row.run.duration_s),
+            seconds(row.built_in_s),
+            row.metrics_text()
         );
     }
     md
+}
+
+impl Row {
+    /// The metrics as `name: value` pairs, numbers shortened.
+    fn metrics_text(&self) -> String {
+        let pairs: Vec<String> = self
+            .metrics
+            .iter()
+            .map(|(k, v)| format!("{k}: {}", short(v)))
+            .collect();
+        pairs.join(", ")
+    }
+}
+
+fn seconds(duration: Option<f64>) -> String {
+    duration.map_or("—".into(), |d| format!("{d:.2}s"))
 }
 
 fn short(value: &serde_json::Value) -> String {
@@ -137,22 +146,15 @@ pub fn html(last: &LastRun, rows: &[Row]) -> String {
         last.duration_s
     );
     for row in rows {
-        let metrics: Vec<String> = row
-            .metrics
-            .iter()
-            .map(|(k, v)| format!("{k}: {}", short(v)))
-            .collect();
         let _ = write!(
             html,
             "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
             escape(&row.stage),
             escape(&row.kind),
             escape(&row.run.outcome),
-            row.run
-                .duration_s
-                .map_or("—".into(), |d| format!("{d:.2}s")),
-            row.built_in_s.map_or("—".into(), |d| format!("{d:.2}s")),
-            escape(&metrics.join(", "))
+            seconds(row.run.duration_s),
+            seconds(row.built_in_s),
+            escape(&row.metrics_text())
         );
     }
     html.push_str("</table>");

@@ -25,6 +25,8 @@ pub fn context(stage: &str, inputs: &[(&str, &Path)], out: &Path) -> StageContex
     let _ = std::fs::remove_dir_all(out);
     std::fs::create_dir_all(out).unwrap();
     let scratch = out.parent().expect("out has a parent");
+    // The engine creates the work dir before a stage runs; so does this context.
+    std::fs::create_dir_all(scratch.join(format!("{stage}-work"))).unwrap();
     StageContext {
         stage: stage.into(),
         pipeline_dir: scratch.to_path_buf(),

@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use smelt_engine::{Metrics, Port, Ports, Stage, StageContext, StageError};
 
 use crate::metrics;
-use crate::model::sample::{Generator, Sampling};
+use crate::model::sample::{LoadedModel, Sampling};
 use crate::records::{shards, Record, ShardLines};
 use crate::tokenize::ChatTemplate;
 pub use perplexity::Window;
@@ -228,7 +228,7 @@ impl Stage for Evaluate {
         // Per model, per pair: (log p(chosen), log p(rejected)), for reward margins against model 0.
         let mut preference_log_probs: Vec<Vec<(f64, f64)>> = Vec::new();
         for (index, dir) in model_dirs.iter().enumerate() {
-            let mut model = Generator::open(dir)?;
+            let mut model = LoadedModel::open(dir)?;
             let model_hash = blake3::hash(
                 &std::fs::read(dir.join("tokenizer.json")).map_err(|e| e.to_string())?,
             )
@@ -340,7 +340,7 @@ impl Records {
 }
 
 struct Measure<'a> {
-    model: &'a mut Generator,
+    model: &'a mut LoadedModel,
     index: usize,
     artifact: String,
     tokenizer_hash: String,

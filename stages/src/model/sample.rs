@@ -32,7 +32,7 @@ impl Sampling {
 }
 
 /// A model directory (config.json, model.safetensors, tokenizer.json), loaded.
-pub struct Generator {
+pub struct LoadedModel {
     model: Trainer,
     pub tokenizer: Tokenizer,
     encoder: Encoder,
@@ -40,7 +40,7 @@ pub struct Generator {
     pub eos: Option<u32>,
 }
 
-impl Generator {
+impl LoadedModel {
     pub fn open(dir: &Path) -> Result<Self, String> {
         let optimizer = AdamWConfig {
             betas: [0.9, 0.95],
@@ -61,7 +61,7 @@ impl Generator {
             ));
         }
         let encoder = Encoder::new(&tokenizer)?;
-        Ok(Generator {
+        Ok(LoadedModel {
             model,
             tokenizer,
             encoder,

@@ -282,8 +282,6 @@ fn train(
     };
     let mut model = Trainer::new(config.clone(), params.device, t.seed, optimizer)?;
     let parameters = model.parameters();
-    std::fs::create_dir_all(&ctx.work_dir)
-        .map_err(|e| format!("{}: {e}", ctx.work_dir.display()))?;
     let checkpoint = ctx.work_dir.join("checkpoint.safetensors");
     let log_path = ctx.work_dir.join("metrics.jsonl");
     let start = resume(&mut model, &checkpoint, &log_path)?;
