@@ -9,6 +9,9 @@ use dfdx::prelude::*;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+use super::lora::{frozen_matmul, Lora, LoraConfig, LoraTarget};
+use super::optim::Buffers;
+use super::quant::{QuantKind, Quantized};
 use super::GptConfig;
 
 pub type P1<D> = Tensor<(usize,), f32, D>;
@@ -25,29 +28,47 @@ pub trait ParamVisitor<D: Device<f32>> {
 /// Dropout masks drawn from a seeded generator, so that a run resumed at step `n` draws the
 /// same masks as one that never stopped (dfdx's own dropout uses the device's hidden RNG).
 pub struct Dropout {
+    /// On embeddings and residual branches.
     pub p: f32,
+    /// On the inputs of LoRA adapters.
+    pub lora: f32,
     pub rng: Option<ChaCha8Rng>,
 }
 
 impl Dropout {
     /// No dropout (evaluation, generation, or `p = 0`).
     pub fn off() -> Self {
-        Dropout { p: 0.0, rng: None }
+        Dropout {
+            p: 0.0,
+            lora: 0.0,
+            rng: None,
+        }
     }
 
-    pub fn seeded(p: f32, seed: u64) -> Self {
+    pub fn seeded(p: f32, lora: f32, seed: u64) -> Self {
         Dropout {
             p,
-            rng: (p > 0.0).then(|| ChaCha8Rng::seed_from_u64(seed)),
+            lora,
+            rng: (p > 0.0 || lora > 0.0).then(|| ChaCha8Rng::seed_from_u64(seed)),
         }
     }
 
     fn apply<D: Device<f32>, T: Tape<f32, D>>(&mut self, x: A2<D, T>) -> A2<D, T> {
-        let Some(rng) = &mut self.rng else {
+        let p = self.p;
+        self.drop(x, p)
+    }
+
+    fn apply_lora<D: Device<f32>, T: Tape<f32, D>>(&mut self, x: A2<D, T>) -> A2<D, T> {
+        let p = self.lora;
+        self.drop(x, p)
+    }
+
+    fn drop<D: Device<f32>, T: Tape<f32, D>>(&mut self, x: A2<D, T>, p: f32) -> A2<D, T> {
+        let Some(rng) = self.rng.as_mut().filter(|_| p > 0.0) else {
             return x;
         };
         let shape = *x.shape();
-        let keep = 1.0 - self.p;
+        let keep = 1.0 - p;
         let mask: Vec<f32> = (0..shape.0 * shape.1)
             .map(|_| {
                 if rng.random::<f32>() < keep {
@@ -63,30 +84,88 @@ impl Dropout {
 }
 
 pub struct Linear<D: Device<f32>> {
+    /// `(in, out)`; empty while `quantized` holds it.
     pub weight: P2<D>,
     pub bias: P1<D>,
+    /// The weight and bias are held fixed (fine-tuning with adapters).
+    pub frozen: bool,
+    /// A low-rank update trained in place of the frozen weight.
+    pub lora: Option<Lora<D>>,
+    /// The frozen weight, block-quantized (QLoRA).
+    pub quantized: Option<Quantized>,
 }
 
-impl<D: Device<f32>> Linear<D> {
+impl<D: Buffers> Linear<D> {
     fn new(dev: &D, inputs: usize, outputs: usize, std: f32) -> Self {
         Linear {
             weight: dev.sample_normal_like(&(inputs, outputs)) * std,
             bias: dev.zeros_like(&(outputs,)),
+            frozen: false,
+            lora: None,
+            quantized: None,
         }
     }
 
-    fn forward<T: Tape<f32, D>>(&self, x: A2<D, T>) -> A2<D, T> {
-        let shape = (x.shape().0, self.weight.shape().1);
+    fn forward<T: Tape<f32, D>>(&self, x: A2<D, T>, dropout: &mut Dropout) -> A2<D, T> {
+        let shape = (x.shape().0, self.bias.shape().0);
         let bias = self
             .bias
             .retaped::<T>()
             .broadcast_like::<_, Axis<0>>(&shape);
-        x.matmul(self.weight.retaped::<T>()) + bias
+        if !self.frozen {
+            return x.matmul(self.weight.retaped::<T>()) + bias;
+        }
+        match &self.lora {
+            None => frozen_matmul(x, self.dense_weight()) + bias,
+            Some(lora) => {
+                let base = frozen_matmul(x.with_empty_tape(), self.dense_weight()) + bias;
+                base + lora.forward(dropout.apply_lora(x))
+            }
+        }
+    }
+
+    /// The weight as a tensor, dequantized when it is held quantized.
+    fn dense_weight(&self) -> P2<D> {
+        match &self.quantized {
+            Some(q) => self.bias.device().tensor_from_vec(q.dequantize(), q.shape),
+            None => self.weight.clone(),
+        }
+    }
+
+    /// Replaces the weight by its quantized form; returns (bytes now, bytes in f32).
+    fn quantize(&mut self, kind: QuantKind, block: usize) -> (usize, usize) {
+        let shape = *self.weight.shape();
+        let q = Quantized::new(&self.weight.as_vec(), shape, kind, block);
+        let sizes = (q.bytes(), 4 * shape.0 * shape.1);
+        self.weight = self.bias.device().zeros_like(&(0, 0));
+        self.quantized = Some(q);
+        sizes
+    }
+
+    /// Folds the adapter into a dense, trainable weight.
+    fn merge(&mut self) {
+        let mut weight = self.dense_weight();
+        if let Some(lora) = self.lora.take() {
+            weight = weight + lora.delta();
+        }
+        self.weight = weight;
+        self.quantized = None;
+        self.frozen = false;
     }
 
     fn visit<V: ParamVisitor<D>>(&mut self, name: &str, bias: bool, v: &mut V) {
-        v.visit(&format!("{name}.weight"), &mut self.weight, true);
-        v.visit(&format!("{name}.bias"), &mut self.bias, bias);
+        if self.quantized.is_none() {
+            v.visit(&format!("{name}.weight"), &mut self.weight, !self.frozen);
+        }
+        v.visit(
+            &format!("{name}.bias"),
+            &mut self.bias,
+            bias && !self.frozen,
+        );
+        if let Some(lora) = &mut self.lora {
+            v.visit(&format!("{name}.lora_A"), &mut lora.a, true);
+            v.visit(&format!("{name}.lora_B"), &mut lora.b, true);
+        }
     }
 }
 
@@ -95,7 +174,7 @@ pub struct LayerNorm<D: Device<f32>> {
     pub bias: P1<D>,
 }
 
-impl<D: Device<f32>> LayerNorm<D> {
+impl<D: Buffers> LayerNorm<D> {
     fn new(dev: &D, d: usize) -> Self {
         LayerNorm {
             weight: dev.ones_like(&(d,)),
@@ -116,9 +195,9 @@ impl<D: Device<f32>> LayerNorm<D> {
                 .broadcast_like::<_, Axis<0>>(&shape)
     }
 
-    fn visit<V: ParamVisitor<D>>(&mut self, name: &str, bias: bool, v: &mut V) {
-        v.visit(&format!("{name}.weight"), &mut self.weight, true);
-        v.visit(&format!("{name}.bias"), &mut self.bias, bias);
+    fn visit<V: ParamVisitor<D>>(&mut self, name: &str, bias: bool, train: bool, v: &mut V) {
+        v.visit(&format!("{name}.weight"), &mut self.weight, train);
+        v.visit(&format!("{name}.bias"), &mut self.bias, bias && train);
     }
 }
 
@@ -127,7 +206,7 @@ pub struct CausalSelfAttention<D: Device<f32>> {
     pub c_proj: Linear<D>,
 }
 
-impl<D: Device<f32>> CausalSelfAttention<D> {
+impl<D: Buffers> CausalSelfAttention<D> {
     /// `x`: `(batch·seq, d)`; `mask`: `(seq_len, seq_len)`, −∞ above the diagonal.
     fn forward<T: Tape<f32, D>>(
         &self,
@@ -138,7 +217,7 @@ impl<D: Device<f32>> CausalSelfAttention<D> {
     ) -> A2<D, T> {
         let (n, d) = *x.shape();
         let head = d / heads;
-        let qkv = self.c_attn.forward(x);
+        let qkv = self.c_attn.forward(x, dropout);
         // The branches share one tape: all but the last start empty and merge back at the ops.
         let q = qkv.with_empty_tape().slice((.., 0..d));
         let k = qkv.with_empty_tape().slice((.., d..2 * d));
@@ -161,7 +240,8 @@ impl<D: Device<f32>> CausalSelfAttention<D> {
             .matmul(v)
             .permute::<_, Axes4<0, 2, 1, 3>>()
             .reshape_like(&(n, d));
-        dropout.apply(self.c_proj.forward(y))
+        let y = self.c_proj.forward(y, dropout);
+        dropout.apply(y)
     }
 }
 
@@ -170,10 +250,12 @@ pub struct Mlp<D: Device<f32>> {
     pub c_proj: Linear<D>,
 }
 
-impl<D: Device<f32>> Mlp<D> {
+impl<D: Buffers> Mlp<D> {
     fn forward<T: Tape<f32, D>>(&self, x: A2<D, T>, dropout: &mut Dropout) -> A2<D, T> {
         // GPT-2's "gelu_new": the tanh approximation.
-        dropout.apply(self.c_proj.forward(self.c_fc.forward(x).fast_gelu()))
+        let h = self.c_fc.forward(x, dropout).fast_gelu();
+        let y = self.c_proj.forward(h, dropout);
+        dropout.apply(y)
     }
 }
 
@@ -184,7 +266,7 @@ pub struct Block<D: Device<f32>> {
     pub mlp: Mlp<D>,
 }
 
-impl<D: Device<f32>> Block<D> {
+impl<D: Buffers> Block<D> {
     fn new(dev: &D, config: &GptConfig) -> Self {
         let d = config.d_model;
         // GPT-2 scales the init of the residual projections by 1/sqrt(2·layers).
@@ -220,19 +302,22 @@ impl<D: Device<f32>> Block<D> {
         x + mlp
     }
 
-    fn visit<V: ParamVisitor<D>>(&mut self, name: &str, bias: bool, v: &mut V) {
-        self.ln_1.visit(&format!("{name}.ln_1"), bias, v);
-        self.attn
-            .c_attn
-            .visit(&format!("{name}.attn.c_attn"), bias, v);
-        self.attn
-            .c_proj
-            .visit(&format!("{name}.attn.c_proj"), bias, v);
-        self.ln_2.visit(&format!("{name}.ln_2"), bias, v);
-        self.mlp.c_fc.visit(&format!("{name}.mlp.c_fc"), bias, v);
-        self.mlp
-            .c_proj
-            .visit(&format!("{name}.mlp.c_proj"), bias, v);
+    /// The block's linear layers, by the name an adapter targets.
+    fn linears(&mut self) -> [(LoraTarget, &mut Linear<D>); 4] {
+        [
+            (LoraTarget::AttnCAttn, &mut self.attn.c_attn),
+            (LoraTarget::AttnCProj, &mut self.attn.c_proj),
+            (LoraTarget::MlpCFc, &mut self.mlp.c_fc),
+            (LoraTarget::MlpCProj, &mut self.mlp.c_proj),
+        ]
+    }
+
+    fn visit<V: ParamVisitor<D>>(&mut self, name: &str, bias: bool, train: bool, v: &mut V) {
+        self.ln_1.visit(&format!("{name}.ln_1"), bias, train, v);
+        self.ln_2.visit(&format!("{name}.ln_2"), bias, train, v);
+        for (target, linear) in self.linears() {
+            linear.visit(&format!("{name}.{}", target.name()), bias, v);
+        }
     }
 }
 
@@ -248,9 +333,11 @@ pub struct Gpt<D: Device<f32>> {
     pub lm_head: Option<P2<D>>,
     /// The additive causal mask: a constant, not a parameter.
     mask: P2<D>,
+    /// Every base weight is held fixed (adapters train instead).
+    frozen: bool,
 }
 
-impl<D: Device<f32>> Gpt<D> {
+impl<D: Buffers> Gpt<D> {
     pub fn new(dev: &D, config: GptConfig) -> Self {
         let (vocab, seq, d) = (config.vocab_size, config.seq_len, config.d_model);
         Gpt {
@@ -262,6 +349,7 @@ impl<D: Device<f32>> Gpt<D> {
             ln_f: LayerNorm::new(dev, d),
             lm_head: (!config.tied_head).then(|| dev.sample_normal_like(&(d, vocab)) * 0.02),
             mask: dev.upper_tri_like(&(seq, seq), f32::NEG_INFINITY, 1),
+            frozen: false,
             config,
         }
     }
@@ -287,24 +375,70 @@ impl<D: Device<f32>> Gpt<D> {
             x = block.forward(x, (batch, seq, self.config.heads), &self.mask, dropout);
         }
         let x = self.ln_f.forward(x);
-        match &self.lm_head {
+        let head = match &self.lm_head {
             // Tied: the same tensor as the embedding, so both uses add to one gradient.
-            None => x.matmul(self.wte.retaped::<T>().permute::<_, Axes2<1, 0>>()),
-            Some(head) => x.matmul(head.retaped::<T>()),
+            None => self.wte.clone().permute::<_, Axes2<1, 0>>(),
+            Some(head) => head.clone(),
+        };
+        if self.frozen {
+            frozen_matmul(x, head)
+        } else {
+            x.matmul(head.retaped::<T>())
         }
     }
 
     pub fn visit<V: ParamVisitor<D>>(&mut self, v: &mut V) {
-        let bias = self.config.bias;
-        v.visit("transformer.wte.weight", &mut self.wte, true);
-        v.visit("transformer.wpe.weight", &mut self.wpe, true);
+        let (bias, train) = (self.config.bias, !self.frozen);
+        v.visit("transformer.wte.weight", &mut self.wte, train);
+        v.visit("transformer.wpe.weight", &mut self.wpe, train);
         for (i, block) in self.h.iter_mut().enumerate() {
-            block.visit(&format!("transformer.h.{i}"), bias, v);
+            block.visit(&format!("transformer.h.{i}"), bias, train, v);
         }
-        self.ln_f.visit("transformer.ln_f", bias, v);
+        self.ln_f.visit("transformer.ln_f", bias, train, v);
         if let Some(head) = &mut self.lm_head {
-            v.visit("lm_head.weight", head, true);
+            v.visit("lm_head.weight", head, train);
         }
+    }
+
+    /// Freezes every base weight and adds a LoRA adapter to each targeted linear layer.
+    pub fn add_lora(&mut self, config: &LoraConfig, seed: u64) {
+        let dev = self.wte.device().clone();
+        self.frozen = true;
+        for (i, block) in self.h.iter_mut().enumerate() {
+            for (k, (target, linear)) in block.linears().into_iter().enumerate() {
+                linear.frozen = true;
+                if config.targets.contains(&target) {
+                    let (inputs, outputs) = *linear.weight.shape();
+                    let seed = seed
+                        .wrapping_add(((4 * i + k + 1) as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+                    linear.lora = Some(Lora::new(&dev, inputs, outputs, config, seed));
+                }
+            }
+        }
+    }
+
+    /// Stores the frozen linear weights block-quantized; returns (bytes now, bytes in f32).
+    pub fn quantize_frozen(&mut self, kind: QuantKind, block: usize) -> (usize, usize) {
+        let mut sizes = (0, 0);
+        for layer in &mut self.h {
+            for (_, linear) in layer.linears() {
+                if linear.frozen && linear.quantized.is_none() {
+                    let (now, f32_bytes) = linear.quantize(kind, block);
+                    sizes = (sizes.0 + now, sizes.1 + f32_bytes);
+                }
+            }
+        }
+        sizes
+    }
+
+    /// Folds every adapter into its base weight: a plain, fully trainable model again.
+    pub fn merge_lora(&mut self) {
+        for layer in &mut self.h {
+            for (_, linear) in layer.linears() {
+                linear.merge();
+            }
+        }
+        self.frozen = false;
     }
 
     /// Trainable parameters.
@@ -323,14 +457,27 @@ impl<D: Device<f32>> Gpt<D> {
     }
 }
 
-/// Mean cross-entropy of `logits` `(n, vocab)` against target ids `(n,)`.
+/// The log-probability of each target id `(n,)` under `logits` `(n, vocab)`.
+pub fn target_log_probs<D: Device<f32>, T: Tape<f32, D>>(
+    logits: A2<D, T>,
+    targets: Tensor<(usize,), usize, D>,
+) -> Tensor<(usize,), f32, D, T> {
+    logits.log_softmax::<Axis<1>>().select(targets)
+}
+
+/// Mean cross-entropy of `logits` `(n, vocab)` against target ids `(n,)`, over the targets
+/// whose `mask` weight is 1 when a mask is given (fine-tuning trains on answers only).
 pub fn cross_entropy<D: Device<f32>, T: Tape<f32, D>>(
     logits: A2<D, T>,
     targets: Tensor<(usize,), usize, D>,
+    mask: Option<Tensor<(usize,), f32, D>>,
 ) -> Tensor<Rank0, f32, D, T> {
-    logits
-        .log_softmax::<Axis<1>>()
-        .select(targets)
-        .mean::<Rank0, _>()
-        .negate()
+    let log_probs = target_log_probs(logits, targets);
+    match mask {
+        None => log_probs.mean::<Rank0, _>().negate(),
+        Some(mask) => {
+            let count = mask.as_vec().iter().sum::<f32>().max(1.0);
+            (log_probs * mask).sum::<Rank0, _>() * (-1.0 / count)
+        }
+    }
 }

@@ -6,11 +6,18 @@
 //! - `gpt.rs`: the model, nanoGPT-style, with a visitor naming every tensor by its HF name;
 //! - `optim.rs`: AdamW with clipping and accumulation;
 //! - `io.rs`: HF model directories (config.json, model.safetensors);
+//! - `lora.rs`: LoRA adapters and the frozen matmul under them; `quant.rs`: quantized frozen
+//!   weights (QLoRA); `peft.rs`: adapters in PEFT's layout;
+//! - `preference.rs`: DPO, IPO and hinge losses;
 //! - `sample.rs`: generation.
 
 mod gpt;
 pub mod io;
+mod lora;
 mod optim;
+pub mod peft;
+mod preference;
+mod quant;
 pub mod sample;
 
 use std::collections::HashMap;
@@ -20,9 +27,12 @@ use dfdx::prelude::*;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use gpt::{cross_entropy, Dropout, Gpt};
+use gpt::{cross_entropy, target_log_probs, Dropout, Gpt};
+pub use lora::{LoraConfig, LoraTarget};
 pub use optim::AdamWConfig;
 use optim::{AdamW, Buffers};
+pub use preference::{PreferenceLoss, PreferenceLossKind, PreferenceStats};
+pub use quant::QuantKind;
 
 /// The sizes of a GPT-2 model.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -85,6 +95,8 @@ pub enum DeviceKind {
 pub struct Batch<'a> {
     pub inputs: &'a [u32],
     pub targets: &'a [u32],
+    /// Per target: 1 to train on it, 0 to skip it (prompts, padding). `None`: all count.
+    pub mask: Option<&'a [f32]>,
     pub batch: usize,
     pub seq: usize,
 }
@@ -179,6 +191,25 @@ pub trait Backend {
     fn optimizer_state(&mut self) -> (io::Named, i32);
     fn restore_optimizer(&mut self, tensors: &io::Tensors, t: i32) -> Result<(), String>;
 
+    /// Freezes the model and adds LoRA adapters (they start as the identity update).
+    fn add_lora(&mut self, config: &LoraConfig, seed: u64);
+    /// Stores the frozen linear weights quantized; returns (bytes now, bytes in f32).
+    fn quantize_frozen(&mut self, kind: QuantKind, block: usize) -> (usize, usize);
+    /// Folds the adapters into the weights.
+    fn merge_lora(&mut self);
+    /// Per row: the sum (or, with `average`, the mean) of the masked targets' log-probs.
+    fn sequence_log_probs(&mut self, batch: &Batch, average: bool) -> Vec<f32>;
+    /// Forward and backward of a preference loss on rows `[chosen, rejected]` per pair, given
+    /// the reference model's scores of the same rows; gradients are added times `weight`.
+    fn accumulate_preference(
+        &mut self,
+        batch: &Batch,
+        reference: &[f32],
+        loss: &PreferenceLoss,
+        weight: f32,
+        dropout_seed: u64,
+    ) -> PreferenceStats;
+
     /// Writes `config.json` and `model.safetensors` in HF GPT-2 layout.
     fn save_hf(&mut self, dir: &Path, eos_id: u32) -> Result<(), String> {
         let config = io::hf_config(&self.config(), eos_id);
@@ -237,6 +268,36 @@ impl Backend for Trainer {
         let find = |name: &str| tensors.get(name).map(|(_, data)| data.clone());
         on_device!(self, e => e.optimizer.restore(&mut e.model, t, &find))
     }
+
+    fn add_lora(&mut self, config: &LoraConfig, seed: u64) {
+        on_device!(self, e => {
+            e.model.add_lora(config, seed);
+            e.lora_dropout = config.dropout;
+        })
+    }
+
+    fn quantize_frozen(&mut self, kind: QuantKind, block: usize) -> (usize, usize) {
+        on_device!(self, e => e.model.quantize_frozen(kind, block))
+    }
+
+    fn merge_lora(&mut self) {
+        on_device!(self, e => e.model.merge_lora())
+    }
+
+    fn sequence_log_probs(&mut self, batch: &Batch, average: bool) -> Vec<f32> {
+        on_device!(self, e => e.sequence_log_probs(batch, average))
+    }
+
+    fn accumulate_preference(
+        &mut self,
+        batch: &Batch,
+        reference: &[f32],
+        loss: &PreferenceLoss,
+        weight: f32,
+        dropout_seed: u64,
+    ) -> PreferenceStats {
+        on_device!(self, e => e.accumulate_preference(batch, reference, loss, weight, dropout_seed))
+    }
 }
 
 /// The device-generic part of [`Trainer`].
@@ -246,6 +307,8 @@ struct Engine<D: Buffers> {
     optimizer: AdamW<D>,
     /// The step's gradients so far.
     gradients: Gradients<f32, D>,
+    /// Dropout on adapter inputs.
+    lora_dropout: f32,
 }
 
 impl<D: Buffers> Engine<D> {
@@ -254,6 +317,7 @@ impl<D: Buffers> Engine<D> {
             model: Gpt::new(&device, config),
             optimizer: AdamW::new(optimizer),
             gradients: Gradients::leaky(),
+            lora_dropout: 0.0,
             device,
         }
     }
@@ -270,17 +334,95 @@ impl<D: Buffers> Engine<D> {
         )
     }
 
+    fn mask(&self, batch: &Batch) -> Option<Tensor<(usize,), f32, D>> {
+        batch
+            .mask
+            .map(|m| self.device.tensor_from_vec(m.to_vec(), (m.len(),)))
+    }
+
+    fn dropout(&self, seed: u64) -> Dropout {
+        Dropout::seeded(self.model.config.dropout, self.lora_dropout, seed)
+    }
+
     fn accumulate(&mut self, batch: &Batch, weight: f32, dropout_seed: u64) -> f32 {
         let ids = self.ids(batch.inputs, batch.batch, batch.seq);
-        let mut dropout = Dropout::seeded(self.model.config.dropout, dropout_seed);
+        let mut dropout = self.dropout(dropout_seed);
         let logits = self
             .model
             .forward(ids.traced(Gradients::leaky()), &mut dropout);
-        let loss = cross_entropy(logits, self.targets(batch));
+        let loss = cross_entropy(logits, self.targets(batch), self.mask(batch));
         let value = loss.as_vec()[0];
         let mut gradients = loss.backward();
         optim::accumulate(&mut self.model, &mut self.gradients, &mut gradients, weight);
         value
+    }
+
+    /// Per-row masked log-prob sums `(batch,)` (means with `average`), on the ids' tape.
+    fn row_log_probs<T: Tape<f32, D>>(
+        &self,
+        ids: Tensor<(usize, usize), usize, D, T>,
+        batch: &Batch,
+        average: bool,
+        dropout: &mut Dropout,
+    ) -> Tensor<(usize,), f32, D, T> {
+        let logits = self.model.forward(ids, dropout);
+        let ones = vec![1.0; batch.targets.len()];
+        let mask = batch.mask.unwrap_or(&ones);
+        let masked = target_log_probs(logits, self.targets(batch))
+            * self.device.tensor_from_vec(mask.to_vec(), (mask.len(),));
+        let sums = masked
+            .reshape_like(&(batch.batch, batch.seq))
+            .sum::<(usize,), Axis<1>>();
+        let scale: Vec<f32> = mask
+            .chunks(batch.seq)
+            .map(|row| {
+                if average {
+                    1.0 / row.iter().sum::<f32>().max(1.0)
+                } else {
+                    1.0
+                }
+            })
+            .collect();
+        sums * self.device.tensor_from_vec(scale, (batch.batch,))
+    }
+
+    fn sequence_log_probs(&mut self, batch: &Batch, average: bool) -> Vec<f32> {
+        let ids = self.ids(batch.inputs, batch.batch, batch.seq);
+        self.row_log_probs(ids, batch, average, &mut Dropout::off())
+            .as_vec()
+    }
+
+    fn accumulate_preference(
+        &mut self,
+        batch: &Batch,
+        reference: &[f32],
+        loss: &PreferenceLoss,
+        weight: f32,
+        dropout_seed: u64,
+    ) -> PreferenceStats {
+        let pairs = batch.batch / 2;
+        let ids = self.ids(batch.inputs, batch.batch, batch.seq);
+        let mut dropout = self.dropout(dropout_seed);
+        let scores = self.row_log_probs(
+            ids.traced(Gradients::leaky()),
+            batch,
+            loss.averages(),
+            &mut dropout,
+        );
+        let policy = scores.as_vec();
+        let by_pair = scores.reshape_like(&(pairs, 2));
+        let chosen = by_pair
+            .with_empty_tape()
+            .slice((.., 0..1))
+            .reshape_like(&(pairs,));
+        let rejected = by_pair.slice((.., 1..2)).reshape_like(&(pairs,));
+        let reference_margin: Vec<f32> = reference.chunks(2).map(|r| r[0] - r[1]).collect();
+        let margin = chosen - rejected - self.device.tensor_from_vec(reference_margin, (pairs,));
+        let value = loss.mean(margin);
+        let stats = loss.stats(&policy, reference, value.as_vec()[0]);
+        let mut gradients = value.backward();
+        optim::accumulate(&mut self.model, &mut self.gradients, &mut gradients, weight);
+        stats
     }
 
     fn step(&mut self, lr: f64, max_norm: Option<f32>) -> f32 {
@@ -292,7 +434,7 @@ impl<D: Buffers> Engine<D> {
     fn loss(&mut self, batch: &Batch) -> f32 {
         let ids = self.ids(batch.inputs, batch.batch, batch.seq);
         let logits = self.model.forward(ids, &mut Dropout::off());
-        cross_entropy(logits, self.targets(batch)).as_vec()[0]
+        cross_entropy(logits, self.targets(batch), self.mask(batch)).as_vec()[0]
     }
 
     fn logits(&mut self, ids: &[u32], batch: usize, seq: usize) -> Vec<f32> {
@@ -342,6 +484,7 @@ mod tests {
             let batch = Batch {
                 inputs: &inputs,
                 targets: &targets,
+                mask: None,
                 batch: 2,
                 seq: 6,
             };
@@ -407,6 +550,7 @@ mod tests {
         let batch = Batch {
             inputs: &inputs,
             targets: &targets,
+            mask: None,
             batch: 2,
             seq: 6,
         };
@@ -529,6 +673,7 @@ mod tests {
         let batch = Batch {
             inputs: &inputs,
             targets: &targets,
+            mask: None,
             batch: 2,
             seq: 8,
         };
@@ -561,6 +706,153 @@ mod tests {
         assert!(
             worst < 1e-4,
             "logits differ from transformers' by up to {worst}"
+        );
+    }
+
+    fn lora(targets: &[LoraTarget]) -> LoraConfig {
+        LoraConfig {
+            r: 2,
+            alpha: 4.0,
+            dropout: 0.0,
+            targets: targets.to_vec(),
+        }
+    }
+
+    const ALL_TARGETS: [LoraTarget; 4] = [
+        LoraTarget::AttnCAttn,
+        LoraTarget::AttnCProj,
+        LoraTarget::MlpCFc,
+        LoraTarget::MlpCProj,
+    ];
+
+    fn train_steps(model: &mut Trainer, steps: usize) {
+        let (inputs, targets) = batch_ids();
+        let batch = Batch {
+            inputs: &inputs,
+            targets: &targets,
+            mask: None,
+            batch: 2,
+            seq: 6,
+        };
+        for _ in 0..steps {
+            model.accumulate(&batch, 1.0, 0);
+            model.step(1e-2, Some(1.0));
+        }
+    }
+
+    #[test]
+    fn a_fresh_adapter_leaves_the_model_exactly_as_it_was() {
+        let mut model = Trainer::new(tiny(false), DeviceKind::Cpu, 5, adamw()).unwrap();
+        let ids = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8];
+        let before = model.logits(&ids, 2, 6);
+        model.add_lora(&lora(&ALL_TARGETS), 1);
+        assert_eq!(model.logits(&ids, 2, 6), before, "B = 0: the same logits");
+        // r·(in + out) per adapted layer: c_attn 2·(8+24), c_proj 2·(8+8), c_fc 2·(8+32),
+        // mlp.c_proj 2·(32+8); two layers.
+        assert_eq!(model.parameters(), 2 * 2 * (32 + 16 + 40 + 40));
+    }
+
+    #[test]
+    fn only_adapters_train_and_merging_keeps_the_function() {
+        let mut model = Trainer::new(tiny(true), DeviceKind::Cpu, 6, adamw()).unwrap();
+        let base = model.weights();
+        model.add_lora(&lora(&[LoraTarget::AttnCAttn, LoraTarget::MlpCFc]), 2);
+        let ids = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8];
+        let untrained = model.logits(&ids, 2, 6);
+        train_steps(&mut model, 20);
+        let adapted = model.logits(&ids, 2, 6);
+        assert!(
+            worst_difference(&adapted, &untrained) > 1e-3,
+            "adapters learnt"
+        );
+        let weights = model.weights();
+        for (name, _, data) in &base {
+            let now = weights.iter().find(|(n, _, _)| n == name).unwrap();
+            assert_eq!(&now.2, data, "{name} is frozen");
+        }
+        model.merge_lora();
+        let merged = model.weights();
+        assert_eq!(merged.len(), base.len(), "no adapter tensors after merging");
+        let worst = worst_difference(&model.logits(&ids, 2, 6), &adapted);
+        assert!(worst < 1e-5, "merged logits differ by {worst}");
+    }
+
+    #[test]
+    fn quantized_bases_stay_close_and_still_train() {
+        for (kind, tolerance) in [(QuantKind::Int8, 0.01), (QuantKind::Nf4, 0.1)] {
+            let mut model = Trainer::new(tiny(true), DeviceKind::Cpu, 7, adamw()).unwrap();
+            let ids = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8];
+            let dense = model.logits(&ids, 2, 6);
+            model.add_lora(&lora(&ALL_TARGETS), 3);
+            let (bytes, f32_bytes) = model.quantize_frozen(kind, 16);
+            assert!(
+                bytes * 3 < f32_bytes,
+                "{kind:?}: {bytes} of {f32_bytes} bytes"
+            );
+            let quantized = model.logits(&ids, 2, 6);
+            let worst = worst_difference(&quantized, &dense);
+            assert!(worst > 0.0 && worst < tolerance, "{kind:?}: {worst}");
+            train_steps(&mut model, 5);
+            let trained = model.logits(&ids, 2, 6);
+            model.merge_lora();
+            let worst = worst_difference(&model.logits(&ids, 2, 6), &trained);
+            assert!(worst < 1e-5, "{kind:?}: merged logits differ by {worst}");
+        }
+    }
+
+    /// The DPO loss on a tiny model equals the formula evaluated by hand on its sequence
+    /// scores; a few steps then raise the chosen answers over the rejected ones.
+    #[test]
+    fn the_dpo_loss_is_the_formula_and_training_widens_the_margin() {
+        let mut model = Trainer::new(tiny(true), DeviceKind::Cpu, 8, adamw()).unwrap();
+        // Two pairs: rows chosen, rejected, chosen, rejected; the first two targets are prompt.
+        let inputs = [
+            1, 2, 3, 4, 5, 6, 1, 2, 7, 8, 9, 0, 4, 4, 2, 2, 6, 6, 4, 4, 3, 3, 0, 0,
+        ];
+        let targets = [
+            2, 3, 4, 5, 6, 7, 2, 7, 8, 9, 0, 1, 4, 2, 2, 6, 6, 5, 4, 3, 3, 0, 0, 9,
+        ];
+        let mut mask = vec![0.0, 0.0, 1.0, 1.0, 1.0, 1.0].repeat(4);
+        mask[23] = 0.0; // padding
+        let batch = Batch {
+            inputs: &inputs,
+            targets: &targets,
+            mask: Some(&mask),
+            batch: 4,
+            seq: 6,
+        };
+        let reference = [-9.0, -8.5, -10.0, -9.0];
+        let loss = PreferenceLoss {
+            kind: PreferenceLossKind::Sigmoid,
+            beta: 0.5,
+            label_smoothing: 0.0,
+        };
+        let policy = model.sequence_log_probs(&batch, false);
+        let by_hand: f64 = (0..2)
+            .map(|i| {
+                let h = f64::from(
+                    (policy[2 * i] - reference[2 * i]) - (policy[2 * i + 1] - reference[2 * i + 1]),
+                );
+                -(1.0 / (1.0 + (-0.5 * h).exp())).ln()
+            })
+            .sum::<f64>()
+            / 2.0;
+        let stats = model.accumulate_preference(&batch, &reference, &loss, 1.0, 0);
+        assert!(
+            (f64::from(stats.loss) - by_hand).abs() < 1e-5,
+            "{} vs {by_hand}",
+            stats.loss
+        );
+        let margin = |p: &[f32]| (p[0] - p[1]) + (p[2] - p[3]);
+        model.step(1e-2, Some(1.0));
+        for _ in 0..10 {
+            model.accumulate_preference(&batch, &reference, &loss, 1.0, 0);
+            model.step(1e-2, Some(1.0));
+        }
+        let after = model.sequence_log_probs(&batch, false);
+        assert!(
+            margin(&after) > margin(&policy) + 1.0,
+            "{policy:?} → {after:?}"
         );
     }
 

@@ -20,6 +20,8 @@ pub trait Buffers: Device<f32> {
         from: &<Self as Storage<f32>>::Vec,
         by: f32,
     );
+    /// `into += host`.
+    fn add_host(&self, into: &mut <Self as Storage<f32>>::Vec, host: &[f32]);
     fn download(&self, g: &<Self as Storage<f32>>::Vec) -> Vec<f32>;
     fn upload(&self, host: &[f32], g: &mut <Self as Storage<f32>>::Vec);
 }
@@ -42,6 +44,10 @@ impl Buffers for Cpu {
         into.iter_mut()
             .zip(from.iter())
             .for_each(|(a, b)| *a += b * by);
+    }
+
+    fn add_host(&self, into: &mut <Self as Storage<f32>>::Vec, host: &[f32]) {
+        into.iter_mut().zip(host).for_each(|(a, b)| *a += b);
     }
 
     fn download(&self, g: &<Self as Storage<f32>>::Vec) -> Vec<f32> {
@@ -80,6 +86,16 @@ impl Buffers for Cuda {
             .iter()
             .zip(&from)
             .map(|(a, b)| a + b * by)
+            .collect();
+        self.upload(&sum, into);
+    }
+
+    fn add_host(&self, into: &mut <Self as Storage<f32>>::Vec, host: &[f32]) {
+        let sum: Vec<f32> = self
+            .download(into)
+            .iter()
+            .zip(host)
+            .map(|(a, b)| a + b)
             .collect();
         self.upload(&sum, into);
     }

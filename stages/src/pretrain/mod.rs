@@ -308,6 +308,7 @@ fn train(
             let batch = Batch {
                 inputs: &inputs,
                 targets: &targets,
+                mask: None,
                 batch: t.batch_size,
                 seq,
             };
@@ -336,6 +337,7 @@ fn train(
                     model.loss(&Batch {
                         inputs,
                         targets,
+                        mask: None,
                         batch: t.batch_size,
                         seq,
                     })

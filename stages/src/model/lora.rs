@@ -1,0 +1,160 @@
+//! LoRA (Hu et al., 2021): a frozen linear layer `x·W` plus a trained low-rank update
+//! `(α/r)·x·A·B`, with `A` `(in, r)` and `B` `(r, out)`, `B` starting at zero so training starts
+//! from the base model exactly. Also the frozen matmul the adapted model needs: dfdx has no
+//! `requires_grad`, so a plain matmul would compute the frozen weight's gradient anyway.
+
+use dfdx::prelude::*;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::gpt::{A2, P2};
+use super::optim::Buffers;
+
+/// The linear layers of a GPT-2 block that can carry an adapter, by their HF names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+pub enum LoraTarget {
+    #[serde(rename = "attn.c_attn")]
+    AttnCAttn,
+    #[serde(rename = "attn.c_proj")]
+    AttnCProj,
+    #[serde(rename = "mlp.c_fc")]
+    MlpCFc,
+    #[serde(rename = "mlp.c_proj")]
+    MlpCProj,
+}
+
+impl LoraTarget {
+    pub fn name(self) -> &'static str {
+        match self {
+            LoraTarget::AttnCAttn => "attn.c_attn",
+            LoraTarget::AttnCProj => "attn.c_proj",
+            LoraTarget::MlpCFc => "mlp.c_fc",
+            LoraTarget::MlpCProj => "mlp.c_proj",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct LoraConfig {
+    pub r: usize,
+    pub alpha: f32,
+    pub dropout: f32,
+    pub targets: Vec<LoraTarget>,
+}
+
+impl LoraConfig {
+    pub fn scale(&self) -> f32 {
+        self.alpha / self.r as f32
+    }
+
+    pub fn check(&self) -> Result<(), String> {
+        if self.r == 0 {
+            return Err("`lora.r` must be at least 1".into());
+        }
+        if self.targets.is_empty() {
+            let valid: Vec<&str> = [
+                LoraTarget::AttnCAttn,
+                LoraTarget::AttnCProj,
+                LoraTarget::MlpCFc,
+                LoraTarget::MlpCProj,
+            ]
+            .iter()
+            .map(|t| t.name())
+            .collect();
+            return Err(format!(
+                "`lora.targets` is empty: name at least one of {}",
+                valid.join(", ")
+            ));
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return Err(format!(
+                "`lora.dropout` must be in [0, 1), not {}",
+                self.dropout
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// One adapter: `A` `(in, r)`, `B` `(r, out)` (PEFT stores both transposed, as `nn.Linear`s).
+pub struct Lora<D: Device<f32>> {
+    pub a: P2<D>,
+    pub b: P2<D>,
+    pub scale: f32,
+}
+
+impl<D: Device<f32>> Lora<D> {
+    /// `A` as PEFT initialises it (Kaiming-uniform with a = √5, i.e. U(±1/√in)), `B` zero.
+    pub fn new(dev: &D, inputs: usize, outputs: usize, config: &LoraConfig, seed: u64) -> Self {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let bound = 1.0 / (inputs as f32).sqrt();
+        let a: Vec<f32> = (0..inputs * config.r)
+            .map(|_| rng.random_range(-bound..bound))
+            .collect();
+        Lora {
+            a: dev.tensor_from_vec(a, (inputs, config.r)),
+            b: dev.zeros_like(&(config.r, outputs)),
+            scale: config.scale(),
+        }
+    }
+
+    /// `scale · x·A·B`; `x` is the layer's input after LoRA dropout.
+    pub fn forward<T: Tape<f32, D>>(&self, x: A2<D, T>) -> A2<D, T> {
+        x.matmul(self.a.retaped::<T>())
+            .matmul(self.b.retaped::<T>())
+            * self.scale
+    }
+
+    /// The update `scale · A·B`, `(in, out)`, to merge into the base weight.
+    pub fn delta(&self) -> P2<D> {
+        self.a.clone().matmul(self.b.clone()) * self.scale
+    }
+}
+
+/// `x·w` for a frozen `w`: the backward pass gives `x` its gradient and skips `w`'s, the
+/// weight-gradient GEMM that dfdx's matmul would always run.
+pub fn frozen_matmul<D: Buffers, T: Tape<f32, D>>(x: A2<D, T>, w: P2<D>) -> A2<D, T> {
+    let (x, mut tape) = x.split_tape();
+    let y = x.clone().matmul(w.clone());
+    let (device, x, out) = (x.device().clone(), x.ghost(), y.ghost());
+    tape.add_backward_op(move |grads| {
+        let grad_out = grads.get(&out);
+        let grad_x = grad_out.matmul(w.permute::<_, Axes2<1, 0>>()).as_vec();
+        device.add_host(grads.get_or_alloc_mut(&x)?, &grad_x);
+        Ok(())
+    });
+    y.put_tape(tape)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The frozen matmul's input gradient equals dfdx's own, and it leaves no weight gradient.
+    #[test]
+    fn frozen_matmul_gives_the_input_gradient_only() {
+        let dev = Cpu::seed_from_u64(1);
+        let x: P2<Cpu> = dev.sample_normal_like(&(5, 3));
+        let w: P2<Cpu> = dev.sample_normal_like(&(3, 7));
+        let weights: P2<Cpu> = dev.sample_normal_like(&(5, 7));
+        let loss = |y: A2<Cpu, OwnedTape<f32, Cpu>>| (y * weights.clone()).sum::<Rank0, _>();
+        let plain = loss(x.leaky_trace().matmul(w.clone())).backward();
+        let frozen = loss(frozen_matmul(x.leaky_trace(), w.clone())).backward();
+        let expected = plain.get(&x).as_vec();
+        let got = frozen.get(&x).as_vec();
+        for (a, b) in expected.iter().zip(&got) {
+            assert!((a - b).abs() <= 1e-5 * a.abs().max(1.0), "{a} vs {b}");
+        }
+        let mut frozen = frozen;
+        assert!(
+            frozen
+                .get_or_alloc_mut(&w)
+                .unwrap()
+                .iter()
+                .all(|&g| g == 0.0),
+            "no gradient reaches the frozen weight"
+        );
+    }
+}
