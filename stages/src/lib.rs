@@ -11,6 +11,7 @@ pub mod plot;
 pub mod pretrain;
 pub mod records;
 pub mod tokenize;
+pub mod training;
 
 #[cfg(test)]
 mod testing;
