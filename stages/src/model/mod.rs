@@ -812,7 +812,7 @@ mod tests {
         let targets = [
             2, 3, 4, 5, 6, 7, 2, 7, 8, 9, 0, 1, 4, 2, 2, 6, 6, 5, 4, 3, 3, 0, 0, 9,
         ];
-        let mut mask = vec![0.0, 0.0, 1.0, 1.0, 1.0, 1.0].repeat(4);
+        let mut mask = [0.0, 0.0, 1.0, 1.0, 1.0, 1.0].repeat(4);
         mask[23] = 0.0; // padding
         let batch = Batch {
             inputs: &inputs,
