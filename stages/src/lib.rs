@@ -4,7 +4,9 @@
 pub mod clean;
 pub mod collect;
 pub mod command;
+pub mod dpo;
 pub mod evaluate;
+pub mod finetune;
 pub mod metrics;
 pub mod model;
 pub mod plot;
@@ -25,7 +27,9 @@ pub fn registry() -> Registry {
         .register(clean::Clean)
         .register(collect::Collect)
         .register(command::Command)
+        .register(dpo::Dpo)
         .register(evaluate::Evaluate)
+        .register(finetune::Finetune)
         .register(pretrain::Pretrain)
         .register(tokenize::Tokenize);
     registry

@@ -74,6 +74,13 @@ impl GptConfig {
         Ok(())
     }
 
+    /// The weights of the model, biases and LayerNorms aside: what FLOP counts are based on
+    /// when only some of them train.
+    pub fn weights(&self) -> usize {
+        let d = self.d_model;
+        12 * self.layers * d * d + (self.vocab_size + self.seq_len) * d
+    }
+
     /// Training FLOPs per token: 6 per parameter (forward and backward) plus attention's
     /// scores and weighted sums over the full context, as nanoGPT and PaLM count them.
     pub fn flops_per_token(&self, parameters: usize) -> f64 {

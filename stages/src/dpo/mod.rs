@@ -1,0 +1,308 @@
+//! `dpo`: preference optimisation of a policy against a frozen reference, the input model.
+//! Losses: `sigmoid` (DPO), `ipo`, `hinge` (see `model::preference`). The reference model's
+//! scores of every pair are computed once, before training, kept in a memo keyed by the model
+//! and data (so a rerun with another `beta` or learning rate does not recompute them) and
+//! written into the artifact (`reference_logps.json`).
+
+use std::path::{Path, PathBuf};
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use smelt_engine::{Metrics, Port, Ports, Stage, StageContext, StageError};
+
+use crate::finetune::examples::{self, draw, Example, Padded, Skipped};
+use crate::finetune::{add_skipped, load_base, write_outputs, MethodParams};
+use crate::model::{Backend, DeviceKind, PreferenceLoss, PreferenceLossKind, Trainer};
+use crate::tokenize::Meta;
+use crate::training::{self, EvalParams, Extras, Objective, Settings, TrainParams};
+
+pub struct Dpo;
+
+#[derive(Debug, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DpoParams {
+    #[serde(default)]
+    pub loss: PreferenceLossKind,
+    /// How far the policy may move from the reference (the KL penalty's inverse weight).
+    #[serde(default = "default_beta")]
+    pub beta: f32,
+    /// Assumed share of flipped labels (conservative DPO); `sigmoid` only.
+    #[serde(default)]
+    pub label_smoothing: f32,
+    #[serde(flatten)]
+    pub method: MethodParams,
+    #[serde(default)]
+    pub train: TrainParams,
+    #[serde(default)]
+    pub eval: EvalParams,
+    #[serde(default)]
+    pub device: DeviceKind,
+    #[serde(default = "training::default_peak_flops")]
+    pub peak_flops: f64,
+}
+
+fn default_beta() -> f32 {
+    0.1
+}
+
+/// Bump when the reference scores' meaning changes (it keys their memo).
+const REFERENCE_VERSION: u32 = 1;
+
+impl Stage for Dpo {
+    type Params = DpoParams;
+    const KIND: &'static str = "dpo";
+    const VERSION: u32 = 1;
+    const SUMMARY: &'static str =
+        "Preference optimisation (DPO, IPO, hinge) against the input model as frozen reference";
+
+    fn ports(&self) -> Ports {
+        Ports::Declared(vec![
+            Port {
+                name: "model",
+                required: false,
+                many: false,
+                doc: "the policy to start from, also the reference (or set `base`)",
+            },
+            Port {
+                name: "data",
+                required: true,
+                many: false,
+                doc: "a tokenize stage with preference pairs (preference-train, -validation)",
+            },
+        ])
+    }
+
+    fn external_deps(
+        &self,
+        params: &DpoParams,
+        pipeline_dir: &Path,
+    ) -> Result<Vec<PathBuf>, String> {
+        params.method.external_deps(pipeline_dir)
+    }
+
+    fn run(&self, params: &DpoParams, ctx: &StageContext) -> Result<Metrics, StageError> {
+        Ok(dpo(params, ctx, None)?)
+    }
+}
+
+impl DpoParams {
+    fn check(&self) -> Result<PreferenceLoss, String> {
+        self.train.check(&self.eval)?;
+        if !(self.beta > 0.0) {
+            return Err(format!("`beta` must be above 0, not {}", self.beta));
+        }
+        if !(0.0..0.5).contains(&self.label_smoothing) {
+            return Err(format!(
+                "`label_smoothing` must be in [0, 0.5), not {}",
+                self.label_smoothing
+            ));
+        }
+        Ok(PreferenceLoss {
+            kind: self.loss,
+            beta: self.beta,
+            label_smoothing: self.label_smoothing,
+        })
+    }
+}
+
+fn dpo(params: &DpoParams, ctx: &StageContext, stop_after: Option<u64>) -> Result<Metrics, String> {
+    let loss = params.check()?;
+    let t = &params.train;
+    let tokens_dir = ctx.input("data").ok_or("no `data` input")?;
+    let meta = Meta::read(tokens_dir)?;
+    let mut metrics = Metrics::new();
+    let mut model = load_base(&params.method, ctx, &meta, t, params.device, &mut metrics)?;
+    let context = model.config().seq_len;
+    let mut skipped = Skipped::default();
+    let train = examples::pairs(tokens_dir, &meta, "train", context, &mut skipped)?;
+    let validation = examples::pairs(tokens_dir, &meta, "validation", context, &mut skipped)
+        .map_err(|e| format!("{e}; DPO evaluates on it"))?;
+    if train.is_empty() || validation.is_empty() {
+        return Err(format!(
+            "no preference pair is usable: {} identical, {} with prompts that fill the context \
+             of {context}",
+            skipped.identical_pair, skipped.prompt_too_long
+        ));
+    }
+    let validation: Vec<_> = validation
+        .into_iter()
+        .take(params.eval.batches * t.batch_size)
+        .collect();
+    let reference = reference_scores(params, ctx, &meta, &train, &validation, &loss)?;
+    std::fs::write(
+        ctx.out_dir.join("reference_logps.json"),
+        serde_json::to_vec(&reference).map_err(|e| e.to_string())?,
+    )
+    .map_err(|e| format!("reference_logps.json: {e}"))?;
+    let mean_len =
+        train.iter().map(|(c, r)| c.len() + r.len()).sum::<usize>() as f64 / train.len() as f64;
+    let config = model.config();
+    let mut objective = Preferences {
+        train,
+        validation,
+        reference,
+        loss,
+        batch: t.batch_size,
+        pad: meta.eos_id,
+        mean_len,
+    };
+    let settings = Settings {
+        train: t,
+        eval: &params.eval,
+        flops_per_token: config.flops_per_token(config.weights()),
+        peak_flops: params.peak_flops,
+    };
+    let outcome = training::run(&mut model, &mut objective, &settings, ctx, stop_after)?;
+    write_outputs(&mut model, &params.method, ctx, tokens_dir, &meta, &outcome)?;
+    metrics.extend(outcome.metrics(t.steps)?);
+    metrics.insert("pairs".into(), objective.train.len().into());
+    add_skipped(&mut metrics, &skipped);
+    Ok(metrics)
+}
+
+/// The reference model's scores, `[chosen, rejected]` per pair, for the train and validation
+/// pairs.
+#[derive(Serialize, Deserialize)]
+struct ReferenceScores {
+    train: Vec<f32>,
+    validation: Vec<f32>,
+}
+
+/// Scores every pair with the untrained input model (before adapters change anything: a fresh
+/// adapter is the identity), from the memo when this model and data were scored before.
+fn reference_scores(
+    params: &DpoParams,
+    ctx: &StageContext,
+    meta: &Meta,
+    train: &[(Example, Example)],
+    validation: &[(Example, Example)],
+    loss: &PreferenceLoss,
+) -> Result<ReferenceScores, String> {
+    let base = params.method.base_dir(ctx)?;
+    let weights = std::fs::read(base.join("model.safetensors"))
+        .map_err(|e| format!("{}: {e}", base.display()))?;
+    let key = serde_json::json!({
+        "dpo_reference": REFERENCE_VERSION,
+        "model": blake3::hash(&weights).to_hex().as_str(),
+        "tokenizer": meta.tokenizer_hash,
+        "pairs": blake3::hash(format!("{train:?}{validation:?}").as_bytes()).to_hex().as_str(),
+        "average": loss.averages(),
+    });
+    let memo = ctx.memo_file(&key);
+    if let Some(scores) = std::fs::read(&memo)
+        .ok()
+        .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+    {
+        return Ok(scores);
+    }
+    // A plain model, never trained here: the reference.
+    let (mut reference, _) = Trainer::load(&base, params.device, params.train.optimizer())?;
+    let mut score = |pairs: &[(Example, Example)]| -> Vec<f32> {
+        pairs
+            .chunks(params.train.batch_size)
+            .flat_map(|chunk| {
+                let rows: Vec<&Example> = chunk.iter().flat_map(|(c, r)| [c, r]).collect();
+                let padded = Padded::new(&rows, meta.eos_id);
+                reference.sequence_log_probs(&padded.batch(), loss.averages())
+            })
+            .collect()
+    };
+    ctx.report(0, None, "scoring pairs with the reference model");
+    let scores = ReferenceScores {
+        train: score(train),
+        validation: score(validation),
+    };
+    std::fs::create_dir_all(&ctx.memo_dir).map_err(|e| e.to_string())?;
+    let tmp = memo.with_extension("tmp");
+    std::fs::write(
+        &tmp,
+        serde_json::to_vec(&scores).map_err(|e| e.to_string())?,
+    )
+    .and_then(|()| std::fs::rename(&tmp, &memo))
+    .map_err(|e| format!("{}: {e}", memo.display()))?;
+    Ok(scores)
+}
+
+/// The preference loss on randomly drawn pairs.
+struct Preferences {
+    train: Vec<(Example, Example)>,
+    validation: Vec<(Example, Example)>,
+    reference: ReferenceScores,
+    loss: PreferenceLoss,
+    batch: usize,
+    pad: u32,
+    mean_len: f64,
+}
+
+impl Preferences {
+    /// Rows `[chosen, rejected]` per pair and their reference scores.
+    fn rows(
+        pairs: &[(Example, Example)],
+        reference: &[f32],
+        picks: &[usize],
+        pad: u32,
+    ) -> (Padded, Vec<f32>) {
+        let rows: Vec<&Example> = picks
+            .iter()
+            .flat_map(|&i| [&pairs[i].0, &pairs[i].1])
+            .collect();
+        let scores = picks
+            .iter()
+            .flat_map(|&i| [reference[2 * i], reference[2 * i + 1]])
+            .collect();
+        (Padded::new(&rows, pad), scores)
+    }
+}
+
+fn extras(stats: &crate::model::PreferenceStats) -> Extras {
+    Extras::from([
+        ("rewards/chosen".to_string(), f64::from(stats.chosen_reward)),
+        (
+            "rewards/rejected".to_string(),
+            f64::from(stats.rejected_reward),
+        ),
+        ("rewards/accuracy".to_string(), f64::from(stats.accuracy)),
+        ("rewards/margin".to_string(), f64::from(stats.margin)),
+    ])
+}
+
+impl Objective for Preferences {
+    fn tokens_per_micro_batch(&self) -> f64 {
+        self.batch as f64 * self.mean_len
+    }
+
+    fn accumulate(&mut self, model: &mut dyn Backend, seed: u64, weight: f32) -> (f32, Extras) {
+        let picks = draw(self.train.len(), self.batch, seed);
+        let (padded, reference) = Self::rows(&self.train, &self.reference.train, &picks, self.pad);
+        let stats = model.accumulate_preference(
+            &padded.batch(),
+            &reference,
+            &self.loss,
+            weight,
+            seed ^ 0xd20f,
+        );
+        (stats.loss, extras(&stats))
+    }
+
+    fn evaluate(&mut self, model: &mut dyn Backend) -> (f32, Extras) {
+        let (mut policy, mut reference) = (Vec::new(), Vec::new());
+        let all: Vec<usize> = (0..self.validation.len()).collect();
+        for picks in all.chunks(self.batch) {
+            let (padded, scores) = Self::rows(
+                &self.validation,
+                &self.reference.validation,
+                picks,
+                self.pad,
+            );
+            policy.extend(model.sequence_log_probs(&padded.batch(), self.loss.averages()));
+            reference.extend(scores);
+        }
+        let margins = policy
+            .chunks(2)
+            .zip(reference.chunks(2))
+            .map(|(p, r)| f64::from((p[0] - r[0]) - (p[1] - r[1])));
+        let loss = margins.map(|h| self.loss.value(h)).sum::<f64>() / self.validation.len() as f64;
+        let stats = self.loss.stats(&policy, &reference, loss as f32);
+        (stats.loss, extras(&stats))
+    }
+}

@@ -1,0 +1,568 @@
+//! `finetune`: supervised fine-tuning of a GPT-2 on conversations, the loss on answer tokens
+//! only (the mask `tokenize` writes). `method: full` trains every weight; `lora` freezes the
+//! base and trains adapters; `qlora` also stores the frozen base block-quantized. The output is
+//! a merged HF model directory, plus the adapter in PEFT's layout (`adapter/`).
+//!
+//! The pieces `dpo` shares live here too: the base model and method (`BaseParams`,
+//! `MethodParams`, [`load_base`], [`write_outputs`]) and the examples (`examples.rs`).
+
+pub mod examples;
+
+use std::path::{Path, PathBuf};
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use smelt_engine::{Metrics, Port, Ports, Stage, StageContext, StageError};
+
+use crate::model::{peft, Backend, DeviceKind, LoraConfig, LoraTarget, QuantKind, Trainer};
+use crate::tokenize::Meta;
+use crate::training::{self, EvalParams, Extras, Objective, Outcome, Settings, TrainParams};
+use examples::{draw, Example, Padded, Skipped};
+
+pub struct Finetune;
+
+#[derive(Debug, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FinetuneParams {
+    #[serde(flatten)]
+    pub method: MethodParams,
+    /// Pack short examples end to end into full rows (faster on short chats).
+    #[serde(default)]
+    pub packing: bool,
+    #[serde(default)]
+    pub train: TrainParams,
+    #[serde(default)]
+    pub eval: EvalParams,
+    /// `cpu`, or `cuda` in a build with the `cuda` feature.
+    #[serde(default)]
+    pub device: DeviceKind,
+    /// The hardware's peak FLOP/s, for MFU in metrics.jsonl.
+    #[serde(default = "training::default_peak_flops")]
+    pub peak_flops: f64,
+}
+
+/// Where the base model comes from and how it is adapted (shared with `dpo`).
+#[derive(Debug, Serialize, Deserialize, JsonSchema)]
+pub struct MethodParams {
+    /// An HF GPT-2 model directory, relative to the pipeline file, used when no `model` input
+    /// is wired (its files are hashed into the stage key).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<String>,
+    #[serde(default)]
+    pub method: Method,
+    #[serde(default)]
+    pub lora: LoraParams,
+    /// How `qlora` stores the frozen base.
+    #[serde(default)]
+    pub quantize: QuantizeParams,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Method {
+    /// Every weight trains.
+    Full,
+    /// The base is frozen; low-rank adapters train.
+    #[default]
+    Lora,
+    /// LoRA over a base stored quantized.
+    Qlora,
+}
+
+#[derive(Debug, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LoraParams {
+    /// Rank of the update.
+    #[serde(default = "default_r")]
+    pub r: usize,
+    /// The update is scaled by `alpha / r`.
+    #[serde(default = "default_alpha")]
+    pub alpha: f32,
+    /// Dropout on the adapters' inputs.
+    #[serde(default = "default_lora_dropout")]
+    pub dropout: f32,
+    /// Linear layers that get an adapter, in every block.
+    #[serde(default = "default_targets")]
+    pub targets: Vec<LoraTarget>,
+}
+
+#[derive(Debug, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct QuantizeParams {
+    #[serde(default)]
+    pub kind: QuantKind,
+    /// Values per scale.
+    #[serde(default = "default_block")]
+    pub block_size: usize,
+}
+
+fn default_r() -> usize {
+    8
+}
+fn default_alpha() -> f32 {
+    16.0
+}
+fn default_lora_dropout() -> f32 {
+    0.05
+}
+fn default_targets() -> Vec<LoraTarget> {
+    vec![LoraTarget::AttnCAttn, LoraTarget::AttnCProj]
+}
+fn default_block() -> usize {
+    64
+}
+
+impl Default for LoraParams {
+    fn default() -> Self {
+        serde_json::from_value(serde_json::json!({})).expect("defaults deserialise")
+    }
+}
+
+impl Default for QuantizeParams {
+    fn default() -> Self {
+        serde_json::from_value(serde_json::json!({})).expect("defaults deserialise")
+    }
+}
+
+impl MethodParams {
+    fn lora_config(&self) -> LoraConfig {
+        LoraConfig {
+            r: self.lora.r,
+            alpha: self.lora.alpha,
+            dropout: self.lora.dropout,
+            targets: self.lora.targets.clone(),
+        }
+    }
+
+    /// The base model directory: the `model` input, or `base` next to the pipeline.
+    pub fn base_dir(&self, ctx: &StageContext) -> Result<PathBuf, String> {
+        match (ctx.input("model"), &self.base) {
+            (Some(dir), None) => Ok(dir.to_path_buf()),
+            (None, Some(base)) => Ok(ctx.pipeline_dir.join(base)),
+            (Some(_), Some(_)) => Err("both a `model` input and `base` are given: keep one".into()),
+            (None, None) => Err(
+                "no base model: wire a `model` input (a pretrain, finetune or dpo stage) or set \
+                 `base` to an HF GPT-2 directory"
+                    .into(),
+            ),
+        }
+    }
+
+    pub fn external_deps(&self, pipeline_dir: &Path) -> Result<Vec<PathBuf>, String> {
+        let Some(base) = &self.base else {
+            return Ok(Vec::new());
+        };
+        let dir = pipeline_dir.join(base);
+        for file in ["config.json", "model.safetensors"] {
+            if !dir.join(file).is_file() {
+                return Err(format!("`base`: no {file} in {base}"));
+            }
+        }
+        Ok(vec![dir])
+    }
+}
+
+/// The base model on `device`, checked against the data's vocabulary and adapted by
+/// `method`; metrics gain the trainable parameters and, for `qlora`, the base's memory.
+pub fn load_base(
+    method: &MethodParams,
+    ctx: &StageContext,
+    meta: &Meta,
+    train: &TrainParams,
+    device: DeviceKind,
+    metrics: &mut Metrics,
+) -> Result<Trainer, String> {
+    let dir = method.base_dir(ctx)?;
+    let (mut model, _) = Trainer::load(&dir, device, train.optimizer())?;
+    let vocab = model.config().vocab_size;
+    if vocab != meta.vocab_size {
+        return Err(format!(
+            "the base model has a vocabulary of {vocab} tokens but the data was tokenized with \
+             {} ({}): tokenize with the model's tokenizer",
+            meta.vocab_size, meta.tokenizer
+        ));
+    }
+    if method.method != Method::Full {
+        let config = method.lora_config();
+        config.check()?;
+        model.add_lora(&config, train.seed);
+    }
+    if method.method == Method::Qlora {
+        if method.quantize.block_size == 0 {
+            return Err("`quantize.block_size` must be at least 1".into());
+        }
+        let (bytes, f32_bytes) =
+            model.quantize_frozen(method.quantize.kind, method.quantize.block_size);
+        metrics.insert("frozen_linear_bytes".into(), bytes.into());
+        metrics.insert("frozen_linear_f32_bytes".into(), f32_bytes.into());
+    }
+    metrics.insert("trainable_parameters".into(), model.parameters().into());
+    Ok(model)
+}
+
+/// The output artifact: the adapter (PEFT layout) when there is one, then the merged HF model
+/// directory, the log and the loss curve.
+pub fn write_outputs(
+    model: &mut Trainer,
+    method: &MethodParams,
+    ctx: &StageContext,
+    tokens_dir: &Path,
+    meta: &Meta,
+    outcome: &Outcome,
+) -> Result<(), String> {
+    let out = &ctx.out_dir;
+    if method.method != Method::Full {
+        let base = method.base.clone().unwrap_or_else(|| "model".into());
+        peft::write_adapter(
+            &out.join("adapter"),
+            &method.lora_config(),
+            &model.weights(),
+            &base,
+        )?;
+        model.merge_lora();
+    }
+    training::write_model_dir(model, out, tokens_dir, meta.eos_id)?;
+    outcome.write_log_and_curve(out)
+}
+
+impl Stage for Finetune {
+    type Params = FinetuneParams;
+    const KIND: &'static str = "finetune";
+    const VERSION: u32 = 1;
+    const SUMMARY: &'static str =
+        "Supervised fine-tuning (full, LoRA, QLoRA) on chat data; a merged model and a PEFT adapter";
+
+    fn ports(&self) -> Ports {
+        Ports::Declared(vec![
+            Port {
+                name: "model",
+                required: false,
+                many: false,
+                doc: "the base model: a pretrain, finetune or dpo stage (or set `base`)",
+            },
+            Port {
+                name: "data",
+                required: true,
+                many: false,
+                doc: "a tokenize stage with conversations (chat-train, chat-validation)",
+            },
+        ])
+    }
+
+    fn external_deps(
+        &self,
+        params: &FinetuneParams,
+        pipeline_dir: &Path,
+    ) -> Result<Vec<PathBuf>, String> {
+        params.method.external_deps(pipeline_dir)
+    }
+
+    fn run(&self, params: &FinetuneParams, ctx: &StageContext) -> Result<Metrics, StageError> {
+        Ok(finetune(params, ctx, None)?)
+    }
+}
+
+fn finetune(
+    params: &FinetuneParams,
+    ctx: &StageContext,
+    stop_after: Option<u64>,
+) -> Result<Metrics, String> {
+    let t = &params.train;
+    t.check(&params.eval)?;
+    let tokens_dir = ctx.input("data").ok_or("no `data` input")?;
+    let meta = Meta::read(tokens_dir)?;
+    let mut metrics = Metrics::new();
+    let mut model = load_base(&params.method, ctx, &meta, t, params.device, &mut metrics)?;
+    let config = model.config();
+    let mut skipped = Skipped::default();
+    let mut train =
+        examples::conversations(tokens_dir, &meta, "train", config.seq_len, &mut skipped)?;
+    let validation = examples::conversations(
+        tokens_dir,
+        &meta,
+        "validation",
+        config.seq_len,
+        &mut skipped,
+    )
+    .map_err(|e| format!("{e}; fine-tuning evaluates on it"))?;
+    if train.is_empty() || validation.is_empty() {
+        return Err(format!(
+            "no conversation fits a context of {} tokens ({} had prompts that fill it)",
+            config.seq_len, skipped.prompt_too_long
+        ));
+    }
+    if params.packing {
+        train = examples::pack(train, config.seq_len);
+    }
+    let mean_len = train.iter().map(Example::len).sum::<usize>() as f64 / train.len() as f64;
+    let mut objective = Sft {
+        train,
+        validation: validation
+            .into_iter()
+            .take(params.eval.batches * t.batch_size)
+            .collect(),
+        batch: t.batch_size,
+        pad: meta.eos_id,
+        mean_len,
+    };
+    let settings = Settings {
+        train: t,
+        eval: &params.eval,
+        flops_per_token: config.flops_per_token(config.weights()),
+        peak_flops: params.peak_flops,
+    };
+    let outcome = training::run(&mut model, &mut objective, &settings, ctx, stop_after)?;
+    write_outputs(&mut model, &params.method, ctx, tokens_dir, &meta, &outcome)?;
+    metrics.extend(outcome.metrics(t.steps)?);
+    metrics.insert("examples".into(), objective.train.len().into());
+    add_skipped(&mut metrics, &skipped);
+    Ok(metrics)
+}
+
+pub fn add_skipped(metrics: &mut Metrics, skipped: &Skipped) {
+    if let Ok(serde_json::Value::Object(map)) = serde_json::to_value(skipped) {
+        metrics.extend(map);
+    }
+}
+
+/// Next-token loss on the answers of randomly drawn conversations.
+struct Sft {
+    train: Vec<Example>,
+    /// Fixed held-out conversations, the same at every evaluation.
+    validation: Vec<Example>,
+    batch: usize,
+    pad: u32,
+    mean_len: f64,
+}
+
+impl Objective for Sft {
+    fn tokens_per_micro_batch(&self) -> f64 {
+        self.batch as f64 * self.mean_len
+    }
+
+    fn accumulate(&mut self, model: &mut dyn Backend, seed: u64, weight: f32) -> (f32, Extras) {
+        let rows: Vec<&Example> = draw(self.train.len(), self.batch, seed)
+            .into_iter()
+            .map(|i| &self.train[i])
+            .collect();
+        let padded = Padded::new(&rows, self.pad);
+        let loss = model.accumulate(&padded.batch(), weight, seed ^ 0xd20f);
+        (loss, Extras::new())
+    }
+
+    fn evaluate(&mut self, model: &mut dyn Backend) -> (f32, Extras) {
+        // Token-weighted over all held-out answers.
+        let (mut sum, mut tokens) = (0.0f64, 0usize);
+        for chunk in self.validation.chunks(self.batch) {
+            let rows: Vec<&Example> = chunk.iter().collect();
+            let padded = Padded::new(&rows, self.pad);
+            let count: usize = chunk.iter().map(Example::trained_tokens).sum();
+            sum += f64::from(model.loss(&padded.batch())) * count as f64;
+            tokens += count;
+        }
+        ((sum / tokens.max(1) as f64) as f32, Extras::new())
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::collect::synthetic::{generate, Generator};
+    use crate::model::io;
+    use crate::pretrain::Pretrain;
+    use crate::records::Record;
+    use crate::testing::{context, write_corpus};
+    use crate::tokenize::Tokenize;
+
+    /// `dir/tokens` (stories, chat, preferences; a fifth held out, plus `extra` records in
+    /// train) and `dir/base`, a small model pretrained on it.
+    pub fn setup(extra: Vec<Record>) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path();
+        let corpus = p.join("corpus");
+        std::fs::create_dir(&corpus).unwrap();
+        let mut records: Vec<Record> = generate(Generator::Stories, 60, 1).collect();
+        records.extend(generate(Generator::Chat, 40, 1));
+        records.extend(generate(Generator::Preferences, 40, 1));
+        let validation: Vec<Record> = records.iter().step_by(5).cloned().collect();
+        records.extend(extra);
+        write_corpus(&corpus, &records, &validation);
+        let tokens: crate::tokenize::TokenizeParams =
+            serde_json::from_value(serde_json::json!({ "train": { "vocab_size": 300 } })).unwrap();
+        Tokenize
+            .run(
+                &tokens,
+                &context("tokens", &[("corpus", &corpus)], &p.join("tokens")),
+            )
+            .unwrap();
+        let pretrain: crate::pretrain::PretrainParams = serde_json::from_value(serde_json::json!({
+            "model": { "layers": 1, "heads": 2, "d_model": 32, "seq_len": 96 },
+            "train": { "steps": 20, "batch_size": 8, "warmup": 2, "lr": 3e-3 },
+            "eval": { "every": 100, "batches": 1 }
+        }))
+        .unwrap();
+        let tokens_dir = p.join("tokens");
+        Pretrain
+            .run(
+                &pretrain,
+                &context("base", &[("tokens", &tokens_dir)], &p.join("base")),
+            )
+            .unwrap();
+        dir
+    }
+
+    pub fn params<T: serde::de::DeserializeOwned>(value: serde_json::Value) -> T {
+        serde_json::from_value(value).unwrap()
+    }
+
+    /// Runs into `dir/<out>` (work dir `dir/<out>-work`, kept between calls).
+    fn run(
+        dir: &Path,
+        out: &str,
+        params: &FinetuneParams,
+        stop_after: Option<u64>,
+    ) -> Result<Metrics, String> {
+        let (tokens, base) = (dir.join("tokens"), dir.join("base"));
+        let mut ctx = context(out, &[("data", &tokens), ("model", &base)], &dir.join(out));
+        ctx.work_dir = dir.join(format!("{out}-work"));
+        std::fs::create_dir_all(&ctx.work_dir).unwrap();
+        finetune(params, &ctx, stop_after)
+    }
+
+    fn lora_params(extra: serde_json::Value) -> FinetuneParams {
+        let mut value = serde_json::json!({
+            "method": "lora",
+            "lora": { "r": 4, "alpha": 8, "dropout": 0.1, "targets": ["attn.c_attn", "mlp.c_fc"] },
+            "train": { "steps": 8, "batch_size": 4, "warmup": 1, "lr": 3e-3, "checkpoint_every": 3, "log_every": 1 },
+            "eval": { "every": 4, "batches": 2 }
+        });
+        for (k, v) in extra.as_object().unwrap() {
+            value[k] = v.clone();
+        }
+        params(value)
+    }
+
+    #[test]
+    fn lora_writes_a_peft_adapter_and_a_merged_model() {
+        let dir = setup(Vec::new());
+        let metrics = run(dir.path(), "sft", &lora_params(serde_json::json!({})), None).unwrap();
+        // r·(in+out) for c_attn (32+96) and c_fc (32+128), one layer.
+        assert_eq!(metrics["trainable_parameters"], 4 * (128 + 160));
+        assert!(metrics["examples"].as_u64().unwrap() > 20);
+        let out = dir.path().join("sft");
+        let config: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(out.join("adapter/adapter_config.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(config["peft_type"], "LORA");
+        assert_eq!(config["fan_in_fan_out"], true);
+        assert_eq!(
+            config["target_modules"],
+            serde_json::json!(["attn.c_attn", "mlp.c_fc"])
+        );
+        let adapter = io::read_safetensors(&out.join("adapter/adapter_model.safetensors")).unwrap();
+        let a = &adapter["base_model.model.transformer.h.0.attn.c_attn.lora_A.weight"];
+        let b = &adapter["base_model.model.transformer.h.0.mlp.c_fc.lora_B.weight"];
+        assert_eq!((a.0.clone(), b.0.clone()), (vec![4, 32], vec![128, 4]));
+        assert!(b.1.iter().any(|&x| x != 0.0), "B trained away from zero");
+        let merged = io::read_safetensors(&out.join("model.safetensors")).unwrap();
+        let base = io::read_safetensors(&dir.path().join("base/model.safetensors")).unwrap();
+        assert!(merged.keys().all(|k| !k.contains("lora")));
+        let changed = |name: &str| merged[name].1 != base[name].1;
+        assert!(changed("transformer.h.0.attn.c_attn.weight"));
+        assert!(
+            !changed("transformer.h.0.attn.c_proj.weight"),
+            "not targeted"
+        );
+        assert!(!changed("transformer.wte.weight"), "frozen");
+        for file in ["config.json", "tokenizer.json", "metrics.jsonl", "loss.svg"] {
+            assert!(out.join(file).exists(), "{file}");
+        }
+    }
+
+    #[test]
+    fn an_interrupted_finetune_resumes_exactly() {
+        let dir = setup(Vec::new());
+        let p = lora_params(serde_json::json!({}));
+        run(dir.path(), "whole", &p, None).unwrap();
+        let err = run(dir.path(), "resumed", &p, Some(3)).unwrap_err();
+        assert!(err.contains("stopped after step 3"), "{err}");
+        let metrics = run(dir.path(), "resumed", &p, None).unwrap();
+        assert_eq!(metrics["resumed_from_step"], 3);
+        for file in ["model.safetensors", "adapter/adapter_model.safetensors"] {
+            let read = |out: &str| std::fs::read(dir.path().join(out).join(file)).unwrap();
+            assert_eq!(read("whole"), read("resumed"), "{file}, bit for bit");
+        }
+    }
+
+    #[test]
+    fn full_and_qlora_fine_tunes() {
+        let dir = setup(Vec::new());
+        let full = run(
+            dir.path(),
+            "full",
+            &lora_params(serde_json::json!({ "method": "full", "packing": true })),
+            None,
+        )
+        .unwrap();
+        assert!(full["trainable_parameters"].as_u64().unwrap() > 20_000);
+        let conversations =
+            Meta::read(&dir.path().join("tokens")).unwrap().streams["chat-train"].sequences;
+        let rows = full["examples"].as_u64().unwrap();
+        assert!(
+            rows * 3 / 2 < conversations,
+            "{conversations} packed into {rows} rows"
+        );
+        let qlora = run(
+            dir.path(),
+            "qlora",
+            &lora_params(serde_json::json!({ "method": "qlora" })),
+            None,
+        )
+        .unwrap();
+        let (bytes, f32_bytes) = (
+            qlora["frozen_linear_bytes"].as_u64().unwrap(),
+            qlora["frozen_linear_f32_bytes"].as_u64().unwrap(),
+        );
+        assert_eq!(f32_bytes, 4 * 12 * 32 * 32);
+        assert!(bytes * 7 < f32_bytes, "nf4: {bytes} of {f32_bytes}");
+        assert!(dir
+            .path()
+            .join("qlora/adapter/adapter_model.safetensors")
+            .exists());
+        assert!(qlora["val_loss"].as_f64().unwrap().is_finite());
+    }
+
+    #[test]
+    fn a_vocabulary_mismatch_and_a_missing_base_are_errors() {
+        let dir = setup(Vec::new());
+        let p = dir.path();
+        let corpus = p.join("corpus");
+        let chars: crate::tokenize::TokenizeParams =
+            serde_json::from_value(serde_json::json!({ "train": { "model": "char" } })).unwrap();
+        Tokenize
+            .run(
+                &chars,
+                &context("chars", &[("corpus", &corpus)], &p.join("chars")),
+            )
+            .unwrap();
+        let ctx = context(
+            "x",
+            &[("data", &p.join("chars")), ("model", &p.join("base"))],
+            &p.join("x"),
+        );
+        let err = finetune(&lora_params(serde_json::json!({})), &ctx, None).unwrap_err();
+        assert!(err.contains("vocabulary of 300 tokens"), "{err}");
+        let ctx = context("y", &[("data", &p.join("tokens"))], &p.join("y"));
+        let err = finetune(&lora_params(serde_json::json!({})), &ctx, None).unwrap_err();
+        assert!(err.contains("no base model"), "{err}");
+        let err = Finetune
+            .external_deps(&lora_params(serde_json::json!({ "base": "nowhere" })), p)
+            .unwrap_err();
+        assert!(err.contains("no config.json in nowhere"), "{err}");
+        // A base given by path works like an input.
+        let ctx = context("z", &[("data", &p.join("tokens"))], &p.join("z"));
+        let by_path = lora_params(serde_json::json!({ "base": "base", "train": { "steps": 1 } }));
+        finetune(&by_path, &ctx, None).unwrap();
+    }
+}
