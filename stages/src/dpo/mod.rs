@@ -306,3 +306,122 @@ impl Objective for Preferences {
         (stats.loss, extras(&stats))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::finetune::tests::{params, setup};
+    use crate::records::Record;
+    use crate::testing::context;
+
+    fn run(dir: &Path, out: &str, params: &DpoParams) -> Result<Metrics, String> {
+        let (tokens, base) = (dir.join("tokens"), dir.join("base"));
+        let ctx = context(out, &[("data", &tokens), ("model", &base)], &dir.join(out));
+        dpo(params, &ctx, None)
+    }
+
+    fn dpo_params(extra: serde_json::Value) -> DpoParams {
+        let mut value = serde_json::json!({
+            "method": "full",
+            "train": { "steps": 6, "batch_size": 4, "warmup": 1, "lr": 1e-3, "log_every": 1 },
+            "eval": { "every": 3, "batches": 2 }
+        });
+        for (k, v) in extra.as_object().unwrap() {
+            value[k] = v.clone();
+        }
+        params(value)
+    }
+
+    #[test]
+    fn dpo_logs_rewards_and_widens_the_margin() {
+        let twins = (0..3)
+            .map(|i| {
+                Record::preference(
+                    format!("twin{i}"),
+                    "1+1?".into(),
+                    "2".into(),
+                    "2".into(),
+                    "test",
+                )
+            })
+            .collect();
+        let dir = setup(twins);
+        let metrics = run(dir.path(), "dpo", &dpo_params(serde_json::json!({}))).unwrap();
+        assert_eq!(metrics["identical_pair"], 3, "{metrics:?}");
+        let log: Vec<serde_json::Value> =
+            std::fs::read_to_string(dir.path().join("dpo/metrics.jsonl"))
+                .unwrap()
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect();
+        let first = &log[0];
+        // The policy starts as the reference: zero rewards, loss log 2.
+        assert!(
+            (first["loss"].as_f64().unwrap() - 2f64.ln()).abs() < 1e-4,
+            "{first}"
+        );
+        assert_eq!(first["rewards/margin"], 0.0);
+        let last = log.last().unwrap();
+        for key in [
+            "rewards/chosen",
+            "rewards/rejected",
+            "rewards/accuracy",
+            "val_rewards/accuracy",
+        ] {
+            assert!(last[key].is_number(), "{key}");
+        }
+        assert!(last["rewards/margin"].as_f64().unwrap() > 0.0, "{last}");
+        assert!(last["val_loss"].as_f64().unwrap() < 2f64.ln(), "{last}");
+        assert!(dir.path().join("dpo/model.safetensors").exists());
+        assert!(!dir.path().join("dpo/adapter").exists(), "full: no adapter");
+    }
+
+    /// A rerun with another beta takes the reference scores from the memo: planted values
+    /// come back in the artifact.
+    #[test]
+    fn reference_scores_are_computed_once() {
+        let dir = setup(Vec::new());
+        let p = dir.path();
+        run(p, "a", &dpo_params(serde_json::json!({ "method": "lora" }))).unwrap();
+        assert!(p.join("a/adapter/adapter_config.json").exists());
+        let memos: Vec<_> = std::fs::read_dir(p.join("memo")).unwrap().collect();
+        assert_eq!(memos.len(), 1);
+        let memo = memos[0].as_ref().unwrap().path();
+        let mut scores: ReferenceScores =
+            serde_json::from_slice(&std::fs::read(&memo).unwrap()).unwrap();
+        scores.train[0] = -1234.5;
+        std::fs::write(&memo, serde_json::to_vec(&scores).unwrap()).unwrap();
+        run(
+            p,
+            "b",
+            &dpo_params(serde_json::json!({ "method": "lora", "beta": 0.5 })),
+        )
+        .unwrap();
+        let stored: ReferenceScores =
+            serde_json::from_slice(&std::fs::read(p.join("b/reference_logps.json")).unwrap())
+                .unwrap();
+        assert_eq!(stored.train[0], -1234.5);
+        // IPO scores by mean log-prob: a different memo.
+        run(p, "c", &dpo_params(serde_json::json!({ "loss": "ipo" }))).unwrap();
+        assert_eq!(std::fs::read_dir(p.join("memo")).unwrap().count(), 2);
+    }
+
+    #[test]
+    fn bad_settings_are_errors() {
+        let dir = setup(Vec::new());
+        let err = run(
+            dir.path(),
+            "x",
+            &dpo_params(serde_json::json!({ "beta": 0.0 })),
+        )
+        .unwrap_err();
+        assert!(err.contains("`beta` must be above 0"), "{err}");
+        let err = run(
+            dir.path(),
+            "y",
+            &dpo_params(serde_json::json!({ "label_smoothing": 0.7 })),
+        )
+        .unwrap_err();
+        assert!(err.contains("label_smoothing"), "{err}");
+    }
+}

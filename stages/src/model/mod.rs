@@ -863,6 +863,87 @@ mod tests {
         );
     }
 
+    /// The export fixture's model with adapters on every linear layer, trained a few steps so
+    /// that B is not zero.
+    fn adapted_tiny() -> (Trainer, LoraConfig) {
+        let mut model = exported_tiny();
+        let config = LoraConfig {
+            r: 2,
+            alpha: 6.0,
+            dropout: 0.0,
+            targets: ALL_TARGETS.to_vec(),
+        };
+        model.add_lora(&config, 4);
+        let inputs: Vec<u32> = (0..16).map(|i| (i * 3 % 16) as u32).collect();
+        let targets: Vec<u32> = (0..16).map(|i| (i * 11 % 16) as u32).collect();
+        let batch = Batch {
+            inputs: &inputs,
+            targets: &targets,
+            mask: None,
+            batch: 2,
+            seq: 8,
+        };
+        for _ in 0..3 {
+            model.accumulate(&batch, 1.0, 0);
+            model.step(5e-2, Some(1.0));
+        }
+        (model, config)
+    }
+
+    /// Writes tests/fixtures/gpt2-lora: `adapter/` in PEFT's layout and `merged/` (run by
+    /// make_gpt2_fixture.py, which adds the logits peft and transformers compute; the base is
+    /// gpt2-smelt-export).
+    #[test]
+    #[ignore]
+    fn write_lora_fixture() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/gpt2-lora");
+        let (mut model, config) = adapted_tiny();
+        peft::write_adapter(
+            &dir.join("adapter"),
+            &config,
+            &model.weights(),
+            "gpt2-smelt-export",
+        )
+        .unwrap();
+        model.merge_lora();
+        std::fs::create_dir_all(dir.join("merged")).unwrap();
+        model.save_hf(&dir.join("merged"), 0).unwrap();
+    }
+
+    /// peft loads smelt's adapter onto the base and computes smelt's logits; transformers
+    /// computes the same for the merged model.
+    #[test]
+    fn peft_and_transformers_agree_with_adapted_and_merged_models() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/gpt2-lora");
+        let fixture: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.join("logits.json")).unwrap()).unwrap();
+        let floats = |key: &str| -> Vec<f32> {
+            fixture[key]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap() as f32)
+                .collect()
+        };
+        let ids: Vec<u32> = floats("ids").into_iter().map(|x| x as u32).collect();
+        let (mut model, config) = adapted_tiny();
+        let out = tempfile::tempdir().unwrap();
+        peft::write_adapter(out.path(), &config, &model.weights(), "gpt2-smelt-export").unwrap();
+        assert_eq!(
+            std::fs::read(out.path().join("adapter_model.safetensors")).unwrap(),
+            std::fs::read(dir.join("adapter/adapter_model.safetensors")).unwrap(),
+            "the adapter peft loaded is the one smelt writes"
+        );
+        let worst = worst_difference(&model.logits(&ids, 2, 8), &floats("peft"));
+        assert!(worst < 1e-4, "peft's logits differ by up to {worst}");
+        model.merge_lora();
+        let worst = worst_difference(&model.logits(&ids, 2, 8), &floats("merged"));
+        assert!(
+            worst < 1e-4,
+            "transformers' merged logits differ by up to {worst}"
+        );
+    }
+
     #[test]
     fn sizes_are_checked() {
         let config = GptConfig {
