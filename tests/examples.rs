@@ -313,3 +313,60 @@ fn shakespeare_char_resumes_after_a_kill_and_generates() {
     );
     assert_eq!(sample, generate("1"), "the same seed, the same text");
 }
+
+/// The finetune-lora example, shortened: pretrain → LoRA SFT → LoRA DPO → evaluate, with a
+/// PEFT adapter and a merged model from each fine-tune; a change to DPO's beta reruns DPO and
+/// the evaluation only.
+#[test]
+fn finetune_lora_runs_sft_then_dpo_and_compares_the_models() {
+    let (work, _) = example_copy("finetune-lora.yaml");
+    let small = [
+        "--set",
+        "vars.examples=300",
+        "--set",
+        "vars.pretrain_steps=30",
+        "--set",
+        "vars.sft_steps=20",
+        "--set",
+        "vars.dpo_steps=10",
+    ];
+    let mut args = vec!["run", "finetune-lora.yaml"];
+    args.extend(small);
+    let run = smelt(&args, work.path()).ok();
+    assert_has(&run.stdout, "6 ran");
+    let artifact = |stage: &str| {
+        let mut args = vec!["show", "finetune-lora.yaml", stage, "--path"];
+        args.extend(small);
+        std::path::PathBuf::from(smelt(&args, work.path()).ok().stdout.trim())
+    };
+    for stage in ["sft", "aligned"] {
+        let dir = artifact(stage);
+        for file in [
+            "adapter/adapter_config.json",
+            "adapter/adapter_model.safetensors",
+            "model.safetensors",
+            "config.json",
+            "tokenizer.json",
+            "metrics.jsonl",
+        ] {
+            assert!(dir.join(file).exists(), "{stage}: {file}");
+        }
+    }
+    let aligned = artifact("aligned");
+    let log = std::fs::read_to_string(aligned.join("metrics.jsonl")).unwrap();
+    let last: serde_json::Value = serde_json::from_str(log.lines().last().unwrap()).unwrap();
+    assert!(last["val_rewards/accuracy"].is_number(), "{last}");
+    let eval = artifact("eval");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(eval.join("metrics.json")).unwrap()).unwrap();
+    assert_eq!(report["models"].as_array().unwrap().len(), 3);
+    let mut args = vec![
+        "run",
+        "finetune-lora.yaml",
+        "--set",
+        "stages.aligned.with.beta=0.2",
+    ];
+    args.extend(small);
+    let rerun = smelt(&args, work.path()).ok();
+    assert_has(&rerun.stdout, "2 ran, 4 cached");
+}

@@ -88,7 +88,7 @@ impl Stage for Dpo {
 impl DpoParams {
     fn check(&self) -> Result<PreferenceLoss, String> {
         self.train.check(&self.eval)?;
-        if !(self.beta > 0.0) {
+        if self.beta.is_nan() || self.beta <= 0.0 {
             return Err(format!("`beta` must be above 0, not {}", self.beta));
         }
         if !(0.0..0.5).contains(&self.label_smoothing) {
@@ -134,8 +134,11 @@ fn dpo(params: &DpoParams, ctx: &StageContext, stop_after: Option<u64>) -> Resul
         serde_json::to_vec(&reference).map_err(|e| e.to_string())?,
     )
     .map_err(|e| format!("reference_logps.json: {e}"))?;
-    let mean_len =
-        train.iter().map(|(c, r)| c.len() + r.len()).sum::<usize>() as f64 / train.len() as f64;
+    let mean_len = train
+        .iter()
+        .map(|(c, r)| c.positions() + r.positions())
+        .sum::<usize>() as f64
+        / train.len() as f64;
     let config = model.config();
     let mut objective = Preferences {
         train,

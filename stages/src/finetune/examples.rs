@@ -33,7 +33,8 @@ impl Example {
         (learnt.then_some(example), truncated)
     }
 
-    pub fn len(&self) -> usize {
+    /// Inputs (positions) the example takes.
+    pub fn positions(&self) -> usize {
         self.inputs.len()
     }
 
@@ -53,7 +54,10 @@ pub struct Skipped {
     pub identical_pair: u64,
 }
 
-fn stream(dir: &Path, meta: &Meta, name: &str) -> Result<Vec<(Vec<u32>, Vec<u8>)>, String> {
+/// Token ids with their loss mask.
+type Masked = (Vec<u32>, Vec<u8>);
+
+fn stream(dir: &Path, meta: &Meta, name: &str) -> Result<Vec<Masked>, String> {
     let Some(stream) = meta.streams.get(name) else {
         return Err(format!(
             "the data input has no `{name}` stream (it has: {}); tokenize chat or preference \
@@ -125,7 +129,7 @@ pub fn pack(examples: Vec<Example>, context: usize) -> Vec<Example> {
     let mut rows: Vec<Example> = Vec::new();
     for example in examples {
         match rows.last_mut() {
-            Some(row) if row.len() + example.len() <= context => {
+            Some(row) if row.positions() + example.positions() <= context => {
                 row.inputs.extend(example.inputs);
                 row.targets.extend(example.targets);
                 row.mask.extend(example.mask);
@@ -147,7 +151,7 @@ pub struct Padded {
 
 impl Padded {
     pub fn new(rows: &[&Example], pad: u32) -> Padded {
-        let seq = rows.iter().map(|e| e.len()).max().unwrap_or(1);
+        let seq = rows.iter().map(|e| e.positions()).max().unwrap_or(1);
         let mut padded = Padded {
             inputs: Vec::with_capacity(rows.len() * seq),
             targets: Vec::with_capacity(rows.len() * seq),
@@ -156,7 +160,7 @@ impl Padded {
             seq,
         };
         for row in rows {
-            let fill = seq - row.len();
+            let fill = seq - row.positions();
             padded.inputs.extend(row.inputs.iter().copied());
             padded.inputs.extend(std::iter::repeat_n(pad, fill));
             padded.targets.extend(row.targets.iter().copied());
@@ -212,7 +216,7 @@ mod tests {
         };
         let rows = pack(vec![e(3), e(4), e(2), e(7)], 8);
         assert_eq!(
-            rows.iter().map(Example::len).collect::<Vec<_>>(),
+            rows.iter().map(Example::positions).collect::<Vec<_>>(),
             [7, 2, 7],
             "3+4, then 2 (7 more would overflow it), then 7"
         );

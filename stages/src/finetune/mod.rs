@@ -294,7 +294,7 @@ fn finetune(
     if params.packing {
         train = examples::pack(train, config.seq_len);
     }
-    let mean_len = train.iter().map(Example::len).sum::<usize>() as f64 / train.len() as f64;
+    let mean_len = train.iter().map(Example::positions).sum::<usize>() as f64 / train.len() as f64;
     let mut objective = Sft {
         train,
         validation: validation

@@ -534,6 +534,76 @@ mod tests {
         }
     }
 
+    /// The same check for adapters over a frozen (and here also quantized) base: the gradient
+    /// reaches A and B through every frozen layer.
+    #[test]
+    fn adapter_gradients_match_finite_differences() {
+        for quantize in [false, true] {
+            let mut engine = Engine::new(Cpu::seed_from_u64(3), tiny(true), adamw());
+            engine.model.add_lora(&lora(&ALL_TARGETS), 5);
+            if quantize {
+                engine.model.quantize_frozen(QuantKind::Int8, 16);
+            }
+            // B = 0 would make A's gradient zero: start from a trained-looking adapter.
+            for block in &mut engine.model.h {
+                let lora = block.attn.c_attn.lora.as_mut().unwrap();
+                let b: Vec<f32> = (0..lora.b.shape().num_elements())
+                    .map(|i| ((i * 7 % 11) as f32 - 5.0) * 0.05)
+                    .collect();
+                lora.b.copy_from(&b);
+            }
+            let (inputs, targets) = batch_ids();
+            let batch = Batch {
+                inputs: &inputs,
+                targets: &targets,
+                mask: None,
+                batch: 2,
+                seq: 6,
+            };
+            engine.accumulate(&batch, 1.0, 0);
+            let mut grads = std::mem::replace(&mut engine.gradients, Gradients::leaky());
+            type Pick = fn(&mut Gpt<Cpu>) -> &mut Tensor<(usize, usize), f32, Cpu>;
+            let matrices: [(&str, Pick); 3] = [
+                ("h.0.attn.c_attn.lora_A", |m| {
+                    &mut m.h[0].attn.c_attn.lora.as_mut().unwrap().a
+                }),
+                ("h.0.mlp.c_fc.lora_B", |m| {
+                    &mut m.h[0].mlp.c_fc.lora.as_mut().unwrap().b
+                }),
+                ("h.1.attn.c_proj.lora_B", |m| {
+                    &mut m.h[1].attn.c_proj.lora.as_mut().unwrap().b
+                }),
+            ];
+            for (name, pick) in matrices {
+                let analytic = grads
+                    .get_or_alloc_mut(pick(&mut engine.model))
+                    .unwrap()
+                    .to_vec();
+                let mut order: Vec<usize> = (0..analytic.len()).collect();
+                order.sort_by(|&a, &b| analytic[b].abs().total_cmp(&analytic[a].abs()));
+                assert!(analytic[order[0]].abs() > 1e-3, "{name}: no gradient");
+                for &i in &order[..3] {
+                    let original = pick(&mut engine.model).as_vec();
+                    let mut at = |delta: f32| {
+                        let mut changed = original.clone();
+                        changed[i] += delta;
+                        pick(&mut engine.model).copy_from(&changed);
+                        engine.loss(&batch)
+                    };
+                    let h = 1e-3;
+                    let numeric = (at(h) - at(-h)) / (2.0 * h);
+                    pick(&mut engine.model).copy_from(&original);
+                    let allowed = 1e-2 * analytic[i].abs() + 2e-4;
+                    assert!(
+                        (numeric - analytic[i]).abs() < allowed,
+                        "{name}[{i}] (quantized {quantize}): numeric {numeric}, analytic {}",
+                        analytic[i]
+                    );
+                }
+            }
+        }
+    }
+
     #[test]
     fn a_later_token_never_changes_earlier_logits() {
         let mut model = Trainer::new(tiny(true), DeviceKind::Cpu, 1, adamw()).unwrap();
