@@ -11,10 +11,10 @@ use serde::{Deserialize, Serialize};
 use smelt_engine::{Metrics, Port, Ports, Stage, StageContext, StageError};
 
 use crate::finetune::examples::{self, draw, Example, Padded, Skipped};
-use crate::finetune::{add_skipped, load_base, write_outputs, MethodParams};
-use crate::model::{Backend, DeviceKind, PreferenceLoss, PreferenceLossKind, Trainer};
+use crate::finetune::{add_skipped, load_base, train_and_write, AdaptParams};
+use crate::model::{Backend, PreferenceLoss, PreferenceLossKind, Trainer};
 use crate::tokenize::Meta;
-use crate::training::{self, EvalParams, Extras, Objective, Settings, TrainParams};
+use crate::training::{Extras, Objective};
 
 pub struct Dpo;
 
@@ -30,15 +30,7 @@ pub struct DpoParams {
     #[serde(default)]
     pub label_smoothing: f32,
     #[serde(flatten)]
-    pub method: MethodParams,
-    #[serde(default)]
-    pub train: TrainParams,
-    #[serde(default)]
-    pub eval: EvalParams,
-    #[serde(default)]
-    pub device: DeviceKind,
-    #[serde(default = "training::default_peak_flops")]
-    pub peak_flops: f64,
+    pub adapt: AdaptParams,
 }
 
 fn default_beta() -> f32 {
@@ -77,7 +69,7 @@ impl Stage for Dpo {
         params: &DpoParams,
         pipeline_dir: &Path,
     ) -> Result<Vec<PathBuf>, String> {
-        params.method.external_deps(pipeline_dir)
+        params.adapt.external_deps(pipeline_dir)
     }
 
     fn run(&self, params: &DpoParams, ctx: &StageContext) -> Result<Metrics, StageError> {
@@ -87,7 +79,7 @@ impl Stage for Dpo {
 
 impl DpoParams {
     fn check(&self) -> Result<PreferenceLoss, String> {
-        self.train.check(&self.eval)?;
+        self.adapt.train.check(&self.adapt.eval)?;
         if self.beta.is_nan() || self.beta <= 0.0 {
             return Err(format!("`beta` must be above 0, not {}", self.beta));
         }
@@ -107,11 +99,11 @@ impl DpoParams {
 
 fn dpo(params: &DpoParams, ctx: &StageContext, stop_after: Option<u64>) -> Result<Metrics, String> {
     let loss = params.check()?;
-    let t = &params.train;
+    let t = &params.adapt.train;
     let tokens_dir = ctx.input("data").ok_or("no `data` input")?;
     let meta = Meta::read(tokens_dir)?;
     let mut metrics = Metrics::new();
-    let mut model = load_base(&params.method, ctx, &meta, t, params.device, &mut metrics)?;
+    let mut model = load_base(&params.adapt, ctx, &meta, &mut metrics)?;
     let context = model.config().seq_len;
     let mut skipped = Skipped::default();
     let train = examples::pairs(tokens_dir, &meta, "train", context, &mut skipped)?;
@@ -126,7 +118,7 @@ fn dpo(params: &DpoParams, ctx: &StageContext, stop_after: Option<u64>) -> Resul
     }
     let validation: Vec<_> = validation
         .into_iter()
-        .take(params.eval.batches * t.batch_size)
+        .take(params.adapt.eval.batches * t.batch_size)
         .collect();
     let reference = reference_scores(params, ctx, &meta, &train, &validation, &loss)?;
     std::fs::write(
@@ -139,7 +131,6 @@ fn dpo(params: &DpoParams, ctx: &StageContext, stop_after: Option<u64>) -> Resul
         .map(|(c, r)| c.positions() + r.positions())
         .sum::<usize>() as f64
         / train.len() as f64;
-    let config = model.config();
     let mut objective = Preferences {
         train,
         validation,
@@ -149,15 +140,14 @@ fn dpo(params: &DpoParams, ctx: &StageContext, stop_after: Option<u64>) -> Resul
         pad: meta.eos_id,
         mean_len,
     };
-    let settings = Settings {
-        train: t,
-        eval: &params.eval,
-        flops_per_token: config.flops_per_token(config.weights()),
-        peak_flops: params.peak_flops,
-    };
-    let outcome = training::run(&mut model, &mut objective, &settings, ctx, stop_after)?;
-    write_outputs(&mut model, &params.method, ctx, tokens_dir, &meta, &outcome)?;
-    metrics.extend(outcome.metrics(t.steps)?);
+    metrics.extend(train_and_write(
+        &mut model,
+        &mut objective,
+        &params.adapt,
+        ctx,
+        (tokens_dir, &meta),
+        stop_after,
+    )?);
     metrics.insert("pairs".into(), objective.train.len().into());
     add_skipped(&mut metrics, &skipped);
     Ok(metrics)
@@ -181,7 +171,7 @@ fn reference_scores(
     validation: &[(Example, Example)],
     loss: &PreferenceLoss,
 ) -> Result<ReferenceScores, String> {
-    let base = params.method.base_dir(ctx)?;
+    let base = params.adapt.base_dir(ctx)?;
     let weights = std::fs::read(base.join("model.safetensors"))
         .map_err(|e| format!("{}: {e}", base.display()))?;
     let key = serde_json::json!({
@@ -199,10 +189,11 @@ fn reference_scores(
         return Ok(scores);
     }
     // A plain model, never trained here: the reference.
-    let (mut reference, _) = Trainer::load(&base, params.device, params.train.optimizer())?;
+    let t = &params.adapt.train;
+    let (mut reference, _) = Trainer::load(&base, params.adapt.device, t.optimizer())?;
     let mut score = |pairs: &[(Example, Example)]| -> Vec<f32> {
         pairs
-            .chunks(params.train.batch_size)
+            .chunks(t.batch_size)
             .flat_map(|chunk| {
                 let rows: Vec<&Example> = chunk.iter().flat_map(|(c, r)| [c, r]).collect();
                 let padded = Padded::new(&rows, meta.eos_id);

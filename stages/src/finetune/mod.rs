@@ -3,8 +3,8 @@
 //! base and trains adapters; `qlora` also stores the frozen base block-quantized. The output is
 //! a merged HF model directory, plus the adapter in PEFT's layout (`adapter/`).
 //!
-//! The pieces `dpo` shares live here too: the base model and method (`BaseParams`,
-//! `MethodParams`, [`load_base`], [`write_outputs`]) and the examples (`examples.rs`).
+//! The pieces `dpo` shares live here too: the base model, method and training params
+//! (`AdaptParams`), [`load_base`], [`train_and_write`], and the examples (`examples.rs`).
 
 pub mod examples;
 
@@ -24,26 +24,16 @@ pub struct Finetune;
 #[derive(Debug, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct FinetuneParams {
-    #[serde(flatten)]
-    pub method: MethodParams,
     /// Pack short examples end to end into full rows (faster on short chats).
     #[serde(default)]
     pub packing: bool,
-    #[serde(default)]
-    pub train: TrainParams,
-    #[serde(default)]
-    pub eval: EvalParams,
-    /// `cpu`, or `cuda` in a build with the `cuda` feature.
-    #[serde(default)]
-    pub device: DeviceKind,
-    /// The hardware's peak FLOP/s, for MFU in metrics.jsonl.
-    #[serde(default = "training::default_peak_flops")]
-    pub peak_flops: f64,
+    #[serde(flatten)]
+    pub adapt: AdaptParams,
 }
 
-/// Where the base model comes from and how it is adapted (shared with `dpo`).
+/// Where the base model comes from, how it is adapted and trained (shared with `dpo`).
 #[derive(Debug, Serialize, Deserialize, JsonSchema)]
-pub struct MethodParams {
+pub struct AdaptParams {
     /// An HF GPT-2 model directory, relative to the pipeline file, used when no `model` input
     /// is wired (its files are hashed into the stage key).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -55,6 +45,16 @@ pub struct MethodParams {
     /// How `qlora` stores the frozen base.
     #[serde(default)]
     pub quantize: QuantizeParams,
+    #[serde(default)]
+    pub train: TrainParams,
+    #[serde(default)]
+    pub eval: EvalParams,
+    /// `cpu`, or `cuda` in a build with the `cuda` feature.
+    #[serde(default)]
+    pub device: DeviceKind,
+    /// The hardware's peak FLOP/s, for MFU in metrics.jsonl.
+    #[serde(default = "training::default_peak_flops")]
+    pub peak_flops: f64,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -124,7 +124,7 @@ impl Default for QuantizeParams {
     }
 }
 
-impl MethodParams {
+impl AdaptParams {
     fn lora_config(&self) -> LoraConfig {
         LoraConfig {
             r: self.lora.r,
@@ -162,18 +162,16 @@ impl MethodParams {
     }
 }
 
-/// The base model on `device`, checked against the data's vocabulary and adapted by
+/// The base model on its device, checked against the data's vocabulary and adapted by
 /// `method`; metrics gain the trainable parameters and, for `qlora`, the base's memory.
 pub fn load_base(
-    method: &MethodParams,
+    method: &AdaptParams,
     ctx: &StageContext,
     meta: &Meta,
-    train: &TrainParams,
-    device: DeviceKind,
     metrics: &mut Metrics,
 ) -> Result<Trainer, String> {
     let dir = method.base_dir(ctx)?;
-    let (mut model, _) = Trainer::load(&dir, device, train.optimizer())?;
+    let (mut model, _) = Trainer::load(&dir, method.device, method.train.optimizer())?;
     let vocab = model.config().vocab_size;
     if vocab != meta.vocab_size {
         return Err(format!(
@@ -185,7 +183,7 @@ pub fn load_base(
     if method.method != Method::Full {
         let config = method.lora_config();
         config.check()?;
-        model.add_lora(&config, train.seed);
+        model.add_lora(&config, method.train.seed);
     }
     if method.method == Method::Qlora {
         if method.quantize.block_size == 0 {
@@ -200,11 +198,34 @@ pub fn load_base(
     Ok(model)
 }
 
+/// Trains `model` for `objective` with the loop's settings from `adapt`, then writes the
+/// artifact; returns the loop's metrics. `stop_after` simulates an interruption (tests).
+pub fn train_and_write(
+    model: &mut Trainer,
+    objective: &mut dyn Objective,
+    adapt: &AdaptParams,
+    ctx: &StageContext,
+    (tokens_dir, meta): (&Path, &Meta),
+    stop_after: Option<u64>,
+) -> Result<Metrics, String> {
+    let config = model.config();
+    let settings = Settings {
+        train: &adapt.train,
+        eval: &adapt.eval,
+        // Of the whole model, though frozen weights skip their gradient GEMMs.
+        flops_per_token: config.flops_per_token(config.weights()),
+        peak_flops: adapt.peak_flops,
+    };
+    let outcome = training::run(model, objective, &settings, ctx, stop_after)?;
+    write_outputs(model, adapt, ctx, tokens_dir, meta, &outcome)?;
+    outcome.metrics(adapt.train.steps)
+}
+
 /// The output artifact: the adapter (PEFT layout) when there is one, then the merged HF model
 /// directory, the log and the loss curve.
-pub fn write_outputs(
+fn write_outputs(
     model: &mut Trainer,
-    method: &MethodParams,
+    method: &AdaptParams,
     ctx: &StageContext,
     tokens_dir: &Path,
     meta: &Meta,
@@ -254,7 +275,7 @@ impl Stage for Finetune {
         params: &FinetuneParams,
         pipeline_dir: &Path,
     ) -> Result<Vec<PathBuf>, String> {
-        params.method.external_deps(pipeline_dir)
+        params.adapt.external_deps(pipeline_dir)
     }
 
     fn run(&self, params: &FinetuneParams, ctx: &StageContext) -> Result<Metrics, StageError> {
@@ -267,12 +288,12 @@ fn finetune(
     ctx: &StageContext,
     stop_after: Option<u64>,
 ) -> Result<Metrics, String> {
-    let t = &params.train;
-    t.check(&params.eval)?;
+    let t = &params.adapt.train;
+    t.check(&params.adapt.eval)?;
     let tokens_dir = ctx.input("data").ok_or("no `data` input")?;
     let meta = Meta::read(tokens_dir)?;
     let mut metrics = Metrics::new();
-    let mut model = load_base(&params.method, ctx, &meta, t, params.device, &mut metrics)?;
+    let mut model = load_base(&params.adapt, ctx, &meta, &mut metrics)?;
     let config = model.config();
     let mut skipped = Skipped::default();
     let mut train =
@@ -299,21 +320,20 @@ fn finetune(
         train,
         validation: validation
             .into_iter()
-            .take(params.eval.batches * t.batch_size)
+            .take(params.adapt.eval.batches * t.batch_size)
             .collect(),
         batch: t.batch_size,
         pad: meta.eos_id,
         mean_len,
     };
-    let settings = Settings {
-        train: t,
-        eval: &params.eval,
-        flops_per_token: config.flops_per_token(config.weights()),
-        peak_flops: params.peak_flops,
-    };
-    let outcome = training::run(&mut model, &mut objective, &settings, ctx, stop_after)?;
-    write_outputs(&mut model, &params.method, ctx, tokens_dir, &meta, &outcome)?;
-    metrics.extend(outcome.metrics(t.steps)?);
+    metrics.extend(train_and_write(
+        &mut model,
+        &mut objective,
+        &params.adapt,
+        ctx,
+        (tokens_dir, &meta),
+        stop_after,
+    )?);
     metrics.insert("examples".into(), objective.train.len().into());
     add_skipped(&mut metrics, &skipped);
     Ok(metrics)

@@ -481,8 +481,49 @@ mod tests {
         (inputs, targets)
     }
 
-    /// The gradient of every checked tensor agrees with central finite differences of the loss,
-    /// at the elements where it is largest (elsewhere f32 noise dominates).
+    type Pick = fn(&mut Gpt<Cpu>) -> &mut Tensor<(usize, usize), f32, Cpu>;
+
+    /// Checks the step's gradient of each picked matrix against central finite differences of
+    /// the loss, at its `top` largest elements (elsewhere f32 noise dominates), the largest
+    /// being above `floor`.
+    fn check_against_finite_differences(
+        engine: &mut Engine<Cpu>,
+        batch: &Batch,
+        matrices: &[(&str, Pick)],
+        (top, floor): (usize, f32),
+        case: &str,
+    ) {
+        let mut grads = std::mem::replace(&mut engine.gradients, Gradients::leaky());
+        for &(name, pick) in matrices {
+            let analytic = grads
+                .get_or_alloc_mut(pick(&mut engine.model))
+                .unwrap()
+                .to_vec();
+            let mut order: Vec<usize> = (0..analytic.len()).collect();
+            order.sort_by(|&a, &b| analytic[b].abs().total_cmp(&analytic[a].abs()));
+            assert!(analytic[order[0]].abs() > floor, "{name}: no gradient");
+            for &i in &order[..top] {
+                let original = pick(&mut engine.model).as_vec();
+                let mut at = |delta: f32| {
+                    let mut changed = original.clone();
+                    changed[i] += delta;
+                    pick(&mut engine.model).copy_from(&changed);
+                    engine.loss(batch)
+                };
+                let h = 1e-3;
+                let numeric = (at(h) - at(-h)) / (2.0 * h);
+                pick(&mut engine.model).copy_from(&original);
+                // f32 rounding of the loss puts a floor of about 1e-4 under the difference.
+                let allowed = 1e-2 * analytic[i].abs() + 2e-4;
+                assert!(
+                    (numeric - analytic[i]).abs() < allowed,
+                    "{name}[{i}] ({case}): numeric {numeric}, analytic {}",
+                    analytic[i]
+                );
+            }
+        }
+    }
+
     #[test]
     fn gradients_match_finite_differences() {
         for tied in [true, false] {
@@ -496,41 +537,14 @@ mod tests {
                 seq: 6,
             };
             engine.accumulate(&batch, 1.0, 0);
-            let mut grads = std::mem::replace(&mut engine.gradients, Gradients::leaky());
-            type Pick = fn(&mut Gpt<Cpu>) -> &mut Tensor<(usize, usize), f32, Cpu>;
             let matrices: [(&str, Pick); 4] = [
                 ("wte", |m| &mut m.wte),
                 ("wpe", |m| &mut m.wpe),
                 ("h.0.attn.c_attn", |m| &mut m.h[0].attn.c_attn.weight),
                 ("h.1.mlp.c_proj", |m| &mut m.h[1].mlp.c_proj.weight),
             ];
-            for (name, pick) in matrices {
-                let analytic = grads
-                    .get_or_alloc_mut(pick(&mut engine.model))
-                    .unwrap()
-                    .to_vec();
-                let mut order: Vec<usize> = (0..analytic.len()).collect();
-                order.sort_by(|&a, &b| analytic[b].abs().total_cmp(&analytic[a].abs()));
-                for &i in &order[..4] {
-                    let original = pick(&mut engine.model).as_vec();
-                    let mut at = |delta: f32| {
-                        let mut changed = original.clone();
-                        changed[i] += delta;
-                        pick(&mut engine.model).copy_from(&changed);
-                        engine.loss(&batch)
-                    };
-                    let h = 1e-3;
-                    let numeric = (at(h) - at(-h)) / (2.0 * h);
-                    pick(&mut engine.model).copy_from(&original);
-                    // f32 rounding of the loss puts a floor of about 1e-4 under the difference.
-                    let allowed = 1e-2 * analytic[i].abs() + 2e-4;
-                    assert!(
-                        (numeric - analytic[i]).abs() < allowed,
-                        "{name}[{i}] (tied {tied}): numeric {numeric}, analytic {}",
-                        analytic[i]
-                    );
-                }
-            }
+            let case = format!("tied {tied}");
+            check_against_finite_differences(&mut engine, &batch, &matrices, (4, 0.0), &case);
         }
     }
 
@@ -561,8 +575,6 @@ mod tests {
                 seq: 6,
             };
             engine.accumulate(&batch, 1.0, 0);
-            let mut grads = std::mem::replace(&mut engine.gradients, Gradients::leaky());
-            type Pick = fn(&mut Gpt<Cpu>) -> &mut Tensor<(usize, usize), f32, Cpu>;
             let matrices: [(&str, Pick); 3] = [
                 ("h.0.attn.c_attn.lora_A", |m| {
                     &mut m.h[0].attn.c_attn.lora.as_mut().unwrap().a
@@ -574,33 +586,8 @@ mod tests {
                     &mut m.h[1].attn.c_proj.lora.as_mut().unwrap().b
                 }),
             ];
-            for (name, pick) in matrices {
-                let analytic = grads
-                    .get_or_alloc_mut(pick(&mut engine.model))
-                    .unwrap()
-                    .to_vec();
-                let mut order: Vec<usize> = (0..analytic.len()).collect();
-                order.sort_by(|&a, &b| analytic[b].abs().total_cmp(&analytic[a].abs()));
-                assert!(analytic[order[0]].abs() > 1e-3, "{name}: no gradient");
-                for &i in &order[..3] {
-                    let original = pick(&mut engine.model).as_vec();
-                    let mut at = |delta: f32| {
-                        let mut changed = original.clone();
-                        changed[i] += delta;
-                        pick(&mut engine.model).copy_from(&changed);
-                        engine.loss(&batch)
-                    };
-                    let h = 1e-3;
-                    let numeric = (at(h) - at(-h)) / (2.0 * h);
-                    pick(&mut engine.model).copy_from(&original);
-                    let allowed = 1e-2 * analytic[i].abs() + 2e-4;
-                    assert!(
-                        (numeric - analytic[i]).abs() < allowed,
-                        "{name}[{i}] (quantized {quantize}): numeric {numeric}, analytic {}",
-                        analytic[i]
-                    );
-                }
-            }
+            let case = format!("quantized {quantize}");
+            check_against_finite_differences(&mut engine, &batch, &matrices, (3, 1e-3), &case);
         }
     }
 
