@@ -21,6 +21,9 @@ pub enum Generator {
     Chat,
     /// A prompt with a correct (chosen) and a plausible wrong (rejected) answer.
     Preferences,
+    /// The chat tasks as plain text (`Question: … Answer: …`), as pretraining data would hold
+    /// them: a base model learns the words and facts, and fine-tuning only the chat format.
+    Qa,
 }
 
 impl Generator {
@@ -30,6 +33,7 @@ impl Generator {
             Generator::Arithmetic => "arithmetic",
             Generator::Chat => "chat",
             Generator::Preferences => "preferences",
+            Generator::Qa => "qa",
         }
     }
 }
@@ -63,6 +67,11 @@ pub fn generate(generator: Generator, documents: u64, seed: u64) -> impl Iterato
             Generator::Preferences => {
                 let task = task(&mut rng);
                 Record::preference(id, task.prompt, task.answer, task.wrong, &source)
+            }
+            Generator::Qa => {
+                let task = task(&mut rng);
+                let text = format!("Question: {} Answer: {}", task.prompt, task.answer);
+                Record::text(id, text, &source)
             }
         }
     })
@@ -238,6 +247,7 @@ mod tests {
             Generator::Arithmetic,
             Generator::Chat,
             Generator::Preferences,
+            Generator::Qa,
         ] {
             assert_eq!(all(g, 7), all(g, 7));
             assert_ne!(all(g, 7), all(g, 8));
@@ -314,6 +324,15 @@ mod tests {
             let prompt = r.prompt.as_ref().unwrap();
             assert!(correct(prompt, r.chosen.as_ref().unwrap()), "{r:?}");
             assert!(!correct(prompt, r.rejected.as_ref().unwrap()), "{r:?}");
+        }
+    }
+
+    #[test]
+    fn qa_documents_are_correct_answers_in_plain_text() {
+        for r in all(Generator::Qa, 6) {
+            let (question, answer) = r.text.split_once(" Answer: ").unwrap();
+            let prompt = question.strip_prefix("Question: ").unwrap();
+            assert!(correct(prompt, answer), "{}", r.text);
         }
     }
 

@@ -34,8 +34,9 @@ pub struct TrainParams {
     pub grad_accum: usize,
     #[serde(default = "default_lr")]
     pub lr: f64,
-    #[serde(default = "default_min_lr")]
-    pub min_lr: f64,
+    /// Where the schedule ends; `lr / 10` when not given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_lr: Option<f64>,
     /// Steps of linear warmup.
     #[serde(default = "default_warmup")]
     pub warmup: u64,
@@ -90,9 +91,6 @@ fn default_batch() -> usize {
 }
 fn default_lr() -> f64 {
     1e-3
-}
-fn default_min_lr() -> f64 {
-    1e-4
 }
 fn default_warmup() -> u64 {
     100
@@ -152,13 +150,18 @@ impl TrainParams {
                     .into(),
             );
         }
-        if !(self.lr > 0.0 && self.min_lr >= 0.0 && self.min_lr <= self.lr) {
+        if !(self.lr > 0.0 && self.min_lr() >= 0.0 && self.min_lr() <= self.lr) {
             return Err(format!(
                 "need 0 ≤ min_lr ≤ lr and lr > 0 (lr {}, min_lr {})",
-                self.lr, self.min_lr
+                self.lr,
+                self.min_lr()
             ));
         }
         Ok(())
+    }
+
+    pub fn min_lr(&self) -> f64 {
+        self.min_lr.unwrap_or(self.lr / 10.0)
     }
 
     pub fn optimizer(&self) -> AdamWConfig {
@@ -240,7 +243,7 @@ pub fn run(
     let mut window = (Instant::now(), 0u64);
     let end = stop_after.map_or(t.steps, |s| s.min(t.steps));
     for step in start..end {
-        let lr = schedule::learning_rate(t.schedule, step, t.steps, t.warmup, t.lr, t.min_lr);
+        let lr = schedule::learning_rate(t.schedule, step, t.steps, t.warmup, t.lr, t.min_lr());
         let mut loss = 0.0;
         let mut extras = Extras::new();
         for micro in 0..t.grad_accum {
@@ -464,4 +467,24 @@ pub fn write_model_dir(
         serde_json::to_vec_pretty(&generation).map_err(|e| e.to_string())?,
     )
     .map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_schedule_floor_defaults_to_a_tenth_of_the_rate() {
+        let eval = EvalParams::default();
+        let low: TrainParams = serde_json::from_value(serde_json::json!({ "lr": 5e-5 })).unwrap();
+        assert!(
+            low.check(&eval).is_ok(),
+            "a fine-tuning rate below 1e-4 is valid"
+        );
+        assert!((low.min_lr() - 5e-6).abs() < 1e-15);
+        let above: TrainParams =
+            serde_json::from_value(serde_json::json!({ "lr": 5e-5, "min_lr": 1e-4 })).unwrap();
+        let err = above.check(&eval).unwrap_err();
+        assert!(err.contains("need 0 ≤ min_lr ≤ lr"), "{err}");
+    }
 }
