@@ -500,7 +500,51 @@ pub fn gc(
     Ok(())
 }
 
-pub fn stages() -> Result<(), Failure> {
-    output::print_stages(&registry());
+pub fn stages(markdown: bool) -> Result<(), Failure> {
+    if markdown {
+        print!("{}", smelt_engine::reference::markdown(&registry()));
+    } else {
+        output::print_stages(&registry());
+    }
+    Ok(())
+}
+
+/// The pipeline `smelt init` writes; `{name}` is replaced.
+const STARTER: &str = include_str!("templates/starter.yaml");
+
+/// Writes `NAME.yaml` (a runnable starter pipeline) and `smelt.schema.json` (what its
+/// `$schema` line points at) in the current directory.
+pub fn init(name: Option<&str>, force: bool) -> Result<(), Failure> {
+    let name = name.unwrap_or("smelt");
+    let valid = !name.is_empty()
+        && name.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    if !valid {
+        return Err(Failure::Usage(format!(
+            "`{name}` is not a pipeline name: use letters, digits, `_` and `-`, starting with a letter"
+        )));
+    }
+    let file = PathBuf::from(format!("{name}.yaml"));
+    if file.exists() && !force {
+        return Err(Failure::Usage(format!(
+            "{} exists; pass --force to replace it",
+            file.display()
+        )));
+    }
+    let schema = serde_json::to_string_pretty(&smelt_engine::schema::pipeline_schema(&registry()))
+        .map_err(|e| Failure::Usage(e.to_string()))?;
+    let write = |path: &Path, text: &str| {
+        std::fs::write(path, text)
+            .map_err(|e| Failure::Usage(format!("cannot write {}: {e}", path.display())))
+    };
+    write(&file, &STARTER.replace("{name}", name))?;
+    write(Path::new("smelt.schema.json"), &(schema + "\n"))?;
+    println!(
+        "wrote {} and smelt.schema.json\nnext: smelt run {}",
+        file.display(),
+        file.display()
+    );
     Ok(())
 }

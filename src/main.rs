@@ -100,7 +100,21 @@ enum Command {
         work: bool,
     },
     /// The stage kinds a pipeline can use
-    Stages,
+    Stages {
+        /// Every kind's inputs and params (types, defaults, meaning) as Markdown tables, from the
+        /// schema: the README's reference
+        #[arg(long)]
+        markdown: bool,
+    },
+    /// Write a starter pipeline (the `$schema` line, comments, a runnable example) to
+    /// NAME.yaml, or smelt.yaml
+    Init {
+        /// The pipeline's name, also its file name
+        name: Option<String>,
+        /// Replace the file if it exists
+        #[arg(long)]
+        force: bool,
+    },
     /// Sample a continuation from a model directory (or a pipeline's model stage); prints only
     /// the generated text
     Generate(GenerateArgs),
@@ -274,7 +288,8 @@ fn main() -> ExitCode {
             dry_run,
             work,
         } => commands::gc(&files, dry_run, work, store),
-        Command::Stages => commands::stages(),
+        Command::Stages { markdown } => commands::stages(markdown),
+        Command::Init { name, force } => commands::init(name.as_deref(), force),
         Command::Generate(args) => commands::generate(&args, store),
         Command::Report {
             file,

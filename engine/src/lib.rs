@@ -13,6 +13,7 @@ pub mod hash;
 pub mod key;
 pub mod lockfile;
 pub mod plan;
+pub mod reference;
 pub mod schema;
 pub mod spec;
 pub mod stage;

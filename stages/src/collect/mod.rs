@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use smelt_engine::{Metrics, Ports, Stage, StageContext, StageError};
 
 pub use files::{Format, InvalidUtf8, SplitOn};
-pub use synthetic::Generator;
+pub use synthetic::{Generator, TaskKind};
 
 use crate::records::{Record, ShardWriter, SplitSummary};
 
@@ -102,6 +102,9 @@ pub struct SyntheticSource {
     pub documents: u64,
     #[serde(default)]
     pub seed: u64,
+    /// Which questions `chat`, `preferences` and `qa` ask, drawn evenly [default: all].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tasks: Option<Vec<TaskKind>>,
 }
 
 fn default_field() -> String {
@@ -165,7 +168,8 @@ struct Manifest {
 impl Stage for Collect {
     type Params = CollectParams;
     const KIND: &'static str = "collect";
-    const VERSION: u32 = 1;
+    // 2: the last-word task, a larger word list for the copying tasks.
+    const VERSION: u32 = 2;
     const SUMMARY: &'static str =
         "Gather documents from files, pinned URLs and built-in generators into JSONL shards";
 
@@ -178,6 +182,8 @@ impl Stage for Collect {
         params: &CollectParams,
         pipeline_dir: &Path,
     ) -> Result<Vec<PathBuf>, String> {
+        // Here as well as in `run`, so `smelt validate` reports bad params before anything runs.
+        check_params(params)?;
         let mut deps = Vec::new();
         for source in &params.sources {
             if let Source::Files(files) = source {
@@ -270,6 +276,29 @@ fn check_params(params: &CollectParams) -> Result<(), String> {
     if params.sources.is_empty() {
         return Err("`sources` is empty: name at least one source".into());
     }
+    for (i, source) in params.sources.iter().enumerate() {
+        let Source::Synthetic(synthetic) = source else {
+            continue;
+        };
+        let asks = matches!(
+            synthetic.generator,
+            Generator::Chat | Generator::Preferences | Generator::Qa
+        );
+        match &synthetic.tasks {
+            Some(_) if !asks => {
+                return Err(format!(
+                    "`sources[{i}].synthetic.tasks`: the {} generator asks no questions (only chat, preferences and qa take `tasks`)",
+                    synthetic.generator.name()
+                ))
+            }
+            Some(tasks) if tasks.is_empty() => {
+                return Err(format!(
+                    "`sources[{i}].synthetic.tasks` is empty: name at least one task"
+                ))
+            }
+            _ => {}
+        }
+    }
     if !(0.0..1.0).contains(&params.split.validation) {
         return Err(format!(
             "`split.validation` must be at least 0 and below 1, got {}",
@@ -345,7 +374,8 @@ fn read_source(
             Ok((u.href.clone(), skipped))
         }
         Source::Synthetic(s) => {
-            for record in synthetic::generate(s.generator, s.documents, s.seed) {
+            let tasks = s.tasks.as_deref().unwrap_or(&TaskKind::ALL);
+            for record in synthetic::generate_with(s.generator, s.documents, s.seed, tasks) {
                 emit(record).map_err(|e| format!("writing documents: {e}"))?;
             }
             Ok((
@@ -521,5 +551,46 @@ mod tests {
                 .count(),
             5
         );
+    }
+
+    #[test]
+    fn tasks_choose_which_questions_are_asked() {
+        let dir = tempfile::tempdir().unwrap();
+        let params = serde_json::json!({ "sources": [
+            { "synthetic": { "generator": "chat", "documents": 60, "seed": 1, "tasks": ["last_word"] } },
+            { "synthetic": { "generator": "qa", "documents": 60, "seed": 1, "tasks": ["repeat", "opposite"] } }
+        ] });
+        run(params, dir.path()).unwrap();
+        let records = lines(dir.path(), "train-00000.jsonl");
+        let (chats, qa): (Vec<&Record>, Vec<&Record>) =
+            records.iter().partition(|r| r.messages.is_some());
+        assert_eq!((chats.len(), qa.len()), (60, 60));
+        assert!(chats.iter().all(|r| r.messages.as_ref().unwrap()[0]
+            .content
+            .starts_with("What is the last word of: ")));
+        let repeats = qa
+            .iter()
+            .filter(|r| r.text.contains("Repeat the word"))
+            .count();
+        let opposites = qa
+            .iter()
+            .filter(|r| r.text.contains("the opposite of"))
+            .count();
+        assert_eq!(repeats + opposites, 60);
+        assert!(repeats > 10 && opposites > 10, "{repeats} / {opposites}");
+        for (tasks, generator, error) in [
+            (serde_json::json!([]), "chat", "is empty"),
+            (
+                serde_json::json!(["repeat"]),
+                "stories",
+                "the stories generator asks no questions",
+            ),
+        ] {
+            let params = serde_json::json!({ "sources": [
+                { "synthetic": { "generator": generator, "documents": 5, "tasks": tasks } }
+            ] });
+            let err = run(params, dir.path()).unwrap_err();
+            assert!(err.contains(error), "{err}");
+        }
     }
 }

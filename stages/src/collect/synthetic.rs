@@ -38,8 +38,51 @@ impl Generator {
     }
 }
 
-/// `documents` records from `generator`, the same for the same seed.
+/// The questions of `chat`, `preferences` and `qa`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskKind {
+    /// `What is 12+7?` → `12+7=19` (operands up to 99 for + and -, 12 for ×).
+    Arithmetic,
+    /// `Repeat the word cat 3 times.` → `cat cat cat`.
+    Repeat,
+    /// `What is the opposite of hot?` → `cold` (eight pairs).
+    Opposite,
+    /// `Spell the word cat backwards.` → `tac`.
+    Backwards,
+    /// `What is the last word of: fox key apple?` → `apple`.
+    LastWord,
+    /// `What number comes after 41?` → `42`.
+    Successor,
+}
+
+impl TaskKind {
+    pub const ALL: [TaskKind; 6] = [
+        TaskKind::Arithmetic,
+        TaskKind::Repeat,
+        TaskKind::Opposite,
+        TaskKind::Backwards,
+        TaskKind::LastWord,
+        TaskKind::Successor,
+    ];
+}
+
+/// `documents` records from `generator`, the same for the same seed, with every kind of
+/// question.
+#[cfg(test)]
 pub fn generate(generator: Generator, documents: u64, seed: u64) -> impl Iterator<Item = Record> {
+    generate_with(generator, documents, seed, &TaskKind::ALL)
+}
+
+/// As [`generate`]; questions are drawn evenly from `tasks` (for the generators that ask
+/// questions).
+pub fn generate_with(
+    generator: Generator,
+    documents: u64,
+    seed: u64,
+    tasks: &[TaskKind],
+) -> impl Iterator<Item = Record> {
+    let tasks = tasks.to_vec();
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let source = format!("synthetic:{}:seed{seed}", generator.name());
     (0..documents).map(move |i| {
@@ -51,7 +94,7 @@ pub fn generate(generator: Generator, documents: u64, seed: u64) -> impl Iterato
                 Record::text(id, format!("{question}={answer}"), &source)
             }
             Generator::Chat => {
-                let task = task(&mut rng);
+                let task = task(&mut rng, &tasks);
                 let messages = vec![
                     Message {
                         role: "user".into(),
@@ -65,11 +108,11 @@ pub fn generate(generator: Generator, documents: u64, seed: u64) -> impl Iterato
                 Record::chat(id, messages, &source)
             }
             Generator::Preferences => {
-                let task = task(&mut rng);
+                let task = task(&mut rng, &tasks);
                 Record::preference(id, task.prompt, task.answer, task.wrong, &source)
             }
             Generator::Qa => {
-                let task = task(&mut rng);
+                let task = task(&mut rng, &tasks);
                 let text = format!("Question: {} Answer: {}", task.prompt, task.answer);
                 Record::text(id, text, &source)
             }
@@ -175,9 +218,22 @@ const WORDS: &[&str] = &[
     "cat", "apple", "river", "stone", "garden", "yellow", "music", "window",
 ];
 
-fn task(rng: &mut ChaCha8Rng) -> Task {
-    match rng.random_range(0..5) {
-        0 => {
+/// The words of the copying tasks: enough that most held-out prompts are new combinations,
+/// which a model answers by following the rule rather than by recalling a seen answer.
+fn copy_words() -> Vec<&'static str> {
+    let mut words: Vec<&str> = Vec::new();
+    for &word in WORDS.iter().chain(ANIMALS).chain(OBJECTS).chain(COLORS) {
+        if !words.contains(&word) {
+            words.push(word);
+        }
+    }
+    words
+}
+
+fn task(rng: &mut ChaCha8Rng, kinds: &[TaskKind]) -> Task {
+    let words = copy_words();
+    match kinds[rng.random_range(0..kinds.len())] {
+        TaskKind::Arithmetic => {
             let (question, answer) = equation(rng);
             let off = [-2, -1, 1, 2, 10][rng.random_range(0..5)];
             Task {
@@ -186,8 +242,8 @@ fn task(rng: &mut ChaCha8Rng) -> Task {
                 wrong: format!("{question}={}", answer + off),
             }
         }
-        1 => {
-            let word = pick(rng, WORDS);
+        TaskKind::Repeat => {
+            let word = pick(rng, &words);
             let times = rng.random_range(2..=5);
             let wrong_times = if times == 2 { 3 } else { times - 1 };
             Task {
@@ -196,7 +252,7 @@ fn task(rng: &mut ChaCha8Rng) -> Task {
                 wrong: vec![word; wrong_times].join(" "),
             }
         }
-        2 => {
+        TaskKind::Opposite => {
             let (word, opposite) = *OPPOSITES.choose(rng).expect("not empty");
             let wrong = OPPOSITES
                 .iter()
@@ -209,7 +265,7 @@ fn task(rng: &mut ChaCha8Rng) -> Task {
                 wrong: wrong.into(),
             }
         }
-        3 => {
+        TaskKind::Backwards => {
             let word = pick(rng, WORDS);
             let reversed: String = word.chars().rev().collect();
             // A near miss: the answer with its first two letters swapped.
@@ -221,7 +277,15 @@ fn task(rng: &mut ChaCha8Rng) -> Task {
                 wrong: wrong.into_iter().collect(),
             }
         }
-        _ => {
+        TaskKind::LastWord => {
+            let chosen: Vec<&str> = words.choose_multiple(rng, 3).copied().collect();
+            Task {
+                prompt: format!("What is the last word of: {}?", chosen.join(" ")),
+                answer: chosen[2].into(),
+                wrong: chosen[1].into(),
+            }
+        }
+        TaskKind::Successor => {
             let n = rng.random_range(0..1000);
             Task {
                 prompt: format!("What number comes after {n}?"),
@@ -275,6 +339,12 @@ mod tests {
 
     /// Checks an answer to a generated prompt by solving the prompt independently.
     fn correct(prompt: &str, answer: &str) -> bool {
+        if let Some(list) = prompt
+            .strip_prefix("What is the last word of: ")
+            .and_then(|p| p.strip_suffix('?'))
+        {
+            return list.split(' ').next_back() == Some(answer);
+        }
         if let Some(q) = prompt
             .strip_prefix("What is ")
             .and_then(|p| p.strip_suffix('?'))

@@ -364,7 +364,8 @@ mod tests {
         ] {
             assert!(last[key].is_number(), "{key}");
         }
-        assert!(last["rewards/margin"].as_f64().unwrap() > 0.0, "{last}");
+        // On the fixed validation batches (one training batch of four pairs is too noisy).
+        assert!(last["val_rewards/margin"].as_f64().unwrap() > 0.0, "{last}");
         assert!(last["val_loss"].as_f64().unwrap() < 2f64.ln(), "{last}");
         assert!(dir.path().join("dpo/model.safetensors").exists());
         assert!(!dir.path().join("dpo/adapter").exists(), "full: no adapter");

@@ -155,12 +155,41 @@ pub struct Report {
     pub results: Vec<Result_>,
     /// Generated texts by model, for `samples`.
     pub samples: Vec<(usize, String, String)>,
+    /// Every graded answer (exact match), written to `answers.jsonl` rather than here.
+    #[serde(skip)]
+    pub answers: Vec<GradedAnswer>,
+    /// Every scored preference pair, written to `preferences.jsonl`.
+    #[serde(skip)]
+    pub scored_pairs: Vec<ScoredPair>,
+}
+
+/// One line of `preferences.jsonl`: a pair's summed log-probabilities under one model.
+#[derive(Debug, Serialize)]
+pub struct ScoredPair {
+    pub model: usize,
+    pub prompt: String,
+    pub chosen: String,
+    pub rejected: String,
+    pub chosen_log_prob: f64,
+    pub rejected_log_prob: f64,
+}
+
+/// One line of `answers.jsonl`: what a model answered and whether it counted, so a score can
+/// be checked by reading the answers behind it.
+#[derive(Debug, Serialize)]
+pub struct GradedAnswer {
+    pub model: usize,
+    pub prompt: String,
+    pub reference: String,
+    pub answer: String,
+    pub correct: bool,
 }
 
 impl Stage for Evaluate {
     type Params = EvaluateParams;
     const KIND: &'static str = "evaluate";
-    const VERSION: u32 = 1;
+    // 2: chat prompts encoded turn by turn as training does; answers.jsonl, preferences.jsonl.
+    const VERSION: u32 = 2;
     const SUMMARY: &'static str =
         "Compare models: perplexity, exact match, multiple choice, BLEU/chrF, preferences";
 
@@ -224,6 +253,8 @@ impl Stage for Evaluate {
             models: model_dirs.iter().map(|d| artifact_id(d)).collect(),
             results: Vec::new(),
             samples: Vec::new(),
+            answers: Vec::new(),
+            scored_pairs: Vec::new(),
         };
         // Per model, per pair: (log p(chosen), log p(rejected)), for reward margins against model 0.
         let mut preference_log_probs: Vec<Vec<(f64, f64)>> = Vec::new();
@@ -270,6 +301,8 @@ impl Stage for Evaluate {
             .enumerate()
             .map(|(i, dir)| (format!("model {i}"), crate::plot::training_curve(dir)))
             .collect();
+        write_jsonl(&ctx.out_dir.join("answers.jsonl"), &report.answers)?;
+        write_jsonl(&ctx.out_dir.join("preferences.jsonl"), &report.scored_pairs)?;
         std::fs::write(ctx.out_dir.join("report.md"), report::markdown(&report))?;
         std::fs::write(
             ctx.out_dir.join("report.html"),
@@ -284,6 +317,16 @@ impl Stage for Evaluate {
         }
         Ok(metrics)
     }
+}
+
+fn write_jsonl<T: Serialize>(path: &Path, items: &[T]) -> Result<(), StageError> {
+    let mut text = String::new();
+    for item in items {
+        text.push_str(&serde_json::to_string(item)?);
+        text.push('\n');
+    }
+    std::fs::write(path, text)?;
+    Ok(())
 }
 
 fn artifact_id(dir: &Path) -> String {
@@ -460,14 +503,7 @@ impl Measure<'_> {
         pairs
             .iter()
             .map(|(messages, _)| {
-                let mut prompt = String::new();
-                for m in messages {
-                    prompt.push_str(&template.turn_start.replace("{role}", &m.role));
-                    prompt.push_str(&m.content);
-                    prompt.push_str(&template.turn_end);
-                }
-                prompt.push_str(&template.turn_start.replace("{role}", "assistant"));
-                let ids = self.model.encode(&prompt)?;
+                let ids = template.generation_prompt(self.model.encoder(), messages)?;
                 let new = self
                     .model
                     .continue_ids(&ids, &Sampling::greedy(max_tokens), &stop);
@@ -496,11 +532,18 @@ impl Measure<'_> {
             }
         };
         let answers = self.answers(&self.data.conversations, max_tokens)?;
-        let correct = answers
-            .iter()
-            .zip(&self.data.conversations)
-            .filter(|(answer, (_, reference))| extract(answer) == extract(reference))
-            .count();
+        let mut correct = 0;
+        for (answer, (messages, reference)) in answers.iter().zip(&self.data.conversations) {
+            let right = extract(answer) == extract(reference);
+            correct += usize::from(right);
+            self.report.answers.push(GradedAnswer {
+                model: self.index,
+                prompt: messages.last().map_or(String::new(), |m| m.content.clone()),
+                reference: reference.clone(),
+                answer: answer.clone(),
+                correct: right,
+            });
+        }
         let n = answers.len();
         let signature = serde_json::json!({ "examples": n, "extract": pattern.unwrap_or("strip"), "max_tokens": max_tokens, "decoding": "greedy" });
         self.push(
@@ -634,20 +677,25 @@ impl Measure<'_> {
         let template = self.params.chat_template.clone();
         let mut pairs = Vec::new();
         for (prompt, chosen, rejected) in &self.data.preferences {
-            let context = format!(
-                "{}{prompt}{}{}",
-                template.turn_start.replace("{role}", "user"),
-                template.turn_end,
-                template.turn_start.replace("{role}", "assistant")
-            );
-            let context = self.model.encode(&context)?;
+            let user = crate::records::Message {
+                role: "user".into(),
+                content: prompt.clone(),
+            };
+            let context = template.generation_prompt(self.model.encoder(), &[user])?;
             let mut score = |answer: &str| -> Result<f64, String> {
-                let continuation = self
-                    .model
-                    .encode(&format!("{answer}{}", template.turn_end))?;
+                let continuation = template.answer(self.model.encoder(), answer)?;
                 Ok(self.model.continuation_log_prob(&context, &continuation))
             };
-            pairs.push((score(chosen)?, score(rejected)?));
+            let scores = (score(chosen)?, score(rejected)?);
+            self.report.scored_pairs.push(ScoredPair {
+                model: self.index,
+                prompt: prompt.clone(),
+                chosen: chosen.clone(),
+                rejected: rejected.clone(),
+                chosen_log_prob: scores.0,
+                rejected_log_prob: scores.1,
+            });
+            pairs.push(scores);
         }
         let accuracy = pairs.iter().filter(|(c, r)| c > r).count() as f64 / pairs.len() as f64;
         let margin = pairs.iter().map(|(c, r)| c - r).sum::<f64>() / pairs.len() as f64;

@@ -76,6 +76,11 @@ impl LoadedModel {
         Ok(ids)
     }
 
+    /// The tokenizer's encoder, for callers that encode piece by piece (chat templates).
+    pub fn encoder(&self) -> &Encoder {
+        &self.encoder
+    }
+
     pub fn decode(&self, ids: &[u32]) -> Result<String, String> {
         self.tokenizer
             .decode(ids, true)

@@ -59,8 +59,9 @@ impl Example {
         content: &str,
     ) -> Result<(), String> {
         let assistant = role == "assistant";
-        self.push(encoder, &template.turn_start.replace("{role}", role), false)?;
-        self.push(encoder, content, assistant)?;
+        let (start, lead) = template.start(role);
+        self.push(encoder, &start, false)?;
+        self.push(encoder, &format!("{lead}{content}"), assistant)?;
         // The end marker is trained too: the model learns to stop.
         self.push(encoder, &template.turn_end, assistant)
     }
@@ -105,6 +106,48 @@ impl ChatTemplate {
         Ok(example)
     }
 
+    /// The ids a model continues to answer `messages`: every turn, then the assistant's
+    /// `turn_start`, encoded turn by turn exactly as training examples are (encoding the
+    /// rendered text in one piece gives other ids at the boundaries, such as `: What` for
+    /// `: ` + `What`, and a fine-tuned model never saw those).
+    pub fn generation_prompt(
+        &self,
+        encoder: &Encoder,
+        messages: &[Message],
+    ) -> Result<Vec<u32>, String> {
+        let mut example = Example::default();
+        for message in messages {
+            example.turn(encoder, self, &message.role, &message.content)?;
+        }
+        example.push(encoder, &self.start("assistant").0, false)?;
+        Ok(example.ids)
+    }
+
+    /// A turn's start marker, and what goes before its content. A space that ends the marker
+    /// (as in `user: `) is encoded with the content, as running text would be: byte-level BPE
+    /// keeps a word's leading space in its token (` music`), and a model that must begin every
+    /// answer with a bare word (`m`, `usic`) learns far slower.
+    fn start(&self, role: &str) -> (String, &'static str) {
+        let start = self.turn_start.replace("{role}", role);
+        match start.strip_suffix(' ') {
+            Some(trimmed) if !trimmed.ends_with(char::is_whitespace) => (trimmed.to_string(), " "),
+            _ => (start, ""),
+        }
+    }
+
+    /// The ids of an assistant answer and its end marker, as training encodes them after a
+    /// [`Self::generation_prompt`].
+    pub fn answer(&self, encoder: &Encoder, answer: &str) -> Result<Vec<u32>, String> {
+        let mut example = Example::default();
+        example.push(
+            encoder,
+            &format!("{}{answer}", self.start("assistant").1),
+            true,
+        )?;
+        example.push(encoder, &self.turn_end, true)?;
+        Ok(example.ids)
+    }
+
     /// A preference pair: the prompt as a user turn, each answer as the assistant's.
     pub fn preference(
         &self,
@@ -141,7 +184,8 @@ impl ChatTemplate {
             literal(before),
             literal(after)
         );
-        let generation = self.turn_start.replace("{role}", "assistant");
+        // Without a trailing space, as `generation_prompt` encodes it (see `start`).
+        let generation = self.start("assistant").0;
         format!(
             "{{% for message in messages %}}{start}{{{{ message['content'] }}}}{}{{% endfor %}}\
              {{% if add_generation_prompt %}}{}{{% endif %}}",

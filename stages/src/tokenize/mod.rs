@@ -154,7 +154,8 @@ pub struct Stats {
 impl Stage for Tokenize {
     type Params = TokenizeParams;
     const KIND: &'static str = "tokenize";
-    const VERSION: u32 = 1;
+    // 2: chat turns keep a marker's trailing space with the content (running-text ids).
+    const VERSION: u32 = 2;
     const SUMMARY: &'static str =
         "Train or load a tokenizer and encode the corpus into token shards";
 
@@ -951,6 +952,46 @@ mod tests {
         assert_eq!(short.stats.truncated, 50);
         assert_eq!(short.stats.zero_trainable, 50);
         assert!(!short.streams.contains_key("chat-train"));
+    }
+
+    /// Training examples, evaluation prompts and scored answers must agree id for id, and a
+    /// space ending a turn marker must go with the word after it, as in running text.
+    #[test]
+    fn plain_chat_templates_encode_as_running_text_and_prompts_prefix_examples() {
+        let chats = records(Generator::Chat, 40);
+        let dir = corpus(&chats, &[]);
+        run(
+            serde_json::json!({ "train": { "vocab_size": 400 } }),
+            dir.path(),
+            "out",
+            None,
+        )
+        .unwrap();
+        let tokenizer = Tokenizer::from_file(dir.path().join("out/tokenizer.json")).unwrap();
+        let encoder = Encoder::new(&tokenizer).unwrap();
+        let template = ChatTemplate {
+            turn_start: "{role}: ".into(),
+            turn_end: ".\n".into(),
+        };
+        for record in &chats {
+            let messages = record.messages.as_ref().unwrap();
+            let example = template.conversation(&encoder, record, messages).unwrap();
+            let running_text = format!(
+                "user: {}.\nassistant: {}.\n",
+                messages[0].content, messages[1].content
+            );
+            let mut whole = Vec::new();
+            encoder.encode(&running_text, &mut whole).unwrap();
+            assert_eq!(example.ids, whole, "{running_text}");
+            let prompt = template
+                .generation_prompt(&encoder, &messages[..1])
+                .unwrap();
+            let answer = template.answer(&encoder, &messages[1].content).unwrap();
+            assert_eq!([prompt.clone(), answer.clone()].concat(), example.ids);
+            // Exactly the answer's ids are trained.
+            assert!(example.mask[..prompt.len()].iter().all(|&m| m == 0));
+            assert!(example.mask[prompt.len()..].iter().all(|&m| m == 1));
+        }
     }
 
     #[test]
