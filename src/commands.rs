@@ -548,3 +548,28 @@ pub fn init(name: Option<&str>, force: bool) -> Result<(), Failure> {
     );
     Ok(())
 }
+
+/// `smelt bench train`: one JSON line on stdout.
+pub fn bench_train(
+    config: &str,
+    steps: usize,
+    warmup: usize,
+    threads: Option<usize>,
+) -> Result<(), Failure> {
+    let config = smelt_stages::bench::config(config)
+        .ok_or_else(|| Failure::Usage(format!("no bench config `{config}`: use A or B")))?;
+    if steps == 0 {
+        return Err(Failure::Usage("--steps must be at least 1".into()));
+    }
+    if let Some(threads) = threads {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads.max(1))
+            .build_global()
+            .map_err(|e| Failure::Usage(format!("cannot set {threads} threads: {e}")))?;
+    }
+    let report =
+        smelt_stages::bench::train(&config, warmup, steps, smelt_stages::model::DeviceKind::Cpu)
+            .map_err(Failure::Usage)?;
+    println!("{report}");
+    Ok(())
+}

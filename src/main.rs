@@ -128,6 +128,10 @@ enum Command {
         #[command(flatten)]
         overrides: Overrides,
     },
+    /// Benchmarks: `smelt bench train --config A` trains the model layer on a fixed size and
+    /// prints one JSON line (tokens/s, ms per step split into forward/backward/optimizer, MFU)
+    #[command(subcommand)]
+    Bench(BenchCommand),
     /// Score plain-text hypotheses against references (one segment per line), as sacrebleu does
     Metric {
         #[arg(value_enum)]
@@ -140,6 +144,26 @@ enum Command {
         references: Vec<PathBuf>,
         #[arg(long, value_enum, default_value_t = Format::Text)]
         format: Format,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum BenchCommand {
+    /// Training throughput on random tokens, comparable with ../shared/bench/torch_gpt.py bench
+    Train {
+        /// A (vocab 512, seq 64, d 128, 4 layers, 4 heads, batch 16) or B (vocab 4096, seq
+        /// 128, d 256, 6 layers, 8 heads, batch 8)
+        #[arg(long, default_value = "A")]
+        config: String,
+        /// Timed steps (the median is reported)
+        #[arg(long, default_value_t = 15)]
+        steps: usize,
+        /// Untimed steps first
+        #[arg(long, default_value_t = 5)]
+        warmup: usize,
+        /// CPU threads [default: all cores]
+        #[arg(long)]
+        threads: Option<usize>,
     },
 }
 
@@ -296,6 +320,12 @@ fn main() -> ExitCode {
             html,
             overrides,
         } => commands::report(&file, html, &overrides.set, store),
+        Command::Bench(BenchCommand::Train {
+            config,
+            steps,
+            warmup,
+            threads,
+        }) => commands::bench_train(&config, steps, warmup, threads),
         Command::Metric {
             metric,
             hyp,

@@ -111,7 +111,37 @@ pub fn markdown(last: &LastRun, rows: &[Row]) -> String {
             row.metrics_text()
         );
     }
+    for row in rows.iter().filter(|r| r.kind == "evaluate") {
+        if let Some(table) = evaluation_table(row, rows) {
+            let _ = write!(md, "\n## {} — evaluation\n\n{table}", row.stage);
+        }
+    }
     md
+}
+
+/// An evaluate stage's metric × model table (from its report.md), each model named by the
+/// stage that built it.
+fn evaluation_table(row: &Row, rows: &[Row]) -> Option<String> {
+    let text = std::fs::read_to_string(row.artifact_dir.as_ref()?.join("report.md")).ok()?;
+    let mut table: String = text
+        .lines()
+        .skip_while(|l| !l.starts_with("| metric"))
+        .take_while(|l| l.starts_with('|'))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    for other in rows {
+        let Some(id) = other
+            .artifact_dir
+            .as_ref()
+            .and_then(|d| d.file_name())
+            .map(|n| n.to_string_lossy().into_owned())
+        else {
+            continue;
+        };
+        let short = &id[..id.len().min(12)];
+        table = table.replace(&format!("({short})"), &format!("`{}`", other.stage));
+    }
+    (!table.is_empty()).then_some(table)
 }
 
 impl Row {

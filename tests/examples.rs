@@ -478,3 +478,49 @@ fn sft_beats_the_base_model_and_dpo_beats_sft_on_held_out_data() {
     };
     assert!(right(sft) > right(base));
 }
+
+/// The quickstart, shortened: all seven stage kinds run, and a second run is fully cached and
+/// fast. (Its full-size gains are the quality test's, measured in the README.)
+#[test]
+fn the_quickstart_runs_every_stage_kind_then_is_cached() {
+    let (work, _) = example_copy("quickstart.yaml");
+    let small = [
+        "--set",
+        "vars.examples=300",
+        "--set",
+        "vars.d_model=32",
+        "--set",
+        "vars.pretrain_steps=20",
+        "--set",
+        "vars.sft_steps=10",
+        "--set",
+        "vars.dpo_steps=5",
+    ];
+    let with = |command: &str| {
+        let mut args = vec![command, "quickstart.yaml"];
+        args.extend(small);
+        smelt(&args, work.path()).ok()
+    };
+    let first = with("run");
+    assert_has(&first.stdout, "7 ran, 0 cached");
+    let kinds: Vec<&str> = [
+        "collect", "clean", "tokenize", "pretrain", "finetune", "dpo", "evaluate",
+    ]
+    .to_vec();
+    let text = std::fs::read_to_string(work.path().join("quickstart.yaml")).unwrap();
+    for kind in kinds {
+        assert!(text.contains(&format!("uses: {kind}\n")), "{kind}");
+    }
+    let started = std::time::Instant::now();
+    let second = with("run");
+    assert_has(&second.stdout, "0 ran, 7 cached");
+    assert!(
+        started.elapsed().as_secs_f64() < 5.0,
+        "a cached run took {:?}",
+        started.elapsed()
+    );
+    let report = with("report");
+    for metric in ["perplexity", "exact_match", "preference_accuracy"] {
+        assert_has(&report.stdout, metric);
+    }
+}

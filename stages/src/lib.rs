@@ -1,6 +1,7 @@
 //! Smelt's stage kinds, one module each, and the data model they share. The binary registers
 //! them with [`registry`].
 
+pub mod bench;
 pub mod clean;
 pub mod collect;
 pub mod command;

@@ -50,20 +50,23 @@ pub enum TaskKind {
     Opposite,
     /// `Spell the word cat backwards.` → `tac`.
     Backwards,
-    /// `What is the last word of: fox key apple?` → `apple`.
+    /// `What is the last word of: fox key apple?` → `apple` (the near miss: the first word).
     LastWord,
+    /// `What is the first word of: fox key apple?` → `fox` (the near miss: the last word).
+    FirstWord,
     /// `What number comes after 41?` → `42`.
     Successor,
 }
 
 impl TaskKind {
-    pub const ALL: [TaskKind; 6] = [
+    pub const ALL: [TaskKind; 7] = [
         TaskKind::Arithmetic,
         TaskKind::Repeat,
         TaskKind::Opposite,
         TaskKind::Backwards,
         TaskKind::LastWord,
         TaskKind::Successor,
+        TaskKind::FirstWord,
     ];
 }
 
@@ -282,7 +285,15 @@ fn task(rng: &mut ChaCha8Rng, kinds: &[TaskKind]) -> Task {
             Task {
                 prompt: format!("What is the last word of: {}?", chosen.join(" ")),
                 answer: chosen[2].into(),
-                wrong: chosen[1].into(),
+                wrong: chosen[0].into(),
+            }
+        }
+        TaskKind::FirstWord => {
+            let chosen: Vec<&str> = words.choose_multiple(rng, 3).copied().collect();
+            Task {
+                prompt: format!("What is the first word of: {}?", chosen.join(" ")),
+                answer: chosen[0].into(),
+                wrong: chosen[2].into(),
             }
         }
         TaskKind::Successor => {
@@ -344,6 +355,12 @@ mod tests {
             .and_then(|p| p.strip_suffix('?'))
         {
             return list.split(' ').next_back() == Some(answer);
+        }
+        if let Some(list) = prompt
+            .strip_prefix("What is the first word of: ")
+            .and_then(|p| p.strip_suffix('?'))
+        {
+            return list.split(' ').next() == Some(answer);
         }
         if let Some(q) = prompt
             .strip_prefix("What is ")

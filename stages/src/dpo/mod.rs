@@ -29,6 +29,11 @@ pub struct DpoParams {
     /// Assumed share of flipped labels (conservative DPO); `sigmoid` only.
     #[serde(default)]
     pub label_smoothing: f32,
+    /// Weight of a negative log-likelihood loss on the chosen answers (per token) added to the
+    /// preference loss, as TRL's `rpo_alpha` (RPO): without it DPO may lower the chosen answers'
+    /// likelihood too, end markers included, and the model stops ending its answers.
+    #[serde(default)]
+    pub rpo_alpha: f32,
     #[serde(flatten)]
     pub adapt: AdaptParams,
 }
@@ -89,10 +94,17 @@ impl DpoParams {
                 self.label_smoothing
             ));
         }
+        if !self.rpo_alpha.is_finite() || self.rpo_alpha < 0.0 {
+            return Err(format!(
+                "`rpo_alpha` must be 0 or more, not {}",
+                self.rpo_alpha
+            ));
+        }
         Ok(PreferenceLoss {
             kind: self.loss,
             beta: self.beta,
             label_smoothing: self.label_smoothing,
+            nll_weight: self.rpo_alpha,
         })
     }
 }
@@ -309,9 +321,48 @@ mod tests {
     use crate::testing::context;
 
     fn run(dir: &Path, out: &str, params: &DpoParams) -> Result<Metrics, String> {
+        run_until(dir, out, params, None)
+    }
+
+    fn run_until(
+        dir: &Path,
+        out: &str,
+        params: &DpoParams,
+        stop_after: Option<u64>,
+    ) -> Result<Metrics, String> {
         let (tokens, base) = (dir.join("tokens"), dir.join("base"));
         let ctx = context(out, &[("data", &tokens), ("model", &base)], &dir.join(out));
-        dpo(params, &ctx, None)
+        dpo(params, &ctx, stop_after)
+    }
+
+    /// Stopped after step 3 and run again, LoRA DPO ends with the weights and adapter of a run
+    /// that never stopped (the reference scores come from the memo the first attempt wrote).
+    #[test]
+    fn an_interrupted_dpo_resumes_exactly() {
+        let dir = setup(Vec::new());
+        let p = dpo_params(serde_json::json!({ "method": "lora" }));
+        run(dir.path(), "whole", &p).unwrap();
+        let err = run_until(dir.path(), "resumed", &p, Some(3)).unwrap_err();
+        assert!(err.contains("stopped after step 3"), "{err}");
+        let metrics = run(dir.path(), "resumed", &p).unwrap();
+        assert_eq!(metrics["resumed_from_step"], 3);
+        for file in [
+            "model.safetensors",
+            "adapter/adapter_model.safetensors",
+            "reference_logps.json",
+        ] {
+            let read = |out: &str| std::fs::read(dir.path().join(out).join(file)).unwrap();
+            assert_eq!(read("whole"), read("resumed"), "{file}, bit for bit");
+        }
+        let log = |out: &str| {
+            std::fs::read_to_string(dir.path().join(out).join("metrics.jsonl")).unwrap()
+        };
+        let losses = |text: String| -> Vec<String> {
+            text.lines()
+                .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].to_string())
+                .collect()
+        };
+        assert_eq!(losses(log("whole")), losses(log("resumed")));
     }
 
     fn dpo_params(extra: serde_json::Value) -> DpoParams {
@@ -418,5 +469,12 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.contains("label_smoothing"), "{err}");
+        let err = run(
+            dir.path(),
+            "z",
+            &dpo_params(serde_json::json!({ "rpo_alpha": -1.0 })),
+        )
+        .unwrap_err();
+        assert!(err.contains("`rpo_alpha` must be 0 or more"), "{err}");
     }
 }

@@ -307,6 +307,17 @@ impl Backend for Trainer {
     }
 }
 
+/// Tokens the loss counts in the chosen rows (even rows) of a preference batch.
+fn chosen_tokens(batch: &Batch) -> f32 {
+    let rows = (0..batch.batch).step_by(2);
+    match batch.mask {
+        Some(mask) => rows
+            .map(|r| mask[r * batch.seq..(r + 1) * batch.seq].iter().sum::<f32>())
+            .sum(),
+        None => (rows.count() * batch.seq) as f32,
+    }
+}
+
 /// The device-generic part of [`Trainer`].
 struct Engine<D: Buffers> {
     device: D,
@@ -417,15 +428,28 @@ impl<D: Buffers> Engine<D> {
             &mut dropout,
         );
         let policy = scores.as_vec();
-        let by_pair = scores.reshape_like(&(pairs, 2));
-        let chosen = by_pair
+        // Per pair, [chosen − rejected, chosen]: the margin and, for RPO, the chosen score,
+        // taken from one tensor so that each feeds the tape once.
+        let columns = self
+            .device
+            .tensor_from_vec(vec![1.0, 1.0, -1.0, 0.0], (2, 2));
+        let by_pair = scores.reshape_like(&(pairs, 2)).matmul(columns);
+        let difference = by_pair
             .with_empty_tape()
             .slice((.., 0..1))
             .reshape_like(&(pairs,));
-        let rejected = by_pair.slice((.., 1..2)).reshape_like(&(pairs,));
+        let chosen = by_pair.slice((.., 1..2)).reshape_like(&(pairs,));
         let reference_margin: Vec<f32> = reference.chunks(2).map(|r| r[0] - r[1]).collect();
-        let margin = chosen - rejected - self.device.tensor_from_vec(reference_margin, (pairs,));
-        let value = loss.mean(margin);
+        let margin = difference - self.device.tensor_from_vec(reference_margin, (pairs,));
+        // Per token: a mean score is already per token; a summed one is divided by the chosen
+        // answers' tokens in the batch, as cross-entropy averages.
+        let per_token = if loss.averages() {
+            pairs as f32
+        } else {
+            chosen_tokens(batch).max(1.0)
+        };
+        let nll = chosen.sum::<Rank0, _>() * (-loss.nll_weight / per_token);
+        let value = loss.mean(margin) + nll;
         let stats = loss.stats(&policy, reference, value.as_vec()[0]);
         let mut gradients = value.backward();
         optim::accumulate(&mut self.model, &mut self.gradients, &mut gradients, weight);
@@ -890,6 +914,7 @@ mod tests {
             kind: PreferenceLossKind::Sigmoid,
             beta: 0.5,
             label_smoothing: 0.0,
+            nll_weight: 0.0,
         };
         let policy = model.sequence_log_probs(&batch, false);
         let by_hand: f64 = (0..2)
@@ -918,6 +943,51 @@ mod tests {
             margin(&after) > margin(&policy) + 1.0,
             "{policy:?} → {after:?}"
         );
+    }
+
+    /// RPO: the loss adds `nll_weight` times the chosen answers' mean negative log-likelihood
+    /// per token, and training with it keeps the chosen answers likelier than plain DPO does.
+    #[test]
+    fn rpo_adds_the_chosen_answers_nll_and_keeps_them_likely() {
+        let inputs = [1, 2, 3, 4, 5, 6, 1, 2, 7, 8, 9, 0];
+        let targets = [2, 3, 4, 5, 6, 7, 2, 7, 8, 9, 0, 1];
+        let mask = [0.0, 0.0, 1.0, 1.0, 1.0, 0.0].repeat(2);
+        let batch = Batch {
+            inputs: &inputs,
+            targets: &targets,
+            mask: Some(&mask),
+            batch: 2,
+            seq: 6,
+        };
+        let reference = [-9.0, -8.5];
+        let loss = |nll_weight: f32| PreferenceLoss {
+            kind: PreferenceLossKind::Sigmoid,
+            beta: 0.5,
+            label_smoothing: 0.0,
+            nll_weight,
+        };
+        let train = |nll_weight: f32| {
+            let mut model = Trainer::new(tiny(true), DeviceKind::Cpu, 8, adamw()).unwrap();
+            let policy = model.sequence_log_probs(&batch, false);
+            let h = f64::from((policy[0] - reference[0]) - (policy[1] - reference[1]));
+            let dpo = loss(0.0).value(h) as f32;
+            let with = model.accumulate_preference(&batch, &reference, &loss(nll_weight), 1.0, 0);
+            // Three answer tokens in the chosen row.
+            let expected = dpo - nll_weight * policy[0] / 3.0;
+            assert!(
+                (with.loss - expected).abs() < 1e-5,
+                "{} vs {expected}",
+                with.loss
+            );
+            model.step(1e-2, Some(1.0));
+            for _ in 0..15 {
+                model.accumulate_preference(&batch, &reference, &loss(nll_weight), 1.0, 0);
+                model.step(1e-2, Some(1.0));
+            }
+            model.sequence_log_probs(&batch, false)[0]
+        };
+        let (dpo, rpo) = (train(0.0), train(1.0));
+        assert!(rpo > dpo + 0.5, "chosen log-prob: DPO {dpo}, RPO {rpo}");
     }
 
     /// The export fixture's model with adapters on every linear layer, trained a few steps so

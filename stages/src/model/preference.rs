@@ -25,6 +25,8 @@ pub struct PreferenceLoss {
     pub kind: PreferenceLossKind,
     pub beta: f32,
     pub label_smoothing: f32,
+    /// Weight of the chosen answers' per-token negative log-likelihood, added to the loss (RPO).
+    pub nll_weight: f32,
 }
 
 /// Means over the pairs of a batch.
@@ -131,6 +133,7 @@ mod tests {
             kind,
             beta: 0.1,
             label_smoothing,
+            nll_weight: 0.0,
         }
     }
 
