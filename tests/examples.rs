@@ -520,7 +520,17 @@ fn the_quickstart_runs_every_stage_kind_then_is_cached() {
         started.elapsed()
     );
     let report = with("report");
-    for metric in ["perplexity", "exact_match", "preference_accuracy"] {
+    // The evaluation table names each model by the stage that built it.
+    assert_has(&report.stdout, "## eval — evaluation");
+    assert_has(
+        &report.stdout,
+        "| metric | model 0 `base` | model 1 `sft` | model 2 `aligned` |",
+    );
+    for metric in [
+        "| perplexity |",
+        "| exact_match |",
+        "| preference_accuracy |",
+    ] {
         assert_has(&report.stdout, metric);
     }
 }

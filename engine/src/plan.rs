@@ -137,11 +137,18 @@ pub enum Reason {
     },
 }
 
+/// A param value as the user wrote it: an `f32` param widened to JSON's f64 (`0.1` as
+/// `0.10000000149011612`) is shown at f32 precision.
+fn short(value: &serde_json::Value) -> String {
+    match value.as_f64() {
+        Some(x) if value.is_f64() && f64::from(x as f32) == x => (x as f32).to_string(),
+        _ => value.to_string(),
+    }
+}
+
 impl fmt::Display for Reason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let show = |v: &Option<serde_json::Value>| {
-            v.as_ref().map_or("(unset)".to_string(), |v| v.to_string())
-        };
+        let show = |v: &Option<serde_json::Value>| v.as_ref().map_or("(unset)".into(), short);
         match self {
             Reason::NeverRun => write!(f, "never run"),
             Reason::Forced => write!(f, "forced"),
@@ -535,5 +542,12 @@ mod tests {
                 "params: train.lr 0.001 → 0.0003"
             ]
         );
+        // An f32 param reaches JSON widened; it is shown as written.
+        let widened = Reason::Param {
+            path: "beta".into(),
+            old: Some(json!(f64::from(0.3f32))),
+            new: Some(json!(f64::from(0.1f32))),
+        };
+        assert_eq!(widened.to_string(), "params: beta 0.3 → 0.1");
     }
 }
