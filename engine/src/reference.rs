@@ -122,44 +122,29 @@ fn property_rows(
         object_rows(target, defs, &format!("{path}."), default, rows);
         return;
     }
+    let variant_rows =
+        |variants: Vec<(String, &Value)>, kind: &str, nested: &str, rows: &mut Vec<Row>| {
+            let tags: Vec<String> = variants.iter().map(|(tag, _)| format!("`{tag}`")).collect();
+            rows.push(Row {
+                path: path.to_string(),
+                kind: format!("{kind} {}", tags.join(", ")),
+                default: default_text(default, required),
+                doc: doc.clone().unwrap_or_default(),
+            });
+            for (tag, body) in variants {
+                object_rows(body, defs, &format!("{path}{nested}{tag}."), None, rows);
+            }
+        };
     if let Some(variants) = tagged_variants(target, defs) {
-        rows.push(Row {
-            path: path.to_string(),
-            kind: format!(
-                "one of {}",
-                variants
-                    .iter()
-                    .map(|(tag, _)| format!("`{tag}`"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-            default: default_text(default, required),
-            doc: doc.unwrap_or_default(),
-        });
-        for (tag, body) in variants {
-            object_rows(body, defs, &format!("{path}.{tag}."), None, rows);
-        }
+        // An externally tagged enum such as a source: `{ files: {...} }`.
+        variant_rows(variants, "one of", ".", rows);
         return;
     }
     if target["type"] == "array" {
         let items = resolve(unwrap_interpolation(&target["items"]), defs);
         if let Some(variants) = tagged_variants(items, defs) {
-            rows.push(Row {
-                path: path.to_string(),
-                kind: format!(
-                    "list of {}",
-                    variants
-                        .iter()
-                        .map(|(tag, _)| format!("`{tag}`"))
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
-                default: default_text(default, required),
-                doc: doc.unwrap_or_default(),
-            });
-            for (tag, body) in variants {
-                object_rows(body, defs, &format!("{path}[].{tag}."), None, rows);
-            }
+            // A list of them, such as `filters` or `metrics`.
+            variant_rows(variants, "list of", "[].", rows);
             return;
         }
         rows.push(Row {
