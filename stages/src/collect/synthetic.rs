@@ -280,22 +280,8 @@ fn task(rng: &mut ChaCha8Rng, kinds: &[TaskKind]) -> Task {
                 wrong: wrong.into_iter().collect(),
             }
         }
-        TaskKind::LastWord => {
-            let chosen: Vec<&str> = words.choose_multiple(rng, 3).copied().collect();
-            Task {
-                prompt: format!("What is the last word of: {}?", chosen.join(" ")),
-                answer: chosen[2].into(),
-                wrong: chosen[0].into(),
-            }
-        }
-        TaskKind::FirstWord => {
-            let chosen: Vec<&str> = words.choose_multiple(rng, 3).copied().collect();
-            Task {
-                prompt: format!("What is the first word of: {}?", chosen.join(" ")),
-                answer: chosen[0].into(),
-                wrong: chosen[2].into(),
-            }
-        }
+        TaskKind::LastWord => word_of_list(rng, &words, "last"),
+        TaskKind::FirstWord => word_of_list(rng, &words, "first"),
         TaskKind::Successor => {
             let n = rng.random_range(0..1000);
             Task {
@@ -304,6 +290,22 @@ fn task(rng: &mut ChaCha8Rng, kinds: &[TaskKind]) -> Task {
                 wrong: (n + 2).to_string(),
             }
         }
+    }
+}
+
+/// `What is the first (or last) word of: a b c?`, three different words; the near miss is the
+/// word at the other end.
+fn word_of_list(rng: &mut ChaCha8Rng, words: &[&str], end: &str) -> Task {
+    let list: Vec<&str> = words.choose_multiple(rng, 3).copied().collect();
+    let (answer, wrong) = if end == "first" {
+        (list[0], list[2])
+    } else {
+        (list[2], list[0])
+    };
+    Task {
+        prompt: format!("What is the {end} word of: {}?", list.join(" ")),
+        answer: answer.into(),
+        wrong: wrong.into(),
     }
 }
 
