@@ -156,9 +156,14 @@ pub fn validate(
     }
 }
 
-pub fn schema() -> Result<(), Failure> {
+/// The pipeline schema as `smelt schema` prints it (and `smelt init` writes it).
+fn schema_text() -> String {
     let schema = smelt_engine::schema::pipeline_schema(&registry());
-    println!("{}", serde_json::to_string_pretty(&schema).expect("json"));
+    serde_json::to_string_pretty(&schema).expect("json") + "\n"
+}
+
+pub fn schema() -> Result<(), Failure> {
+    print!("{}", schema_text());
     Ok(())
 }
 
@@ -533,14 +538,12 @@ pub fn init(name: Option<&str>, force: bool) -> Result<(), Failure> {
             file.display()
         )));
     }
-    let schema = serde_json::to_string_pretty(&smelt_engine::schema::pipeline_schema(&registry()))
-        .map_err(|e| Failure::Usage(e.to_string()))?;
     let write = |path: &Path, text: &str| {
         std::fs::write(path, text)
             .map_err(|e| Failure::Usage(format!("cannot write {}: {e}", path.display())))
     };
     write(&file, &STARTER.replace("{name}", name))?;
-    write(Path::new("smelt.schema.json"), &(schema + "\n"))?;
+    write(Path::new("smelt.schema.json"), &schema_text())?;
     println!(
         "wrote {} and smelt.schema.json\nnext: smelt run {}",
         file.display(),

@@ -119,29 +119,26 @@ pub fn markdown(last: &LastRun, rows: &[Row]) -> String {
     md
 }
 
-/// An evaluate stage's metric × model table (from its report.md), each model named by the
+/// An evaluate stage's metric × model table (from its metrics.json), each model named by the
 /// stage that built it.
 fn evaluation_table(row: &Row, rows: &[Row]) -> Option<String> {
-    let text = std::fs::read_to_string(row.artifact_dir.as_ref()?.join("report.md")).ok()?;
-    let mut table: String = text
-        .lines()
-        .skip_while(|l| !l.starts_with("| metric"))
-        .take_while(|l| l.starts_with('|'))
-        .map(|l| format!("{l}\n"))
-        .collect();
-    for other in rows {
-        let Some(id) = other
-            .artifact_dir
-            .as_ref()
-            .and_then(|d| d.file_name())
-            .map(|n| n.to_string_lossy().into_owned())
-        else {
-            continue;
-        };
-        let short = &id[..id.len().min(12)];
-        table = table.replace(&format!("({short})"), &format!("`{}`", other.stage));
-    }
-    (!table.is_empty()).then_some(table)
+    let text = std::fs::read(row.artifact_dir.as_ref()?.join("metrics.json")).ok()?;
+    let report: smelt_stages::evaluate::Report = serde_json::from_slice(&text).ok()?;
+    let stage_of = |id: &str| {
+        rows.iter()
+            .find(|r| {
+                r.artifact_dir
+                    .as_ref()
+                    .and_then(|d| d.file_name())
+                    .is_some_and(|n| n == id)
+            })
+            .map_or(format!("({})", &id[..id.len().min(12)]), |r| {
+                format!("`{}`", r.stage)
+            })
+    };
+    Some(smelt_stages::evaluate::report::metric_table(
+        &report, &stage_of,
+    ))
 }
 
 impl Row {

@@ -9,7 +9,7 @@
 //! was measured, how, on which model and tokenizer.
 
 mod perplexity;
-mod report;
+pub mod report;
 
 use std::path::{Path, PathBuf};
 

@@ -23,10 +23,17 @@ fn table(report: &Report) -> (Vec<String>, BTreeMap<String, BTreeMap<usize, f64>
     (headers, rows)
 }
 
-pub fn markdown(report: &Report) -> String {
-    let (headers, rows) = table(report);
-    let mut md = String::from("# Evaluation\n\n");
-    let _ = writeln!(md, "| metric | {} |", headers.join(" | "));
+/// The metrics as a Markdown table, one column per model, headed `model i` and what `name`
+/// makes of the model's artifact id.
+pub fn metric_table(report: &Report, name: &dyn Fn(&str) -> String) -> String {
+    let (_, rows) = table(report);
+    let headers: Vec<String> = report
+        .models
+        .iter()
+        .enumerate()
+        .map(|(i, id)| format!("model {i} {}", name(id)))
+        .collect();
+    let mut md = format!("| metric | {} |\n", headers.join(" | "));
     let _ = writeln!(md, "|---|{}", "---|".repeat(headers.len()));
     for (metric, values) in &rows {
         let cells: Vec<String> = (0..headers.len())
@@ -34,6 +41,14 @@ pub fn markdown(report: &Report) -> String {
             .collect();
         let _ = writeln!(md, "| {metric} | {} |", cells.join(" | "));
     }
+    md
+}
+
+pub fn markdown(report: &Report) -> String {
+    let mut md = String::from("# Evaluation\n\n");
+    md.push_str(&metric_table(report, &|id| {
+        format!("({})", &id[..id.len().min(12)])
+    }));
     md.push_str("\n## Signatures\n\n");
     for result in &report.results {
         let _ = writeln!(

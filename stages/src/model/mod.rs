@@ -756,8 +756,15 @@ mod tests {
             ..tiny(true)
         };
         let mut model = Trainer::new(config, DeviceKind::Cpu, 11, adamw()).unwrap();
-        let inputs: Vec<u32> = (0..16).map(|i| (i * 7 % 16) as u32).collect();
-        let targets: Vec<u32> = (0..16).map(|i| (i * 5 % 16) as u32).collect();
+        train_three_steps(&mut model, (7, 5));
+        model
+    }
+
+    /// Three steps on two rows of 8 ids, input `i` being `i · a mod 16` and its target
+    /// `i · b mod 16`.
+    fn train_three_steps(model: &mut Trainer, (a, b): (usize, usize)) {
+        let inputs: Vec<u32> = (0..16).map(|i| (i * a % 16) as u32).collect();
+        let targets: Vec<u32> = (0..16).map(|i| (i * b % 16) as u32).collect();
         let batch = Batch {
             inputs: &inputs,
             targets: &targets,
@@ -769,7 +776,6 @@ mod tests {
             model.accumulate(&batch, 1.0, 0);
             model.step(5e-2, Some(1.0));
         }
-        model
     }
 
     /// Writes tests/fixtures/gpt2-smelt-export (run by make_gpt2_fixture.py, which then adds the
@@ -1001,19 +1007,7 @@ mod tests {
             targets: ALL_TARGETS.to_vec(),
         };
         model.add_lora(&config, 4);
-        let inputs: Vec<u32> = (0..16).map(|i| (i * 3 % 16) as u32).collect();
-        let targets: Vec<u32> = (0..16).map(|i| (i * 11 % 16) as u32).collect();
-        let batch = Batch {
-            inputs: &inputs,
-            targets: &targets,
-            mask: None,
-            batch: 2,
-            seq: 8,
-        };
-        for _ in 0..3 {
-            model.accumulate(&batch, 1.0, 0);
-            model.step(5e-2, Some(1.0));
-        }
+        train_three_steps(&mut model, (3, 11));
         (model, config)
     }
 
