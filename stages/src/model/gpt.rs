@@ -9,8 +9,8 @@ use dfdx::prelude::*;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::lora::{frozen_matmul, Lora, LoraConfig, LoraTarget};
-use super::optim::Buffers;
+use super::kernels::{Dense, Epilogue, Kernels};
+use super::lora::{Lora, LoraConfig, LoraTarget};
 use super::quant::{QuantKind, Quantized};
 use super::GptConfig;
 
@@ -51,6 +51,11 @@ impl Dropout {
             lora,
             rng: (p > 0.0 || lora > 0.0).then(|| ChaCha8Rng::seed_from_u64(seed)),
         }
+    }
+
+    /// Whether residual branches are dropped out (so the residual add cannot be fused).
+    fn is_active(&self) -> bool {
+        self.rng.is_some() && self.p > 0.0
     }
 
     fn apply<D: Device<f32>, T: Tape<f32, D>>(&mut self, x: A2<D, T>) -> A2<D, T> {
@@ -95,7 +100,7 @@ pub struct Linear<D: Device<f32>> {
     pub quantized: Option<Quantized>,
 }
 
-impl<D: Buffers> Linear<D> {
+impl<D: Kernels> Linear<D> {
     fn new(dev: &D, inputs: usize, outputs: usize, std: f32) -> Self {
         Linear {
             weight: dev.sample_normal_like(&(inputs, outputs)) * std,
@@ -106,21 +111,39 @@ impl<D: Buffers> Linear<D> {
         }
     }
 
-    fn forward<T: Tape<f32, D>>(&self, x: A2<D, T>, dropout: &mut Dropout) -> A2<D, T> {
-        let shape = (x.shape().0, self.bias.shape().0);
-        let bias = self
-            .bias
-            .retaped::<T>()
-            .broadcast_like::<_, Axis<0>>(&shape);
-        if !self.frozen {
-            return x.matmul(self.weight.retaped::<T>()) + bias;
-        }
-        match &self.lora {
-            None => frozen_matmul(x, self.dense_weight()) + bias,
-            Some(lora) => {
-                let base = frozen_matmul(x.with_empty_tape(), self.dense_weight()) + bias;
-                base + lora.forward(dropout.apply_lora(x))
+    /// `x·W + b` and what follows it (GELU, a residual add), fused where the kernels allow.
+    fn forward<T: Tape<f32, D>>(
+        &self,
+        x: A2<D, T>,
+        epilogue: Epilogue<D, T>,
+        dropout: &mut Dropout,
+    ) -> A2<D, T> {
+        let epilogue = match epilogue {
+            // Dropout acts on the branch before the residual add, so the add stays outside.
+            Epilogue::AddTo(residual) if dropout.is_active() => {
+                let branch = self.forward(x, Epilogue::Plain, dropout);
+                return residual + dropout.apply(branch);
             }
+            other => other,
+        };
+        let weight = self.dense_weight();
+        let dense = Dense {
+            weight: &weight,
+            transposed: false,
+            bias: Some(&self.bias),
+            train: !self.frozen,
+        };
+        let Some(lora) = &self.lora else {
+            return D::linear(x, &dense, epilogue);
+        };
+        let update = |dropout: &mut Dropout, x| lora.forward(dropout.apply_lora(x));
+        match epilogue {
+            // The adapter's output joins before the activation.
+            Epilogue::Gelu => {
+                let base = D::linear(x.with_empty_tape(), &dense, Epilogue::Plain);
+                D::gelu(base + update(dropout, x))
+            }
+            other => D::linear(x.with_empty_tape(), &dense, other) + update(dropout, x),
         }
     }
 
@@ -174,7 +197,7 @@ pub struct LayerNorm<D: Device<f32>> {
     pub bias: P1<D>,
 }
 
-impl<D: Buffers> LayerNorm<D> {
+impl<D: Kernels> LayerNorm<D> {
     fn new(dev: &D, d: usize) -> Self {
         LayerNorm {
             weight: dev.ones_like(&(d,)),
@@ -182,17 +205,9 @@ impl<D: Buffers> LayerNorm<D> {
         }
     }
 
-    fn forward<T: Tape<f32, D>>(&self, x: A2<D, T>) -> A2<D, T> {
-        let shape = *x.shape();
-        x.normalize::<Axis<1>>(1e-5)
-            * self
-                .weight
-                .retaped::<T>()
-                .broadcast_like::<_, Axis<0>>(&shape)
-            + self
-                .bias
-                .retaped::<T>()
-                .broadcast_like::<_, Axis<0>>(&shape)
+    /// `train`: the weight and bias get gradients.
+    fn forward<T: Tape<f32, D>>(&self, x: A2<D, T>, train: bool) -> A2<D, T> {
+        D::layer_norm(x, &self.weight, &self.bias, train)
     }
 
     fn visit<V: ParamVisitor<D>>(&mut self, name: &str, bias: bool, train: bool, v: &mut V) {
@@ -206,42 +221,18 @@ pub struct CausalSelfAttention<D: Device<f32>> {
     pub c_proj: Linear<D>,
 }
 
-impl<D: Buffers> CausalSelfAttention<D> {
-    /// `x`: `(batch·seq, d)`; `mask`: `(seq_len, seq_len)`, −∞ above the diagonal.
+impl<D: Kernels> CausalSelfAttention<D> {
+    /// `residual + attention(x)`; `x` is the normalised `(batch·seq, d)` residual stream.
     fn forward<T: Tape<f32, D>>(
         &self,
         x: A2<D, T>,
-        (batch, seq, heads): (usize, usize, usize),
-        mask: &P2<D>,
+        residual: A2<D, T>,
+        (batch, heads): (usize, usize),
         dropout: &mut Dropout,
     ) -> A2<D, T> {
-        let (n, d) = *x.shape();
-        let head = d / heads;
-        let qkv = self.c_attn.forward(x, dropout);
-        // The branches share one tape: all but the last start empty and merge back at the ops.
-        let q = qkv.with_empty_tape().slice((.., 0..d));
-        let k = qkv.with_empty_tape().slice((.., d..2 * d));
-        let v = qkv.slice((.., 2 * d..3 * d));
-        let q = q
-            .reshape_like(&(batch, seq, heads, head))
-            .permute::<_, Axes4<0, 2, 1, 3>>();
-        let k = k
-            .reshape_like(&(batch, seq, heads, head))
-            .permute::<_, Axes4<0, 2, 3, 1>>();
-        let v = v
-            .reshape_like(&(batch, seq, heads, head))
-            .permute::<_, Axes4<0, 2, 1, 3>>();
-        let causal = mask
-            .clone()
-            .slice((0..seq, 0..seq))
-            .broadcast_like::<_, Axes2<0, 1>>(&(batch, heads, seq, seq));
-        let attention = (q.matmul(k) * (1.0 / (head as f32).sqrt()) + causal).softmax::<Axis<3>>();
-        let y = attention
-            .matmul(v)
-            .permute::<_, Axes4<0, 2, 1, 3>>()
-            .reshape_like(&(n, d));
-        let y = self.c_proj.forward(y, dropout);
-        dropout.apply(y)
+        let qkv = self.c_attn.forward(x, Epilogue::Plain, dropout);
+        let y = D::causal_attention(qkv, batch, heads);
+        self.c_proj.forward(y, Epilogue::AddTo(residual), dropout)
     }
 }
 
@@ -250,12 +241,16 @@ pub struct Mlp<D: Device<f32>> {
     pub c_proj: Linear<D>,
 }
 
-impl<D: Buffers> Mlp<D> {
-    fn forward<T: Tape<f32, D>>(&self, x: A2<D, T>, dropout: &mut Dropout) -> A2<D, T> {
-        // GPT-2's "gelu_new": the tanh approximation.
-        let h = self.c_fc.forward(x, dropout).fast_gelu();
-        let y = self.c_proj.forward(h, dropout);
-        dropout.apply(y)
+impl<D: Kernels> Mlp<D> {
+    /// `residual + mlp(x)`, with GPT-2's "gelu_new" (the tanh approximation).
+    fn forward<T: Tape<f32, D>>(
+        &self,
+        x: A2<D, T>,
+        residual: A2<D, T>,
+        dropout: &mut Dropout,
+    ) -> A2<D, T> {
+        let h = self.c_fc.forward(x, Epilogue::Gelu, dropout);
+        self.c_proj.forward(h, Epilogue::AddTo(residual), dropout)
     }
 }
 
@@ -266,7 +261,7 @@ pub struct Block<D: Device<f32>> {
     pub mlp: Mlp<D>,
 }
 
-impl<D: Buffers> Block<D> {
+impl<D: Kernels> Block<D> {
     fn new(dev: &D, config: &GptConfig) -> Self {
         let d = config.d_model;
         // GPT-2 scales the init of the residual projections by 1/sqrt(2·layers).
@@ -285,21 +280,19 @@ impl<D: Buffers> Block<D> {
         }
     }
 
+    /// `train`: the LayerNorms get gradients.
     fn forward<T: Tape<f32, D>>(
         &self,
         x: A2<D, T>,
-        sizes: (usize, usize, usize),
-        mask: &P2<D>,
+        sizes: (usize, usize),
+        train: bool,
         dropout: &mut Dropout,
     ) -> A2<D, T> {
-        let attended =
-            self.attn
-                .forward(self.ln_1.forward(x.with_empty_tape()), sizes, mask, dropout);
-        let x = x + attended;
-        let mlp = self
-            .mlp
-            .forward(self.ln_2.forward(x.with_empty_tape()), dropout);
-        x + mlp
+        // Each branch starts from an empty tape and merges back into the trunk's at its add.
+        let ln_1 = self.ln_1.forward(x.with_empty_tape(), train);
+        let x = self.attn.forward(ln_1, x, sizes, dropout);
+        let ln_2 = self.ln_2.forward(x.with_empty_tape(), train);
+        self.mlp.forward(ln_2, x, dropout)
     }
 
     /// The block's linear layers, by the name an adapter targets.
@@ -331,13 +324,11 @@ pub struct Gpt<D: Device<f32>> {
     pub ln_f: LayerNorm<D>,
     /// The output head, `(d, vocab)` (HF stores `(vocab, d)`; export transposes), when untied.
     pub lm_head: Option<P2<D>>,
-    /// The additive causal mask: a constant, not a parameter.
-    mask: P2<D>,
     /// Every base weight is held fixed (adapters train instead).
     frozen: bool,
 }
 
-impl<D: Buffers> Gpt<D> {
+impl<D: Kernels> Gpt<D> {
     pub fn new(dev: &D, config: GptConfig) -> Self {
         let (vocab, seq, d) = (config.vocab_size, config.seq_len, config.d_model);
         Gpt {
@@ -348,7 +339,6 @@ impl<D: Buffers> Gpt<D> {
                 .collect(),
             ln_f: LayerNorm::new(dev, d),
             lm_head: (!config.tied_head).then(|| dev.sample_normal_like(&(d, vocab)) * 0.02),
-            mask: dev.upper_tri_like(&(seq, seq), f32::NEG_INFINITY, 1),
             frozen: false,
             config,
         }
@@ -371,20 +361,27 @@ impl<D: Buffers> Gpt<D> {
             .slice((0..seq, ..))
             .broadcast_like::<_, Axis<0>>(&(batch, seq, d));
         let mut x = dropout.apply((tokens + positions).reshape_like(&(batch * seq, d)));
+        let train = !self.frozen;
         for block in &self.h {
-            x = block.forward(x, (batch, seq, self.config.heads), &self.mask, dropout);
+            x = block.forward(x, (batch, self.config.heads), train, dropout);
         }
-        let x = self.ln_f.forward(x);
+        let x = self.ln_f.forward(x, train);
         let head = match &self.lm_head {
-            // Tied: the same tensor as the embedding, so both uses add to one gradient.
-            None => self.wte.clone().permute::<_, Axes2<1, 0>>(),
-            Some(head) => head.clone(),
+            // Tied: the embedding itself, so both uses add to one gradient.
+            None => Dense {
+                weight: &self.wte,
+                transposed: true,
+                bias: None,
+                train,
+            },
+            Some(head) => Dense {
+                weight: head,
+                transposed: false,
+                bias: None,
+                train,
+            },
         };
-        if self.frozen {
-            frozen_matmul(x, head)
-        } else {
-            x.matmul(head.retaped::<T>())
-        }
+        D::linear(x, &head, Epilogue::Plain)
     }
 
     pub fn visit<V: ParamVisitor<D>>(&mut self, v: &mut V) {
@@ -458,16 +455,16 @@ impl<D: Buffers> Gpt<D> {
 }
 
 /// The log-probability of each target id `(n,)` under `logits` `(n, vocab)`.
-pub fn target_log_probs<D: Device<f32>, T: Tape<f32, D>>(
+pub fn target_log_probs<D: Kernels, T: Tape<f32, D>>(
     logits: A2<D, T>,
     targets: Tensor<(usize,), usize, D>,
 ) -> Tensor<(usize,), f32, D, T> {
-    logits.log_softmax::<Axis<1>>().select(targets)
+    D::target_log_probs(logits, targets)
 }
 
 /// Mean cross-entropy of `logits` `(n, vocab)` against target ids `(n,)`, over the targets
 /// whose `mask` weight is 1 when a mask is given (fine-tuning trains on answers only).
-pub fn cross_entropy<D: Device<f32>, T: Tape<f32, D>>(
+pub fn cross_entropy<D: Kernels, T: Tape<f32, D>>(
     logits: A2<D, T>,
     targets: Tensor<(usize,), usize, D>,
     mask: Option<Tensor<(usize,), f32, D>>,

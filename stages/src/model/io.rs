@@ -8,7 +8,7 @@ use std::path::Path;
 use dfdx::prelude::*;
 
 use super::gpt::{Gpt, ParamVisitor};
-use super::optim::Buffers;
+use super::kernels::Kernels;
 use super::GptConfig;
 
 /// Named f32 tensors, ready for safetensors.
@@ -19,7 +19,7 @@ pub type Tensors = HashMap<String, (Vec<usize>, Vec<f32>)>;
 
 /// Every parameter of `model` (trainable or not) by HF name, on the host. The untied head is
 /// stored `(vocab, d)`, as transformers' `nn.Linear` holds it.
-pub fn weights<D: Buffers>(model: &mut Gpt<D>) -> Named {
+pub fn weights<D: Kernels>(model: &mut Gpt<D>) -> Named {
     struct Read(Named);
     impl<D: Device<f32>> ParamVisitor<D> for Read {
         fn visit<S: Shape>(&mut self, name: &str, t: &mut Tensor<S, f32, D>, _: bool) {
@@ -40,7 +40,7 @@ pub fn weights<D: Buffers>(model: &mut Gpt<D>) -> Named {
 
 /// Loads `tensors` (by name) into `model`, checking every shape; names may lack the
 /// `transformer.` prefix (as in the original GPT-2 files).
-pub fn set_weights<D: Buffers>(model: &mut Gpt<D>, tensors: &Tensors) -> Result<(), String> {
+pub fn set_weights<D: Kernels>(model: &mut Gpt<D>, tensors: &Tensors) -> Result<(), String> {
     struct Write<'a> {
         tensors: &'a Tensors,
         problems: Vec<String>,

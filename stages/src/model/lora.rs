@@ -1,7 +1,7 @@
 //! LoRA (Hu et al., 2021): a frozen linear layer `x·W` plus a trained low-rank update
 //! `(α/r)·x·A·B`, with `A` `(in, r)` and `B` `(r, out)`, `B` starting at zero so training starts
-//! from the base model exactly. Also the frozen matmul the adapted model needs: dfdx has no
-//! `requires_grad`, so a plain matmul would compute the frozen weight's gradient anyway.
+//! from the base model exactly. The frozen base layer is a linear kernel without weight
+//! gradients (`Dense::train` false).
 
 use dfdx::prelude::*;
 use rand::{Rng, SeedableRng};
@@ -10,7 +10,6 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::gpt::{A2, P2};
-use super::optim::Buffers;
 
 /// The linear layers of a GPT-2 block that can carry an adapter, by their HF names.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
@@ -110,51 +109,5 @@ impl<D: Device<f32>> Lora<D> {
     /// The update `scale · A·B`, `(in, out)`, to merge into the base weight.
     pub fn delta(&self) -> P2<D> {
         self.a.clone().matmul(self.b.clone()) * self.scale
-    }
-}
-
-/// `x·w` for a frozen `w`: the backward pass gives `x` its gradient and skips `w`'s, the
-/// weight-gradient GEMM that dfdx's matmul would always run.
-pub fn frozen_matmul<D: Buffers, T: Tape<f32, D>>(x: A2<D, T>, w: P2<D>) -> A2<D, T> {
-    let (x, mut tape) = x.split_tape();
-    let y = x.clone().matmul(w.clone());
-    let (device, x, out) = (x.device().clone(), x.ghost(), y.ghost());
-    tape.add_backward_op(move |grads| {
-        let grad_out = grads.get(&out);
-        let grad_x = grad_out.matmul(w.permute::<_, Axes2<1, 0>>()).as_vec();
-        device.add_host(grads.get_or_alloc_mut(&x)?, &grad_x);
-        Ok(())
-    });
-    y.put_tape(tape)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The frozen matmul's input gradient equals dfdx's own, and it leaves no weight gradient.
-    #[test]
-    fn frozen_matmul_gives_the_input_gradient_only() {
-        let dev = Cpu::seed_from_u64(1);
-        let x: P2<Cpu> = dev.sample_normal_like(&(5, 3));
-        let w: P2<Cpu> = dev.sample_normal_like(&(3, 7));
-        let weights: P2<Cpu> = dev.sample_normal_like(&(5, 7));
-        let loss = |y: A2<Cpu, OwnedTape<f32, Cpu>>| (y * weights.clone()).sum::<Rank0, _>();
-        let plain = loss(x.leaky_trace().matmul(w.clone())).backward();
-        let frozen = loss(frozen_matmul(x.leaky_trace(), w.clone())).backward();
-        let expected = plain.get(&x).as_vec();
-        let got = frozen.get(&x).as_vec();
-        for (a, b) in expected.iter().zip(&got) {
-            assert!((a - b).abs() <= 1e-5 * a.abs().max(1.0), "{a} vs {b}");
-        }
-        let mut frozen = frozen;
-        assert!(
-            frozen
-                .get_or_alloc_mut(&w)
-                .unwrap()
-                .iter()
-                .all(|&g| g == 0.0),
-            "no gradient reaches the frozen weight"
-        );
     }
 }

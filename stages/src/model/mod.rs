@@ -6,6 +6,8 @@
 //! - `gpt.rs`: the model, nanoGPT-style, with a visitor naming every tensor by its HF name;
 //! - `optim.rs`: AdamW with clipping and accumulation;
 //! - `io.rs`: HF model directories (config.json, model.safetensors);
+//! - `kernels/`: the fused kernels (linear with GELU or residual, LayerNorm, causal attention,
+//!   log-softmax) behind one trait, per device;
 //! - `lora.rs`: LoRA adapters and the frozen matmul under them; `quant.rs`: quantized frozen
 //!   weights (QLoRA); `peft.rs`: adapters in PEFT's layout;
 //! - `preference.rs`: DPO, IPO and hinge losses;
@@ -13,6 +15,7 @@
 
 mod gpt;
 pub mod io;
+mod kernels;
 mod lora;
 mod optim;
 pub mod peft;
@@ -28,9 +31,10 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use gpt::{cross_entropy, target_log_probs, Dropout, Gpt};
+use kernels::Kernels;
 pub use lora::{LoraConfig, LoraTarget};
+use optim::AdamW;
 pub use optim::AdamWConfig;
-use optim::{AdamW, Buffers};
 pub use preference::{PreferenceLoss, PreferenceLossKind, PreferenceStats};
 pub use quant::QuantKind;
 
@@ -319,7 +323,7 @@ fn chosen_tokens(batch: &Batch) -> f32 {
 }
 
 /// The device-generic part of [`Trainer`].
-struct Engine<D: Buffers> {
+struct Engine<D: Kernels> {
     device: D,
     model: Gpt<D>,
     optimizer: AdamW<D>,
@@ -329,7 +333,7 @@ struct Engine<D: Buffers> {
     lora_dropout: f32,
 }
 
-impl<D: Buffers> Engine<D> {
+impl<D: Kernels> Engine<D> {
     fn new(device: D, config: GptConfig, optimizer: AdamWConfig) -> Self {
         Engine {
             model: Gpt::new(&device, config),

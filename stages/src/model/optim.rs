@@ -7,6 +7,7 @@
 use dfdx::prelude::*;
 
 use super::gpt::{Gpt, ParamVisitor};
+use super::kernels::Kernels;
 
 /// In-place arithmetic on gradient buffers, which dfdx exposes only as the device's storage
 /// type: one impl per device.
@@ -133,7 +134,7 @@ pub struct AdamW<D: Device<f32>> {
     v: Gradients<f32, D>,
 }
 
-impl<D: Buffers> AdamW<D> {
+impl<D: Kernels> AdamW<D> {
     pub fn new(config: AdamWConfig) -> Self {
         AdamW {
             config,
@@ -278,7 +279,7 @@ impl<D: Buffers> AdamW<D> {
 }
 
 /// The global L2 norm of the trainable parameters' gradients.
-pub fn grad_norm<D: Buffers>(model: &mut Gpt<D>, grads: &mut Gradients<f32, D>) -> f32 {
+pub fn grad_norm<D: Kernels>(model: &mut Gpt<D>, grads: &mut Gradients<f32, D>) -> f32 {
     struct Norm<'a, D: Device<f32>>(&'a mut Gradients<f32, D>, f64);
     impl<D: Buffers> ParamVisitor<D> for Norm<'_, D> {
         fn visit<S: Shape>(&mut self, _: &str, p: &mut Tensor<S, f32, D>, trainable: bool) {
@@ -295,7 +296,7 @@ pub fn grad_norm<D: Buffers>(model: &mut Gpt<D>, grads: &mut Gradients<f32, D>) 
 
 /// Adds `from * by` into `into` for every trainable parameter: accumulating micro-batches this
 /// way lets each micro-batch's own gradients (and its activations' gradients) be freed.
-pub fn accumulate<D: Buffers>(
+pub fn accumulate<D: Kernels>(
     model: &mut Gpt<D>,
     into: &mut Gradients<f32, D>,
     from: &mut Gradients<f32, D>,

@@ -1,0 +1,825 @@
+//! Fused CPU kernels. Each op reads its inputs once, computes its output in one pass (rows in
+//! parallel with rayon, loops vectorised for AVX2+FMA when the CPU has them) and registers one
+//! backward closure on dfdx's tape that writes straight into the gradient buffers.
+//!
+//! Work is cut into tasks of a fixed number of rows and partial sums are added in task order,
+//! so results do not depend on the number of threads: a resumed run repeats a step bit for bit.
+
+use dfdx::prelude::*;
+use rayon::prelude::*;
+
+use super::{Dense, Epilogue, Kernels, LAYER_NORM_EPS};
+use crate::model::gpt::{A2, P1};
+
+/// Defines a function whose body is compiled twice: for AVX2+FMA, chosen at run time when the
+/// CPU has them, and for the baseline target (SSE2 only on x86-64) otherwise. The bodies are
+/// plain loops; LLVM vectorises them for whichever target they are compiled for.
+macro_rules! simd_fn {
+    ($(#[$meta:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+        $(#[$meta])*
+        fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[inline(always)]
+            fn portable($($arg: $ty),*) $(-> $ret)? $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn avx2($($arg: $ty),*) $(-> $ret)? {
+                    portable($($arg),*)
+                }
+                if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                    // SAFETY: the CPU has the features `avx2` is compiled for.
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            portable($($arg),*)
+        }
+    };
+}
+
+/// A gradient buffer held by address: an op reads its output's gradient while it writes its
+/// inputs', two entries of one map. The buffers' heap storage does not move while the map
+/// gains entries, and every op's tensors have distinct ids, so the slices never alias.
+struct GradBuffer(*mut f32, usize);
+
+impl GradBuffer {
+    /// # Safety
+    /// The entry must stay in the map, and no `&mut` to the same buffer may be alive.
+    unsafe fn read<'a>(&self) -> &'a [f32] {
+        std::slice::from_raw_parts(self.0, self.1)
+    }
+
+    /// # Safety
+    /// As for `read`, and no other reference to the buffer may be alive.
+    unsafe fn write<'a>(&self) -> &'a mut [f32] {
+        std::slice::from_raw_parts_mut(self.0, self.1)
+    }
+}
+
+/// The gradient buffer of a tensor (ghost), allocated zeroed when missing.
+macro_rules! grad_buffer {
+    ($grads:expr, $tensor:expr) => {{
+        let buffer: &mut Vec<f32> = $grads.get_or_alloc_mut(&$tensor)?;
+        GradBuffer(buffer.as_mut_ptr(), buffer.len())
+    }};
+}
+
+/// A tensor's values. Kernel inputs are contiguous (outputs of ops, or parameters), so the
+/// physical buffer is the logical one; a broadcast view would fail the length check loudly.
+fn host<S: Shape, T>(t: &Tensor<S, f32, Cpu, T>) -> Vec<f32> {
+    let mut values = vec![0.0; t.shape().num_elements()];
+    t.copy_into(&mut values);
+    values
+}
+
+/// Rows per parallel task for rows of `width`: about 16k values, whatever the thread count.
+fn rows_per_task(width: usize) -> usize {
+    (16_384 / width.max(1)).max(1)
+}
+
+/// Adds per-task partial vectors in task order (so the sum is the same on any thread count).
+fn add_partials(into: &mut [f32], partials: &[Vec<f32>]) {
+    for partial in partials {
+        into.iter_mut().zip(partial).for_each(|(a, b)| *a += b);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Vectorisable scalar maths. `#[inline(always)]` so they compile into each `simd_fn` body.
+
+/// `e^x` within 2 ulp for x in [−87, 88] (clamped outside), in plain arithmetic that LLVM
+/// vectorises, where libm's `expf` stays scalar. Range reduction `x = n·ln2 + r`, then a
+/// degree-7 Taylor polynomial on |r| ≤ ln2/2 (truncation below 6e-9, relative).
+#[inline(always)]
+fn exp(x: f32) -> f32 {
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    let x = x.clamp(-87.0, 88.0);
+    let n = (x * std::f32::consts::LOG2_E + 0.5).floor();
+    let r = (-n).mul_add(LN2_LO, (-n).mul_add(LN2_HI, x));
+    let mut p: f32 = 1.0 / 5040.0;
+    for c in [
+        1.0 / 720.0,
+        1.0 / 120.0,
+        1.0 / 24.0,
+        1.0 / 6.0,
+        0.5,
+        1.0,
+        1.0,
+    ] {
+        p = p.mul_add(r, c);
+    }
+    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
+const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+const GELU_CUBIC: f32 = 0.044_715;
+
+/// GPT-2's GELU `0.5·x·(1 + tanh(u))`, `u = √(2/π)·(x + 0.044715·x³)`, and its slope.
+/// Written as `x·σ(2u)` (the same function), which keeps full relative precision where the
+/// output is tiny, unlike `1 + tanh` for very negative `x`.
+#[inline(always)]
+fn gelu_and_slope(x: f32) -> (f32, f32) {
+    let x2 = x * x;
+    let u = SQRT_2_OVER_PI * x * GELU_CUBIC.mul_add(x2, 1.0);
+    let e = exp(-2.0 * u);
+    let s = 1.0 / (1.0 + e);
+    let du = SQRT_2_OVER_PI * (3.0 * GELU_CUBIC).mul_add(x2, 1.0);
+    // σ' = σ·(1 − σ), with 1 − σ as e·σ: `1.0 - s` would cancel where σ is near 1.
+    (x * s, (x * s * (e * s)).mul_add(2.0 * du, s))
+}
+
+/// Sum with eight accumulators: a vector's worth, so the loop vectorises (a single accumulator
+/// is a serial chain LLVM may not reorder).
+#[inline(always)]
+fn sum(xs: &[f32]) -> f32 {
+    let mut lanes = [0.0f32; 8];
+    let chunks = xs.chunks_exact(8);
+    let tail: f32 = chunks.remainder().iter().sum();
+    for chunk in chunks {
+        for (lane, x) in lanes.iter_mut().zip(chunk) {
+            *lane += x;
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
+}
+
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0.0f32; 8];
+    let (a_chunks, b_chunks) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = a_chunks
+        .remainder()
+        .iter()
+        .zip(b_chunks.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (a, b) in a_chunks.zip(b_chunks) {
+        for ((lane, x), y) in lanes.iter_mut().zip(a).zip(b) {
+            *lane = x.mul_add(*y, *lane);
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
+}
+
+#[inline(always)]
+fn max(xs: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; 8];
+    let chunks = xs.chunks_exact(8);
+    let tail = chunks
+        .remainder()
+        .iter()
+        .fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+    for chunk in chunks {
+        for (lane, &x) in lanes.iter_mut().zip(chunk) {
+            *lane = lane.max(x);
+        }
+    }
+    lanes.iter().fold(tail, |m, &x| m.max(x))
+}
+
+/// `y += a·x`.
+#[inline(always)]
+fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
+    for (y, x) in y.iter_mut().zip(x) {
+        *y = a.mul_add(*x, *y);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Matrix multiply: the `gemm` crate (what dfdx itself calls), on row-major buffers.
+
+/// A matrix over a row-major buffer, possibly transposed: element `(i, j)` is at
+/// `i·row_stride + j·col_stride`.
+#[derive(Clone, Copy)]
+struct Mat<'a> {
+    data: &'a [f32],
+    rows: usize,
+    cols: usize,
+    row_stride: isize,
+    col_stride: isize,
+}
+
+impl<'a> Mat<'a> {
+    fn new(data: &'a [f32], rows: usize, cols: usize) -> Self {
+        assert_eq!(data.len(), rows * cols);
+        Mat {
+            data,
+            rows,
+            cols,
+            row_stride: cols as isize,
+            col_stride: 1,
+        }
+    }
+
+    fn t(self) -> Self {
+        Mat {
+            rows: self.cols,
+            cols: self.rows,
+            row_stride: self.col_stride,
+            col_stride: self.row_stride,
+            ..self
+        }
+    }
+}
+
+/// `dst = a·b`, or `dst += a·b` when `accumulate`; `dst` is row-major `(a.rows, b.cols)`.
+fn matmul(dst: &mut [f32], a: Mat, b: Mat, accumulate: bool) {
+    assert_eq!(a.cols, b.rows);
+    assert_eq!(dst.len(), a.rows * b.cols);
+    // SAFETY: the asserts above and `Mat::new` bound every index gemm computes by the
+    // buffers' lengths; `dst` is exclusively borrowed.
+    unsafe {
+        gemm::gemm(
+            a.rows,
+            b.cols,
+            a.cols,
+            dst.as_mut_ptr(),
+            1,
+            b.cols as isize,
+            accumulate,
+            a.data.as_ptr(),
+            a.col_stride,
+            a.row_stride,
+            b.data.as_ptr(),
+            b.col_stride,
+            b.row_stride,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::Rayon(rayon::current_num_threads()),
+        )
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Row kernels.
+
+simd_fn! {
+    fn gelu_rows(pre: &[f32], out: &mut [f32]) {
+        for (y, &x) in out.iter_mut().zip(pre) {
+            *y = gelu_and_slope(x).0;
+        }
+    }
+}
+
+simd_fn! {
+    /// `grad *= gelu'(pre)`: the output's gradient becomes the pre-activation's.
+    fn gelu_backward_rows(pre: &[f32], grad: &mut [f32]) {
+        for (g, &x) in grad.iter_mut().zip(pre) {
+            *g *= gelu_and_slope(x).1;
+        }
+    }
+}
+
+simd_fn! {
+    /// `into += from`.
+    fn add_rows(from: &[f32], into: &mut [f32]) {
+        for (a, b) in into.iter_mut().zip(from) {
+            *a += b;
+        }
+    }
+}
+
+simd_fn! {
+    /// Column sums of row-major `rows` of width `sums.len()`, added to `sums`.
+    fn add_column_sums(rows: &[f32], sums: &mut [f32]) {
+        for row in rows.chunks_exact(sums.len()) {
+            for (s, x) in sums.iter_mut().zip(row) {
+                *s += x;
+            }
+        }
+    }
+}
+
+simd_fn! {
+    /// Normalises each row of `x`; writes `y` and each row's `(mean, 1/σ)`.
+    fn layer_norm_rows(x: &[f32], weight: &[f32], bias: &[f32], y: &mut [f32], stats: &mut [(f32, f32)]) {
+        let d = weight.len();
+        for ((x, y), stat) in x.chunks_exact(d).zip(y.chunks_exact_mut(d)).zip(stats) {
+            let mean = sum(x) / d as f32;
+            let mut lanes = [0.0f32; 8];
+            let chunks = x.chunks_exact(8);
+            let tail: f32 = chunks.remainder().iter().map(|v| (v - mean) * (v - mean)).sum();
+            for chunk in chunks {
+                for (lane, v) in lanes.iter_mut().zip(chunk) {
+                    *lane = (v - mean).mul_add(v - mean, *lane);
+                }
+            }
+            let variance = (lanes.iter().sum::<f32>() + tail) / d as f32;
+            let rstd = 1.0 / (variance + LAYER_NORM_EPS).sqrt();
+            for (((y, x), w), b) in y.iter_mut().zip(x).zip(weight).zip(bias) {
+                *y = ((x - mean) * rstd).mul_add(*w, *b);
+            }
+            *stat = (mean, rstd);
+        }
+    }
+}
+
+simd_fn! {
+    /// LayerNorm's backward for rows of `x`: `dx += σ⁻¹·(g − mean(g) − x̂·mean(g·x̂))` with
+    /// `g = dy·w`; `dw += dy·x̂` and `db += dy` into this task's partials.
+    fn layer_norm_backward_rows(
+        x: &[f32],
+        weight: &[f32],
+        stats: &[(f32, f32)],
+        dy: &[f32],
+        dx: &mut [f32],
+        dw: &mut [f32],
+        db: &mut [f32],
+    ) {
+        let d = weight.len();
+        let mut g = vec![0.0f32; d];
+        let mut x_hat = vec![0.0f32; d];
+        let rows = x.chunks_exact(d).zip(dy.chunks_exact(d)).zip(dx.chunks_exact_mut(d));
+        for (((x, dy), dx), &(mean, rstd)) in rows.zip(stats) {
+            for ((((g, h), x), dy), w) in g.iter_mut().zip(&mut x_hat).zip(x).zip(dy).zip(weight) {
+                *h = (x - mean) * rstd;
+                *g = dy * w;
+            }
+            let mean_g = sum(&g) / d as f32;
+            let mean_gh = dot(&g, &x_hat) / d as f32;
+            for (((dx, g), h), (dy, (dw, db))) in dx
+                .iter_mut()
+                .zip(&g)
+                .zip(&x_hat)
+                .zip(dy.iter().zip(dw.iter_mut().zip(db.iter_mut())))
+            {
+                *dx += rstd * (g - mean_g - h * mean_gh);
+                *dw = dy.mul_add(*h, *dw);
+                *db += dy;
+            }
+        }
+    }
+}
+
+simd_fn! {
+    /// For rows of logits: each row's log-sum-exp, and the target's log-probability.
+    fn log_softmax_rows(logits: &[f32], targets: &[usize], lse: &mut [f32], out: &mut [f32]) {
+        let vocab = logits.len() / targets.len().max(1);
+        for (((row, &target), lse), out) in logits.chunks_exact(vocab).zip(targets).zip(lse).zip(out) {
+            let m = max(row);
+            let mut lanes = [0.0f32; 8];
+            let chunks = row.chunks_exact(8);
+            let tail: f32 = chunks.remainder().iter().map(|&x| exp(x - m)).sum();
+            for chunk in chunks {
+                for (lane, &x) in lanes.iter_mut().zip(chunk) {
+                    *lane += exp(x - m);
+                }
+            }
+            *lse = m + (lanes.iter().sum::<f32>() + tail).ln();
+            *out = row[target] - *lse;
+        }
+    }
+}
+
+simd_fn! {
+    /// `d logp[target] / d logits = onehot(target) − softmax`, times each row's output gradient.
+    fn log_softmax_backward_rows(logits: &[f32], targets: &[usize], lse: &[f32], grad_out: &[f32], grad: &mut [f32]) {
+        let vocab = logits.len() / targets.len().max(1);
+        let rows = logits.chunks_exact(vocab).zip(grad.chunks_exact_mut(vocab));
+        for ((((row, grad), &target), &lse), &g) in rows.zip(targets).zip(lse).zip(grad_out) {
+            // Masked-out tokens (fine-tuning prompts, padding) have no gradient: skip the row.
+            if g == 0.0 {
+                continue;
+            }
+            for (d, &x) in grad.iter_mut().zip(row) {
+                *d = (-g).mul_add(exp(x - lse), *d);
+            }
+            grad[target] += g;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Attention, one (batch, head) at a time: q, k, v and the output are `(seq, head)` blocks.
+
+simd_fn! {
+    /// Scores `q·kᵀ·scale` on and below the diagonal, softmax along rows into `p` (`(seq, seq)`,
+    /// zero above the diagonal), and `y = p·v`.
+    fn attention_head(q: &[f32], k: &[f32], v: &[f32], scale: f32, p: &mut [f32], y: &mut [f32]) {
+        let seq = p.len().isqrt();
+        let head = q.len() / seq;
+        for i in 0..seq {
+            let q_i = &q[i * head..(i + 1) * head];
+            let row = &mut p[i * seq..i * seq + i + 1];
+            for (j, s) in row.iter_mut().enumerate() {
+                *s = dot(q_i, &k[j * head..(j + 1) * head]) * scale;
+            }
+            let m = max(row);
+            for s in row.iter_mut() {
+                *s = exp(*s - m);
+            }
+            let norm = 1.0 / sum(row);
+            let y_i = &mut y[i * head..(i + 1) * head];
+            for (j, s) in row.iter_mut().enumerate() {
+                *s *= norm;
+                axpy(y_i, *s, &v[j * head..(j + 1) * head]);
+            }
+        }
+    }
+}
+
+simd_fn! {
+    /// The backward of `attention_head` from `dy`: writes `dq`, `dk`, `dv` (zeroed first).
+    fn attention_head_backward(
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        p: &[f32],
+        dy: &[f32],
+        scale: f32,
+        grads: &mut [f32],
+    ) {
+        let seq = p.len().isqrt();
+        let head = q.len() / seq;
+        let (dq, rest) = grads.split_at_mut(seq * head);
+        let (dk, dv) = rest.split_at_mut(seq * head);
+        let mut dp = vec![0.0f32; seq];
+        for i in 0..seq {
+            let (dy_i, q_i) = (&dy[i * head..(i + 1) * head], &q[i * head..(i + 1) * head]);
+            let p_i = &p[i * seq..i * seq + i + 1];
+            let dp = &mut dp[..=i];
+            for (j, d) in dp.iter_mut().enumerate() {
+                *d = dot(dy_i, &v[j * head..(j + 1) * head]);
+            }
+            // Softmax backward: ds = p·(dp − Σ p·dp), then through the scale.
+            let centre = dot(p_i, dp);
+            let dq_i = &mut dq[i * head..(i + 1) * head];
+            for (j, (&p_ij, &dp_ij)) in p_i.iter().zip(dp.iter()).enumerate() {
+                let ds = p_ij * (dp_ij - centre) * scale;
+                let rows = j * head..(j + 1) * head;
+                axpy(dq_i, ds, &k[rows.clone()]);
+                axpy(&mut dk[rows.clone()], ds, q_i);
+                axpy(&mut dv[rows], p_ij, dy_i);
+            }
+        }
+    }
+}
+
+/// Copies head `h`'s block of part `part` (0 q, 1 k, 2 v) of batch row `b` out of `qkv`.
+fn head_block(
+    qkv: &[f32],
+    (b, h, part): (usize, usize, usize),
+    (seq, d, head): (usize, usize, usize),
+) -> Vec<f32> {
+    let mut block = Vec::with_capacity(seq * head);
+    for t in 0..seq {
+        let start = (b * seq + t) * 3 * d + part * d + h * head;
+        block.extend_from_slice(&qkv[start..start + head]);
+    }
+    block
+}
+
+// ---------------------------------------------------------------------------------------------
+// The ops.
+
+impl Kernels for Cpu {
+    fn linear<T: Tape<f32, Self>>(
+        x: A2<Self, T>,
+        dense: &Dense<Self>,
+        epilogue: Epilogue<Self, T>,
+    ) -> A2<Self, T> {
+        let (x, mut tape) = x.split_tape();
+        let (n, inputs) = *x.shape();
+        let (rows, cols) = *dense.weight.shape();
+        let (outputs, transposed, train) = if dense.transposed {
+            (rows, true, dense.train)
+        } else {
+            (cols, false, dense.train)
+        };
+        let (xs, ws) = (host(&x), host(dense.weight));
+        let (residual, gelu) = match epilogue {
+            Epilogue::Plain => (None, false),
+            Epilogue::Gelu => (None, true),
+            Epilogue::AddTo(residual) => (Some(residual), false),
+        };
+        // The output starts as the residual or the broadcast bias, and the GEMM adds into it.
+        let mut residual_ghost = None;
+        let mut y = match residual {
+            Some(residual) => {
+                let (residual, residual_tape) = residual.split_tape();
+                tape = tape.merge(residual_tape);
+                residual_ghost = Some(residual.ghost());
+                host(&residual)
+            }
+            None => vec![0.0; n * outputs],
+        };
+        let bias = dense.bias.map(host);
+        if let Some(bias) = &bias {
+            y.par_chunks_mut(outputs)
+                .for_each(|row| row.iter_mut().zip(bias).for_each(|(y, b)| *y += b));
+        }
+        let accumulate = residual_ghost.is_some() || bias.is_some();
+        let weight = weight_mat(&ws, (inputs, outputs), transposed);
+        matmul(&mut y, Mat::new(&xs, n, inputs), weight, accumulate);
+        let pre_activation = gelu.then(|| {
+            let pre = y.clone();
+            par_zip(&pre, &mut y, gelu_rows);
+            pre
+        });
+        let out = x.device().tensor_from_vec(y, (n, outputs));
+        let x_ghost = x.ghost();
+        let w_ghost = dense.weight.ghost();
+        let b_ghost = dense.bias.map(|b| b.ghost());
+        let out_ghost = out.ghost();
+        tape.add_backward_op(move |grads| {
+            let grad_out = grad_buffer!(grads, out_ghost);
+            let grad_x = grad_buffer!(grads, x_ghost);
+            let grad_residual = match &residual_ghost {
+                Some(ghost) => Some(grad_buffer!(grads, *ghost)),
+                None => None,
+            };
+            // SAFETY: distinct live entries (see `GradBuffer`).
+            let (grad_out, grad_x) = unsafe { (grad_out.read(), grad_x.write()) };
+            if let Some(grad_residual) = grad_residual {
+                // SAFETY: as above.
+                let grad_residual = unsafe { grad_residual.write() };
+                par_zip(grad_out, grad_residual, add_rows);
+            }
+            let grad_pre = pre_activation.as_ref().map(|pre| {
+                let mut grad = grad_out.to_vec();
+                par_zip(pre, &mut grad, gelu_backward_rows);
+                grad
+            });
+            let grad_pre = grad_pre.as_deref().unwrap_or(grad_out);
+            let dy = Mat::new(grad_pre, n, outputs);
+            let weight = weight_mat(&ws, (inputs, outputs), transposed);
+            matmul(grad_x, dy, weight.t(), true);
+            if !train {
+                return Ok(());
+            }
+            let x = Mat::new(&xs, n, inputs);
+            let grad_w: &mut Vec<f32> = grads.get_or_alloc_mut(&w_ghost)?;
+            if transposed {
+                matmul(grad_w, dy.t(), x, true);
+            } else {
+                matmul(grad_w, x.t(), dy, true);
+            }
+            if let Some(b_ghost) = &b_ghost {
+                let step = rows_per_task(outputs);
+                let partials: Vec<Vec<f32>> = grad_pre
+                    .par_chunks(step * outputs)
+                    .map(|rows| {
+                        let mut sums = vec![0.0; outputs];
+                        add_column_sums(rows, &mut sums);
+                        sums
+                    })
+                    .collect();
+                add_partials(grads.get_or_alloc_mut(b_ghost)?, &partials);
+            }
+            Ok(())
+        });
+        out.put_tape(tape)
+    }
+
+    fn gelu<T: Tape<f32, Self>>(x: A2<Self, T>) -> A2<Self, T> {
+        let (x, mut tape) = x.split_tape();
+        let pre = host(&x);
+        let mut y = vec![0.0; pre.len()];
+        par_zip(&pre, &mut y, gelu_rows);
+        let out = x.device().tensor_from_vec(y, *x.shape());
+        let (x_ghost, out_ghost) = (x.ghost(), out.ghost());
+        tape.add_backward_op(move |grads| {
+            let grad_x = grad_buffer!(grads, x_ghost);
+            let grad_out = grad_buffer!(grads, out_ghost);
+            // SAFETY: distinct live entries (see `GradBuffer`).
+            let (grad_x, grad_out) = unsafe { (grad_x.write(), grad_out.read()) };
+            let mut grad_pre = grad_out.to_vec();
+            par_zip(&pre, &mut grad_pre, gelu_backward_rows);
+            par_zip(&grad_pre, grad_x, add_rows);
+            Ok(())
+        });
+        out.put_tape(tape)
+    }
+
+    fn layer_norm<T: Tape<f32, Self>>(
+        x: A2<Self, T>,
+        weight: &P1<Self>,
+        bias: &P1<Self>,
+        train: bool,
+    ) -> A2<Self, T> {
+        let (x, mut tape) = x.split_tape();
+        let (n, d) = *x.shape();
+        let (xs, ws, bs) = (host(&x), host(weight), host(bias));
+        let mut y = vec![0.0; n * d];
+        let mut stats = vec![(0.0, 0.0); n];
+        let step = rows_per_task(d);
+        y.par_chunks_mut(step * d)
+            .zip(xs.par_chunks(step * d))
+            .zip(stats.par_chunks_mut(step))
+            .for_each(|((y, x), stats)| layer_norm_rows(x, &ws, &bs, y, stats));
+        let out = x.device().tensor_from_vec(y, (n, d));
+        let ghosts = (x.ghost(), weight.ghost(), bias.ghost(), out.ghost());
+        tape.add_backward_op(move |grads| {
+            let (x_ghost, w_ghost, b_ghost, out_ghost) = &ghosts;
+            let grad_x = grad_buffer!(grads, *x_ghost);
+            let grad_out = grad_buffer!(grads, *out_ghost);
+            // SAFETY: distinct live entries (see `GradBuffer`).
+            let (grad_x, grad_out) = unsafe { (grad_x.write(), grad_out.read()) };
+            let partials: Vec<(Vec<f32>, Vec<f32>)> = grad_x
+                .par_chunks_mut(step * d)
+                .zip(xs.par_chunks(step * d))
+                .zip(grad_out.par_chunks(step * d))
+                .zip(stats.par_chunks(step))
+                .map(|(((dx, x), dy), stats)| {
+                    let (mut dw, mut db) = (vec![0.0; d], vec![0.0; d]);
+                    layer_norm_backward_rows(x, &ws, stats, dy, dx, &mut dw, &mut db);
+                    (dw, db)
+                })
+                .collect();
+            if train {
+                let (dw, db): (Vec<_>, Vec<_>) = partials.into_iter().unzip();
+                add_partials(grads.get_or_alloc_mut(w_ghost)?, &dw);
+                add_partials(grads.get_or_alloc_mut(b_ghost)?, &db);
+            }
+            Ok(())
+        });
+        out.put_tape(tape)
+    }
+
+    fn causal_attention<T: Tape<f32, Self>>(
+        qkv: A2<Self, T>,
+        batch: usize,
+        heads: usize,
+    ) -> A2<Self, T> {
+        let (qkv, mut tape) = qkv.split_tape();
+        let (n, width) = *qkv.shape();
+        let (seq, d) = (n / batch, width / 3);
+        let head = d / heads;
+        let sizes = (seq, d, head);
+        let scale = 1.0 / (head as f32).sqrt();
+        let values = host(&qkv);
+        let blocks = |b: usize, h: usize| {
+            let part = |p| head_block(&values, (b, h, p), sizes);
+            (part(0), part(1), part(2))
+        };
+        // One task per (batch row, head); each keeps its probabilities for the backward pass.
+        let per_head: Vec<(Vec<f32>, Vec<f32>)> = (0..batch * heads)
+            .into_par_iter()
+            .map(|task| {
+                let (q, k, v) = blocks(task / heads, task % heads);
+                let (mut p, mut y) = (vec![0.0; seq * seq], vec![0.0; seq * head]);
+                attention_head(&q, &k, &v, scale, &mut p, &mut y);
+                (p, y)
+            })
+            .collect();
+        let mut out = vec![0.0; n * d];
+        for (task, (_, y)) in per_head.iter().enumerate() {
+            let (b, h) = (task / heads, task % heads);
+            for t in 0..seq {
+                let start = (b * seq + t) * d + h * head;
+                out[start..start + head].copy_from_slice(&y[t * head..(t + 1) * head]);
+            }
+        }
+        let out = qkv.device().tensor_from_vec(out, (n, d));
+        let (qkv_ghost, out_ghost) = (qkv.ghost(), out.ghost());
+        tape.add_backward_op(move |grads| {
+            let grad_qkv = grad_buffer!(grads, qkv_ghost);
+            let grad_out = grad_buffer!(grads, out_ghost);
+            // SAFETY: distinct live entries (see `GradBuffer`).
+            let (grad_qkv, grad_out) = unsafe { (grad_qkv.write(), grad_out.read()) };
+            let values = &values;
+            let per_head_grads: Vec<Vec<f32>> = per_head
+                .into_par_iter()
+                .enumerate()
+                .map(|(task, (p, _))| {
+                    let (b, h) = (task / heads, task % heads);
+                    let part = |p| head_block(values, (b, h, p), sizes);
+                    let mut dy = Vec::with_capacity(seq * head);
+                    for t in 0..seq {
+                        let start = (b * seq + t) * d + h * head;
+                        dy.extend_from_slice(&grad_out[start..start + head]);
+                    }
+                    let mut g = vec![0.0; 3 * seq * head];
+                    attention_head_backward(&part(0), &part(1), &part(2), &p, &dy, scale, &mut g);
+                    g
+                })
+                .collect();
+            for (task, g) in per_head_grads.iter().enumerate() {
+                let (b, h) = (task / heads, task % heads);
+                for part in 0..3 {
+                    for t in 0..seq {
+                        let start = (b * seq + t) * 3 * d + part * d + h * head;
+                        let from = &g[(part * seq + t) * head..(part * seq + t + 1) * head];
+                        grad_qkv[start..start + head]
+                            .iter_mut()
+                            .zip(from)
+                            .for_each(|(a, b)| *a += b);
+                    }
+                }
+            }
+            Ok(())
+        });
+        out.put_tape(tape)
+    }
+
+    fn target_log_probs<T: Tape<f32, Self>>(
+        logits: A2<Self, T>,
+        targets: Tensor<(usize,), usize, Self>,
+    ) -> Tensor<(usize,), f32, Self, T> {
+        let (logits, mut tape) = logits.split_tape();
+        let (n, vocab) = *logits.shape();
+        let values = host(&logits);
+        let targets = targets.as_vec();
+        assert_eq!(targets.len(), n, "one target per row of logits");
+        if let Some(&bad) = targets.iter().find(|&&t| t >= vocab) {
+            panic!("target id {bad} is outside the vocabulary of {vocab}");
+        }
+        let mut lse = vec![0.0; n];
+        let mut out = vec![0.0; n];
+        let step = rows_per_task(vocab);
+        values
+            .par_chunks(step * vocab)
+            .zip(targets.par_chunks(step))
+            .zip(lse.par_chunks_mut(step))
+            .zip(out.par_chunks_mut(step))
+            .for_each(|(((rows, targets), lse), out)| log_softmax_rows(rows, targets, lse, out));
+        let out = logits.device().tensor_from_vec(out, (n,));
+        let (logits_ghost, out_ghost) = (logits.ghost(), out.ghost());
+        tape.add_backward_op(move |grads| {
+            let grad_logits = grad_buffer!(grads, logits_ghost);
+            let grad_out = grad_buffer!(grads, out_ghost);
+            // SAFETY: distinct live entries (see `GradBuffer`).
+            let (grad_logits, grad_out) = unsafe { (grad_logits.write(), grad_out.read()) };
+            grad_logits
+                .par_chunks_mut(step * vocab)
+                .zip(values.par_chunks(step * vocab))
+                .zip(targets.par_chunks(step))
+                .zip(lse.par_chunks(step))
+                .zip(grad_out.par_chunks(step))
+                .for_each(|((((grad, rows), targets), lse), g)| {
+                    log_softmax_backward_rows(rows, targets, lse, g, grad)
+                });
+            Ok(())
+        });
+        out.put_tape(tape)
+    }
+}
+
+/// The weight as the `(in, out)` matrix the layer multiplies by.
+fn weight_mat(values: &[f32], (inputs, outputs): (usize, usize), transposed: bool) -> Mat<'_> {
+    if transposed {
+        Mat::new(values, outputs, inputs).t()
+    } else {
+        Mat::new(values, inputs, outputs)
+    }
+}
+
+/// Runs an elementwise row kernel over `input` and `output` in parallel chunks.
+fn par_zip(input: &[f32], output: &mut [f32], kernel: fn(&[f32], &mut [f32])) {
+    const CHUNK: usize = 16_384;
+    output
+        .par_chunks_mut(CHUNK)
+        .zip(input.par_chunks(CHUNK))
+        .for_each(|(out, inp)| kernel(inp, out));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn relative_error(got: f32, exact: f64) -> f64 {
+        (f64::from(got) - exact).abs() / exact.abs().max(f64::from(f32::MIN_POSITIVE))
+    }
+
+    #[test]
+    fn exp_is_within_a_few_ulp_over_its_range() {
+        let (worst, at) = (-86_900..88_000)
+            .map(|i| i as f32 * 1e-3)
+            .map(|x| (relative_error(exp(x), f64::from(x).exp()), x))
+            .fold((0.0, 0.0), |a, b| if b.0 > a.0 { b } else { a });
+        assert!(
+            worst < 3.0 * f64::from(f32::EPSILON),
+            "worst relative error {worst:e} at {at}"
+        );
+        assert_eq!(exp(-1000.0), exp(-87.0), "clamped below");
+        assert!(exp(f32::NAN).is_nan());
+    }
+
+    #[test]
+    fn gelu_and_its_slope_match_the_tanh_formula_in_f64() {
+        for i in -8000..8000 {
+            let x = i as f32 * 1e-3;
+            let xf = f64::from(x);
+            let u = (2.0 / std::f64::consts::PI).sqrt() * (xf + 0.044715 * xf.powi(3));
+            let (t, du) = (
+                u.tanh(),
+                (2.0 / std::f64::consts::PI).sqrt() * (1.0 + 3.0 * 0.044715 * xf * xf),
+            );
+            let value = 0.5 * xf * (1.0 + t);
+            let slope = 0.5 * (1.0 + t) + 0.5 * xf * (1.0 - t * t) * du;
+            let (got_value, got_slope) = gelu_and_slope(x);
+            // Near zero, an absolute bound: the f32 terms of the slope cancel there.
+            assert!(
+                (f64::from(got_value) - value).abs() <= 1e-6 * value.abs().max(1e-3),
+                "gelu({x})"
+            );
+            assert!(
+                (f64::from(got_slope) - slope).abs() <= 1e-6 * slope.abs().max(0.1),
+                "gelu'({x}) = {slope} not {got_slope}"
+            );
+        }
+    }
+}

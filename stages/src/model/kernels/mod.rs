@@ -1,0 +1,122 @@
+//! The model's heavy operations, one implementation per device behind [`Kernels`].
+//!
+//! dfdx builds each of these from many small ops, most of them single-threaded on the CPU
+//! (broadcasts, softmax, scalar `tanhf` in GELU), with a gradient buffer per intermediate. The
+//! CPU implementation (`cpu.rs`) runs each as one fused, vectorised, multithreaded kernel with
+//! its backward pass registered on dfdx's tape. `composed.rs` is the same maths as plain dfdx
+//! ops: the reference the fused kernels are tested against, and the CUDA implementation until
+//! fused CUDA kernels exist.
+
+// The reference for tests, and what devices without fused kernels run.
+#[cfg(any(test, feature = "cuda"))]
+mod composed;
+mod cpu;
+
+use dfdx::prelude::*;
+
+use super::gpt::{A2, P1, P2};
+use super::optim::Buffers;
+
+/// LayerNorm's ε (GPT-2's).
+pub const LAYER_NORM_EPS: f32 = 1e-5;
+
+/// A linear layer's parameters as a kernel sees them.
+pub struct Dense<'a, D: Device<f32>> {
+    /// `(in, out)`, or `(out, in)` when `transposed`.
+    pub weight: &'a P2<D>,
+    /// The weight is stored `(out, in)`: the tied output head reads the `(vocab, d)` embedding.
+    pub transposed: bool,
+    pub bias: Option<&'a P1<D>>,
+    /// Whether the weight and bias get gradients (false for frozen base weights under LoRA).
+    pub train: bool,
+}
+
+/// What happens to a linear layer's output inside the same kernel.
+pub enum Epilogue<D: Device<f32>, T> {
+    /// Nothing: `x·W + b`.
+    Plain,
+    /// GPT-2's tanh GELU: `gelu(x·W + b)`.
+    Gelu,
+    /// The residual add: `r + x·W + b`.
+    AddTo(A2<D, T>),
+}
+
+/// The fused operations of the GPT forward pass; each records its own backward on the tape.
+pub trait Kernels: Buffers {
+    /// A linear layer on `(tokens, in)` activations, with its epilogue.
+    fn linear<T: Tape<f32, Self>>(
+        x: A2<Self, T>,
+        dense: &Dense<Self>,
+        epilogue: Epilogue<Self, T>,
+    ) -> A2<Self, T>;
+
+    /// GPT-2's tanh GELU on its own (where an adapter's output joins before it).
+    fn gelu<T: Tape<f32, Self>>(x: A2<Self, T>) -> A2<Self, T>;
+
+    /// LayerNorm over the rows of `x` (ε = [`LAYER_NORM_EPS`]); `train`: weight and bias get
+    /// gradients.
+    fn layer_norm<T: Tape<f32, Self>>(
+        x: A2<Self, T>,
+        weight: &P1<Self>,
+        bias: &P1<Self>,
+        train: bool,
+    ) -> A2<Self, T>;
+
+    /// Causal multi-head self-attention: `qkv` is `(batch·seq, 3·d)` with q, k and v side by
+    /// side (GPT-2's `c_attn` output); returns the heads' outputs `(batch·seq, d)`.
+    fn causal_attention<T: Tape<f32, Self>>(
+        qkv: A2<Self, T>,
+        batch: usize,
+        heads: usize,
+    ) -> A2<Self, T>;
+
+    /// The log-probability `(n,)` of each target id under `logits` `(n, vocab)`.
+    fn target_log_probs<T: Tape<f32, Self>>(
+        logits: A2<Self, T>,
+        targets: Tensor<(usize,), usize, Self>,
+    ) -> Tensor<(usize,), f32, Self, T>;
+}
+
+/// Until fused CUDA kernels are written, the GPU runs the dfdx composition (its own CUDA
+/// kernels), which is correct but unfused.
+#[cfg(feature = "cuda")]
+impl Kernels for Cuda {
+    fn linear<T: Tape<f32, Self>>(
+        x: A2<Self, T>,
+        dense: &Dense<Self>,
+        epilogue: Epilogue<Self, T>,
+    ) -> A2<Self, T> {
+        composed::linear(x, dense, epilogue)
+    }
+
+    fn gelu<T: Tape<f32, Self>>(x: A2<Self, T>) -> A2<Self, T> {
+        x.fast_gelu()
+    }
+
+    fn layer_norm<T: Tape<f32, Self>>(
+        x: A2<Self, T>,
+        weight: &P1<Self>,
+        bias: &P1<Self>,
+        _train: bool,
+    ) -> A2<Self, T> {
+        composed::layer_norm(x, weight, bias)
+    }
+
+    fn causal_attention<T: Tape<f32, Self>>(
+        qkv: A2<Self, T>,
+        batch: usize,
+        heads: usize,
+    ) -> A2<Self, T> {
+        composed::causal_attention(qkv, batch, heads)
+    }
+
+    fn target_log_probs<T: Tape<f32, Self>>(
+        logits: A2<Self, T>,
+        targets: Tensor<(usize,), usize, Self>,
+    ) -> Tensor<(usize,), f32, Self, T> {
+        composed::target_log_probs(logits, targets)
+    }
+}
+
+#[cfg(test)]
+mod tests;

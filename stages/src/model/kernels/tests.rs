@@ -1,0 +1,272 @@
+//! Every fused CPU kernel against the plain dfdx composition of the same maths: values and
+//! the gradients of every input, on random inputs with odd sizes (no multiple of a vector's
+//! width anywhere), to a relative error of 1e-5 (largest difference over largest value).
+
+use dfdx::prelude::*;
+
+use super::composed;
+use super::{Dense, Epilogue, Kernels};
+use crate::model::gpt::{A2, P1, P2};
+
+type Taped = OwnedTape<f32, Cpu>;
+
+const TOLERANCE: f32 = 1e-5;
+
+/// Reads one tensor's gradient.
+type GradReader<'a> = &'a dyn Fn(&Gradients<f32, Cpu>) -> Vec<f32>;
+
+fn assert_close(what: &str, got: &[f32], expected: &[f32]) {
+    assert_eq!(got.len(), expected.len(), "{what}: lengths");
+    let scale = expected.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+    let worst = got
+        .iter()
+        .zip(expected)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(
+        worst <= TOLERANCE * scale.max(f32::MIN_POSITIVE),
+        "{what}: worst difference {worst:e} against values up to {scale:e}"
+    );
+    assert!(
+        scale > 0.0,
+        "{what}: all zero, so the comparison proves nothing"
+    );
+}
+
+/// A scalar loss that weighs every output element differently, so each gets its own gradient.
+fn weighted_sum<S: Shape>(
+    y: Tensor<S, f32, Cpu, Taped>,
+    seed: u64,
+) -> Tensor<Rank0, f32, Cpu, Taped> {
+    let dev = Cpu::seed_from_u64(seed);
+    let weights: Tensor<S, f32, Cpu> = dev.sample_normal_like(y.shape());
+    (y * weights).sum::<Rank0, _>()
+}
+
+fn random2(dev: &Cpu, rows: usize, cols: usize) -> P2<Cpu> {
+    dev.sample_normal_like(&(rows, cols))
+}
+
+fn random1(dev: &Cpu, len: usize) -> P1<Cpu> {
+    dev.sample_normal_like(&(len,))
+}
+
+/// The output of `op` on `x`, and the gradients of `x` and of each of `params`.
+fn run(
+    x: &P2<Cpu>,
+    params: &[GradReader],
+    op: impl FnOnce(A2<Cpu, Taped>) -> A2<Cpu, Taped>,
+) -> Vec<Vec<f32>> {
+    let y = op(x.leaky_trace());
+    let values = y.as_vec();
+    let grads = weighted_sum(y, 99).backward();
+    let mut out = vec![values, grads.get(x).as_vec()];
+    out.extend(params.iter().map(|p| p(&grads)));
+    out
+}
+
+fn compare(what: &str, fused: Vec<Vec<f32>>, reference: Vec<Vec<f32>>) {
+    let names = ["output", "input gradient"];
+    for (i, (f, r)) in fused.iter().zip(&reference).enumerate() {
+        let name = names.get(i).map_or_else(
+            || format!("parameter {} gradient", i - 1),
+            |n| n.to_string(),
+        );
+        assert_close(&format!("{what}: {name}"), f, r);
+    }
+}
+
+fn grad_of<S: Shape>(t: &Tensor<S, f32, Cpu>) -> impl Fn(&Gradients<f32, Cpu>) -> Vec<f32> + '_ {
+    move |grads| grads.get(t).as_vec()
+}
+
+#[test]
+fn linear_matches_dfdx_with_every_epilogue_and_layout() {
+    let dev = Cpu::seed_from_u64(1);
+    let (n, inputs, outputs) = (13, 11, 19);
+    let x = random2(&dev, n, inputs);
+    let bias = random1(&dev, outputs);
+    let residual = random2(&dev, n, outputs);
+    for transposed in [false, true] {
+        let weight = if transposed {
+            random2(&dev, outputs, inputs)
+        } else {
+            random2(&dev, inputs, outputs)
+        };
+        for epilogue in ["plain", "gelu", "residual"] {
+            let dense = Dense {
+                weight: &weight,
+                transposed,
+                bias: Some(&bias),
+                train: true,
+            };
+            let with = |x: A2<Cpu, Taped>, fused: bool| {
+                let epilogue = match epilogue {
+                    "plain" => Epilogue::Plain,
+                    "gelu" => Epilogue::Gelu,
+                    _ => Epilogue::AddTo(residual.clone().put_tape(Taped::default())),
+                };
+                if fused {
+                    Cpu::linear(x, &dense, epilogue)
+                } else {
+                    composed::linear(x, &dense, epilogue)
+                }
+            };
+            let params: [GradReader; 3] = [&grad_of(&weight), &grad_of(&bias), &grad_of(&residual)];
+            let params = if epilogue == "residual" {
+                &params[..]
+            } else {
+                &params[..2]
+            };
+            let what = format!("linear ({epilogue}, transposed {transposed})");
+            compare(
+                &what,
+                run(&x, params, |x| with(x, true)),
+                run(&x, params, |x| with(x, false)),
+            );
+        }
+    }
+}
+
+#[test]
+fn frozen_linear_gives_the_input_gradient_only() {
+    let dev = Cpu::seed_from_u64(2);
+    let (x, weight, bias) = (random2(&dev, 9, 5), random2(&dev, 5, 7), random1(&dev, 7));
+    let dense = |train| Dense {
+        weight: &weight,
+        transposed: false,
+        bias: Some(&bias),
+        train,
+    };
+    let frozen = run(&x, &[], |x| Cpu::linear(x, &dense(false), Epilogue::Plain));
+    let trained = run(&x, &[], |x| Cpu::linear(x, &dense(true), Epilogue::Plain));
+    assert_eq!(frozen, trained, "the same output and input gradient");
+    let reference = run(&x, &[], |x| {
+        composed::linear(x, &dense(false), Epilogue::Plain)
+    });
+    compare("frozen linear", frozen, reference);
+    let y = Cpu::linear(x.leaky_trace(), &dense(false), Epilogue::Plain);
+    let mut grads = weighted_sum(y, 3).backward();
+    assert!(grads
+        .get_or_alloc_mut(&weight)
+        .unwrap()
+        .iter()
+        .all(|&g| g == 0.0));
+    assert!(grads
+        .get_or_alloc_mut(&bias)
+        .unwrap()
+        .iter()
+        .all(|&g| g == 0.0));
+    // The composition's frozen matmul skips the weight's gradient too.
+    let y = composed::linear(x.leaky_trace(), &dense(false), Epilogue::Plain);
+    let mut grads = weighted_sum(y, 3).backward();
+    assert!(grads
+        .get_or_alloc_mut(&weight)
+        .unwrap()
+        .iter()
+        .all(|&g| g == 0.0));
+}
+
+#[test]
+fn gelu_matches_dfdx() {
+    let dev = Cpu::seed_from_u64(3);
+    // Wide inputs reach both tails, where GELU is ~0 and ~x.
+    let x: P2<Cpu> = dev.sample_normal_like(&(7, 29)) * 3.0;
+    compare(
+        "gelu",
+        run(&x, &[], Cpu::gelu),
+        run(&x, &[], |x| x.fast_gelu()),
+    );
+}
+
+#[test]
+fn layer_norm_matches_dfdx() {
+    let dev = Cpu::seed_from_u64(4);
+    // An offset and scale per row, as residual streams have.
+    let x: P2<Cpu> = dev.sample_normal_like(&(11, 37)) * 2.5 + 0.75;
+    let (weight, bias) = (random1(&dev, 37), random1(&dev, 37));
+    let params: [GradReader; 2] = [&grad_of(&weight), &grad_of(&bias)];
+    compare(
+        "layer norm",
+        run(&x, &params, |x| Cpu::layer_norm(x, &weight, &bias, true)),
+        run(&x, &params, |x| composed::layer_norm(x, &weight, &bias)),
+    );
+}
+
+#[test]
+fn causal_attention_matches_dfdx() {
+    let dev = Cpu::seed_from_u64(5);
+    let (batch, seq, heads, head) = (3, 7, 3, 5);
+    let d = heads * head;
+    let qkv: P2<Cpu> = dev.sample_normal_like(&(batch * seq, 3 * d)) * 1.5;
+    compare(
+        "causal attention",
+        run(&qkv, &[], |x| Cpu::causal_attention(x, batch, heads)),
+        run(&qkv, &[], |x| composed::causal_attention(x, batch, heads)),
+    );
+}
+
+#[test]
+fn target_log_probs_match_dfdx_and_skip_masked_rows_exactly() {
+    let dev = Cpu::seed_from_u64(6);
+    let (n, vocab) = (13, 101);
+    let logits: P2<Cpu> = dev.sample_normal_like(&(n, vocab)) * 4.0;
+    let targets: Vec<usize> = (0..n).map(|i| (i * 37 + 5) % vocab).collect();
+    let targets = dev.tensor_from_vec(targets, (n,));
+    // Rows with mask 0 get exactly no gradient (the fused kernel skips them).
+    let mask: Vec<f32> = (0..n).map(|i| u8::from(i % 3 != 0).into()).collect();
+    let mask = dev.tensor_from_vec(mask, (n,));
+    let run = |fused: bool| {
+        let x = logits.leaky_trace();
+        let log_probs = if fused {
+            Cpu::target_log_probs(x, targets.clone())
+        } else {
+            composed::target_log_probs(x, targets.clone())
+        };
+        let values = log_probs.as_vec();
+        let grads = weighted_sum(log_probs * mask.clone(), 7).backward();
+        (values, grads.get(&logits).as_vec())
+    };
+    let ((values, grads), (expected_values, expected_grads)) = (run(true), run(false));
+    assert_close("log-probs", &values, &expected_values);
+    assert_close("logits gradient", &grads, &expected_grads);
+    assert!(grads[..vocab].iter().all(|&g| g == 0.0), "row 0 is masked");
+}
+
+#[test]
+fn results_do_not_depend_on_the_thread_count() {
+    let dev = Cpu::seed_from_u64(8);
+    // Enough rows for several parallel tasks in each kernel.
+    let (batch, seq, heads, d) = (4, 64, 4, 64);
+    let x: P2<Cpu> = dev.sample_normal_like(&(batch * seq, d));
+    let (ln_w, ln_b) = (random1(&dev, d), random1(&dev, d));
+    let (w_qkv, w_out) = (random2(&dev, d, 3 * d), random2(&dev, d, d));
+    let step = || {
+        let h = Cpu::layer_norm(x.leaky_trace(), &ln_w, &ln_b, true);
+        let dense = |w| Dense {
+            weight: w,
+            transposed: false,
+            bias: Some(&ln_b),
+            train: true,
+        };
+        let qkv = Cpu::linear(h, &dense(&w_qkv), Epilogue::Plain);
+        let y = Cpu::causal_attention(qkv, batch, heads);
+        let y = Cpu::linear(y, &dense(&w_out), Epilogue::Gelu);
+        let grads = weighted_sum(y, 9).backward();
+        [
+            grads.get(&ln_w).as_vec(),
+            grads.get(&ln_b).as_vec(),
+            grads.get(&w_qkv).as_vec(),
+            grads.get(&w_out).as_vec(),
+        ]
+        .concat()
+    };
+    let on = |threads| {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(step)
+    };
+    assert_eq!(on(1), on(3), "bit-identical gradients on 1 and 3 threads");
+}
