@@ -177,19 +177,11 @@ fn max(xs: &[f32]) -> f32 {
     lanes.iter().fold(tail, |m, &x| m.max(x))
 }
 
-/// `y += a·x`.
-#[inline(always)]
-fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
-    for (y, x) in y.iter_mut().zip(x) {
-        *y = a.mul_add(*x, *y);
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
-// Matrix multiply: the `gemm` crate (what dfdx itself calls), on row-major buffers.
+// Matrix multiply: the `gemm` crate on row-major buffers and strided views into them.
 
-/// A matrix over a row-major buffer, possibly transposed: element `(i, j)` is at
-/// `i·row_stride + j·col_stride`.
+/// A matrix inside a buffer: element `(i, j)` is at `i·row_stride + j·col_stride`; row-major,
+/// transposed, or one head's columns of a wider activation.
 #[derive(Clone, Copy)]
 struct Mat<'a> {
     data: &'a [f32],
@@ -202,12 +194,20 @@ struct Mat<'a> {
 impl<'a> Mat<'a> {
     fn new(data: &'a [f32], rows: usize, cols: usize) -> Self {
         assert_eq!(data.len(), rows * cols);
+        Mat::strided(data, (rows, cols), cols, 1)
+    }
+
+    /// `rows × cols` starting at `data[0]`, rows `row_stride` apart.
+    fn strided(data: &'a [f32], (rows, cols): (usize, usize), row_stride: usize, col_stride: usize) -> Self {
+        if rows > 0 && cols > 0 {
+            assert!((rows - 1) * row_stride + (cols - 1) * col_stride < data.len());
+        }
         Mat {
             data,
             rows,
             cols,
-            row_stride: cols as isize,
-            col_stride: 1,
+            row_stride: row_stride as isize,
+            col_stride: col_stride as isize,
         }
     }
 
@@ -222,34 +222,81 @@ impl<'a> Mat<'a> {
     }
 }
 
+/// How a product is written: `dst = scale·a·b`, or `dst += scale·a·b` when `accumulate`.
+#[derive(Clone, Copy)]
+struct Product {
+    scale: f32,
+    accumulate: bool,
+    /// Split across rayon's threads; false inside tasks that are already parallel.
+    parallel: bool,
+}
+
+/// `dst (m×n) = scale·a·b` or `+=`, where row `i` of `dst` starts at `dst + i·dst_row_stride`.
+///
+/// # Safety
+/// `dst` must be valid for writes at every `(i, j)` of the product, and no other thread may
+/// touch those elements during the call.
+unsafe fn gemm_into(dst: *mut f32, dst_row_stride: usize, a: Mat, b: Mat, how: Product) {
+    assert_eq!(a.cols, b.rows);
+    let parallelism = if how.parallel {
+        gemm::Parallelism::Rayon(rayon::current_num_threads())
+    } else {
+        gemm::Parallelism::None
+    };
+    gemm::gemm(
+        a.rows,
+        b.cols,
+        a.cols,
+        dst,
+        1,
+        dst_row_stride as isize,
+        how.accumulate,
+        a.data.as_ptr(),
+        a.col_stride,
+        a.row_stride,
+        b.data.as_ptr(),
+        b.col_stride,
+        b.row_stride,
+        1.0,
+        how.scale,
+        false,
+        false,
+        false,
+        parallelism,
+    )
+}
+
 /// `dst = a·b`, or `dst += a·b` when `accumulate`; `dst` is row-major `(a.rows, b.cols)`.
 fn matmul(dst: &mut [f32], a: Mat, b: Mat, accumulate: bool) {
-    assert_eq!(a.cols, b.rows);
     assert_eq!(dst.len(), a.rows * b.cols);
-    // SAFETY: the asserts above and `Mat::new` bound every index gemm computes by the
-    // buffers' lengths; `dst` is exclusively borrowed.
-    unsafe {
-        gemm::gemm(
-            a.rows,
-            b.cols,
-            a.cols,
-            dst.as_mut_ptr(),
-            1,
-            b.cols as isize,
-            accumulate,
-            a.data.as_ptr(),
-            a.col_stride,
-            a.row_stride,
-            b.data.as_ptr(),
-            b.col_stride,
-            b.row_stride,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::Rayon(rayon::current_num_threads()),
-        )
+    let how = Product {
+        scale: 1.0,
+        accumulate,
+        parallel: true,
+    };
+    // SAFETY: `dst` is exclusively borrowed and holds exactly the product.
+    unsafe { gemm_into(dst.as_mut_ptr(), b.cols, a, b, how) }
+}
+
+/// A buffer that parallel tasks write disjoint parts of (one attention head's columns each),
+/// which slices cannot express: the parts interleave row by row.
+#[derive(Clone, Copy)]
+struct SharedBuffer(*mut f32, usize);
+
+// SAFETY: only used by tasks that write disjoint elements (see `causal_attention`).
+unsafe impl Send for SharedBuffer {}
+unsafe impl Sync for SharedBuffer {}
+
+impl SharedBuffer {
+    fn new(buffer: &mut [f32]) -> Self {
+        SharedBuffer(buffer.as_mut_ptr(), buffer.len())
+    }
+
+    /// The address of element `offset`.
+    fn at(self, offset: usize) -> *mut f32 {
+        assert!(offset < self.1);
+        // SAFETY: in bounds, by the assert.
+        unsafe { self.0.add(offset) }
     }
 }
 
@@ -393,83 +440,58 @@ simd_fn! {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Attention, one (batch, head) at a time: q, k, v and the output are `(seq, head)` blocks.
+// Attention, one (batch, head) at a time. The products are GEMMs on strided views of the
+// `(batch·seq, 3·d)` activations (the masked half is computed and zeroed: at these sizes a
+// full GEMM is faster than a triangular loop); the softmax and its backward are row kernels.
+
+/// Where the heads are in the `(batch·seq, 3·d)` attention input.
+#[derive(Clone, Copy)]
+struct Heads {
+    seq: usize,
+    d: usize,
+    head: usize,
+}
+
+impl Heads {
+    /// Where part `part` (0 q, 1 k, 2 v) of head `h` of batch row `b` starts.
+    fn offset(self, (b, h, part): (usize, usize, usize)) -> usize {
+        b * self.seq * 3 * self.d + part * self.d + h * self.head
+    }
+
+    /// That part as a `(seq, head)` matrix, rows `3·d` apart.
+    fn view(self, data: &[f32], at: (usize, usize, usize)) -> Mat<'_> {
+        Mat::strided(&data[self.offset(at)..], (self.seq, self.head), 3 * self.d, 1)
+    }
+}
 
 simd_fn! {
-    /// Scores `q·kᵀ·scale` on and below the diagonal, softmax along rows into `p` (`(seq, seq)`,
-    /// zero above the diagonal), and `y = p·v`.
-    fn attention_head(q: &[f32], k: &[f32], v: &[f32], scale: f32, p: &mut [f32], y: &mut [f32]) {
-        let seq = p.len().isqrt();
-        let head = q.len() / seq;
-        for i in 0..seq {
-            let q_i = &q[i * head..(i + 1) * head];
-            let row = &mut p[i * seq..i * seq + i + 1];
-            for (j, s) in row.iter_mut().enumerate() {
-                *s = dot(q_i, &k[j * head..(j + 1) * head]) * scale;
-            }
-            let m = max(row);
-            for s in row.iter_mut() {
+    /// Causal softmax of each row of `scores` (`(seq, seq)`), in place; zero above the diagonal.
+    fn causal_softmax_rows(scores: &mut [f32]) {
+        let seq = scores.len().isqrt();
+        for (i, row) in scores.chunks_exact_mut(seq).enumerate() {
+            let (seen, future) = row.split_at_mut(i + 1);
+            let m = max(seen);
+            for s in seen.iter_mut() {
                 *s = exp(*s - m);
             }
-            let norm = 1.0 / sum(row);
-            let y_i = &mut y[i * head..(i + 1) * head];
-            for (j, s) in row.iter_mut().enumerate() {
-                *s *= norm;
-                axpy(y_i, *s, &v[j * head..(j + 1) * head]);
-            }
+            let norm = 1.0 / sum(seen);
+            seen.iter_mut().for_each(|s| *s *= norm);
+            future.fill(0.0);
         }
     }
 }
 
 simd_fn! {
-    /// The backward of `attention_head` from `dy`: writes `dq`, `dk`, `dv` (zeroed first).
-    fn attention_head_backward(
-        q: &[f32],
-        k: &[f32],
-        v: &[f32],
-        p: &[f32],
-        dy: &[f32],
-        scale: f32,
-        grads: &mut [f32],
-    ) {
+    /// Softmax backward in place: `dp` becomes `p·(dp − Σ p·dp)`, row by row.
+    fn softmax_backward_rows(p: &[f32], dp: &mut [f32]) {
         let seq = p.len().isqrt();
-        let head = q.len() / seq;
-        let (dq, rest) = grads.split_at_mut(seq * head);
-        let (dk, dv) = rest.split_at_mut(seq * head);
-        let mut dp = vec![0.0f32; seq];
-        for i in 0..seq {
-            let (dy_i, q_i) = (&dy[i * head..(i + 1) * head], &q[i * head..(i + 1) * head]);
-            let p_i = &p[i * seq..i * seq + i + 1];
-            let dp = &mut dp[..=i];
-            for (j, d) in dp.iter_mut().enumerate() {
-                *d = dot(dy_i, &v[j * head..(j + 1) * head]);
-            }
-            // Softmax backward: ds = p·(dp − Σ p·dp), then through the scale.
-            let centre = dot(p_i, dp);
-            let dq_i = &mut dq[i * head..(i + 1) * head];
-            for (j, (&p_ij, &dp_ij)) in p_i.iter().zip(dp.iter()).enumerate() {
-                let ds = p_ij * (dp_ij - centre) * scale;
-                let rows = j * head..(j + 1) * head;
-                axpy(dq_i, ds, &k[rows.clone()]);
-                axpy(&mut dk[rows.clone()], ds, q_i);
-                axpy(&mut dv[rows], p_ij, dy_i);
+        for (p, dp) in p.chunks_exact(seq).zip(dp.chunks_exact_mut(seq)) {
+            let centre = dot(p, dp);
+            for (d, p) in dp.iter_mut().zip(p) {
+                *d = p * (*d - centre);
             }
         }
     }
-}
-
-/// Copies head `h`'s block of part `part` (0 q, 1 k, 2 v) of batch row `b` out of `qkv`.
-fn head_block(
-    qkv: &[f32],
-    (b, h, part): (usize, usize, usize),
-    (seq, d, head): (usize, usize, usize),
-) -> Vec<f32> {
-    let mut block = Vec::with_capacity(seq * head);
-    for t in 0..seq {
-        let start = (b * seq + t) * 3 * d + part * d + h * head;
-        block.extend_from_slice(&qkv[start..start + head]);
-    }
-    block
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -648,31 +670,33 @@ impl Kernels for Cpu {
         let (n, width) = *qkv.shape();
         let (seq, d) = (n / batch, width / 3);
         let head = d / heads;
-        let sizes = (seq, d, head);
         let scale = 1.0 / (head as f32).sqrt();
         let values = host(&qkv);
-        let blocks = |b: usize, h: usize| {
-            let part = |p| head_block(&values, (b, h, p), sizes);
-            (part(0), part(1), part(2))
+        let layout = Heads { seq, d, head };
+        let single = |scale, accumulate| Product {
+            scale,
+            accumulate,
+            parallel: false,
         };
+        let mut out = vec![0.0; n * d];
+        let out_buffer = SharedBuffer::new(&mut out);
         // One task per (batch row, head); each keeps its probabilities for the backward pass.
-        let per_head: Vec<(Vec<f32>, Vec<f32>)> = (0..batch * heads)
+        let probabilities: Vec<Vec<f32>> = (0..batch * heads)
             .into_par_iter()
             .map(|task| {
-                let (q, k, v) = blocks(task / heads, task % heads);
-                let (mut p, mut y) = (vec![0.0; seq * seq], vec![0.0; seq * head]);
-                attention_head(&q, &k, &v, scale, &mut p, &mut y);
-                (p, y)
+                let (b, h) = (task / heads, task % heads);
+                let (q, k, v) = (layout.view(&values, (b, h, 0)), layout.view(&values, (b, h, 1)), layout.view(&values, (b, h, 2)));
+                let mut p = vec![0.0; seq * seq];
+                // SAFETY: `p` is this task's; so is head `h` of row `b` of `out`.
+                unsafe {
+                    gemm_into(p.as_mut_ptr(), seq, q, k.t(), single(scale, false));
+                    causal_softmax_rows(&mut p);
+                    let y = out_buffer.at(b * seq * d + h * head);
+                    gemm_into(y, d, Mat::new(&p, seq, seq), v, single(1.0, false));
+                }
+                p
             })
             .collect();
-        let mut out = vec![0.0; n * d];
-        for (task, (_, y)) in per_head.iter().enumerate() {
-            let (b, h) = (task / heads, task % heads);
-            for t in 0..seq {
-                let start = (b * seq + t) * d + h * head;
-                out[start..start + head].copy_from_slice(&y[t * head..(t + 1) * head]);
-            }
-        }
         let out = qkv.device().tensor_from_vec(out, (n, d));
         let (qkv_ghost, out_ghost) = (qkv.ghost(), out.ghost());
         tape.add_backward_op(move |grads| {
@@ -680,36 +704,23 @@ impl Kernels for Cpu {
             let grad_out = grad_buffer!(grads, out_ghost);
             // SAFETY: distinct live entries (see `GradBuffer`).
             let (grad_qkv, grad_out) = unsafe { (grad_qkv.write(), grad_out.read()) };
-            let values = &values;
-            let per_head_grads: Vec<Vec<f32>> = per_head
-                .into_par_iter()
-                .enumerate()
-                .map(|(task, (p, _))| {
-                    let (b, h) = (task / heads, task % heads);
-                    let part = |p| head_block(values, (b, h, p), sizes);
-                    let mut dy = Vec::with_capacity(seq * head);
-                    for t in 0..seq {
-                        let start = (b * seq + t) * d + h * head;
-                        dy.extend_from_slice(&grad_out[start..start + head]);
-                    }
-                    let mut g = vec![0.0; 3 * seq * head];
-                    attention_head_backward(&part(0), &part(1), &part(2), &p, &dy, scale, &mut g);
-                    g
-                })
-                .collect();
-            for (task, g) in per_head_grads.iter().enumerate() {
+            let target = SharedBuffer::new(grad_qkv);
+            probabilities.par_iter().enumerate().for_each(|(task, p)| {
                 let (b, h) = (task / heads, task % heads);
-                for part in 0..3 {
-                    for t in 0..seq {
-                        let start = (b * seq + t) * 3 * d + part * d + h * head;
-                        let from = &g[(part * seq + t) * head..(part * seq + t + 1) * head];
-                        grad_qkv[start..start + head]
-                            .iter_mut()
-                            .zip(from)
-                            .for_each(|(a, b)| *a += b);
-                    }
+                let (q, k, v) = (layout.view(&values, (b, h, 0)), layout.view(&values, (b, h, 1)), layout.view(&values, (b, h, 2)));
+                let dy = Mat::strided(&grad_out[b * seq * d + h * head..], (seq, head), d, 1);
+                let mut ds = vec![0.0; seq * seq];
+                let p_mat = Mat::new(p, seq, seq);
+                // SAFETY: `ds` is this task's; so are head `h`'s columns of row `b` of `target`.
+                unsafe {
+                    gemm_into(ds.as_mut_ptr(), seq, dy, v.t(), single(1.0, false));
+                    softmax_backward_rows(p, &mut ds);
+                    let ds = Mat::new(&ds, seq, seq);
+                    gemm_into(target.at(layout.offset((b, h, 0))), width, ds, k, single(scale, true));
+                    gemm_into(target.at(layout.offset((b, h, 1))), width, ds.t(), q, single(scale, true));
+                    gemm_into(target.at(layout.offset((b, h, 2))), width, p_mat.t(), dy, single(1.0, true));
                 }
-            }
+            });
             Ok(())
         });
         out.put_tape(tape)
