@@ -18,7 +18,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use smelt_engine::{Metrics, StageContext};
 
-use crate::model::{io, AdamWConfig, Backend};
+use crate::model::{io, on_compute_threads, AdamWConfig, Backend};
 pub use schedule::Schedule;
 
 #[derive(Debug, Serialize, Deserialize, JsonSchema)]
@@ -177,7 +177,7 @@ impl TrainParams {
 pub type Extras = BTreeMap<String, f64>;
 
 /// What a stage trains for.
-pub trait Objective {
+pub trait Objective: Send {
     /// Tokens in one micro-batch (for tokens/s and MFU).
     fn tokens_per_micro_batch(&self) -> f64;
     /// Forward and backward on the micro-batch drawn with `seed` (dropout masks come from
@@ -244,17 +244,20 @@ pub fn run(
     let end = stop_after.map_or(t.steps, |s| s.min(t.steps));
     for step in start..end {
         let lr = schedule::learning_rate(t.schedule, step, t.steps, t.warmup, t.lr, t.min_lr());
-        let mut loss = 0.0;
-        let mut extras = Extras::new();
-        for micro in 0..t.grad_accum {
-            let seed = mix(t.seed, step * t.grad_accum as u64 + micro as u64);
-            let share = 1.0 / t.grad_accum as f32;
-            let (micro_loss, micro_extras) = objective.accumulate(model, seed, share);
-            loss += micro_loss * share;
-            for (name, value) in micro_extras {
-                *extras.entry(name).or_default() += value * f64::from(share);
+        let (loss, mut extras) = on_compute_threads(|| {
+            let mut loss = 0.0;
+            let mut extras = Extras::new();
+            for micro in 0..t.grad_accum {
+                let seed = mix(t.seed, step * t.grad_accum as u64 + micro as u64);
+                let share = 1.0 / t.grad_accum as f32;
+                let (micro_loss, micro_extras) = objective.accumulate(model, seed, share);
+                loss += micro_loss * share;
+                for (name, value) in micro_extras {
+                    *extras.entry(name).or_default() += value * f64::from(share);
+                }
             }
-        }
+            (loss, extras)
+        });
         let diverged = |what: &str, value: f32| {
             format!(
                 "the {what} is {value} at step {}: training diverged (lower `train.lr`?); the last \
@@ -265,14 +268,15 @@ pub fn run(
         if !loss.is_finite() {
             return Err(diverged("loss", loss));
         }
-        let grad_norm = model.step(lr, (t.grad_clip > 0.0).then_some(t.grad_clip));
+        let clip = (t.grad_clip > 0.0).then_some(t.grad_clip);
+        let grad_norm = on_compute_threads(|| model.step(lr, clip));
         if !grad_norm.is_finite() {
             return Err(diverged("gradient norm", grad_norm));
         }
         let done = step + 1;
         let mut val_loss = None;
         if done % settings.eval.every == 0 || done == t.steps {
-            let (value, val_extras) = objective.evaluate(model);
+            let (value, val_extras) = on_compute_threads(|| objective.evaluate(model));
             val_loss = Some(value);
             extras.extend(val_extras.into_iter().map(|(k, v)| (format!("val_{k}"), v)));
         }

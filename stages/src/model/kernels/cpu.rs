@@ -198,7 +198,12 @@ impl<'a> Mat<'a> {
     }
 
     /// `rows × cols` starting at `data[0]`, rows `row_stride` apart.
-    fn strided(data: &'a [f32], (rows, cols): (usize, usize), row_stride: usize, col_stride: usize) -> Self {
+    fn strided(
+        data: &'a [f32],
+        (rows, cols): (usize, usize),
+        row_stride: usize,
+        col_stride: usize,
+    ) -> Self {
         if rows > 0 && cols > 0 {
             assert!((rows - 1) * row_stride + (cols - 1) * col_stride < data.len());
         }
@@ -460,7 +465,12 @@ impl Heads {
 
     /// That part as a `(seq, head)` matrix, rows `3·d` apart.
     fn view(self, data: &[f32], at: (usize, usize, usize)) -> Mat<'_> {
-        Mat::strided(&data[self.offset(at)..], (self.seq, self.head), 3 * self.d, 1)
+        Mat::strided(
+            &data[self.offset(at)..],
+            (self.seq, self.head),
+            3 * self.d,
+            1,
+        )
     }
 }
 
@@ -685,7 +695,11 @@ impl Kernels for Cpu {
             .into_par_iter()
             .map(|task| {
                 let (b, h) = (task / heads, task % heads);
-                let (q, k, v) = (layout.view(&values, (b, h, 0)), layout.view(&values, (b, h, 1)), layout.view(&values, (b, h, 2)));
+                let (q, k, v) = (
+                    layout.view(&values, (b, h, 0)),
+                    layout.view(&values, (b, h, 1)),
+                    layout.view(&values, (b, h, 2)),
+                );
                 let mut p = vec![0.0; seq * seq];
                 // SAFETY: `p` is this task's; so is head `h` of row `b` of `out`.
                 unsafe {
@@ -707,7 +721,11 @@ impl Kernels for Cpu {
             let target = SharedBuffer::new(grad_qkv);
             probabilities.par_iter().enumerate().for_each(|(task, p)| {
                 let (b, h) = (task / heads, task % heads);
-                let (q, k, v) = (layout.view(&values, (b, h, 0)), layout.view(&values, (b, h, 1)), layout.view(&values, (b, h, 2)));
+                let (q, k, v) = (
+                    layout.view(&values, (b, h, 0)),
+                    layout.view(&values, (b, h, 1)),
+                    layout.view(&values, (b, h, 2)),
+                );
                 let dy = Mat::strided(&grad_out[b * seq * d + h * head..], (seq, head), d, 1);
                 let mut ds = vec![0.0; seq * seq];
                 let p_mat = Mat::new(p, seq, seq);
@@ -716,9 +734,27 @@ impl Kernels for Cpu {
                     gemm_into(ds.as_mut_ptr(), seq, dy, v.t(), single(1.0, false));
                     softmax_backward_rows(p, &mut ds);
                     let ds = Mat::new(&ds, seq, seq);
-                    gemm_into(target.at(layout.offset((b, h, 0))), width, ds, k, single(scale, true));
-                    gemm_into(target.at(layout.offset((b, h, 1))), width, ds.t(), q, single(scale, true));
-                    gemm_into(target.at(layout.offset((b, h, 2))), width, p_mat.t(), dy, single(1.0, true));
+                    gemm_into(
+                        target.at(layout.offset((b, h, 0))),
+                        width,
+                        ds,
+                        k,
+                        single(scale, true),
+                    );
+                    gemm_into(
+                        target.at(layout.offset((b, h, 1))),
+                        width,
+                        ds.t(),
+                        q,
+                        single(scale, true),
+                    );
+                    gemm_into(
+                        target.at(layout.offset((b, h, 2))),
+                        width,
+                        p_mat.t(),
+                        dy,
+                        single(1.0, true),
+                    );
                 }
             });
             Ok(())
