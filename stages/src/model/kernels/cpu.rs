@@ -11,9 +11,9 @@ use rayon::prelude::*;
 use super::{Dense, Epilogue, Kernels, LAYER_NORM_EPS};
 use crate::model::gpt::{A2, P1};
 
-/// Defines a function whose body is compiled twice: for AVX2+FMA, chosen at run time when the
-/// CPU has them, and for the baseline target (SSE2 only on x86-64) otherwise. The bodies are
-/// plain loops; LLVM vectorises them for whichever target they are compiled for.
+/// Defines a function whose body is compiled three times: for AVX-512 and for AVX2 (both with
+/// FMA), chosen at run time by what the CPU has, and for the baseline target (SSE2 only on
+/// x86-64) otherwise. The bodies are plain loops; LLVM vectorises them for each target.
 macro_rules! simd_fn {
     ($(#[$meta:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
         $(#[$meta])*
@@ -22,9 +22,22 @@ macro_rules! simd_fn {
             fn portable($($arg: $ty),*) $(-> $ret)? $body
             #[cfg(target_arch = "x86_64")]
             {
+                #[target_feature(enable = "avx512f,avx512vl,avx512dq,avx512bw,avx2,fma")]
+                unsafe fn avx512($($arg: $ty),*) $(-> $ret)? {
+                    portable($($arg),*)
+                }
                 #[target_feature(enable = "avx2,fma")]
                 unsafe fn avx2($($arg: $ty),*) $(-> $ret)? {
                     portable($($arg),*)
+                }
+                if std::is_x86_feature_detected!("avx512f")
+                    && std::is_x86_feature_detected!("avx512vl")
+                    && std::is_x86_feature_detected!("avx512dq")
+                    && std::is_x86_feature_detected!("avx512bw")
+                    && std::is_x86_feature_detected!("fma")
+                {
+                    // SAFETY: the CPU has the features `avx512` is compiled for.
+                    return unsafe { avx512($($arg),*) };
                 }
                 if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
                     // SAFETY: the CPU has the features `avx2` is compiled for.
@@ -108,8 +121,15 @@ fn exp(x: f32) -> f32 {
     ] {
         p = p.mul_add(r, c);
     }
-    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    // 2ⁿ from the bits of n: adding 1.5·2²³ puts the integer n in the low mantissa bits (`as
+    // i32` would do, but its saturating conversion does not vectorise).
+    const SHIFTER: f32 = 12_582_912.0;
+    let exponent = (n + SHIFTER).to_bits().wrapping_sub(SHIFTER.to_bits()).wrapping_add(127);
+    p * f32::from_bits(exponent << 23)
 }
+
+/// Accumulators in reductions.
+const LANES: usize = 16;
 
 const SQRT_2_OVER_PI: f32 = 0.797_884_6;
 const GELU_CUBIC: f32 = 0.044_715;
@@ -128,12 +148,12 @@ fn gelu_and_slope(x: f32) -> (f32, f32) {
     (x * s, (x * s * (e * s)).mul_add(2.0 * du, s))
 }
 
-/// Sum with eight accumulators: a vector's worth, so the loop vectorises (a single accumulator
-/// is a serial chain LLVM may not reorder).
+/// Sum with sixteen accumulators: an AVX-512 vector's worth, so the loop vectorises (a single
+/// accumulator is a serial chain LLVM may not reorder).
 #[inline(always)]
 fn sum(xs: &[f32]) -> f32 {
-    let mut lanes = [0.0f32; 8];
-    let chunks = xs.chunks_exact(8);
+    let mut lanes = [0.0f32; LANES];
+    let chunks = xs.chunks_exact(LANES);
     let tail: f32 = chunks.remainder().iter().sum();
     for chunk in chunks {
         for (lane, x) in lanes.iter_mut().zip(chunk) {
@@ -145,8 +165,8 @@ fn sum(xs: &[f32]) -> f32 {
 
 #[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut lanes = [0.0f32; 8];
-    let (a_chunks, b_chunks) = (a.chunks_exact(8), b.chunks_exact(8));
+    let mut lanes = [0.0f32; LANES];
+    let (a_chunks, b_chunks) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
     let tail: f32 = a_chunks
         .remainder()
         .iter()
@@ -163,8 +183,8 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 
 #[inline(always)]
 fn max(xs: &[f32]) -> f32 {
-    let mut lanes = [f32::NEG_INFINITY; 8];
-    let chunks = xs.chunks_exact(8);
+    let mut lanes = [f32::NEG_INFINITY; LANES];
+    let chunks = xs.chunks_exact(LANES);
     let tail = chunks
         .remainder()
         .iter()
@@ -351,8 +371,8 @@ simd_fn! {
         let d = weight.len();
         for ((x, y), stat) in x.chunks_exact(d).zip(y.chunks_exact_mut(d)).zip(stats) {
             let mean = sum(x) / d as f32;
-            let mut lanes = [0.0f32; 8];
-            let chunks = x.chunks_exact(8);
+            let mut lanes = [0.0f32; LANES];
+            let chunks = x.chunks_exact(LANES);
             let tail: f32 = chunks.remainder().iter().map(|v| (v - mean) * (v - mean)).sum();
             for chunk in chunks {
                 for (lane, v) in lanes.iter_mut().zip(chunk) {
@@ -412,8 +432,8 @@ simd_fn! {
         let vocab = logits.len() / targets.len().max(1);
         for (((row, &target), lse), out) in logits.chunks_exact(vocab).zip(targets).zip(lse).zip(out) {
             let m = max(row);
-            let mut lanes = [0.0f32; 8];
-            let chunks = row.chunks_exact(8);
+            let mut lanes = [0.0f32; LANES];
+            let chunks = row.chunks_exact(LANES);
             let tail: f32 = chunks.remainder().iter().map(|&x| exp(x - m)).sum();
             for chunk in chunks {
                 for (lane, &x) in lanes.iter_mut().zip(chunk) {
