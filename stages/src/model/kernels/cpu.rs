@@ -124,7 +124,10 @@ fn exp(x: f32) -> f32 {
     // 2ⁿ from the bits of n: adding 1.5·2²³ puts the integer n in the low mantissa bits (`as
     // i32` would do, but its saturating conversion does not vectorise).
     const SHIFTER: f32 = 12_582_912.0;
-    let exponent = (n + SHIFTER).to_bits().wrapping_sub(SHIFTER.to_bits()).wrapping_add(127);
+    let exponent = (n + SHIFTER)
+        .to_bits()
+        .wrapping_sub(SHIFTER.to_bits())
+        .wrapping_add(127);
     p * f32::from_bits(exponent << 23)
 }
 
@@ -549,20 +552,25 @@ impl Kernels for Cpu {
         };
         // The output starts as the residual or the broadcast bias, and the GEMM adds into it.
         let mut residual_ghost = None;
-        let mut y = match residual {
-            Some(residual) => {
+        let bias = dense.bias.map(host);
+        if let Some(bias) = &bias {
+            assert_eq!(bias.len(), outputs, "one bias per output");
+        }
+        let mut y = match (residual, &bias) {
+            (Some(residual), _) => {
                 let (residual, residual_tape) = residual.split_tape();
                 tape = tape.merge(residual_tape);
                 residual_ghost = Some(residual.ghost());
-                host(&residual)
+                let mut y = host(&residual);
+                if let Some(bias) = &bias {
+                    y.par_chunks_mut(outputs)
+                        .for_each(|row| row.iter_mut().zip(bias).for_each(|(y, b)| *y += b));
+                }
+                y
             }
-            None => vec![0.0; n * outputs],
+            (None, Some(bias)) => bias.repeat(n),
+            (None, None) => vec![0.0; n * outputs],
         };
-        let bias = dense.bias.map(host);
-        if let Some(bias) = &bias {
-            y.par_chunks_mut(outputs)
-                .for_each(|row| row.iter_mut().zip(bias).for_each(|(y, b)| *y += b));
-        }
         let accumulate = residual_ghost.is_some() || bias.is_some();
         let weight = weight_mat(&ws, (inputs, outputs), transposed);
         matmul(&mut y, Mat::new(&xs, n, inputs), weight, accumulate);

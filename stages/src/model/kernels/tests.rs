@@ -241,23 +241,25 @@ fn results_do_not_depend_on_the_thread_count() {
     let x: P2<Cpu> = dev.sample_normal_like(&(batch * seq, d));
     let (ln_w, ln_b) = (random1(&dev, d), random1(&dev, d));
     let (w_qkv, w_out) = (random2(&dev, d, 3 * d), random2(&dev, d, d));
+    let (b_qkv, b_out) = (random1(&dev, 3 * d), random1(&dev, d));
     let step = || {
         let h = Cpu::layer_norm(x.leaky_trace(), &ln_w, &ln_b, true);
-        let dense = |w| Dense {
-            weight: w,
+        let dense = |weight, bias| Dense {
+            weight,
             transposed: false,
-            bias: Some(&ln_b),
+            bias: Some(bias),
             train: true,
         };
-        let qkv = Cpu::linear(h, &dense(&w_qkv), Epilogue::Plain);
+        let qkv = Cpu::linear(h, &dense(&w_qkv, &b_qkv), Epilogue::Plain);
         let y = Cpu::causal_attention(qkv, batch, heads);
-        let y = Cpu::linear(y, &dense(&w_out), Epilogue::Gelu);
+        let y = Cpu::linear(y, &dense(&w_out, &b_out), Epilogue::Gelu);
         let grads = weighted_sum(y, 9).backward();
         [
             grads.get(&ln_w).as_vec(),
             grads.get(&ln_b).as_vec(),
             grads.get(&w_qkv).as_vec(),
             grads.get(&w_out).as_vec(),
+            grads.get(&b_qkv).as_vec(),
         ]
         .concat()
     };
