@@ -350,6 +350,26 @@ impl<D: Kernels> Gpt<D> {
         ids: Tensor<(usize, usize), usize, D, T>,
         dropout: &mut Dropout,
     ) -> A2<D, T> {
+        D::linear(self.trunk(ids, dropout), &self.head(), Epilogue::Plain)
+    }
+
+    /// The log-probability `(batch·seq,)` of each target id after `ids`: the output head and
+    /// the log-softmax in one kernel, without the `(batch·seq, vocab)` logits as a tensor.
+    pub fn target_log_probs<T: Tape<f32, D>>(
+        &self,
+        ids: Tensor<(usize, usize), usize, D, T>,
+        targets: Tensor<(usize,), usize, D>,
+        dropout: &mut Dropout,
+    ) -> Tensor<(usize,), f32, D, T> {
+        D::head_log_probs(self.trunk(ids, dropout), &self.head(), targets)
+    }
+
+    /// The final hidden states `(batch·seq, d)`, after `ln_f`.
+    fn trunk<T: Tape<f32, D>>(
+        &self,
+        ids: Tensor<(usize, usize), usize, D, T>,
+        dropout: &mut Dropout,
+    ) -> A2<D, T> {
         let (batch, seq) = *ids.shape();
         let d = self.config.d_model;
         let (ids, tape) = ids.split_tape();
@@ -365,23 +385,21 @@ impl<D: Kernels> Gpt<D> {
         for block in &self.h {
             x = block.forward(x, (batch, self.config.heads), train, dropout);
         }
-        let x = self.ln_f.forward(x, train);
-        let head = match &self.lm_head {
-            // Tied: the embedding itself, so both uses add to one gradient.
-            None => Dense {
-                weight: &self.wte,
-                transposed: true,
-                bias: None,
-                train,
-            },
-            Some(head) => Dense {
-                weight: head,
-                transposed: false,
-                bias: None,
-                train,
-            },
+        self.ln_f.forward(x, train)
+    }
+
+    /// The output head: the embedding itself when tied, so both uses add to one gradient.
+    fn head(&self) -> Dense<'_, D> {
+        let (weight, transposed) = match &self.lm_head {
+            None => (&self.wte, true),
+            Some(head) => (head, false),
         };
-        D::linear(x, &head, Epilogue::Plain)
+        Dense {
+            weight,
+            transposed,
+            bias: None,
+            train: !self.frozen,
+        }
     }
 
     pub fn visit<V: ParamVisitor<D>>(&mut self, v: &mut V) {
@@ -454,22 +472,12 @@ impl<D: Kernels> Gpt<D> {
     }
 }
 
-/// The log-probability of each target id `(n,)` under `logits` `(n, vocab)`.
-pub fn target_log_probs<D: Kernels, T: Tape<f32, D>>(
-    logits: A2<D, T>,
-    targets: Tensor<(usize,), usize, D>,
-) -> Tensor<(usize,), f32, D, T> {
-    D::target_log_probs(logits, targets)
-}
-
-/// Mean cross-entropy of `logits` `(n, vocab)` against target ids `(n,)`, over the targets
-/// whose `mask` weight is 1 when a mask is given (fine-tuning trains on answers only).
-pub fn cross_entropy<D: Kernels, T: Tape<f32, D>>(
-    logits: A2<D, T>,
-    targets: Tensor<(usize,), usize, D>,
+/// Mean negative log-likelihood of target log-probs `(n,)`, over the targets whose `mask`
+/// weight is 1 when a mask is given (fine-tuning trains on answers only).
+pub fn mean_nll<D: Device<f32>, T: Tape<f32, D>>(
+    log_probs: Tensor<(usize,), f32, D, T>,
     mask: Option<Tensor<(usize,), f32, D>>,
 ) -> Tensor<Rank0, f32, D, T> {
-    let log_probs = target_log_probs(logits, targets);
     match mask {
         None => log_probs.mean::<Rank0, _>().negate(),
         Some(mask) => {

@@ -30,7 +30,7 @@ use dfdx::prelude::*;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use gpt::{cross_entropy, target_log_probs, Dropout, Gpt};
+use gpt::{mean_nll, Dropout, Gpt};
 use kernels::Kernels;
 pub use lora::{LoraConfig, LoraTarget};
 use optim::AdamW;
@@ -376,10 +376,11 @@ impl<D: Kernels> Engine<D> {
     fn accumulate(&mut self, batch: &Batch, weight: f32, dropout_seed: u64) -> f32 {
         let ids = self.ids(batch.inputs, batch.batch, batch.seq);
         let mut dropout = self.dropout(dropout_seed);
-        let logits = self
+        let ids = ids.traced(Gradients::leaky());
+        let log_probs = self
             .model
-            .forward(ids.traced(Gradients::leaky()), &mut dropout);
-        let loss = cross_entropy(logits, self.targets(batch), self.mask(batch));
+            .target_log_probs(ids, self.targets(batch), &mut dropout);
+        let loss = mean_nll(log_probs, self.mask(batch));
         let value = loss.as_vec()[0];
         let mut gradients = loss.backward();
         optim::accumulate(&mut self.model, &mut self.gradients, &mut gradients, weight);
@@ -394,10 +395,11 @@ impl<D: Kernels> Engine<D> {
         average: bool,
         dropout: &mut Dropout,
     ) -> Tensor<(usize,), f32, D, T> {
-        let logits = self.model.forward(ids, dropout);
         let ones = vec![1.0; batch.targets.len()];
         let mask = batch.mask.unwrap_or(&ones);
-        let masked = target_log_probs(logits, self.targets(batch))
+        let masked = self
+            .model
+            .target_log_probs(ids, self.targets(batch), dropout)
             * self.device.tensor_from_vec(mask.to_vec(), (mask.len(),));
         let sums = masked
             .reshape_like(&(batch.batch, batch.seq))
@@ -475,8 +477,10 @@ impl<D: Kernels> Engine<D> {
 
     fn loss(&mut self, batch: &Batch) -> f32 {
         let ids = self.ids(batch.inputs, batch.batch, batch.seq);
-        let logits = self.model.forward(ids, &mut Dropout::off());
-        cross_entropy(logits, self.targets(batch), self.mask(batch)).as_vec()[0]
+        let log_probs = self
+            .model
+            .target_log_probs(ids, self.targets(batch), &mut Dropout::off());
+        mean_nll(log_probs, self.mask(batch)).as_vec()[0]
     }
 
     fn logits(&mut self, ids: &[u32], batch: usize, seq: usize) -> Vec<f32> {

@@ -76,11 +76,14 @@ pub fn causal_attention<D: Device<f32>, T: Tape<f32, D>>(
         .reshape_like(&(n, d))
 }
 
-pub fn target_log_probs<D: Device<f32>, T: Tape<f32, D>>(
-    logits: A2<D, T>,
+pub fn head_log_probs<D: Buffers, T: Tape<f32, D>>(
+    x: A2<D, T>,
+    head: &Dense<D>,
     targets: Tensor<(usize,), usize, D>,
 ) -> Tensor<(usize,), f32, D, T> {
-    logits.log_softmax::<Axis<1>>().select(targets)
+    linear(x, head, Epilogue::Plain)
+        .log_softmax::<Axis<1>>()
+        .select(targets)
 }
 
 /// `x·w` for a frozen `w`: the backward pass gives `x` its gradient and skips `w`'s, the

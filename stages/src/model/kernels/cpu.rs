@@ -306,6 +306,94 @@ fn matmul(dst: &mut [f32], a: Mat, b: Mat, accumulate: bool) {
     unsafe { gemm_into(dst.as_mut_ptr(), b.cols, a, b, how) }
 }
 
+/// `a·b` in a new row-major buffer, written once by the GEMM (no zero fill first).
+fn product(a: Mat, b: Mat) -> Vec<f32> {
+    let len = a.rows * b.cols;
+    if a.cols == 0 {
+        return vec![0.0; len];
+    }
+    let mut dst = Vec::with_capacity(len);
+    let how = Product {
+        scale: 1.0,
+        accumulate: false,
+        parallel: true,
+    };
+    // SAFETY: with `accumulate` false and a nonempty inner dimension the GEMM writes every
+    // element of the `len` it was given room for, without reading any, before `set_len`.
+    unsafe {
+        gemm_into(dst.as_mut_ptr(), b.cols, a, b, how);
+        dst.set_len(len);
+    }
+    dst
+}
+
+/// What a linear layer keeps for its backward pass: its input and weight.
+struct LinearInputs {
+    x: Vec<f32>,
+    weight: Vec<f32>,
+    /// `(tokens, in, out)`.
+    sizes: (usize, usize, usize),
+    /// The weight is stored `(out, in)`.
+    transposed: bool,
+}
+
+impl LinearInputs {
+    fn new<T>(x: &A2<Cpu, T>, dense: &Dense<Cpu>) -> Self {
+        let (n, inputs) = *x.shape();
+        let (rows, cols) = *dense.weight.shape();
+        let outputs = if dense.transposed { rows } else { cols };
+        LinearInputs {
+            x: host(x),
+            weight: host(dense.weight),
+            sizes: (n, inputs, outputs),
+            transposed: dense.transposed,
+        }
+    }
+
+    fn x(&self) -> Mat<'_> {
+        Mat::new(&self.x, self.sizes.0, self.sizes.1)
+    }
+
+    /// The weight as the `(in, out)` matrix the layer multiplies by.
+    fn weight(&self) -> Mat<'_> {
+        let (_, inputs, outputs) = self.sizes;
+        if self.transposed {
+            Mat::new(&self.weight, outputs, inputs).t()
+        } else {
+            Mat::new(&self.weight, inputs, outputs)
+        }
+    }
+
+    /// `dx += dy·Wᵀ` for the output gradient `dy` `(tokens, out)`.
+    fn backward_input(&self, dy: &[f32], grad_x: &mut [f32]) {
+        let dy = Mat::new(dy, self.sizes.0, self.sizes.2);
+        matmul(grad_x, dy, self.weight().t(), true);
+    }
+
+    /// `dW += xᵀ·dy` (in the weight's stored layout) and `db += Σ dy` over tokens.
+    fn backward_params(&self, dy: &[f32], grad_w: &mut [f32], grad_b: Option<&mut [f32]>) {
+        let outputs = self.sizes.2;
+        let dy_mat = Mat::new(dy, self.sizes.0, outputs);
+        if self.transposed {
+            matmul(grad_w, dy_mat.t(), self.x(), true);
+        } else {
+            matmul(grad_w, self.x().t(), dy_mat, true);
+        }
+        if let Some(grad_b) = grad_b {
+            let step = rows_per_task(outputs);
+            let partials: Vec<Vec<f32>> = dy
+                .par_chunks(step * outputs)
+                .map(|rows| {
+                    let mut sums = vec![0.0; outputs];
+                    add_column_sums(rows, &mut sums);
+                    sums
+                })
+                .collect();
+            add_partials(grad_b, &partials);
+        }
+    }
+}
+
 /// A buffer that parallel tasks write disjoint parts of (one attention head's columns each),
 /// which slices cannot express: the parts interleave row by row.
 #[derive(Clone, Copy)]
@@ -450,19 +538,21 @@ simd_fn! {
 }
 
 simd_fn! {
-    /// `d logp[target] / d logits = onehot(target) − softmax`, times each row's output gradient.
-    fn log_softmax_backward_rows(logits: &[f32], targets: &[usize], lse: &[f32], grad_out: &[f32], grad: &mut [f32]) {
+    /// Turns rows of logits, in place, into the gradient of their targets' log-probabilities:
+    /// `g·(onehot(target) − softmax)`, with `g` each row's output gradient.
+    fn log_softmax_grad_in_place(logits: &mut [f32], targets: &[usize], lse: &[f32], grad_out: &[f32]) {
         let vocab = logits.len() / targets.len().max(1);
-        let rows = logits.chunks_exact(vocab).zip(grad.chunks_exact_mut(vocab));
-        for ((((row, grad), &target), &lse), &g) in rows.zip(targets).zip(lse).zip(grad_out) {
-            // Masked-out tokens (fine-tuning prompts, padding) have no gradient: skip the row.
+        let rows = logits.chunks_exact_mut(vocab).zip(targets).zip(lse).zip(grad_out);
+        for (((row, &target), &lse), &g) in rows {
+            // Masked-out tokens (fine-tuning prompts, padding) have no gradient.
             if g == 0.0 {
+                row.fill(0.0);
                 continue;
             }
-            for (d, &x) in grad.iter_mut().zip(row) {
-                *d = (-g).mul_add(exp(x - lse), *d);
+            for x in row.iter_mut() {
+                *x = -g * exp(*x - lse);
             }
-            grad[target] += g;
+            row[target] += g;
         }
     }
 }
@@ -537,14 +627,8 @@ impl Kernels for Cpu {
         epilogue: Epilogue<Self, T>,
     ) -> A2<Self, T> {
         let (x, mut tape) = x.split_tape();
-        let (n, inputs) = *x.shape();
-        let (rows, cols) = *dense.weight.shape();
-        let (outputs, transposed, train) = if dense.transposed {
-            (rows, true, dense.train)
-        } else {
-            (cols, false, dense.train)
-        };
-        let (xs, ws) = (host(&x), host(dense.weight));
+        let saved = LinearInputs::new(&x, dense);
+        let (n, _, outputs) = saved.sizes;
         let (residual, gelu) = match epilogue {
             Epilogue::Plain => (None, false),
             Epilogue::Gelu => (None, true),
@@ -566,24 +650,25 @@ impl Kernels for Cpu {
                     y.par_chunks_mut(outputs)
                         .for_each(|row| row.iter_mut().zip(bias).for_each(|(y, b)| *y += b));
                 }
+                matmul(&mut y, saved.x(), saved.weight(), true);
                 y
             }
-            (None, Some(bias)) => bias.repeat(n),
-            (None, None) => vec![0.0; n * outputs],
+            (None, Some(bias)) => {
+                let mut y = bias.repeat(n);
+                matmul(&mut y, saved.x(), saved.weight(), true);
+                y
+            }
+            (None, None) => product(saved.x(), saved.weight()),
         };
-        let accumulate = residual_ghost.is_some() || bias.is_some();
-        let weight = weight_mat(&ws, (inputs, outputs), transposed);
-        matmul(&mut y, Mat::new(&xs, n, inputs), weight, accumulate);
         let pre_activation = gelu.then(|| {
             let pre = y.clone();
             par_zip(&pre, &mut y, gelu_rows);
             pre
         });
         let out = x.device().tensor_from_vec(y, (n, outputs));
-        let x_ghost = x.ghost();
-        let w_ghost = dense.weight.ghost();
+        let train = dense.train;
+        let (x_ghost, w_ghost, out_ghost) = (x.ghost(), dense.weight.ghost(), out.ghost());
         let b_ghost = dense.bias.map(|b| b.ghost());
-        let out_ghost = out.ghost();
         tape.add_backward_op(move |grads| {
             let grad_out = grad_buffer!(grads, out_ghost);
             let grad_x = grad_buffer!(grads, x_ghost);
@@ -592,42 +677,27 @@ impl Kernels for Cpu {
                 None => None,
             };
             // SAFETY: distinct live entries (see `GradBuffer`).
-            let (grad_out, grad_x) = unsafe { (grad_out.read(), grad_x.write()) };
+            let (grad_out, grad_x) = unsafe { (grad_out.write(), grad_x.write()) };
             if let Some(grad_residual) = grad_residual {
                 // SAFETY: as above.
-                let grad_residual = unsafe { grad_residual.write() };
-                par_zip(grad_out, grad_residual, add_rows);
+                par_zip(grad_out, unsafe { grad_residual.write() }, add_rows);
             }
-            let grad_pre = pre_activation.as_ref().map(|pre| {
-                let mut grad = grad_out.to_vec();
-                par_zip(pre, &mut grad, gelu_backward_rows);
-                grad
-            });
-            let grad_pre = grad_pre.as_deref().unwrap_or(grad_out);
-            let dy = Mat::new(grad_pre, n, outputs);
-            let weight = weight_mat(&ws, (inputs, outputs), transposed);
-            matmul(grad_x, dy, weight.t(), true);
-            if !train {
-                return Ok(());
+            if let Some(pre) = &pre_activation {
+                // No op reads an output's gradient after the op that made it, so GELU's
+                // backward turns it into the pre-activation's gradient in place.
+                par_zip(pre, grad_out, gelu_backward_rows);
             }
-            let x = Mat::new(&xs, n, inputs);
-            let grad_w: &mut Vec<f32> = grads.get_or_alloc_mut(&w_ghost)?;
-            if transposed {
-                matmul(grad_w, dy.t(), x, true);
-            } else {
-                matmul(grad_w, x.t(), dy, true);
-            }
-            if let Some(b_ghost) = &b_ghost {
-                let step = rows_per_task(outputs);
-                let partials: Vec<Vec<f32>> = grad_pre
-                    .par_chunks(step * outputs)
-                    .map(|rows| {
-                        let mut sums = vec![0.0; outputs];
-                        add_column_sums(rows, &mut sums);
-                        sums
-                    })
-                    .collect();
-                add_partials(grads.get_or_alloc_mut(b_ghost)?, &partials);
+            saved.backward_input(grad_out, grad_x);
+            if train {
+                let grad_w = grad_buffer!(grads, w_ghost);
+                let grad_b = match &b_ghost {
+                    Some(ghost) => Some(grad_buffer!(grads, *ghost)),
+                    None => None,
+                };
+                // SAFETY: as above.
+                unsafe {
+                    saved.backward_params(grad_out, grad_w.write(), grad_b.map(|b| b.write()))
+                };
             }
             Ok(())
         });
@@ -790,55 +860,52 @@ impl Kernels for Cpu {
         out.put_tape(tape)
     }
 
-    fn target_log_probs<T: Tape<f32, Self>>(
-        logits: A2<Self, T>,
+    fn head_log_probs<T: Tape<f32, Self>>(
+        x: A2<Self, T>,
+        head: &Dense<Self>,
         targets: Tensor<(usize,), usize, Self>,
     ) -> Tensor<(usize,), f32, Self, T> {
-        let (logits, mut tape) = logits.split_tape();
-        let (n, vocab) = *logits.shape();
-        let values = host(&logits);
+        let (x, mut tape) = x.split_tape();
+        let saved = LinearInputs::new(&x, head);
+        let (n, _, vocab) = saved.sizes;
         let targets = targets.as_vec();
-        assert_eq!(targets.len(), n, "one target per row of logits");
+        assert_eq!(targets.len(), n, "one target per row");
         if let Some(&bad) = targets.iter().find(|&&t| t >= vocab) {
             panic!("target id {bad} is outside the vocabulary of {vocab}");
         }
-        let mut lse = vec![0.0; n];
-        let mut out = vec![0.0; n];
+        // The logits live only here: the backward pass turns them into their own gradient.
+        let mut logits = product(saved.x(), saved.weight());
+        let (mut lse, mut out) = (vec![0.0; n], vec![0.0; n]);
         let step = rows_per_task(vocab);
-        values
+        logits
             .par_chunks(step * vocab)
             .zip(targets.par_chunks(step))
             .zip(lse.par_chunks_mut(step))
             .zip(out.par_chunks_mut(step))
             .for_each(|(((rows, targets), lse), out)| log_softmax_rows(rows, targets, lse, out));
-        let out = logits.device().tensor_from_vec(out, (n,));
-        let (logits_ghost, out_ghost) = (logits.ghost(), out.ghost());
+        let out = x.device().tensor_from_vec(out, (n,));
+        let train = head.train;
+        let (x_ghost, w_ghost, out_ghost) = (x.ghost(), head.weight.ghost(), out.ghost());
         tape.add_backward_op(move |grads| {
-            let grad_logits = grad_buffer!(grads, logits_ghost);
             let grad_out = grad_buffer!(grads, out_ghost);
+            let grad_x = grad_buffer!(grads, x_ghost);
             // SAFETY: distinct live entries (see `GradBuffer`).
-            let (grad_logits, grad_out) = unsafe { (grad_logits.write(), grad_out.read()) };
-            grad_logits
+            let (grad_out, grad_x) = unsafe { (grad_out.read(), grad_x.write()) };
+            logits
                 .par_chunks_mut(step * vocab)
-                .zip(values.par_chunks(step * vocab))
                 .zip(targets.par_chunks(step))
                 .zip(lse.par_chunks(step))
                 .zip(grad_out.par_chunks(step))
-                .for_each(|((((grad, rows), targets), lse), g)| {
-                    log_softmax_backward_rows(rows, targets, lse, g, grad)
+                .for_each(|(((rows, targets), lse), g)| {
+                    log_softmax_grad_in_place(rows, targets, lse, g)
                 });
+            saved.backward_input(&logits, grad_x);
+            if train {
+                saved.backward_params(&logits, grads.get_or_alloc_mut(&w_ghost)?, None);
+            }
             Ok(())
         });
         out.put_tape(tape)
-    }
-}
-
-/// The weight as the `(in, out)` matrix the layer multiplies by.
-fn weight_mat(values: &[f32], (inputs, outputs): (usize, usize), transposed: bool) -> Mat<'_> {
-    if transposed {
-        Mat::new(values, outputs, inputs).t()
-    } else {
-        Mat::new(values, inputs, outputs)
     }
 }
 

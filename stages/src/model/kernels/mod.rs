@@ -70,9 +70,11 @@ pub trait Kernels: Buffers {
         heads: usize,
     ) -> A2<Self, T>;
 
-    /// The log-probability `(n,)` of each target id under `logits` `(n, vocab)`.
-    fn target_log_probs<T: Tape<f32, Self>>(
-        logits: A2<Self, T>,
+    /// The log-probability `(n,)` of each target id under the logits `x·W` of the output head
+    /// (`x` `(n, d)`), without materialising the `(n, vocab)` logits as a tensor.
+    fn head_log_probs<T: Tape<f32, Self>>(
+        x: A2<Self, T>,
+        head: &Dense<Self>,
         targets: Tensor<(usize,), usize, Self>,
     ) -> Tensor<(usize,), f32, Self, T>;
 }
@@ -110,11 +112,12 @@ impl Kernels for Cuda {
         composed::causal_attention(qkv, batch, heads)
     }
 
-    fn target_log_probs<T: Tape<f32, Self>>(
-        logits: A2<Self, T>,
+    fn head_log_probs<T: Tape<f32, Self>>(
+        x: A2<Self, T>,
+        head: &Dense<Self>,
         targets: Tensor<(usize,), usize, Self>,
     ) -> Tensor<(usize,), f32, Self, T> {
-        composed::target_log_probs(logits, targets)
+        composed::head_log_probs(x, head, targets)
     }
 }
 

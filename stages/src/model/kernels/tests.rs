@@ -207,30 +207,58 @@ fn causal_attention_matches_dfdx() {
 }
 
 #[test]
-fn target_log_probs_match_dfdx_and_skip_masked_rows_exactly() {
+fn head_log_probs_match_dfdx_and_masked_rows_get_no_gradient() {
     let dev = Cpu::seed_from_u64(6);
-    let (n, vocab) = (13, 101);
-    let logits: P2<Cpu> = dev.sample_normal_like(&(n, vocab)) * 4.0;
+    let (n, d, vocab) = (13, 9, 101);
+    let x: P2<Cpu> = dev.sample_normal_like(&(n, d)) * 2.0;
     let targets: Vec<usize> = (0..n).map(|i| (i * 37 + 5) % vocab).collect();
     let targets = dev.tensor_from_vec(targets, (n,));
-    // Rows with mask 0 get exactly no gradient (the fused kernel skips them).
+    // Rows with mask 0 contribute nothing (the fused kernel zeroes them).
     let mask: Vec<f32> = (0..n).map(|i| u8::from(i % 3 != 0).into()).collect();
     let mask = dev.tensor_from_vec(mask, (n,));
-    let run = |fused: bool| {
-        let x = logits.leaky_trace();
-        let log_probs = if fused {
-            Cpu::target_log_probs(x, targets.clone())
+    for (transposed, train) in [(false, true), (true, true), (true, false)] {
+        let weight = if transposed {
+            random2(&dev, vocab, d)
         } else {
-            composed::target_log_probs(x, targets.clone())
+            random2(&dev, d, vocab)
         };
-        let values = log_probs.as_vec();
+        let head = Dense {
+            weight: &weight,
+            transposed,
+            bias: None,
+            train,
+        };
+        let run = |fused: bool| {
+            let traced = x.leaky_trace();
+            let log_probs = if fused {
+                Cpu::head_log_probs(traced, &head, targets.clone())
+            } else {
+                composed::head_log_probs(traced, &head, targets.clone())
+            };
+            let values = log_probs.as_vec();
+            let mut grads = weighted_sum(log_probs * mask.clone(), 7).backward();
+            let grad_w = grads.get_or_alloc_mut(&weight).unwrap().to_vec();
+            (values, grads.get(&x).as_vec(), grad_w)
+        };
+        let what = format!("head log-probs (transposed {transposed}, train {train})");
+        let (fused, reference) = (run(true), run(false));
+        assert_close(&format!("{what}: values"), &fused.0, &reference.0);
+        assert_close(&format!("{what}: input gradient"), &fused.1, &reference.1);
+        if train {
+            assert_close(&format!("{what}: weight gradient"), &fused.2, &reference.2);
+        } else {
+            assert!(
+                fused.2.iter().all(|&g| g == 0.0),
+                "{what}: a frozen head gets no gradient"
+            );
+        }
+        let log_probs = Cpu::head_log_probs(x.leaky_trace(), &head, targets.clone());
         let grads = weighted_sum(log_probs * mask.clone(), 7).backward();
-        (values, grads.get(&logits).as_vec())
-    };
-    let ((values, grads), (expected_values, expected_grads)) = (run(true), run(false));
-    assert_close("log-probs", &values, &expected_values);
-    assert_close("logits gradient", &grads, &expected_grads);
-    assert!(grads[..vocab].iter().all(|&g| g == 0.0), "row 0 is masked");
+        assert!(
+            grads.get(&x).as_vec()[..d].iter().all(|&g| g == 0.0),
+            "row 0 is masked"
+        );
+    }
 }
 
 #[test]
