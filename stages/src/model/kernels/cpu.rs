@@ -1,6 +1,7 @@
 //! Fused CPU kernels. Each op reads its inputs once, computes its output in one pass (rows in
-//! parallel with rayon, loops vectorised for AVX2+FMA when the CPU has them) and registers one
-//! backward closure on dfdx's tape that writes straight into the gradient buffers.
+//! parallel with rayon, loops vectorised for AVX-512 or AVX2 when the CPU has them, GEMMs from
+//! the `gemm` crate) and registers one backward closure on dfdx's tape that writes straight into
+//! the gradient buffers.
 //!
 //! Work is cut into tasks of a fixed number of rows and partial sums are added in task order,
 //! so results do not depend on the number of threads: a resumed run repeats a step bit for bit.
@@ -65,6 +66,16 @@ impl GradBuffer {
     /// As for `read`, and no other reference to the buffer may be alive.
     unsafe fn write<'a>(&self) -> &'a mut [f32] {
         std::slice::from_raw_parts_mut(self.0, self.1)
+    }
+}
+
+/// Checks that the gradient buffers an op holds at once are distinct, i.e. that its tensors are:
+/// the safety of `GradBuffer`'s slices rests on it.
+fn assert_distinct(buffers: &[&GradBuffer]) {
+    for (i, a) in buffers.iter().enumerate() {
+        for b in &buffers[i + 1..] {
+            assert!(a.1 == 0 || a.0 != b.0, "an op's tensors must be distinct");
+        }
     }
 }
 
@@ -676,6 +687,17 @@ impl Kernels for Cpu {
                 Some(ghost) => Some(grad_buffer!(grads, *ghost)),
                 None => None,
             };
+            let grad_w = match train {
+                true => Some(grad_buffer!(grads, w_ghost)),
+                false => None,
+            };
+            let grad_b = match (&b_ghost, train) {
+                (Some(ghost), true) => Some(grad_buffer!(grads, *ghost)),
+                _ => None,
+            };
+            let mut held = vec![&grad_out, &grad_x];
+            held.extend([&grad_residual, &grad_w, &grad_b].into_iter().flatten());
+            assert_distinct(&held);
             // SAFETY: distinct live entries (see `GradBuffer`).
             let (grad_out, grad_x) = unsafe { (grad_out.write(), grad_x.write()) };
             if let Some(grad_residual) = grad_residual {
@@ -688,12 +710,7 @@ impl Kernels for Cpu {
                 par_zip(pre, grad_out, gelu_backward_rows);
             }
             saved.backward_input(grad_out, grad_x);
-            if train {
-                let grad_w = grad_buffer!(grads, w_ghost);
-                let grad_b = match &b_ghost {
-                    Some(ghost) => Some(grad_buffer!(grads, *ghost)),
-                    None => None,
-                };
+            if let Some(grad_w) = grad_w {
                 // SAFETY: as above.
                 unsafe {
                     saved.backward_params(grad_out, grad_w.write(), grad_b.map(|b| b.write()))
@@ -714,6 +731,7 @@ impl Kernels for Cpu {
         tape.add_backward_op(move |grads| {
             let grad_x = grad_buffer!(grads, x_ghost);
             let grad_out = grad_buffer!(grads, out_ghost);
+            assert_distinct(&[&grad_x, &grad_out]);
             // SAFETY: distinct live entries (see `GradBuffer`).
             let (grad_x, grad_out) = unsafe { (grad_x.write(), grad_out.read()) };
             let mut grad_pre = grad_out.to_vec();
@@ -746,6 +764,7 @@ impl Kernels for Cpu {
             let (x_ghost, w_ghost, b_ghost, out_ghost) = &ghosts;
             let grad_x = grad_buffer!(grads, *x_ghost);
             let grad_out = grad_buffer!(grads, *out_ghost);
+            assert_distinct(&[&grad_x, &grad_out]);
             // SAFETY: distinct live entries (see `GradBuffer`).
             let (grad_x, grad_out) = unsafe { (grad_x.write(), grad_out.read()) };
             let partials: Vec<(Vec<f32>, Vec<f32>)> = grad_x
@@ -814,6 +833,7 @@ impl Kernels for Cpu {
         tape.add_backward_op(move |grads| {
             let grad_qkv = grad_buffer!(grads, qkv_ghost);
             let grad_out = grad_buffer!(grads, out_ghost);
+            assert_distinct(&[&grad_qkv, &grad_out]);
             // SAFETY: distinct live entries (see `GradBuffer`).
             let (grad_qkv, grad_out) = unsafe { (grad_qkv.write(), grad_out.read()) };
             let target = SharedBuffer::new(grad_qkv);
@@ -889,6 +909,7 @@ impl Kernels for Cpu {
         tape.add_backward_op(move |grads| {
             let grad_out = grad_buffer!(grads, out_ghost);
             let grad_x = grad_buffer!(grads, x_ghost);
+            assert_distinct(&[&grad_out, &grad_x]);
             // SAFETY: distinct live entries (see `GradBuffer`).
             let (grad_out, grad_x) = unsafe { (grad_out.read(), grad_x.write()) };
             logits

@@ -300,3 +300,22 @@ fn results_do_not_depend_on_the_thread_count() {
     };
     assert_eq!(on(1), on(3), "bit-identical gradients on 1 and 3 threads");
 }
+
+/// The kernels write gradients through raw slices, sound only for distinct tensors: an op given
+/// one tensor twice must stop, not alias.
+#[test]
+#[should_panic(expected = "an op's tensors must be distinct")]
+fn an_op_given_the_same_tensor_twice_stops() {
+    let dev = Cpu::seed_from_u64(10);
+    let (x, weight) = (random2(&dev, 4, 6), random2(&dev, 6, 6));
+    let dense = Dense {
+        weight: &weight,
+        transposed: false,
+        bias: None,
+        train: true,
+    };
+    let traced = x.leaky_trace();
+    // The residual is the input itself (same id).
+    let y = Cpu::linear(traced.with_empty_tape(), &dense, Epilogue::AddTo(traced));
+    let _ = weighted_sum(y, 11).backward();
+}
