@@ -78,13 +78,13 @@ pub fn train(
     let mut loss = f32::NAN;
     for i in 0..warmup + steps.max(1) {
         let t0 = Instant::now();
-        on_compute_threads(|| model.loss(&batch));
+        on_compute_threads(&mut model, |m| m.loss(&batch));
         let forward = t0.elapsed().as_secs_f64();
         let t1 = Instant::now();
-        loss = on_compute_threads(|| model.accumulate(&batch, 1.0, i as u64));
+        loss = on_compute_threads(&mut model, |m| m.accumulate(&batch, 1.0, i as u64));
         let taped = t1.elapsed().as_secs_f64();
         let t2 = Instant::now();
-        on_compute_threads(|| model.step(3e-4, Some(1.0)));
+        on_compute_threads(&mut model, |m| m.step(3e-4, Some(1.0)));
         let update = t2.elapsed().as_secs_f64();
         if i >= warmup {
             step_s.push(taped + update);

@@ -38,12 +38,36 @@ pub use optim::AdamWConfig;
 pub use preference::{PreferenceLoss, PreferenceLossKind, PreferenceStats};
 pub use quant::QuantKind;
 
-/// Runs `work` on one of rayon's threads and waits for it. The kernels' parallel loops then
-/// start inside the pool: no helper is woken and no caller put to sleep around every op, which
-/// pays on small models (config A: 18.2k → 22.2k tokens/s; bench/training-speed.md).
-pub fn on_compute_threads<R: Send>(work: impl FnOnce() -> R + Send) -> R {
-    rayon::scope(|_| work())
+/// Runs `work` on `model` on one of rayon's threads, when the model is on the CPU, and waits
+/// for it. The kernels' parallel loops then start inside the pool: no helper is woken and no
+/// caller put to sleep around every op, which pays on small models (config A: 18.2k → 22.2k
+/// tokens/s; bench/training-speed.md). A CUDA model runs `work` on the calling thread.
+pub fn on_compute_threads<R: Send>(
+    model: &mut dyn Backend,
+    work: impl FnOnce(&mut dyn Backend) -> R + Send,
+) -> R {
+    if !model.on_cpu() {
+        return work(model);
+    }
+    /// A CPU model on its way to a rayon thread.
+    struct Crossing<'a>(&'a mut dyn Backend);
+    // SAFETY: `Trainer` is the only `Backend`, and on the CPU it holds an `Engine<Cpu>`, which
+    // is `Send` (asserted below); only dfdx's CUDA device is not (its stream handle), and a
+    // CUDA model does not cross (checked above).
+    unsafe impl Send for Crossing<'_> {}
+    impl<'a> Crossing<'a> {
+        fn into_model(self) -> &'a mut dyn Backend {
+            self.0
+        }
+    }
+    let crossing = Crossing(model);
+    rayon::scope(move |_| work(crossing.into_model()))
 }
+
+const _: () = {
+    fn assert_send<T: Send>() {}
+    let _ = assert_send::<Engine<Cpu>>;
+};
 
 /// The sizes of a GPT-2 model.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -188,8 +212,10 @@ impl Trainer {
 
 /// What training and evaluation stages need from a model backend. [`Trainer`] implements it on
 /// dfdx; stages hold a `Trainer` or a `&mut dyn Backend` and never see dfdx types.
-pub trait Backend: Send {
+pub trait Backend {
     fn config(&mut self) -> GptConfig;
+    /// The model is on the CPU (its kernels run on rayon's pool).
+    fn on_cpu(&self) -> bool;
     /// Trainable parameters.
     fn parameters(&mut self) -> usize;
     /// Forward and backward on one micro-batch; its gradients, times `weight`, are added to
@@ -248,6 +274,10 @@ pub trait Backend: Send {
 impl Backend for Trainer {
     fn config(&mut self) -> GptConfig {
         on_device!(self, e => e.model.config.clone())
+    }
+
+    fn on_cpu(&self) -> bool {
+        matches!(self.session, Session::Cpu(_))
     }
 
     fn parameters(&mut self) -> usize {
@@ -628,6 +658,16 @@ mod tests {
             let case = format!("quantized {quantize}");
             check_against_finite_differences(&mut engine, &batch, &matrices, (3, 1e-3), &case);
         }
+    }
+
+    /// A CPU model's steps run on a rayon thread (so the kernels start inside the pool).
+    #[test]
+    fn cpu_steps_run_inside_rayon_s_pool() {
+        let mut model = Trainer::new(tiny(true), DeviceKind::Cpu, 1, adamw()).unwrap();
+        assert!(model.on_cpu());
+        let outside = rayon::current_thread_index();
+        let inside = on_compute_threads(&mut model, |_| rayon::current_thread_index());
+        assert!(outside.is_none() && inside.is_some());
     }
 
     #[test]

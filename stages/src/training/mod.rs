@@ -244,7 +244,7 @@ pub fn run(
     let end = stop_after.map_or(t.steps, |s| s.min(t.steps));
     for step in start..end {
         let lr = schedule::learning_rate(t.schedule, step, t.steps, t.warmup, t.lr, t.min_lr());
-        let (loss, mut extras) = on_compute_threads(|| {
+        let (loss, mut extras) = on_compute_threads(model, |model| {
             let mut loss = 0.0;
             let mut extras = Extras::new();
             for micro in 0..t.grad_accum {
@@ -269,14 +269,14 @@ pub fn run(
             return Err(diverged("loss", loss));
         }
         let clip = (t.grad_clip > 0.0).then_some(t.grad_clip);
-        let grad_norm = on_compute_threads(|| model.step(lr, clip));
+        let grad_norm = on_compute_threads(model, |model| model.step(lr, clip));
         if !grad_norm.is_finite() {
             return Err(diverged("gradient norm", grad_norm));
         }
         let done = step + 1;
         let mut val_loss = None;
         if done % settings.eval.every == 0 || done == t.steps {
-            let (value, val_extras) = on_compute_threads(|| objective.evaluate(model));
+            let (value, val_extras) = on_compute_threads(model, |model| objective.evaluate(model));
             val_loss = Some(value);
             extras.extend(val_extras.into_iter().map(|(k, v)| (format!("val_{k}"), v)));
         }

@@ -87,6 +87,17 @@ macro_rules! grad_buffer {
     }};
 }
 
+/// The gradient buffers of an op's input (to add to) and of its output (to read).
+macro_rules! input_and_output_grads {
+    ($grads:expr, $input:expr, $output:expr) => {{
+        let input = grad_buffer!($grads, $input);
+        let output = grad_buffer!($grads, $output);
+        assert_distinct(&[&input, &output]);
+        // SAFETY: distinct live entries (see `GradBuffer`).
+        unsafe { (input.write(), output.read()) }
+    }};
+}
+
 /// A tensor's values. Kernel inputs are contiguous (outputs of ops, or parameters), so the
 /// physical buffer is the logical one; a broadcast view would fail the length check loudly.
 fn host<S: Shape, T>(t: &Tensor<S, f32, Cpu, T>) -> Vec<f32> {
@@ -729,11 +740,7 @@ impl Kernels for Cpu {
         let out = x.device().tensor_from_vec(y, *x.shape());
         let (x_ghost, out_ghost) = (x.ghost(), out.ghost());
         tape.add_backward_op(move |grads| {
-            let grad_x = grad_buffer!(grads, x_ghost);
-            let grad_out = grad_buffer!(grads, out_ghost);
-            assert_distinct(&[&grad_x, &grad_out]);
-            // SAFETY: distinct live entries (see `GradBuffer`).
-            let (grad_x, grad_out) = unsafe { (grad_x.write(), grad_out.read()) };
+            let (grad_x, grad_out) = input_and_output_grads!(grads, x_ghost, out_ghost);
             let mut grad_pre = grad_out.to_vec();
             par_zip(&pre, &mut grad_pre, gelu_backward_rows);
             par_zip(&grad_pre, grad_x, add_rows);
@@ -762,11 +769,7 @@ impl Kernels for Cpu {
         let ghosts = (x.ghost(), weight.ghost(), bias.ghost(), out.ghost());
         tape.add_backward_op(move |grads| {
             let (x_ghost, w_ghost, b_ghost, out_ghost) = &ghosts;
-            let grad_x = grad_buffer!(grads, *x_ghost);
-            let grad_out = grad_buffer!(grads, *out_ghost);
-            assert_distinct(&[&grad_x, &grad_out]);
-            // SAFETY: distinct live entries (see `GradBuffer`).
-            let (grad_x, grad_out) = unsafe { (grad_x.write(), grad_out.read()) };
+            let (grad_x, grad_out) = input_and_output_grads!(grads, *x_ghost, *out_ghost);
             let partials: Vec<(Vec<f32>, Vec<f32>)> = grad_x
                 .par_chunks_mut(step * d)
                 .zip(xs.par_chunks(step * d))
@@ -831,11 +834,7 @@ impl Kernels for Cpu {
         let out = qkv.device().tensor_from_vec(out, (n, d));
         let (qkv_ghost, out_ghost) = (qkv.ghost(), out.ghost());
         tape.add_backward_op(move |grads| {
-            let grad_qkv = grad_buffer!(grads, qkv_ghost);
-            let grad_out = grad_buffer!(grads, out_ghost);
-            assert_distinct(&[&grad_qkv, &grad_out]);
-            // SAFETY: distinct live entries (see `GradBuffer`).
-            let (grad_qkv, grad_out) = unsafe { (grad_qkv.write(), grad_out.read()) };
+            let (grad_qkv, grad_out) = input_and_output_grads!(grads, qkv_ghost, out_ghost);
             let target = SharedBuffer::new(grad_qkv);
             probabilities.par_iter().enumerate().for_each(|(task, p)| {
                 let (b, h) = (task / heads, task % heads);
@@ -907,11 +906,7 @@ impl Kernels for Cpu {
         let train = head.train;
         let (x_ghost, w_ghost, out_ghost) = (x.ghost(), head.weight.ghost(), out.ghost());
         tape.add_backward_op(move |grads| {
-            let grad_out = grad_buffer!(grads, out_ghost);
-            let grad_x = grad_buffer!(grads, x_ghost);
-            assert_distinct(&[&grad_out, &grad_x]);
-            // SAFETY: distinct live entries (see `GradBuffer`).
-            let (grad_out, grad_x) = unsafe { (grad_out.read(), grad_x.write()) };
+            let (grad_x, grad_out) = input_and_output_grads!(grads, x_ghost, out_ghost);
             logits
                 .par_chunks_mut(step * vocab)
                 .zip(targets.par_chunks(step))
