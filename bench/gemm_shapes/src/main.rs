@@ -22,51 +22,37 @@ fn gflops(version: Version, (m, k, n): (usize, usize, usize), a_transposed: bool
     } else {
         (k as isize, 1)
     };
+    // The two versions' `gemm` have the same signature: one call, either crate.
+    macro_rules! accumulate {
+        ($gemm:ident) => {
+            $gemm::gemm(
+                m,
+                n,
+                k,
+                c.as_mut_ptr(),
+                1,
+                n as isize,
+                true,
+                a.as_ptr(),
+                a_col,
+                a_row,
+                b.as_ptr(),
+                1,
+                n as isize,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                $gemm::Parallelism::Rayon(2),
+            )
+        };
+    }
     let mut run = || unsafe {
         // SAFETY: the strides address exactly the three buffers above.
         match version {
-            Version::Dfdx => gemm15::gemm(
-                m,
-                n,
-                k,
-                c.as_mut_ptr(),
-                1,
-                n as isize,
-                true,
-                a.as_ptr(),
-                a_col,
-                a_row,
-                b.as_ptr(),
-                1,
-                n as isize,
-                1.0,
-                1.0,
-                false,
-                false,
-                false,
-                gemm15::Parallelism::Rayon(2),
-            ),
-            Version::Fused => gemm19::gemm(
-                m,
-                n,
-                k,
-                c.as_mut_ptr(),
-                1,
-                n as isize,
-                true,
-                a.as_ptr(),
-                a_col,
-                a_row,
-                b.as_ptr(),
-                1,
-                n as isize,
-                1.0,
-                1.0,
-                false,
-                false,
-                false,
-                gemm19::Parallelism::Rayon(2),
-            ),
+            Version::Dfdx => accumulate!(gemm15),
+            Version::Fused => accumulate!(gemm19),
         }
     };
     let flops = 2.0 * (m * k * n) as f64;
