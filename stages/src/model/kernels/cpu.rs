@@ -101,8 +101,16 @@ macro_rules! input_and_output_grads {
 /// A tensor's values. Kernel inputs are contiguous (outputs of ops, or parameters), so the
 /// physical buffer is the logical one; a broadcast view would fail the length check loudly.
 fn host<S: Shape, T>(t: &Tensor<S, f32, Cpu, T>) -> Vec<f32> {
-    let mut values = vec![0.0; t.shape().num_elements()];
+    let mut values = zeros(t.shape().num_elements());
     t.copy_into(&mut values);
+    values
+}
+
+/// A zeroed buffer, filled by all threads (a large `vec![0.0; n]` is one thread's memset while
+/// the others wait).
+fn zeros(len: usize) -> Vec<f32> {
+    let mut values = Vec::with_capacity(len);
+    values.par_extend(rayon::iter::repeat_n(0.0, len));
     values
 }
 
@@ -682,11 +690,13 @@ impl Kernels for Cpu {
             }
             (None, None) => product(saved.x(), saved.weight()),
         };
-        let pre_activation = gelu.then(|| {
-            let pre = y.clone();
-            par_zip(&pre, &mut y, gelu_rows);
-            pre
-        });
+        // With GELU, `y` is kept as the pre-activation and the output is a new buffer.
+        let mut pre_activation = None;
+        if gelu {
+            let mut activated = zeros(y.len());
+            par_zip(&y, &mut activated, gelu_rows);
+            pre_activation = Some(std::mem::replace(&mut y, activated));
+        }
         let out = x.device().tensor_from_vec(y, (n, outputs));
         let train = dense.train;
         let (x_ghost, w_ghost, out_ghost) = (x.ghost(), dense.weight.ghost(), out.ghost());
@@ -758,7 +768,7 @@ impl Kernels for Cpu {
         let (x, mut tape) = x.split_tape();
         let (n, d) = *x.shape();
         let (xs, ws, bs) = (host(&x), host(weight), host(bias));
-        let mut y = vec![0.0; n * d];
+        let mut y = zeros(n * d);
         let mut stats = vec![(0.0, 0.0); n];
         let step = rows_per_task(d);
         y.par_chunks_mut(step * d)
@@ -808,7 +818,7 @@ impl Kernels for Cpu {
             accumulate,
             parallel: false,
         };
-        let mut out = vec![0.0; n * d];
+        let mut out = zeros(n * d);
         let out_buffer = SharedBuffer::new(&mut out);
         // One task per (batch row, head); each keeps its probabilities for the backward pass.
         let probabilities: Vec<Vec<f32>> = (0..batch * heads)
