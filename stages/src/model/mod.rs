@@ -7,8 +7,8 @@
 //! - `optim.rs`: AdamW with clipping and accumulation;
 //! - `io.rs`: HF model directories (config.json, model.safetensors);
 //! - `kernels/`: the fused kernels (linear with GELU or residual, LayerNorm, causal attention,
-//!   log-softmax) behind one trait, per device;
-//! - `lora.rs`: LoRA adapters and the frozen matmul under them; `quant.rs`: quantized frozen
+//!   the output head with the targets' log-softmax) behind one trait, per device;
+//! - `lora.rs`: LoRA adapters; `quant.rs`: quantized frozen
 //!   weights (QLoRA); `peft.rs`: adapters in PEFT's layout;
 //! - `preference.rs`: DPO, IPO and hinge losses;
 //! - `sample.rs`: generation.
@@ -404,9 +404,10 @@ impl<D: Kernels> Engine<D> {
     }
 
     fn accumulate(&mut self, batch: &Batch, weight: f32, dropout_seed: u64) -> f32 {
-        let ids = self.ids(batch.inputs, batch.batch, batch.seq);
+        let ids = self
+            .ids(batch.inputs, batch.batch, batch.seq)
+            .traced(Gradients::leaky());
         let mut dropout = self.dropout(dropout_seed);
-        let ids = ids.traced(Gradients::leaky());
         let log_probs = self
             .model
             .target_log_probs(ids, self.targets(batch), &mut dropout);
