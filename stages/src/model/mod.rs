@@ -305,7 +305,10 @@ impl Backend for Trainer {
     }
 
     fn set_weights(&mut self, tensors: &io::Tensors) -> Result<(), String> {
-        on_device!(self, e => io::set_weights(&mut e.model, tensors))
+        on_device!(self, e => {
+            e.optimizer.weights_changed();
+            io::set_weights(&mut e.model, tensors)
+        })
     }
 
     fn optimizer_state(&mut self) -> (io::Named, i32) {
@@ -319,17 +322,24 @@ impl Backend for Trainer {
 
     fn add_lora(&mut self, config: &LoraConfig, seed: u64) {
         on_device!(self, e => {
+            e.optimizer.weights_changed();
             e.model.add_lora(config, seed);
             e.lora_dropout = config.dropout;
         })
     }
 
     fn quantize_frozen(&mut self, kind: QuantKind, block: usize) -> (usize, usize) {
-        on_device!(self, e => e.model.quantize_frozen(kind, block))
+        on_device!(self, e => {
+            e.optimizer.weights_changed();
+            e.model.quantize_frozen(kind, block)
+        })
     }
 
     fn merge_lora(&mut self) {
-        on_device!(self, e => e.model.merge_lora())
+        on_device!(self, e => {
+            e.optimizer.weights_changed();
+            e.model.merge_lora()
+        })
     }
 
     fn sequence_log_probs(&mut self, batch: &Batch, average: bool) -> Vec<f32> {
@@ -705,6 +715,23 @@ mod tests {
         }
         let last = model.loss(&batch);
         assert!(first > 2.0 && last < 0.1, "loss {first} → {last}");
+    }
+
+    #[test]
+    fn weights_written_between_steps_are_the_ones_the_next_step_updates() {
+        let tensors = |named: io::Named| -> io::Tensors {
+            named.into_iter().map(|(n, s, d)| (n, (s, d))).collect()
+        };
+        // The CPU update works on its own copy of the weights; loading others must reach it.
+        let mut trained = Trainer::new(tiny(true), DeviceKind::Cpu, 2, adamw()).unwrap();
+        train_steps(&mut trained, 3);
+        let mut other = Trainer::new(tiny(true), DeviceKind::Cpu, 7, adamw()).unwrap();
+        trained.set_weights(&tensors(other.weights())).unwrap();
+        let (moments, t) = trained.optimizer_state();
+        other.restore_optimizer(&tensors(moments), t).unwrap();
+        train_steps(&mut trained, 1);
+        train_steps(&mut other, 1);
+        assert_eq!(trained.weights(), other.weights());
     }
 
     #[test]

@@ -1,12 +1,14 @@
 //! AdamW with global-norm clipping and gradient accumulation, over the [`ParamVisitor`].
 //!
-//! dfdx 0.13's optimizers need compile-time shapes, but its fused Adam kernel
-//! (`AdamConfig::try_update`) is shape-generic, so the update itself is dfdx's; this module adds
-//! what dfdx lacks: clipping, accumulation, and moments that can be saved and restored.
+//! dfdx 0.13's optimizers need compile-time shapes and know no clipping, accumulation or saved
+//! moments; this module adds them. The update is a device's own: on the CPU one fused,
+//! multithreaded pass per parameter with the clip folded in (`kernels::adamw`); elsewhere dfdx's
+//! shape-generic Adam kernel (`AdamConfig::try_update`) after a separate clip.
 
 use dfdx::prelude::*;
 
 use super::gpt::{Gpt, ParamVisitor};
+use super::kernels::adamw::{self, AdamStep};
 use super::kernels::Kernels;
 
 /// In-place arithmetic on gradient buffers, which dfdx exposes only as the device's storage
@@ -25,15 +27,24 @@ pub trait Buffers: Device<f32> {
     fn add_host(&self, into: &mut <Self as Storage<f32>>::Vec, host: &[f32]);
     fn download(&self, g: &<Self as Storage<f32>>::Vec) -> Vec<f32>;
     fn upload(&self, host: &[f32], g: &mut <Self as Storage<f32>>::Vec);
+    /// One AdamW update of `p` from its gradient `g` (which it may overwrite), with the buffers
+    /// `state` keeps for it.
+    fn adamw<S: Shape>(
+        &self,
+        p: &mut Tensor<S, f32, Self>,
+        g: &mut <Self as Storage<f32>>::Vec,
+        state: &mut AdamState<Self>,
+        step: &AdamStep,
+    );
 }
 
 impl Buffers for Cpu {
     fn sum_squares(&self, g: &<Self as Storage<f32>>::Vec) -> f64 {
-        g.iter().map(|&x| f64::from(x) * f64::from(x)).sum()
+        adamw::sum_squares(g)
     }
 
     fn scale(&self, g: &mut <Self as Storage<f32>>::Vec, by: f32) {
-        g.iter_mut().for_each(|x| *x *= by);
+        adamw::scale(g, by);
     }
 
     fn add_scaled(
@@ -42,9 +53,7 @@ impl Buffers for Cpu {
         from: &<Self as Storage<f32>>::Vec,
         by: f32,
     ) {
-        into.iter_mut()
-            .zip(from.iter())
-            .for_each(|(a, b)| *a += b * by);
+        adamw::add_scaled(into, from, by);
     }
 
     fn add_host(&self, into: &mut <Self as Storage<f32>>::Vec, host: &[f32]) {
@@ -57,6 +66,30 @@ impl Buffers for Cpu {
 
     fn upload(&self, host: &[f32], g: &mut <Self as Storage<f32>>::Vec) {
         g.copy_from_slice(host);
+    }
+
+    /// dfdx lends no mutable access to a tensor's values, so the update works on the master
+    /// copy and copies the result into the tensor: one more write than updating in place.
+    fn adamw<S: Shape>(
+        &self,
+        p: &mut Tensor<S, f32, Self>,
+        g: &mut <Self as Storage<f32>>::Vec,
+        state: &mut AdamState<Self>,
+        step: &AdamStep,
+    ) {
+        let master = state.master.get_or_alloc_mut(&*p).expect("master buffer");
+        if state.master_current {
+            debug_assert!(
+                p.as_vec() == **master,
+                "weights were written without AdamW::weights_changed"
+            );
+        } else {
+            p.copy_into(master);
+        }
+        let m = state.m.get_or_alloc_mut(&*p).expect("moment buffer");
+        let v = state.v.get_or_alloc_mut(&*p).expect("moment buffer");
+        adamw::adamw(step, master, m, v, g);
+        p.copy_from(master);
     }
 }
 
@@ -116,6 +149,28 @@ impl Buffers for Cuda {
             .htod_sync_copy_into(host, slice)
             .expect("host to device copy");
     }
+
+    /// dfdx's Adam kernel updates the tensor in place: no master copy.
+    fn adamw<S: Shape>(
+        &self,
+        p: &mut Tensor<S, f32, Self>,
+        g: &mut <Self as Storage<f32>>::Vec,
+        state: &mut AdamState<Self>,
+        step: &AdamStep,
+    ) {
+        if let Some(by) = step.grad_scale {
+            self.scale(g, by);
+        }
+        let config = AdamConfig {
+            lr: step.lr,
+            betas: step.betas,
+            eps: step.eps,
+            weight_decay: step.weight_decay.map(WeightDecay::Decoupled),
+        };
+        let m = state.m.get_or_alloc_mut(&*p).expect("moment buffer");
+        let v = state.v.get_or_alloc_mut(&*p).expect("moment buffer");
+        config.try_update(step.t, p, m, v, g).expect("AdamW update");
+    }
 }
 
 /// Optimizer settings.
@@ -130,8 +185,19 @@ pub struct AdamW<D: Device<f32>> {
     pub config: AdamWConfig,
     /// Updates done so far (Adam's bias correction needs it).
     pub t: i32,
+    state: AdamState<D>,
+}
+
+/// Per-parameter buffers, keyed by parameter (dfdx's gradient maps serve as storage).
+pub struct AdamState<D: Device<f32>> {
     m: Gradients<f32, D>,
     v: Gradients<f32, D>,
+    /// The parameters' values as the last update left them, on devices whose update cannot
+    /// write a tensor in place (the CPU): it updates these and copies them into the tensor.
+    master: Gradients<f32, D>,
+    /// Whether `master` holds the current values: false at first and after anything but the
+    /// update wrote the weights.
+    master_current: bool,
 }
 
 impl<D: Kernels> AdamW<D> {
@@ -139,9 +205,19 @@ impl<D: Kernels> AdamW<D> {
         AdamW {
             config,
             t: 0,
-            m: Gradients::leaky(),
-            v: Gradients::leaky(),
+            state: AdamState {
+                m: Gradients::leaky(),
+                v: Gradients::leaky(),
+                master: Gradients::leaky(),
+                master_current: false,
+            },
         }
+    }
+
+    /// Must be called whenever the model's weights are written other than by [`AdamW::step`]
+    /// (loading, merging, adding adapters), so the next update starts from them.
+    pub fn weights_changed(&mut self) {
+        self.state.master_current = false;
     }
 
     /// Clips `grads` to `max_norm` (global L2 norm, when given) and applies one AdamW update
@@ -154,58 +230,43 @@ impl<D: Kernels> AdamW<D> {
         max_norm: Option<f32>,
     ) -> f32 {
         let norm = grad_norm(model, grads);
-        let clip = max_norm
-            .filter(|&max| norm > max)
-            .map(|max| max / (norm + 1e-6));
         self.t += 1;
-        let adam = AdamConfig {
+        let step = AdamStep {
+            t: self.t,
             lr,
             betas: self.config.betas,
             eps: self.config.eps,
-            weight_decay: Some(WeightDecay::Decoupled(self.config.weight_decay)),
+            weight_decay: Some(self.config.weight_decay),
+            grad_scale: max_norm
+                .filter(|&max| norm > max)
+                .map(|max| max / (norm + 1e-6)),
         };
         struct Update<'a, D: Device<f32>> {
-            optimizer: &'a mut AdamW<D>,
+            state: &'a mut AdamState<D>,
             grads: &'a mut Gradients<f32, D>,
-            adam: AdamConfig,
-            clip: Option<f32>,
+            step: AdamStep,
         }
         impl<D: Buffers> ParamVisitor<D> for Update<'_, D> {
             fn visit<S: Shape>(&mut self, _: &str, p: &mut Tensor<S, f32, D>, trainable: bool) {
                 if !trainable {
                     return;
                 }
-                let device = p.device().clone();
                 let g = self.grads.get_or_alloc_mut(&*p).expect("gradient buffer");
-                if let Some(by) = self.clip {
-                    device.scale(g, by);
-                }
                 // Weight decay on matrices only, not on biases and LayerNorm gains (as GPT-2
                 // and nanoGPT train).
-                let mut adam = self.adam;
+                let mut step = self.step;
                 if S::NUM_DIMS < 2 {
-                    adam.weight_decay = None;
+                    step.weight_decay = None;
                 }
-                let m = self
-                    .optimizer
-                    .m
-                    .get_or_alloc_mut(&*p)
-                    .expect("moment buffer");
-                let v = self
-                    .optimizer
-                    .v
-                    .get_or_alloc_mut(&*p)
-                    .expect("moment buffer");
-                adam.try_update(self.optimizer.t, p, m, v, g)
-                    .expect("AdamW update");
+                p.device().clone().adamw(p, g, self.state, &step);
             }
         }
         model.visit(&mut Update {
-            optimizer: self,
+            state: &mut self.state,
             grads,
-            adam,
-            clip,
+            step,
         });
+        self.state.master_current = true;
         norm
     }
 
@@ -219,8 +280,10 @@ impl<D: Kernels> AdamW<D> {
                 }
                 let shape: Vec<usize> = p.shape().concrete().into_iter().collect();
                 let device = p.device().clone();
-                let m = device.download(self.0.m.get_or_alloc_mut(&*p).expect("moment buffer"));
-                let v = device.download(self.0.v.get_or_alloc_mut(&*p).expect("moment buffer"));
+                let m =
+                    device.download(self.0.state.m.get_or_alloc_mut(&*p).expect("moment buffer"));
+                let v =
+                    device.download(self.0.state.v.get_or_alloc_mut(&*p).expect("moment buffer"));
                 self.1.push((format!("{name}.m"), shape.clone(), m));
                 self.1.push((format!("{name}.v"), shape, v));
             }
@@ -250,9 +313,10 @@ impl<D: Kernels> AdamW<D> {
                 }
                 let device = p.device().clone();
                 let n = p.shape().num_elements();
-                for (suffix, moments) in
-                    [("m", &mut self.optimizer.m), ("v", &mut self.optimizer.v)]
-                {
+                for (suffix, moments) in [
+                    ("m", &mut self.optimizer.state.m),
+                    ("v", &mut self.optimizer.state.v),
+                ] {
                     match (self.find)(&format!("{name}.{suffix}")).filter(|data| data.len() == n) {
                         Some(data) => device
                             .upload(&data, moments.get_or_alloc_mut(&*p).expect("moment buffer")),

@@ -8,6 +8,11 @@
 //! fused CUDA kernels exist.
 
 // The reference for tests, and what devices without fused kernels run.
+// `simd_fn!`, for the CPU kernels.
+#[macro_use]
+mod simd;
+
+pub mod adamw;
 #[cfg(any(test, feature = "cuda"))]
 mod composed;
 mod cpu;
