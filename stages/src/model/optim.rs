@@ -9,6 +9,8 @@ use dfdx::prelude::*;
 
 use super::gpt::{Gpt, ParamVisitor};
 use super::kernels::adamw::{self, AdamStep};
+#[cfg(feature = "cuda")]
+use super::kernels::cuda;
 use super::kernels::Kernels;
 
 /// In-place arithmetic on gradient buffers, which dfdx exposes only as the device's storage
@@ -95,17 +97,12 @@ impl Buffers for Cpu {
 
 #[cfg(feature = "cuda")]
 impl Buffers for Cuda {
-    // Through host memory: O(parameters) per step, small next to the step's GEMMs.
     fn sum_squares(&self, g: &<Self as Storage<f32>>::Vec) -> f64 {
-        self.download(g)
-            .iter()
-            .map(|&x| f64::from(x) * f64::from(x))
-            .sum()
+        cuda::sum_squares(g)
     }
 
     fn scale(&self, g: &mut <Self as Storage<f32>>::Vec, by: f32) {
-        let host: Vec<f32> = self.download(g).into_iter().map(|x| x * by).collect();
-        self.upload(&host, g);
+        cuda::scale(g, by);
     }
 
     fn add_scaled(
@@ -114,24 +111,16 @@ impl Buffers for Cuda {
         from: &<Self as Storage<f32>>::Vec,
         by: f32,
     ) {
-        let from = self.download(from);
-        let sum: Vec<f32> = self
-            .download(into)
-            .iter()
-            .zip(&from)
-            .map(|(a, b)| a + b * by)
-            .collect();
-        self.upload(&sum, into);
+        cuda::add_scaled(into, from, by);
     }
 
     fn add_host(&self, into: &mut <Self as Storage<f32>>::Vec, host: &[f32]) {
-        let sum: Vec<f32> = self
-            .download(into)
-            .iter()
-            .zip(host)
-            .map(|(a, b)| a + b)
-            .collect();
-        self.upload(&sum, into);
+        let slice: &cudarc::driver::CudaSlice<f32> = into;
+        let from = slice
+            .device()
+            .htod_sync_copy(host)
+            .expect("host to device copy");
+        cuda::add_scaled(into, &from, 1.0);
     }
 
     fn download(&self, g: &<Self as Storage<f32>>::Vec) -> Vec<f32> {

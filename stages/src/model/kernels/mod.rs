@@ -5,17 +5,21 @@
 //! CPU implementation (`cpu.rs`) runs each as one fused, vectorised, multithreaded kernel with
 //! its backward pass registered on dfdx's tape. `composed.rs` is the same maths as plain dfdx
 //! ops: the reference the fused kernels are tested against, and the CUDA implementation until
-//! fused CUDA kernels exist.
+//! fused CUDA kernels exist (they need tensors' device memory, which dfdx 0.13 keeps private).
+//! The optimizer's kernels work on gradient buffers, which dfdx does lend: `adamw.rs` on the CPU,
+//! `cuda.rs` on the GPU.
 
-// The reference for tests, and what devices without fused kernels run.
 // `simd_fn!`, for the CPU kernels.
 #[macro_use]
 mod simd;
 
 pub mod adamw;
+// The reference for tests, and what devices without fused kernels run.
 #[cfg(any(test, feature = "cuda"))]
 mod composed;
 mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 
 use dfdx::prelude::*;
 
