@@ -68,6 +68,100 @@ fn host<S: Shape, T>(t: &Tensor<S, f32, Cpu, T>) -> Vec<f32> {
     values
 }
 
+// ---------------------------------------------------------------------------------------------
+// Kernel outputs read in place by the next kernels.
+//
+// dfdx keeps a tensor's buffer private, so a kernel's input is normally a copy (`host`). But
+// most inputs are the outputs of the kernel before, whose buffers these kernels allocated: each
+// output's buffer is remembered with a clone of its tensor, and a later kernel whose input
+// starts at the same address (its `[0, 0]` element) and has the same length reads it in place.
+// The clone keeps the buffer alive, so the address cannot be reused while remembered, and
+// unchanged: dfdx writes into a tensor's buffer only when no other clone holds it.
+
+/// Outputs remembered per thread: the inputs a kernel reads are made one or two kernels before.
+const REMEMBERED_OUTPUTS: usize = 8;
+
+/// A remembered output: its tensor (keeping the buffer alive) and the buffer's extent.
+struct Output {
+    tensor: A2<Cpu, NoneTape>,
+    data: *const f32,
+    len: usize,
+}
+
+thread_local! {
+    static OUTPUTS: std::cell::RefCell<std::collections::VecDeque<Output>> =
+        const { std::cell::RefCell::new(std::collections::VecDeque::new()) };
+}
+
+/// A kernel's output tensor, remembered so the next kernels can read it in place.
+fn output(device: &Cpu, values: Vec<f32>, shape: (usize, usize)) -> A2<Cpu, NoneTape> {
+    let (data, len) = (values.as_ptr(), values.len());
+    let tensor = device.tensor_from_vec(values, shape);
+    OUTPUTS.with_borrow_mut(|outputs| {
+        if outputs.len() == REMEMBERED_OUTPUTS {
+            outputs.pop_front();
+        }
+        outputs.push_back(Output {
+            tensor: tensor.clone(),
+            data,
+            len,
+        });
+    });
+    tensor
+}
+
+/// A kernel's input values: in place when `x` is a remembered output, else copied.
+fn input<T>(x: &A2<Cpu, T>) -> Input {
+    let len = x.shape().num_elements();
+    if len > 0 {
+        let start: *const f32 = &x[[0, 0]];
+        let found = OUTPUTS.with_borrow(|outputs| {
+            outputs
+                .iter()
+                .find(|out| out.data == start && out.len == len)
+                .map(|out| Input::InPlace {
+                    _tensor: out.tensor.clone(),
+                    data: out.data,
+                    len,
+                })
+        });
+        if let Some(found) = found {
+            return found;
+        }
+    }
+    Input::Copied(host(x))
+}
+
+/// The values of a kernel's input, kept for its backward pass.
+enum Input {
+    /// A remembered output's buffer, alive and unchanged while its tensor clone is held.
+    InPlace {
+        _tensor: A2<Cpu, NoneTape>,
+        data: *const f32,
+        len: usize,
+    },
+    Copied(Vec<f32>),
+}
+
+// SAFETY: `InPlace` only reads a buffer that no one writes while the clone is held, and the
+// tensor clone itself is `Send` and `Sync`.
+unsafe impl Send for Input {}
+unsafe impl Sync for Input {}
+
+impl std::ops::Deref for Input {
+    type Target = [f32];
+
+    fn deref(&self) -> &[f32] {
+        match self {
+            // SAFETY: `data` is the start of a live allocation of `len` initialised values
+            // (taken from the `Vec` that became the tensor's buffer), which the held clone keeps
+            // alive and unwritten.
+            Input::InPlace { data, len, .. } => unsafe { std::slice::from_raw_parts(*data, *len) },
+            Input::Copied(values) => values,
+        }
+    }
+}
+
 /// A zeroed buffer, filled by all threads (a large `vec![0.0; n]` is one thread's memset while
 /// the others wait).
 fn zeros(len: usize) -> Vec<f32> {
@@ -321,7 +415,7 @@ fn product(a: Mat, b: Mat) -> Vec<f32> {
 
 /// What a linear layer keeps for its backward pass: its input and weight.
 struct LinearInputs {
-    x: Vec<f32>,
+    x: Input,
     weight: Vec<f32>,
     /// `(tokens, in, out)`.
     sizes: (usize, usize, usize),
@@ -335,7 +429,7 @@ impl LinearInputs {
         let (rows, cols) = *dense.weight.shape();
         let outputs = if dense.transposed { rows } else { cols };
         LinearInputs {
-            x: host(x),
+            x: input(x),
             weight: host(dense.weight),
             sizes: (n, inputs, outputs),
             transposed: dense.transposed,
@@ -659,7 +753,7 @@ impl Kernels for Cpu {
             par_zip(&y, &mut activated, gelu_rows);
             pre_activation = Some(std::mem::replace(&mut y, activated));
         }
-        let out = x.device().tensor_from_vec(y, (n, outputs));
+        let out = output(x.device(), y, (n, outputs));
         let train = dense.train;
         let (x_ghost, w_ghost, out_ghost) = (x.ghost(), dense.weight.ghost(), out.ghost());
         let b_ghost = dense.bias.map(|b| b.ghost());
@@ -706,10 +800,10 @@ impl Kernels for Cpu {
 
     fn gelu<T: Tape<f32, Self>>(x: A2<Self, T>) -> A2<Self, T> {
         let (x, mut tape) = x.split_tape();
-        let pre = host(&x);
+        let pre = input(&x);
         let mut y = vec![0.0; pre.len()];
         par_zip(&pre, &mut y, gelu_rows);
-        let out = x.device().tensor_from_vec(y, *x.shape());
+        let out = output(x.device(), y, *x.shape());
         let (x_ghost, out_ghost) = (x.ghost(), out.ghost());
         tape.add_backward_op(move |grads| {
             let (grad_x, grad_out) = input_and_output_grads!(grads, x_ghost, out_ghost);
@@ -729,7 +823,7 @@ impl Kernels for Cpu {
     ) -> A2<Self, T> {
         let (x, mut tape) = x.split_tape();
         let (n, d) = *x.shape();
-        let (xs, ws, bs) = (host(&x), host(weight), host(bias));
+        let (xs, ws, bs) = (input(&x), host(weight), host(bias));
         let mut y = zeros(n * d);
         let mut stats = vec![(0.0, 0.0); n];
         let step = rows_per_task(d);
@@ -737,7 +831,7 @@ impl Kernels for Cpu {
             .zip(xs.par_chunks(step * d))
             .zip(stats.par_chunks_mut(step))
             .for_each(|((y, x), stats)| layer_norm_rows(x, &ws, &bs, y, stats));
-        let out = x.device().tensor_from_vec(y, (n, d));
+        let out = output(x.device(), y, (n, d));
         let ghosts = (x.ghost(), weight.ghost(), bias.ghost(), out.ghost());
         tape.add_backward_op(move |grads| {
             let (x_ghost, w_ghost, b_ghost, out_ghost) = &ghosts;
@@ -773,7 +867,7 @@ impl Kernels for Cpu {
         let (seq, d) = (n / batch, width / 3);
         let head = d / heads;
         let scale = 1.0 / (head as f32).sqrt();
-        let values = host(&qkv);
+        let values = input(&qkv);
         let layout = Heads { seq, d, head };
         let single = |scale, accumulate| Product {
             scale,
@@ -803,7 +897,7 @@ impl Kernels for Cpu {
                 p
             })
             .collect();
-        let out = qkv.device().tensor_from_vec(out, (n, d));
+        let out = output(qkv.device(), out, (n, d));
         let (qkv_ghost, out_ghost) = (qkv.ghost(), out.ghost());
         tape.add_backward_op(move |grads| {
             let (grad_qkv, grad_out) = input_and_output_grads!(grads, qkv_ghost, out_ghost);
@@ -951,5 +1045,35 @@ mod tests {
                 "gelu'({x}) = {slope} not {got_slope}"
             );
         }
+    }
+
+    #[test]
+    fn kernel_outputs_are_read_in_place_and_nothing_else_is() {
+        let dev = Cpu::default();
+        let values: Vec<f32> = (0..12).map(|i| i as f32).collect();
+        let made = output(&dev, values.clone(), (3, 4));
+        let read = input(&made);
+        assert!(matches!(read, Input::InPlace { .. }));
+        assert_eq!(&read[..], &values[..]);
+
+        // A tensor no kernel made is copied.
+        let plain = dev.tensor_from_vec(values.clone(), (3, 4));
+        assert!(matches!(input(&plain), Input::Copied(_)));
+
+        // Writing a remembered output gives the writer a buffer of its own (the remembered clone
+        // shares the old one): the new values are copied, the old read stays as it was.
+        let mut written = made.clone();
+        written.copy_from(&[7.0; 12]);
+        let rewritten = input(&written);
+        assert!(matches!(rewritten, Input::Copied(_)));
+        assert_eq!(&rewritten[..], &[7.0; 12]);
+        assert_eq!(&read[..], &values[..]);
+
+        // Only the latest outputs are remembered.
+        for _ in 0..REMEMBERED_OUTPUTS {
+            output(&dev, vec![0.0; 12], (3, 4));
+        }
+        assert!(matches!(input(&made), Input::Copied(_)));
+        assert_eq!(&input(&made)[..], &values[..]);
     }
 }
