@@ -25,6 +25,7 @@ pub mod sample;
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use dfdx::prelude::*;
 use schemars::JsonSchema;
@@ -39,9 +40,10 @@ pub use preference::{PreferenceLoss, PreferenceLossKind, PreferenceStats};
 pub use quant::QuantKind;
 
 /// Runs `work` on `model` on one of rayon's threads, when the model is on the CPU, and waits
-/// for it. The kernels' parallel loops then start inside the pool: no helper is woken and no
-/// caller put to sleep around every op, which pays on small models (config A: 18.2k → 22.2k
-/// tokens/s; bench/training-speed.md). A CUDA model runs `work` on the calling thread.
+/// for it, with rayon's other threads kept awake for it (`keep_taking_work`). The kernels'
+/// parallel loops then start inside the pool: no helper is woken and no caller put to sleep
+/// around every op, which pays on small models (bench/training-speed.md, attempts 4 and 12).
+/// A CUDA model runs `work` on the calling thread.
 pub fn on_compute_threads<R: Send>(
     model: &mut dyn Backend,
     work: impl FnOnce(&mut dyn Backend) -> R + Send,
@@ -61,7 +63,46 @@ pub fn on_compute_threads<R: Send>(
         }
     }
     let crossing = Crossing(model);
-    rayon::scope(move |_| work(crossing.into_model()))
+    let done = &AtomicBool::new(false);
+    rayon::scope(|scope| {
+        let caller = rayon::current_thread_index();
+        for _ in 1..rayon::current_num_threads() {
+            scope.spawn(move |_| keep_taking_work(done, caller));
+        }
+        // Set on the way out, a panic included, or the scope would wait for the helpers forever.
+        struct Finish<'a>(&'a AtomicBool);
+        impl Drop for Finish<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::Release);
+            }
+        }
+        let _finish = Finish(done);
+        work(crossing.into_model())
+    })
+}
+
+/// Keeps one of rayon's threads taking the step's parallel work as it appears, until `done`.
+/// A thread that finds no work parks after a moment, and waking it costs a system call on each
+/// side; a step's kernels open a parallel region every few dozen microseconds, so the other
+/// threads stay awake through it (config A: ~9% of samples were wake-ups and task switches).
+fn keep_taking_work(done: &AtomicBool, caller: Option<usize>) {
+    // The step's own thread may pick this job up while it waits for a join: it must not spin
+    // under the step it is part of.
+    if rayon::current_thread_index() == caller {
+        return;
+    }
+    let mut idle = 0u32;
+    while !done.load(Ordering::Acquire) {
+        if rayon::yield_now() == Some(rayon::Yield::Executed) {
+            idle = 0;
+        } else if idle < 1_000 {
+            idle += 1;
+            std::hint::spin_loop();
+        } else {
+            // Idle a while (a serial stretch of the step): let other processes' threads in.
+            std::thread::yield_now();
+        }
+    }
 }
 
 const _: () = {
@@ -679,6 +720,31 @@ mod tests {
         let outside = rayon::current_thread_index();
         let inside = on_compute_threads(&mut model, |_| rayon::current_thread_index());
         assert!(outside.is_none() && inside.is_some());
+    }
+
+    #[test]
+    fn a_step_that_panics_releases_the_helper_threads() {
+        // The helpers spin until the step ends; a panic must end it too, not hang the caller.
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(3)
+            .build()
+            .unwrap();
+        let (sender, receiver) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut model = Trainer::new(tiny(true), DeviceKind::Cpu, 1, adamw()).unwrap();
+            let outcome = pool.install(|| {
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    on_compute_threads(&mut model, |_| panic!("a failing step"))
+                }))
+            });
+            let helped = pool.install(|| on_compute_threads(&mut model, |_| (0..64).sum::<u32>()));
+            sender.send((outcome.is_err(), helped)).unwrap();
+        });
+        let (panicked, after) = receiver
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .expect("on_compute_threads hung after a panic");
+        assert!(panicked);
+        assert_eq!(after, 2016);
     }
 
     #[test]
