@@ -6,6 +6,8 @@
 //! Work is cut into tasks of a fixed number of rows and partial sums are added in task order,
 //! so results do not depend on the number of threads: a resumed run repeats a step bit for bit.
 
+use std::mem::MaybeUninit;
+
 use dfdx::prelude::*;
 use rayon::prelude::*;
 
@@ -523,6 +525,40 @@ simd_fn! {
 }
 
 simd_fn! {
+    /// `out = rows + bias` row by row (`bias` as wide as a row), into fresh memory.
+    fn rows_plus_bias_block(rows: &[f32], bias: &[f32], out: &mut [MaybeUninit<f32>]) {
+        for (row, out) in rows.chunks_exact(bias.len()).zip(out.chunks_exact_mut(bias.len())) {
+            for ((out, &x), &b) in out.iter_mut().zip(row).zip(bias) {
+                *out = MaybeUninit::new(x + b);
+            }
+        }
+    }
+}
+
+/// A new buffer holding `rows` (row-major, `width` wide) plus `bias` on every row, written once
+/// by all threads (no zero fill, no serial copy).
+fn rows_plus_bias(rows: &[f32], bias: Option<&[f32]>, width: usize) -> Vec<f32> {
+    let zero_bias;
+    let bias = match bias {
+        Some(bias) => bias,
+        None => {
+            zero_bias = vec![0.0; width];
+            &zero_bias
+        }
+    };
+    assert!(width > 0 && bias.len() == width && rows.len().is_multiple_of(width));
+    let mut out = Vec::with_capacity(rows.len());
+    let block = rows_per_task(width) * width;
+    out.spare_capacity_mut()[..rows.len()]
+        .par_chunks_mut(block)
+        .zip(rows.par_chunks(block))
+        .for_each(|(out, rows)| rows_plus_bias_block(rows, bias, out));
+    // SAFETY: the blocks above wrote every one of the `rows.len()` values.
+    unsafe { out.set_len(rows.len()) };
+    out
+}
+
+simd_fn! {
     /// `into += from`.
     fn add_rows(from: &[f32], into: &mut [f32]) {
         for (a, b) in into.iter_mut().zip(from) {
@@ -731,11 +767,7 @@ impl Kernels for Cpu {
                 let (residual, residual_tape) = residual.split_tape();
                 tape = tape.merge(residual_tape);
                 residual_ghost = Some(residual.ghost());
-                let mut y = host(&residual);
-                if let Some(bias) = &bias {
-                    y.par_chunks_mut(outputs)
-                        .for_each(|row| row.iter_mut().zip(bias).for_each(|(y, b)| *y += b));
-                }
+                let mut y = rows_plus_bias(&input(&residual), bias.as_deref(), outputs);
                 matmul(&mut y, saved.x(), saved.weight(), true);
                 y
             }
