@@ -70,10 +70,12 @@ pub fn on_compute_threads<R: Send>(
             scope.spawn(move |_| keep_taking_work(done, caller));
         }
         // Set on the way out, a panic included, or the scope would wait for the helpers forever.
+        // The step's thread also drops the kernel outputs it remembered (`kernels::cpu`).
         struct Finish<'a>(&'a AtomicBool);
         impl Drop for Finish<'_> {
             fn drop(&mut self) {
                 self.0.store(true, Ordering::Release);
+                kernels::forget_outputs();
             }
         }
         let _finish = Finish(done);

@@ -112,6 +112,12 @@ fn output(device: &Cpu, values: Vec<f32>, shape: (usize, usize)) -> A2<Cpu, None
     tensor
 }
 
+/// Forgets this thread's remembered outputs, freeing any that nothing else holds: called when a
+/// step ends, so a pool thread does not keep the last activations alive between steps.
+pub fn forget_outputs() {
+    OUTPUTS.with_borrow_mut(std::collections::VecDeque::clear);
+}
+
 /// A kernel's input values: in place when `x` is a remembered output, else copied.
 fn input<T>(x: &A2<Cpu, T>) -> Input {
     let len = x.shape().num_elements();
@@ -1101,11 +1107,14 @@ mod tests {
         assert_eq!(&rewritten[..], &[7.0; 12]);
         assert_eq!(&read[..], &values[..]);
 
-        // Only the latest outputs are remembered.
+        // Only the latest outputs are remembered, and none after `forget_outputs`.
         for _ in 0..REMEMBERED_OUTPUTS {
             output(&dev, vec![0.0; 12], (3, 4));
         }
         assert!(matches!(input(&made), Input::Copied(_)));
         assert_eq!(&input(&made)[..], &values[..]);
+        let last = output(&dev, values.clone(), (3, 4));
+        forget_outputs();
+        assert!(matches!(input(&last), Input::Copied(_)));
     }
 }

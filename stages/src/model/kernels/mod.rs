@@ -21,6 +21,8 @@ mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 
+pub use cpu::forget_outputs;
+
 use dfdx::prelude::*;
 
 use super::gpt::{A2, P1, P2};
