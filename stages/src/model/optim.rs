@@ -150,12 +150,7 @@ impl Buffers for Cuda {
         if let Some(by) = step.grad_scale {
             self.scale(g, by);
         }
-        let config = AdamConfig {
-            lr: step.lr,
-            betas: step.betas,
-            eps: step.eps,
-            weight_decay: step.weight_decay.map(WeightDecay::Decoupled),
-        };
+        let config = step.dfdx_config();
         let m = state.m.get_or_alloc_mut(&*p).expect("moment buffer");
         let v = state.v.get_or_alloc_mut(&*p).expect("moment buffer");
         config.try_update(step.t, p, m, v, g).expect("AdamW update");

@@ -25,6 +25,20 @@ pub struct AdamStep {
     pub grad_scale: Option<f32>,
 }
 
+impl AdamStep {
+    /// The same update as dfdx's Adam settings (without the clip, which dfdx does not know):
+    /// what devices without a fused update run, and the tests' reference.
+    #[cfg(any(test, feature = "cuda"))]
+    pub fn dfdx_config(&self) -> dfdx::optim::AdamConfig {
+        dfdx::optim::AdamConfig {
+            lr: self.lr,
+            betas: self.betas,
+            eps: self.eps,
+            weight_decay: self.weight_decay.map(dfdx::optim::WeightDecay::Decoupled),
+        }
+    }
+}
+
 /// The update's f32 constants, rounded as dfdx's Adam kernel rounds them: the fused update gives
 /// the same bits as dfdx's `AdamConfig::try_update` after a separate clip.
 struct Constants {
@@ -186,12 +200,7 @@ mod tests {
         if let Some(by) = step.grad_scale {
             g.iter_mut().for_each(|x| *x *= by);
         }
-        let config = AdamConfig {
-            lr: step.lr,
-            betas: step.betas,
-            eps: step.eps,
-            weight_decay: step.weight_decay.map(WeightDecay::Decoupled),
-        };
+        let config = step.dfdx_config();
         let m = m_map.get_or_alloc_mut(&p).unwrap();
         let v = v_map.get_or_alloc_mut(&p).unwrap();
         config.try_update(step.t, &mut p, m, v, g).unwrap();
