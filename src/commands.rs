@@ -558,6 +558,7 @@ pub fn bench_train(
     steps: usize,
     warmup: usize,
     threads: Option<usize>,
+    precision: smelt_stages::model::Precision,
 ) -> Result<(), Failure> {
     let config = smelt_stages::bench::config(config)
         .ok_or_else(|| Failure::Usage(format!("no bench config `{config}`: use A or B")))?;
@@ -570,9 +571,9 @@ pub fn bench_train(
             .build_global()
             .map_err(|e| Failure::Usage(format!("cannot set {threads} threads: {e}")))?;
     }
-    let report =
-        smelt_stages::bench::train(&config, warmup, steps, smelt_stages::model::DeviceKind::Cpu)
-            .map_err(Failure::Usage)?;
+    let device = smelt_stages::model::DeviceKind::Cpu;
+    let report = smelt_stages::bench::train(&config, warmup, steps, device, precision)
+        .map_err(Failure::Usage)?;
     println!("{report}");
     Ok(())
 }

@@ -164,7 +164,15 @@ pub enum BenchCommand {
         /// CPU threads [default: all cores]
         #[arg(long)]
         threads: Option<usize>,
+        /// What the linear layers' matrix multiplies compute in: f32, or bf16 (f32 sums)
+        #[arg(long, default_value = "f32", value_parser = parse_precision)]
+        precision: smelt_stages::model::Precision,
     },
+}
+
+fn parse_precision(name: &str) -> Result<smelt_stages::model::Precision, String> {
+    serde_json::from_value(serde_json::Value::from(name))
+        .map_err(|_| format!("`{name}`: use f32 or bf16"))
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -325,7 +333,8 @@ fn main() -> ExitCode {
             steps,
             warmup,
             threads,
-        }) => commands::bench_train(&config, steps, warmup, threads),
+            precision,
+        }) => commands::bench_train(&config, steps, warmup, threads, precision),
         Command::Metric {
             metric,
             hyp,

@@ -5,7 +5,8 @@
 use std::time::Instant;
 
 use crate::model::{
-    on_compute_threads, AdamWConfig, Backend, Batch, DeviceKind, GptConfig, Trainer,
+    on_compute_threads, uses_amx, AdamWConfig, Backend, Batch, DeviceKind, GptConfig, Precision,
+    Trainer,
 };
 use crate::training::default_peak_flops;
 
@@ -52,6 +53,7 @@ pub fn train(
     warmup: usize,
     steps: usize,
     device: DeviceKind,
+    precision: Precision,
 ) -> Result<serde_json::Value, String> {
     let optimizer = AdamWConfig {
         betas: [0.9, 0.95],
@@ -59,6 +61,7 @@ pub fn train(
         weight_decay: 0.1,
     };
     let mut model = Trainer::new(config.model.clone(), device, 0, optimizer)?;
+    model.set_precision(precision)?;
     let (b, s, v) = (config.batch, config.model.seq_len, config.model.vocab_size);
     let tokens = random_tokens(b * (s + 1), v);
     let (mut inputs, mut targets) = (Vec::new(), Vec::new());
@@ -104,6 +107,8 @@ pub fn train(
         "batch": b,
         "seq": s,
         "threads": rayon::current_num_threads(),
+        "precision": precision,
+        "amx": precision == Precision::Bf16 && uses_amx(),
         "steps": step_s.len(),
         "tokens_per_sec": (tokens_per_sec * 10.0).round() / 10.0,
         "step_ms": milliseconds(step),
@@ -144,7 +149,7 @@ mod tests {
         // Smaller than A, so the test is quick; the code path is the same.
         config.model.layers = 1;
         config.batch = 2;
-        let report = train(&config, 1, 3, DeviceKind::Cpu).unwrap();
+        let report = train(&config, 1, 3, DeviceKind::Cpu, Precision::F32).unwrap();
         assert_eq!(report["config"], "A");
         assert_eq!(report["steps"], 3);
         let number = |key: &str| report[key].as_f64().unwrap();

@@ -12,7 +12,7 @@ use smelt_engine::{Metrics, Port, Ports, Stage, StageContext, StageError};
 
 use crate::finetune::examples::{self, draw, Example, Padded, Skipped};
 use crate::finetune::{add_skipped, load_base, train_and_write, AdaptParams};
-use crate::model::{Backend, PreferenceLoss, PreferenceLossKind, Trainer};
+use crate::model::{Backend, Precision, PreferenceLoss, PreferenceLossKind, Trainer};
 use crate::tokenize::Meta;
 use crate::training::{Extras, Objective};
 
@@ -193,6 +193,12 @@ fn reference_scores(
         "pairs": blake3::hash(format!("{train:?}{validation:?}").as_bytes()).to_hex().as_str(),
         "average": loss.averages(),
     });
+    let precision = params.adapt.train.precision;
+    let key = match precision {
+        // Scores in bf16 differ a little from f32 ones.
+        Precision::Bf16 => serde_json::json!({ "scores": key, "precision": precision }),
+        Precision::F32 => key,
+    };
     let memo = ctx.memo_file(&key);
     if let Some(scores) = std::fs::read(&memo)
         .ok()
@@ -203,6 +209,8 @@ fn reference_scores(
     // A plain model, never trained here: the reference.
     let t = &params.adapt.train;
     let (mut reference, _) = Trainer::load(&base, params.adapt.device, t.optimizer())?;
+    // In the policy's precision, so that the policy starts with zero reward margins.
+    reference.set_precision(precision)?;
     let mut score = |pairs: &[(Example, Example)]| -> Vec<f32> {
         pairs
             .chunks(t.batch_size)

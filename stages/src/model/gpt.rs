@@ -9,7 +9,7 @@ use dfdx::prelude::*;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::kernels::{Dense, Epilogue, Kernels};
+use super::kernels::{autocast, Dense, Epilogue, Kernels, Precision};
 use super::lora::{Lora, LoraConfig, LoraTarget};
 use super::quant::{QuantKind, Quantized};
 use super::GptConfig;
@@ -326,6 +326,8 @@ pub struct Gpt<D: Device<f32>> {
     pub lm_head: Option<P2<D>>,
     /// Every base weight is held fixed (adapters train instead).
     frozen: bool,
+    /// What the linear layers' matrix multiplies compute in.
+    pub precision: Precision,
 }
 
 impl<D: Kernels> Gpt<D> {
@@ -340,6 +342,7 @@ impl<D: Kernels> Gpt<D> {
             ln_f: LayerNorm::new(dev, d),
             lm_head: (!config.tied_head).then(|| dev.sample_normal_like(&(d, vocab)) * 0.02),
             frozen: false,
+            precision: Precision::F32,
             config,
         }
     }
@@ -350,6 +353,7 @@ impl<D: Kernels> Gpt<D> {
         ids: Tensor<(usize, usize), usize, D, T>,
         dropout: &mut Dropout,
     ) -> A2<D, T> {
+        let _precision = autocast(self.precision);
         D::linear(self.trunk(ids, dropout), &self.head(), Epilogue::Plain)
     }
 
@@ -361,6 +365,7 @@ impl<D: Kernels> Gpt<D> {
         targets: Tensor<(usize,), usize, D>,
         dropout: &mut Dropout,
     ) -> Tensor<(usize,), f32, D, T> {
+        let _precision = autocast(self.precision);
         D::head_log_probs(self.trunk(ids, dropout), &self.head(), targets)
     }
 

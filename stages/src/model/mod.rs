@@ -33,6 +33,7 @@ use serde::{Deserialize, Serialize};
 
 use gpt::{mean_nll, Dropout, Gpt};
 use kernels::Kernels;
+pub use kernels::{uses_amx, Precision};
 pub use lora::{LoraConfig, LoraTarget};
 use optim::AdamW;
 pub use optim::AdamWConfig;
@@ -277,6 +278,8 @@ pub trait Backend {
     /// The optimizer's moments by parameter name (`<name>.m`, `<name>.v`) and its step count.
     fn optimizer_state(&mut self) -> (io::Named, i32);
     fn restore_optimizer(&mut self, tensors: &io::Tensors, t: i32) -> Result<(), String>;
+    /// What the linear layers' matrix multiplies compute in from now on; bf16 is CPU only.
+    fn set_precision(&mut self, precision: Precision) -> Result<(), String>;
 
     /// Freezes the model and adds LoRA adapters (they start as the identity update).
     fn add_lora(&mut self, config: &LoraConfig, seed: u64);
@@ -341,6 +344,19 @@ impl Backend for Trainer {
 
     fn logits(&mut self, ids: &[u32], batch: usize, seq: usize) -> Vec<f32> {
         on_device!(self, e => e.logits(ids, batch, seq))
+    }
+
+    fn set_precision(&mut self, precision: Precision) -> Result<(), String> {
+        match &mut self.session {
+            Session::Cpu(e) => e.model.precision = precision,
+            #[cfg(feature = "cuda")]
+            Session::Cuda(_) if precision == Precision::Bf16 => {
+                return Err("`precision: bf16` runs on the CPU only; use f32 on cuda".into())
+            }
+            #[cfg(feature = "cuda")]
+            Session::Cuda(_) => {}
+        }
+        Ok(())
     }
 
     fn weights(&mut self) -> io::Named {

@@ -316,6 +316,35 @@ mod tests {
     }
 
     #[test]
+    fn bf16_trains_close_to_f32_and_resumes_exactly() {
+        let dir = tokens();
+        let f32 = params(serde_json::json!({ "train": { "steps": 8 } }));
+        let bf16 = params(serde_json::json!({ "train": { "steps": 8, "precision": "bf16" } }));
+        run(dir.path(), "f32", &f32, None).unwrap();
+        run(dir.path(), "bf16", &bf16, None).unwrap();
+        run(dir.path(), "resumed", &bf16, Some(4)).unwrap_err();
+        run(dir.path(), "resumed", &bf16, None).unwrap();
+        let weights =
+            |out: &str| std::fs::read(dir.path().join(out).join("model.safetensors")).unwrap();
+        assert_ne!(weights("f32"), weights("bf16"), "bf16 computes differently");
+        assert_eq!(weights("bf16"), weights("resumed"), "and deterministically");
+        let losses = |out: &str| -> Vec<f64> {
+            let lines = log(dir.path(), out);
+            lines.iter().map(|l| l["loss"].as_f64().unwrap()).collect()
+        };
+        for (b, f) in losses("bf16").iter().zip(losses("f32")) {
+            assert!((b - f).abs() < 0.02 * f, "bf16 loss {b} against f32 {f}");
+        }
+        // Runs in f32 keep the cache keys they had before `precision` existed.
+        let serialised = serde_json::to_value(&f32.train).unwrap();
+        assert!(serialised.get("precision").is_none());
+        assert_eq!(
+            serde_json::to_value(&bf16.train).unwrap()["precision"],
+            "bf16"
+        );
+    }
+
+    #[test]
     fn bad_sizes_and_divergence_are_clear_errors() {
         let dir = tokens();
         let err = run(

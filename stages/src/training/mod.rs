@@ -18,7 +18,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use smelt_engine::{Metrics, StageContext};
 
-use crate::model::{io, on_compute_threads, AdamWConfig, Backend};
+use crate::model::{io, on_compute_threads, AdamWConfig, Backend, Precision};
 pub use schedule::Schedule;
 
 #[derive(Debug, Serialize, Deserialize, JsonSchema)]
@@ -60,6 +60,11 @@ pub struct TrainParams {
     /// Steps between lines of metrics.jsonl (eval steps are always logged).
     #[serde(default = "default_log_every")]
     pub log_every: u64,
+    /// What the linear layers' matrix multiplies compute in: `f32`, or `bf16` (inputs rounded
+    /// to bf16, sums in f32, on AMX tiles where the CPU has them; weights, gradients and
+    /// optimizer state stay f32). CPU only.
+    #[serde(default, skip_serializing_if = "Precision::is_f32")]
+    pub precision: Precision,
 }
 
 #[derive(Debug, Serialize, Deserialize, JsonSchema)]
@@ -230,6 +235,7 @@ pub fn run(
     stop_after: Option<u64>,
 ) -> Result<Outcome, String> {
     let t = settings.train;
+    model.set_precision(t.precision)?;
     let checkpoint = ctx.work_dir.join("checkpoint.safetensors");
     let log_path = ctx.work_dir.join("metrics.jsonl");
     let start = resume(model, &checkpoint, &log_path)?;

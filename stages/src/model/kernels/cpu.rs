@@ -11,7 +11,7 @@ use std::mem::MaybeUninit;
 use dfdx::prelude::*;
 use rayon::prelude::*;
 
-use super::{Dense, Epilogue, Kernels, LAYER_NORM_EPS};
+use super::{bf16, Dense, Epilogue, Kernels, Precision, LAYER_NORM_EPS};
 use crate::model::gpt::{A2, P1};
 
 /// A gradient buffer held by address: an op reads its output's gradient while it writes its
@@ -300,16 +300,16 @@ fn max(xs: &[f32]) -> f32 {
 /// A matrix inside a buffer: element `(i, j)` is at `i·row_stride + j·col_stride`; row-major,
 /// transposed, or one head's columns of a wider activation.
 #[derive(Clone, Copy)]
-struct Mat<'a> {
+pub(super) struct Mat<'a> {
     data: &'a [f32],
-    rows: usize,
-    cols: usize,
+    pub rows: usize,
+    pub cols: usize,
     row_stride: isize,
     col_stride: isize,
 }
 
 impl<'a> Mat<'a> {
-    fn new(data: &'a [f32], rows: usize, cols: usize) -> Self {
+    pub fn new(data: &'a [f32], rows: usize, cols: usize) -> Self {
         assert_eq!(data.len(), rows * cols);
         Mat::strided(data, (rows, cols), cols, 1)
     }
@@ -333,7 +333,7 @@ impl<'a> Mat<'a> {
         }
     }
 
-    fn t(self) -> Self {
+    pub fn t(self) -> Self {
         Mat {
             rows: self.cols,
             cols: self.rows,
@@ -342,15 +342,37 @@ impl<'a> Mat<'a> {
             ..self
         }
     }
+
+    /// Where element `(i, j)` is in `data()`.
+    pub fn offset(&self, i: usize, j: usize) -> usize {
+        i * self.row_stride as usize + j * self.col_stride as usize
+    }
+
+    /// Element `(i, j)`.
+    pub fn at(&self, i: usize, j: usize) -> f32 {
+        self.data[self.offset(i, j)]
+    }
+
+    pub fn data(&self) -> &'a [f32] {
+        self.data
+    }
+
+    pub fn row_stride(&self) -> usize {
+        self.row_stride as usize
+    }
+
+    pub fn col_stride(&self) -> usize {
+        self.col_stride as usize
+    }
 }
 
 /// How a product is written: `dst = scale·a·b`, or `dst += scale·a·b` when `accumulate`.
 #[derive(Clone, Copy)]
-struct Product {
-    scale: f32,
-    accumulate: bool,
+pub(super) struct Product {
+    pub scale: f32,
+    pub accumulate: bool,
     /// Split across rayon's threads; false inside tasks that are already parallel.
-    parallel: bool,
+    pub parallel: bool,
 }
 
 /// `dst (m×n) = scale·a·b` or `+=`, where row `i` of `dst` starts at `dst + i·dst_row_stride`.
@@ -358,7 +380,13 @@ struct Product {
 /// # Safety
 /// `dst` must be valid for writes at every `(i, j)` of the product, and no other thread may
 /// touch those elements during the call.
-unsafe fn gemm_into(dst: *mut f32, dst_row_stride: usize, a: Mat, b: Mat, how: Product) {
+pub(super) unsafe fn gemm_into_f32(
+    dst: *mut f32,
+    dst_row_stride: usize,
+    a: Mat,
+    b: Mat,
+    how: Product,
+) {
     assert_eq!(a.cols, b.rows);
     let parallelism = if how.parallel {
         gemm::Parallelism::Rayon(rayon::current_num_threads())
@@ -388,8 +416,26 @@ unsafe fn gemm_into(dst: *mut f32, dst_row_stride: usize, a: Mat, b: Mat, how: P
     )
 }
 
+/// The GEMM for `precision`.
+///
+/// # Safety
+/// As for [`gemm_into_f32`].
+unsafe fn gemm_into(
+    precision: Precision,
+    dst: *mut f32,
+    dst_row_stride: usize,
+    a: Mat,
+    b: Mat,
+    how: Product,
+) {
+    match precision {
+        Precision::F32 => gemm_into_f32(dst, dst_row_stride, a, b, how),
+        Precision::Bf16 => bf16::gemm_into(dst, dst_row_stride, a, b, how),
+    }
+}
+
 /// `dst = a·b`, or `dst += a·b` when `accumulate`; `dst` is row-major `(a.rows, b.cols)`.
-fn matmul(dst: &mut [f32], a: Mat, b: Mat, accumulate: bool) {
+fn matmul(dst: &mut [f32], a: Mat, b: Mat, accumulate: bool, precision: Precision) {
     assert_eq!(dst.len(), a.rows * b.cols);
     let how = Product {
         scale: 1.0,
@@ -397,11 +443,11 @@ fn matmul(dst: &mut [f32], a: Mat, b: Mat, accumulate: bool) {
         parallel: true,
     };
     // SAFETY: `dst` is exclusively borrowed and holds exactly the product.
-    unsafe { gemm_into(dst.as_mut_ptr(), b.cols, a, b, how) }
+    unsafe { gemm_into(precision, dst.as_mut_ptr(), b.cols, a, b, how) }
 }
 
 /// `a·b` in a new row-major buffer, written once by the GEMM (no zero fill first).
-fn product(a: Mat, b: Mat) -> Vec<f32> {
+fn product(a: Mat, b: Mat, precision: Precision) -> Vec<f32> {
     let len = a.rows * b.cols;
     if a.cols == 0 {
         return vec![0.0; len];
@@ -415,7 +461,7 @@ fn product(a: Mat, b: Mat) -> Vec<f32> {
     // SAFETY: with `accumulate` false and a nonempty inner dimension the GEMM writes every
     // element of the `len` it was given room for, without reading any, before `set_len`.
     unsafe {
-        gemm_into(dst.as_mut_ptr(), b.cols, a, b, how);
+        gemm_into(precision, dst.as_mut_ptr(), b.cols, a, b, how);
         dst.set_len(len);
     }
     dst
@@ -429,6 +475,8 @@ struct LinearInputs {
     sizes: (usize, usize, usize),
     /// The weight is stored `(out, in)`.
     transposed: bool,
+    /// What the products compute in, as it was when the forward pass ran.
+    precision: Precision,
 }
 
 impl LinearInputs {
@@ -441,6 +489,7 @@ impl LinearInputs {
             weight: host(dense.weight),
             sizes: (n, inputs, outputs),
             transposed: dense.transposed,
+            precision: super::precision(),
         }
     }
 
@@ -461,7 +510,7 @@ impl LinearInputs {
     /// `dx += dy·Wᵀ` for the output gradient `dy` `(tokens, out)`.
     fn backward_input(&self, dy: &[f32], grad_x: &mut [f32]) {
         let dy = Mat::new(dy, self.sizes.0, self.sizes.2);
-        matmul(grad_x, dy, self.weight().t(), true);
+        matmul(grad_x, dy, self.weight().t(), true, self.precision);
     }
 
     /// `dW += xᵀ·dy` (in the weight's stored layout) and `db += Σ dy` over tokens.
@@ -469,9 +518,9 @@ impl LinearInputs {
         let outputs = self.sizes.2;
         let dy_mat = Mat::new(dy, self.sizes.0, outputs);
         if self.transposed {
-            matmul(grad_w, dy_mat.t(), self.x(), true);
+            matmul(grad_w, dy_mat.t(), self.x(), true, self.precision);
         } else {
-            matmul(grad_w, self.x().t(), dy_mat, true);
+            matmul(grad_w, self.x().t(), dy_mat, true, self.precision);
         }
         if let Some(grad_b) = grad_b {
             let step = rows_per_task(outputs);
@@ -774,15 +823,15 @@ impl Kernels for Cpu {
                 tape = tape.merge(residual_tape);
                 residual_ghost = Some(residual.ghost());
                 let mut y = rows_plus_bias(&input(&residual), bias.as_deref(), outputs);
-                matmul(&mut y, saved.x(), saved.weight(), true);
+                matmul(&mut y, saved.x(), saved.weight(), true, saved.precision);
                 y
             }
             (None, Some(bias)) => {
                 let mut y = bias.repeat(n);
-                matmul(&mut y, saved.x(), saved.weight(), true);
+                matmul(&mut y, saved.x(), saved.weight(), true, saved.precision);
                 y
             }
-            (None, None) => product(saved.x(), saved.weight()),
+            (None, None) => product(saved.x(), saved.weight(), saved.precision),
         };
         // With GELU, `y` is kept as the pre-activation and the output is a new buffer.
         let mut pre_activation = None;
@@ -927,10 +976,10 @@ impl Kernels for Cpu {
                 let mut p = vec![0.0; seq * seq];
                 // SAFETY: `p` is this task's; so is head `h` of row `b` of `out`.
                 unsafe {
-                    gemm_into(p.as_mut_ptr(), seq, q, k.t(), single(scale, false));
+                    gemm_into_f32(p.as_mut_ptr(), seq, q, k.t(), single(scale, false));
                     causal_softmax_rows(&mut p);
                     let y = out_buffer.at(b * seq * d + h * head);
-                    gemm_into(y, d, Mat::new(&p, seq, seq), v, single(1.0, false));
+                    gemm_into_f32(y, d, Mat::new(&p, seq, seq), v, single(1.0, false));
                 }
                 p
             })
@@ -952,24 +1001,24 @@ impl Kernels for Cpu {
                 let p_mat = Mat::new(p, seq, seq);
                 // SAFETY: `ds` is this task's; so are head `h`'s columns of row `b` of `target`.
                 unsafe {
-                    gemm_into(ds.as_mut_ptr(), seq, dy, v.t(), single(1.0, false));
+                    gemm_into_f32(ds.as_mut_ptr(), seq, dy, v.t(), single(1.0, false));
                     softmax_backward_rows(p, &mut ds);
                     let ds = Mat::new(&ds, seq, seq);
-                    gemm_into(
+                    gemm_into_f32(
                         target.at(layout.offset((b, h, 0))),
                         width,
                         ds,
                         k,
                         single(scale, true),
                     );
-                    gemm_into(
+                    gemm_into_f32(
                         target.at(layout.offset((b, h, 1))),
                         width,
                         ds.t(),
                         q,
                         single(scale, true),
                     );
-                    gemm_into(
+                    gemm_into_f32(
                         target.at(layout.offset((b, h, 2))),
                         width,
                         p_mat.t(),
@@ -997,7 +1046,7 @@ impl Kernels for Cpu {
             panic!("target id {bad} is outside the vocabulary of {vocab}");
         }
         // The logits live only here: the backward pass turns them into their own gradient.
-        let mut logits = product(saved.x(), saved.weight());
+        let mut logits = product(saved.x(), saved.weight(), saved.precision);
         let (mut lse, mut out) = (vec![0.0; n], vec![0.0; n]);
         let step = rows_per_task(vocab);
         logits

@@ -14,6 +14,7 @@
 mod simd;
 
 pub mod adamw;
+mod bf16;
 // The reference for tests, and what devices without fused kernels run.
 #[cfg(any(test, feature = "cuda"))]
 mod composed;
@@ -21,15 +22,62 @@ mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 
+pub use bf16::uses_amx;
 pub use cpu::forget_outputs;
 
+use std::cell::Cell;
+
 use dfdx::prelude::*;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
 
 use super::gpt::{A2, P1, P2};
 use super::optim::Buffers;
 
 /// LayerNorm's ε (GPT-2's).
 pub const LAYER_NORM_EPS: f32 = 1e-5;
+
+/// The number format the linear layers' matrix multiplies compute in.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// f32 throughout.
+    #[default]
+    F32,
+    /// Inputs rounded to bf16, products summed in f32 (on AMX tiles where the CPU has them);
+    /// weights, gradients, optimizer state and every other op stay f32. CPU only.
+    Bf16,
+}
+
+impl Precision {
+    pub fn is_f32(&self) -> bool {
+        *self == Precision::F32
+    }
+}
+
+thread_local! {
+    static PRECISION: Cell<Precision> = const { Cell::new(Precision::F32) };
+}
+
+/// Runs this thread's forward kernels in `precision` until the guard drops (as PyTorch's
+/// autocast does). A kernel's backward pass computes in the precision its forward pass had.
+pub fn autocast(precision: Precision) -> Autocast {
+    Autocast(PRECISION.replace(precision))
+}
+
+/// Restores the precision from before [`autocast`] when dropped.
+pub struct Autocast(Precision);
+
+impl Drop for Autocast {
+    fn drop(&mut self) {
+        PRECISION.set(self.0);
+    }
+}
+
+/// The precision forward kernels on this thread compute in.
+fn precision() -> Precision {
+    PRECISION.get()
+}
 
 /// A linear layer's parameters as a kernel sees them.
 pub struct Dense<'a, D: Device<f32>> {

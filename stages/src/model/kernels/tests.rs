@@ -5,7 +5,7 @@
 use dfdx::prelude::*;
 
 use super::composed;
-use super::{Dense, Epilogue, Kernels};
+use super::{autocast, Dense, Epilogue, Kernels, Precision};
 use crate::model::gpt::{A2, P1, P2};
 
 type Taped = OwnedTape<f32, Cpu>;
@@ -129,6 +129,72 @@ fn linear_matches_dfdx_with_every_epilogue_and_layout() {
                 run(&x, params, |x| with(x, true)),
                 run(&x, params, |x| with(x, false)),
             );
+        }
+    }
+}
+
+/// Largest difference over largest value.
+fn relative_difference(got: &[f32], expected: &[f32]) -> f32 {
+    let scale = expected.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+    let worst = got
+        .iter()
+        .zip(expected)
+        .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+    worst / scale
+}
+
+#[test]
+fn linear_in_bf16_stays_within_bf16_rounding_of_f32_forward_and_backward() {
+    let dev = Cpu::seed_from_u64(12);
+    let (n, inputs, outputs) = (37, 45, 29);
+    let x = random2(&dev, n, inputs);
+    let (bias, residual) = (random1(&dev, outputs), random2(&dev, n, outputs));
+    for transposed in [false, true] {
+        let weight = match transposed {
+            true => random2(&dev, outputs, inputs),
+            false => random2(&dev, inputs, outputs),
+        };
+        let dense = Dense {
+            weight: &weight,
+            transposed,
+            bias: Some(&bias),
+            train: true,
+        };
+        for epilogue in ["plain", "gelu", "residual"] {
+            let params: [GradReader; 2] = [&grad_of(&weight), &grad_of(&bias)];
+            // The forward pass alone sets the precision: the backward pass, run after the
+            // guard is gone, must keep it.
+            let linear = |precision| {
+                run(&x, &params, |x| {
+                    let _precision = autocast(precision);
+                    let epilogue = match epilogue {
+                        "plain" => Epilogue::Plain,
+                        "gelu" => Epilogue::Gelu,
+                        _ => Epilogue::AddTo(residual.clone().put_tape(Taped::default())),
+                    };
+                    Cpu::linear(x, &dense, epilogue)
+                })
+            };
+            let (bf16, f32) = (linear(Precision::Bf16), linear(Precision::F32));
+            let names = [
+                "output",
+                "input gradient",
+                "weight gradient",
+                "bias gradient",
+            ];
+            for ((name, b), f) in names.iter().zip(&bf16).zip(&f32) {
+                let what = format!("bf16 linear ({epilogue}, transposed {transposed}): {name}");
+                let difference = relative_difference(b, f);
+                // bf16 keeps 8 significant bits: each product is off by up to 2⁻⁸ relative.
+                assert!(difference < 1e-2, "{what}: {difference:e} from f32");
+                // The bias gradient sums the output gradient, which no product touches.
+                if *name != "bias gradient" {
+                    assert!(
+                        difference > 1e-5,
+                        "{what}: equal to f32, so bf16 did not run"
+                    );
+                }
+            }
         }
     }
 }
@@ -262,7 +328,8 @@ fn results_do_not_depend_on_the_thread_count() {
     let (ln_w, ln_b) = (random1(&dev, d), random1(&dev, d));
     let (w_qkv, w_out) = (random2(&dev, d, 3 * d), random2(&dev, d, d));
     let (b_qkv, b_out) = (random1(&dev, 3 * d), random1(&dev, d));
-    let step = || {
+    let step = |precision| {
+        let _precision = autocast(precision);
         let h = Cpu::layer_norm(x.leaky_trace(), &ln_w, &ln_b, true);
         let dense = |weight, bias| Dense {
             weight,
@@ -283,14 +350,20 @@ fn results_do_not_depend_on_the_thread_count() {
         ]
         .concat()
     };
-    let on = |threads| {
+    let on = |threads, precision| {
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .build()
             .unwrap();
-        pool.install(step)
+        pool.install(|| step(precision))
     };
-    assert_eq!(on(1), on(3), "bit-identical gradients on 1 and 3 threads");
+    for precision in [Precision::F32, Precision::Bf16] {
+        assert_eq!(
+            on(1, precision),
+            on(3, precision),
+            "bit-identical {precision:?} gradients on 1 and 3 threads"
+        );
+    }
 }
 
 /// The kernels write gradients through raw slices, sound only for distinct tensors: an op given
