@@ -44,7 +44,7 @@ pub(super) unsafe fn gemm_into(dst: *mut f32, dst_row_stride: usize, a: Mat, b: 
     if a.rows == 0 || b.cols == 0 {
         return;
     }
-    if how.scale == 1.0 && amx::available() {
+    if amx::available() {
         amx::gemm_into(dst, dst_row_stride, a, b, how);
     } else {
         let (a_rounded, b_rounded) = (rounded(a), rounded(b));
@@ -210,13 +210,26 @@ mod amx {
                     }
                 }
             } else {
-                // Rows are strided: read down each column (contiguous when transposed).
-                let stride = m.col_stride();
+                // Rows are strided; columns are contiguous when `m` is a transposed matrix.
+                // Round down each column, then transpose the block into the tile.
+                let mut columns = [[0u16; TILE_ROWS]; TILE_K];
+                let stride = m.row_stride();
+                for (kk, column) in columns.iter_mut().enumerate() {
+                    let from = m.offset(row, col + kk);
+                    let values = &m.data()[from..=from + (TILE_ROWS - 1) * stride];
+                    if stride == 1 {
+                        for (o, &x) in column.iter_mut().zip(values) {
+                            *o = to_bf16(x);
+                        }
+                    } else {
+                        for (r, o) in column.iter_mut().enumerate() {
+                            *o = to_bf16(values[r * stride]);
+                        }
+                    }
+                }
                 for (r, line) in out.chunks_exact_mut(TILE_K).enumerate() {
-                    let from = m.offset(row + r, col);
-                    let values = &m.data()[from..=from + (TILE_K - 1) * stride];
-                    for (kk, o) in line.iter_mut().enumerate() {
-                        *o = to_bf16(values[kk * stride]);
+                    for (o, column) in line.iter_mut().zip(&columns) {
+                        *o = column[r];
                     }
                 }
             }
@@ -266,7 +279,7 @@ mod amx {
         }
     }
 
-    /// `dst (m×n) = a·b` or `+=` on AMX tiles; `how.scale` must be 1.
+    /// `dst (m×n) = scale·a·b` or `+=` on AMX tiles.
     ///
     /// # Safety
     /// As for [`super::gemm_into`]; the CPU must have AMX and the process its permission.
@@ -305,7 +318,7 @@ mod amx {
             unsafe {
                 asm!("ldtilecfg [{}]", in(reg) &CONFIG, options(nostack, readonly));
                 for j in first..last {
-                    out.block(&left, &right, (i, j), how.accumulate);
+                    out.block(&left, &right, (i, j), how);
                 }
                 asm!("tilerelease", options(nostack, nomem));
             }
@@ -345,33 +358,35 @@ mod amx {
         }
 
         /// Computes output block `(i, j)` (32×32 from row `32i`, column `32j`). A whole block is
-        /// loaded from and stored to the output directly; one at the edges, or written
-        /// transposed, goes through a staging block, of which only the part inside the output
-        /// is copied.
+        /// loaded from and stored to the output directly; one at the edges, written
+        /// transposed or scaled goes through a staging block, of which only the part inside
+        /// the output is copied.
         ///
         /// # Safety
         /// Tiles configured by `CONFIG`; the block is this thread's to write.
-        unsafe fn block(&self, left: &Packed, right: &Packed, (i, j): (usize, usize), add: bool) {
+        unsafe fn block(
+            &self,
+            left: &Packed,
+            right: &Packed,
+            (i, j): (usize, usize),
+            how: Product,
+        ) {
             let (row, col) = (i * BLOCK, j * BLOCK);
             let (rows, cols) = (BLOCK.min(self.rows - row), BLOCK.min(self.cols - col));
             let a = [left.tile(2 * i, 0), left.tile(2 * i + 1, 0)];
             let b = [right.tile(2 * j, 0), right.tile(2 * j + 1, 0)];
-            if rows == BLOCK && cols == BLOCK && !self.transposed {
+            let add = how.accumulate;
+            if rows == BLOCK && cols == BLOCK && !self.transposed && how.scale == 1.0 {
                 tile_block(a, b, left.k_tiles, self.at(row, col), self.row_stride, add);
                 return;
             }
             let mut staged = [0.0f32; BLOCK * BLOCK];
-            if add {
-                for r in 0..rows {
-                    for c in 0..cols {
-                        staged[r * BLOCK + c] = *self.at(row + r, col + c);
-                    }
-                }
-            }
-            tile_block(a, b, left.k_tiles, staged.as_mut_ptr(), BLOCK, true);
+            tile_block(a, b, left.k_tiles, staged.as_mut_ptr(), BLOCK, false);
             for r in 0..rows {
                 for c in 0..cols {
-                    *self.at(row + r, col + c) = staged[r * BLOCK + c];
+                    let at = self.at(row + r, col + c);
+                    let product = how.scale * staged[r * BLOCK + c];
+                    *at = if add { *at + product } else { product };
                 }
             }
         }
@@ -512,7 +527,7 @@ mod tests {
         out
     }
 
-    fn check(m: usize, k: usize, n: usize, transposed: (bool, bool), accumulate: bool) {
+    fn check((m, k, n): (usize, usize, usize), transposed: (bool, bool), how: Product) {
         let (a_values, b_values) = (values(m * k, 1), values(k * n, 2));
         let a = match transposed.0 {
             false => Mat::new(&a_values, m, k),
@@ -523,25 +538,22 @@ mod tests {
             true => Mat::new(&b_values, n, k).t(),
         };
         let start = values(m * n, 3);
+        let accumulate = how.accumulate;
         let mut got = if accumulate {
             start.clone()
         } else {
             vec![f32::NAN; m * n]
         };
-        let how = Product {
-            scale: 1.0,
-            accumulate,
-            parallel: true,
-        };
         // SAFETY: `got` holds exactly the product.
         unsafe { gemm_into(got.as_mut_ptr(), n, a, b, how) };
         let expected = exact(a, b);
         for (idx, (g, e)) in got.iter().zip(&expected).enumerate() {
-            let e = e + if accumulate {
-                f64::from(start[idx])
-            } else {
-                0.0
-            };
+            let e = how.scale as f64 * e
+                + if accumulate {
+                    f64::from(start[idx])
+                } else {
+                    0.0
+                };
             // f32 sums of k terms of size ≤ 1: error well under k·2⁻²⁴ each.
             let tolerance = 1e-6 * (k as f64 + 1.0);
             assert!(
@@ -562,8 +574,18 @@ mod tests {
             (300, 64, 17),
         ] {
             for transposed in [(false, false), (true, false), (false, true), (true, true)] {
-                for accumulate in [false, true] {
-                    check(m, k, n, transposed, accumulate);
+                for (scale, accumulate, parallel) in [
+                    (1.0, false, true),
+                    (1.0, true, true),
+                    (0.375, true, false),
+                    (-2.0, false, false),
+                ] {
+                    let how = Product {
+                        scale,
+                        accumulate,
+                        parallel,
+                    };
+                    check((m, k, n), transposed, how);
                 }
             }
         }
