@@ -163,21 +163,49 @@ mod amx {
 
     /// Packs `m` (its rows are the tiles' 16-row blocks, its columns the inner dimension) tile
     /// by tile with `tile`.
+    ///
+    /// Tiles are filled in the order `m` is stored: along its rows when they are contiguous,
+    /// else down its columns, so consecutive tiles read neighbouring memory. (Down a column
+    /// block of a row-major matrix, each tile row is another page: no prefetch, a TLB miss.)
     fn pack(m: Mat, parallel: bool, tile: fn(Mat, (usize, usize), &mut [u16])) -> Packed {
         let k_tiles = m.cols.div_ceil(TILE_K);
-        let mut values = vec![0u16; paired_blocks(m.rows) * k_tiles * TILE_LEN];
-        let fill = |(t, out): (usize, &mut [u16])| {
-            let (block, kt) = (t / k_tiles, t % k_tiles);
+        let blocks = paired_blocks(m.rows);
+        let mut values = vec![0u16; blocks * k_tiles * TILE_LEN];
+        let tiles = TilesOut(values.as_mut_ptr());
+        let along_rows = m.col_stride() == 1;
+        let fill = |t: usize| {
+            let (block, kt) = match along_rows {
+                true => (t / k_tiles, t % k_tiles),
+                false => (t % blocks, t / blocks),
+            };
             if block * TILE_ROWS < m.rows {
+                // SAFETY: each `t` is one distinct tile inside `values`.
+                let out = unsafe { tiles.tile((block * k_tiles + kt) * TILE_LEN) };
                 tile(m, (block * TILE_ROWS, kt * TILE_K), out);
             }
         };
         if parallel {
-            values.par_chunks_mut(TILE_LEN).enumerate().for_each(fill);
+            (0..blocks * k_tiles).into_par_iter().for_each(fill);
         } else {
-            values.chunks_mut(TILE_LEN).enumerate().for_each(fill);
+            (0..blocks * k_tiles).for_each(fill);
         }
         Packed { values, k_tiles }
+    }
+
+    /// Packed tiles filled by parallel tasks in an order other than memory order.
+    struct TilesOut(*mut u16);
+
+    // SAFETY: tasks write disjoint tiles (see `pack`).
+    unsafe impl Send for TilesOut {}
+    unsafe impl Sync for TilesOut {}
+
+    impl TilesOut {
+        /// # Safety
+        /// The tile at `start` must be inside the buffer and no other task's.
+        #[allow(clippy::mut_from_ref)]
+        unsafe fn tile(&self, start: usize) -> &mut [u16] {
+            std::slice::from_raw_parts_mut(self.0.add(start), TILE_LEN)
+        }
     }
 
     /// Whether the 16×32 tile at `(row, col)` lies wholly inside `m`.
