@@ -132,14 +132,16 @@ mod amx {
 
     /// A matrix packed for the tiles: `blocks` of 16 rows (or columns), each `k_tiles` tiles.
     struct Packed {
-        values: Vec<u16>,
+        values: Vec<TileRow>,
         k_tiles: usize,
     }
 
     impl Packed {
         /// Tile `(block, k)`.
         fn tile(&self, block: usize, k: usize) -> *const u16 {
-            self.values[(block * self.k_tiles + k) * TILE_LEN..].as_ptr()
+            self.values[(block * self.k_tiles + k) * TILE_ROWS..]
+                .as_ptr()
+                .cast()
         }
     }
 
@@ -151,37 +153,49 @@ mod amx {
 
     /// `a` (m×k) as row tiles: tile `(i, kt)` holds rows `16i..` and columns `32kt..`, rounded,
     /// row-major, zeros outside `a`.
-    fn pack_left(a: Mat, parallel: bool) -> Packed {
-        pack(a, parallel, left_tile)
+    fn pack_left(a: Mat, parallel: bool, buffer: Vec<TileRow>) -> Packed {
+        pack(a, parallel, left_tile, buffer)
     }
 
     /// `b` (k×n) as column tiles in pair-interleaved order: row `p` of tile `(j, kt)` holds, for
     /// each column `c` of `16j..16j+16`, the pair `b[32kt + 2p][c], b[32kt + 2p + 1][c]`.
-    fn pack_right(b: Mat, parallel: bool) -> Packed {
-        pack(b.t(), parallel, right_tile)
+    fn pack_right(b: Mat, parallel: bool, buffer: Vec<TileRow>) -> Packed {
+        pack(b.t(), parallel, right_tile, buffer)
     }
 
     /// Packs `m` (its rows are the tiles' 16-row blocks, its columns the inner dimension) tile
-    /// by tile with `tile`.
+    /// by tile with `tile`, into `buffer` (grown if need be; every tile is written, so what it
+    /// held does not matter and it is not zeroed first).
     ///
     /// Tiles are filled in the order `m` is stored: along its rows when they are contiguous,
     /// else down its columns, so consecutive tiles read neighbouring memory. (Down a column
     /// block of a row-major matrix, each tile row is another page: no prefetch, a TLB miss.)
-    fn pack(m: Mat, parallel: bool, tile: fn(Mat, (usize, usize), &mut [u16])) -> Packed {
+    fn pack(
+        m: Mat,
+        parallel: bool,
+        tile: fn(Mat, (usize, usize), &mut [u16]),
+        mut values: Vec<TileRow>,
+    ) -> Packed {
         let k_tiles = m.cols.div_ceil(TILE_K);
         let blocks = paired_blocks(m.rows);
-        let mut values = vec![0u16; blocks * k_tiles * TILE_LEN];
-        let tiles = TilesOut(values.as_mut_ptr());
+        let len = blocks * k_tiles * TILE_ROWS;
+        if values.len() < len {
+            values.resize(len, TileRow([0; TILE_K]));
+        }
+        let tiles = TilesOut(values.as_mut_ptr().cast());
         let along_rows = m.col_stride() == 1;
         let fill = |t: usize| {
             let (block, kt) = match along_rows {
                 true => (t / k_tiles, t % k_tiles),
                 false => (t % blocks, t / blocks),
             };
+            // SAFETY: each `t` is one distinct tile inside `values`.
+            let out = unsafe { tiles.tile((block * k_tiles + kt) * TILE_LEN) };
             if block * TILE_ROWS < m.rows {
-                // SAFETY: each `t` is one distinct tile inside `values`.
-                let out = unsafe { tiles.tile((block * k_tiles + kt) * TILE_LEN) };
                 tile(m, (block * TILE_ROWS, kt * TILE_K), out);
+            } else {
+                // The block that pads an odd count of 16-row blocks to a pair.
+                out.fill(0);
             }
         };
         if parallel {
@@ -191,6 +205,12 @@ mod amx {
         }
         Packed { values, k_tiles }
     }
+
+    /// One row of a packed tile: 64 bytes, aligned to a cache line so that each row a tile
+    /// load reads is one line, not two.
+    #[derive(Clone, Copy)]
+    #[repr(C, align(64))]
+    struct TileRow([u16; TILE_K]);
 
     /// Packed tiles filled by parallel tasks in an order other than memory order.
     struct TilesOut(*mut u16);
@@ -324,10 +344,18 @@ mod amx {
         let transposed = a.col_stride() != 1 && a.rows > b.cols;
         let (a, b) = if transposed { (b.t(), a.t()) } else { (a, b) };
         let (m, n) = (a.rows, b.cols);
-        let (left, right) = if how.parallel {
-            rayon::join(|| pack_left(a, true), || pack_right(b, true))
+        let [left_buffer, right_buffer] = SCRATCH.with_borrow_mut(std::mem::take);
+        let parallel = how.parallel;
+        let (left, right) = if parallel {
+            rayon::join(
+                || pack_left(a, true, left_buffer),
+                || pack_right(b, true, right_buffer),
+            )
         } else {
-            (pack_left(a, false), pack_right(b, false))
+            (
+                pack_left(a, false, left_buffer),
+                pack_right(b, false, right_buffer),
+            )
         };
         let row_blocks = m.div_ceil(BLOCK);
         let col_groups = n.div_ceil(BLOCK * BLOCKS_PER_TASK);
@@ -356,6 +384,16 @@ mod amx {
         } else {
             (0..row_blocks * col_groups).for_each(task);
         }
+        SCRATCH.set([left.values, right.values]);
+    }
+
+    thread_local! {
+        /// The packed copies' buffers, kept per calling thread for its next product: a fresh
+        /// allocation would be zeroed first (a tenth of B's step in bf16). Each holds the
+        /// largest operand packed so far on the thread (B: 8 MiB, the output head's gradient).
+        static SCRATCH: std::cell::RefCell<[Vec<TileRow>; 2]> = const {
+            std::cell::RefCell::new([Vec::new(), Vec::new()])
+        };
     }
 
     /// The GEMM's output, written block by block from several threads.
