@@ -1,6 +1,7 @@
 //! `smelt`: the command line. It registers the stage kinds and calls the engine; everything it
 //! prints is in `output.rs`.
 
+mod alloc;
 mod commands;
 mod output;
 mod report;
