@@ -12,7 +12,7 @@ use dfdx::prelude::*;
 use rayon::prelude::*;
 
 use super::{bf16, Dense, Epilogue, Kernels, Precision, LAYER_NORM_EPS};
-use crate::model::gpt::{A2, P1};
+use crate::model::gpt::{A2, P1, P2};
 
 /// A gradient buffer held by address: an op reads its output's gradient while it writes its
 /// inputs', two entries of one map. The buffers' heap storage does not move while the map
@@ -62,9 +62,10 @@ macro_rules! input_and_output_grads {
     }};
 }
 
-/// A tensor's values. Kernel inputs are contiguous (outputs of ops, or parameters), so the
-/// physical buffer is the logical one; a broadcast view would fail the length check loudly.
-fn host<S: Shape, T>(t: &Tensor<S, f32, Cpu, T>) -> Vec<f32> {
+/// A vector parameter's values (a bias, LayerNorm's weight or bias): a 1-D tensor's buffer is
+/// its values in order, unless it is a view (broadcast or sliced), which fails the length
+/// check loudly. 2-D tensors go through `row_major`.
+fn host(t: &P1<Cpu>) -> Vec<f32> {
     let mut values = zeros(t.shape().num_elements());
     t.copy_into(&mut values);
     values
@@ -137,12 +138,56 @@ fn input<T>(x: &A2<Cpu, T>) -> Input {
             return found;
         }
     }
-    Input::Copied(host(x))
+    Input::Copied(row_major(x))
+}
+
+/// A parameter's values: in place, kept alive and unwritten by a clone of the tensor, when its
+/// buffer holds it row-major from element `[0, 0]` (every parameter the model makes does), else
+/// copied. The layout is checked through element addresses, since dfdx keeps strides private.
+fn parameter(w: &P2<Cpu>) -> Input {
+    match row_major_start(w) {
+        Some(data) => Input::InPlace {
+            _tensor: w.clone(),
+            data,
+            len: w.shape().num_elements(),
+        },
+        None => Input::Copied(row_major(w)),
+    }
+}
+
+/// Where a nonempty 2-D tensor's values start when its buffer holds them row-major from
+/// element `[0, 0]`, checked through element addresses (dfdx keeps strides private): a
+/// permuted view fails the check.
+fn row_major_start<T>(x: &A2<Cpu, T>) -> Option<*const f32> {
+    let (rows, cols) = *x.shape();
+    if rows == 0 || cols == 0 {
+        return None;
+    }
+    let start: *const f32 = &x[[0, 0]];
+    let at = |r, c| -> *const f32 { &x[[r, c]] };
+    let row_major = (cols < 2 || at(0, 1) == start.wrapping_add(1))
+        && (rows < 2 || at(1, 0) == start.wrapping_add(cols))
+        && at(rows - 1, cols - 1) == start.wrapping_add(rows * cols - 1);
+    row_major.then_some(start)
+}
+
+/// A 2-D tensor's values in row-major order, whatever the layout of its buffer.
+fn row_major<T>(x: &A2<Cpu, T>) -> Vec<f32> {
+    let (rows, cols) = *x.shape();
+    match row_major_start(x) {
+        // SAFETY: the `rows·cols` values from `start` are `x`'s elements (checked above),
+        // inside its buffer, which `x` keeps alive for this copy.
+        Some(start) => unsafe { std::slice::from_raw_parts(start, rows * cols) }.to_vec(),
+        None => (0..rows)
+            .flat_map(|r| (0..cols).map(move |c| x[[r, c]]))
+            .collect(),
+    }
 }
 
 /// The values of a kernel's input, kept for its backward pass.
 enum Input {
-    /// A remembered output's buffer, alive and unchanged while its tensor clone is held.
+    /// A remembered output's or a parameter's buffer, alive and unchanged while its tensor
+    /// clone is held.
     InPlace {
         _tensor: A2<Cpu, NoneTape>,
         data: *const f32,
@@ -161,9 +206,9 @@ impl std::ops::Deref for Input {
 
     fn deref(&self) -> &[f32] {
         match self {
-            // SAFETY: `data` is the start of a live allocation of `len` initialised values
-            // (taken from the `Vec` that became the tensor's buffer), which the held clone keeps
-            // alive and unwritten.
+            // SAFETY: `data` is the start of `len` initialised values of a live buffer (the
+            // `Vec` that became an output's buffer, or a parameter's, checked to hold it
+            // contiguously), which the held clone keeps alive and unwritten.
             Input::InPlace { data, len, .. } => unsafe { std::slice::from_raw_parts(*data, *len) },
             Input::Copied(values) => values,
         }
@@ -470,7 +515,7 @@ fn product(a: Mat, b: Mat, precision: Precision) -> Vec<f32> {
 /// What a linear layer keeps for its backward pass: its input and weight.
 struct LinearInputs {
     x: Input,
-    weight: Vec<f32>,
+    weight: Input,
     /// `(tokens, in, out)`.
     sizes: (usize, usize, usize),
     /// The weight is stored `(out, in)`.
@@ -486,7 +531,7 @@ impl LinearInputs {
         let outputs = if dense.transposed { rows } else { cols };
         LinearInputs {
             x: input(x),
-            weight: host(dense.weight),
+            weight: parameter(dense.weight),
             sizes: (n, inputs, outputs),
             transposed: dense.transposed,
             precision: super::precision(),
@@ -953,6 +998,12 @@ impl Kernels for Cpu {
         let (n, width) = *qkv.shape();
         let (seq, d) = (n / batch, width / 3);
         let head = d / heads;
+        // Each product below has an inner dimension of `head` or `seq`: with neither zero,
+        // a product not accumulating writes every element of its output.
+        assert!(
+            head > 0 && seq > 0,
+            "attention needs at least one feature per head"
+        );
         let scale = 1.0 / (head as f32).sqrt();
         let values = input(&qkv);
         let layout = Heads { seq, d, head };
@@ -961,8 +1012,8 @@ impl Kernels for Cpu {
             accumulate,
             parallel: false,
         };
-        let mut out = zeros(n * d);
-        let out_buffer = SharedBuffer::new(&mut out);
+        let mut out = Vec::with_capacity(n * d);
+        let out_buffer = SharedBuffer(out.as_mut_ptr(), n * d);
         // One task per (batch row, head); each keeps its probabilities for the backward pass.
         let probabilities: Vec<Vec<f32>> = (0..batch * heads)
             .into_par_iter()
@@ -973,10 +1024,12 @@ impl Kernels for Cpu {
                     layout.view(&values, (b, h, 1)),
                     layout.view(&values, (b, h, 2)),
                 );
-                let mut p = vec![0.0; seq * seq];
-                // SAFETY: `p` is this task's; so is head `h` of row `b` of `out`.
+                let mut p = Vec::with_capacity(seq * seq);
+                // SAFETY: `p` is this task's, and the product writes all of it before
+                // `set_len`; head `h` of row `b` of `out` is this task's too.
                 unsafe {
                     gemm_into_f32(p.as_mut_ptr(), seq, q, k.t(), single(scale, false));
+                    p.set_len(seq * seq);
                     causal_softmax_rows(&mut p);
                     let y = out_buffer.at(b * seq * d + h * head);
                     gemm_into_f32(y, d, Mat::new(&p, seq, seq), v, single(1.0, false));
@@ -984,6 +1037,8 @@ impl Kernels for Cpu {
                 p
             })
             .collect();
+        // SAFETY: the (row, head) tasks' products wrote every element of `out` once.
+        unsafe { out.set_len(n * d) };
         let out = output(qkv.device(), out, (n, d));
         let (qkv_ghost, out_ghost) = (qkv.ghost(), out.ghost());
         tape.add_backward_op(move |grads| {
@@ -997,11 +1052,13 @@ impl Kernels for Cpu {
                     layout.view(&values, (b, h, 2)),
                 );
                 let dy = Mat::strided(&grad_out[b * seq * d + h * head..], (seq, head), d, 1);
-                let mut ds = vec![0.0; seq * seq];
+                let mut ds = Vec::with_capacity(seq * seq);
                 let p_mat = Mat::new(p, seq, seq);
-                // SAFETY: `ds` is this task's; so are head `h`'s columns of row `b` of `target`.
+                // SAFETY: `ds` is this task's, written whole by its product before `set_len`;
+                // head `h`'s columns of row `b` of `target` are this task's too.
                 unsafe {
                     gemm_into_f32(ds.as_mut_ptr(), seq, dy, v.t(), single(1.0, false));
+                    ds.set_len(seq * seq);
                     softmax_backward_rows(p, &mut ds);
                     let ds = Mat::new(&ds, seq, seq);
                     gemm_into_f32(
@@ -1165,5 +1222,30 @@ mod tests {
         let last = output(&dev, values.clone(), (3, 4));
         forget_outputs();
         assert!(matches!(input(&last), Input::Copied(_)));
+    }
+
+    #[test]
+    fn parameters_are_read_in_place_when_row_major_and_keep_their_values_while_held() {
+        let dev = Cpu::default();
+        let values: Vec<f32> = (0..12).map(|i| i as f32).collect();
+        let mut weight: P2<Cpu> = dev.tensor_from_vec(values.clone(), (3, 4));
+        let held = parameter(&weight);
+        assert!(matches!(held, Input::InPlace { .. }));
+        assert_eq!(&held[..], &values[..]);
+        // An update while a kernel holds the weight (as the optimizer's `copy_from` does) gives
+        // the tensor a buffer of its own; the held values stay those the forward pass used.
+        weight.copy_from(&[5.0; 12]);
+        assert_eq!(&held[..], &values[..]);
+        assert_eq!(&parameter(&weight)[..], &[5.0; 12]);
+        // A transposed view is not laid out row-major from `[0, 0]`: copied, in logical order.
+        let transposed: P2<Cpu> = dev
+            .tensor_from_vec(values.clone(), (4, 3))
+            .permute::<_, dfdx::shapes::Axes2<1, 0>>();
+        let read = parameter(&transposed);
+        assert!(matches!(read, Input::Copied(_)));
+        let logical: Vec<f32> = (0..3)
+            .flat_map(|r| (0..4).map(move |c| (c * 3 + r) as f32))
+            .collect();
+        assert_eq!(&read[..], &logical[..]);
     }
 }
