@@ -555,6 +555,33 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn qlora_in_bf16_trains_close_to_f32() {
+        let dir = setup(Vec::new());
+        let train = |precision: &str| {
+            serde_json::json!({
+                "method": "qlora",
+                "train": { "steps": 8, "batch_size": 4, "warmup": 1, "lr": 3e-3, "checkpoint_every": 3, "log_every": 1, "precision": precision }
+            })
+        };
+        let f32 = run(dir.path(), "f32", &lora_params(train("f32")), None).unwrap();
+        let bf16 = run(dir.path(), "bf16", &lora_params(train("bf16")), None).unwrap();
+        let adapter = |out: &str| {
+            std::fs::read(
+                dir.path()
+                    .join(out)
+                    .join("adapter/adapter_model.safetensors"),
+            )
+            .unwrap()
+        };
+        assert_ne!(adapter("f32"), adapter("bf16"), "bf16 computes differently");
+        let (a, b) = (
+            f32["val_loss"].as_f64().unwrap(),
+            bf16["val_loss"].as_f64().unwrap(),
+        );
+        assert!((a - b).abs() < 0.02 * a, "bf16 {b} against f32 {a}");
+    }
+
+    #[test]
     fn a_vocabulary_mismatch_and_a_missing_base_are_errors() {
         let dir = setup(Vec::new());
         let p = dir.path();

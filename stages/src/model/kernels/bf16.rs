@@ -44,6 +44,15 @@ pub(super) unsafe fn gemm_into(dst: *mut f32, dst_row_stride: usize, a: Mat, b: 
     if a.rows == 0 || b.cols == 0 {
         return;
     }
+    if a.cols == 0 {
+        // An empty sum: nothing to add, or zeros to write.
+        if !how.accumulate {
+            for i in 0..a.rows {
+                std::ptr::write_bytes(dst.add(i * dst_row_stride), 0, b.cols);
+            }
+        }
+        return;
+    }
     if amx::available() {
         amx::gemm_into(dst, dst_row_stride, a, b, how);
     } else {
@@ -490,6 +499,9 @@ mod amx {
             "tilezero tmm3",
             "4:",
             "mov {s:e}, 64",
+            // An empty inner dimension leaves the block as loaded (or zero).
+            "test {k}, {k}",
+            "jz 6f",
             "5:",
             "tileloadd tmm4, [{a0} + {s}]",
             "tileloadd tmm5, [{a1} + {s}]",
@@ -505,6 +517,7 @@ mod amx {
             "add {b1}, {tb}",
             "dec {k}",
             "jnz 5b",
+            "6:",
             "tilestored [{c0} + {cs}], tmm0",
             "tilestored [{c0} + {cs} + 64], tmm1",
             "tilestored [{c1} + {cs}], tmm2",
@@ -633,6 +646,7 @@ mod tests {
     fn products_match_the_rounded_inputs_at_odd_sizes_and_layouts() {
         for &(m, k, n) in &[
             (1, 1, 1),
+            (3, 0, 5),
             (17, 33, 15),
             (32, 32, 32),
             (70, 100, 129),

@@ -45,7 +45,8 @@ pub enum Precision {
     #[default]
     F32,
     /// Inputs rounded to bf16, products summed in f32 (on AMX tiles where the CPU has them);
-    /// weights, gradients, optimizer state and every other op stay f32. CPU only.
+    /// weights, gradients, optimizer state, LoRA adapters' low-rank products and every other
+    /// op stay f32. CPU only.
     Bf16,
 }
 
