@@ -348,10 +348,21 @@ impl Backend for Trainer {
 
     fn set_precision(&mut self, precision: Precision) -> Result<(), String> {
         match &mut self.session {
-            Session::Cpu(e) => e.model.precision = precision,
+            Session::Cpu(e) => {
+                if precision == Precision::Bf16 && !uses_amx() {
+                    tracing::warn!(
+                        "this CPU (or its kernel) offers no AMX tiles: bf16 products round their \
+                         inputs and run on the f32 GEMM, slower than f32 itself"
+                    );
+                }
+                e.model.precision = precision;
+            }
             #[cfg(feature = "cuda")]
             Session::Cuda(_) if precision == Precision::Bf16 => {
-                return Err("`precision: bf16` runs on the CPU only; use f32 on cuda".into())
+                return Err(
+                    "`train.precision: bf16` runs on the CPU only; use f32 with `device: cuda`"
+                        .into(),
+                );
             }
             #[cfg(feature = "cuda")]
             Session::Cuda(_) => {}

@@ -9,8 +9,9 @@
 //! AMX works on packed copies: the left matrix as 16-row × 32-column tiles, the right one in
 //! the pair-interleaved ("VNNI") layout the instruction reads, both zero-padded to whole tiles.
 //! Each task computes 32×32 output blocks (2×2 tiles), loading the block from the output when
-//! it accumulates, and keeps the eight tile registers for one block's loop over the inner
-//! dimension (one `asm!` block, so nothing else runs between tile instructions).
+//! it accumulates. One block's whole loop over the inner dimension is one `asm!` block, so the
+//! tile registers hold nothing of ours between `asm!` blocks (the compiler does not know of
+//! them); each task loads the tile configuration first and releases the tiles after.
 
 use std::sync::OnceLock;
 
@@ -20,6 +21,9 @@ use super::cpu::{gemm_into_f32, Mat, Product};
 
 /// Rounds an f32 to the nearest bf16 (ties to even), returned as its bit pattern; NaNs stay
 /// NaN (quietened), infinities stay infinite, and finite values too large round to infinity.
+/// The same as `half::bf16::from_f32`, written out so that it inlines into the packing loops
+/// and vectorises there.
+#[inline(always)]
 fn to_bf16(x: f32) -> u16 {
     let bits = x.to_bits();
     if x.is_nan() {
@@ -101,8 +105,11 @@ mod amx {
     }
 
     fn cpu_has_amx_bf16() -> bool {
-        // CPUID leaf 7: EDX bit 22 is AMX-BF16, bit 24 AMX-TILE.
-        // Leaf 7 reads as zeros on CPUs without it.
+        // CPUID leaf 7: EDX bit 22 is AMX-BF16, bit 24 AMX-TILE. (A CPU without leaf 7 would
+        // answer with its highest leaf instead.)
+        if std::arch::x86_64::__get_cpuid_max(0).0 < 7 {
+            return false;
+        }
         let leaf = std::arch::x86_64::__cpuid_count(7, 0);
         leaf.edx & (1 << 22) != 0 && leaf.edx & (1 << 24) != 0
     }
@@ -481,6 +488,8 @@ mod amx {
         c_stride: usize,
         add: bool,
     ) {
+        // The loop below runs at least once (`super::gemm_into` handles empty sums).
+        debug_assert!(k_tiles > 0);
         let c_bytes = c_stride * 4;
         let c_lower = c.add(TILE_ROWS * c_stride);
         let tile_bytes = TILE_LEN * 2;
@@ -499,9 +508,6 @@ mod amx {
             "tilezero tmm3",
             "4:",
             "mov {s:e}, 64",
-            // An empty inner dimension leaves the block as loaded (or zero).
-            "test {k}, {k}",
-            "jz 6f",
             "5:",
             "tileloadd tmm4, [{a0} + {s}]",
             "tileloadd tmm5, [{a1} + {s}]",
@@ -517,7 +523,6 @@ mod amx {
             "add {b1}, {tb}",
             "dec {k}",
             "jnz 5b",
-            "6:",
             "tilestored [{c0} + {cs}], tmm0",
             "tilestored [{c0} + {cs} + 64], tmm1",
             "tilestored [{c1} + {cs}], tmm2",

@@ -174,14 +174,15 @@ fn row_major_start<T>(x: &A2<Cpu, T>) -> Option<*const f32> {
 /// A 2-D tensor's values in row-major order, whatever the layout of its buffer.
 fn row_major<T>(x: &A2<Cpu, T>) -> Vec<f32> {
     let (rows, cols) = *x.shape();
-    match row_major_start(x) {
-        // SAFETY: the `rows·cols` values from `start` are `x`'s elements (checked above),
-        // inside its buffer, which `x` keeps alive for this copy.
-        Some(start) => unsafe { std::slice::from_raw_parts(start, rows * cols) }.to_vec(),
-        None => (0..rows)
-            .flat_map(|r| (0..cols).map(move |c| x[[r, c]]))
-            .collect(),
+    if row_major_start(x).is_some() {
+        // The buffer is the values in order (dfdx 0.13 tensors have no offset into it).
+        let mut values = zeros(rows * cols);
+        x.copy_into(&mut values);
+        return values;
     }
+    (0..rows)
+        .flat_map(|r| (0..cols).map(move |c| x[[r, c]]))
+        .collect()
 }
 
 /// The values of a kernel's input, kept for its backward pass.
@@ -206,9 +207,12 @@ impl std::ops::Deref for Input {
 
     fn deref(&self) -> &[f32] {
         match self {
-            // SAFETY: `data` is the start of `len` initialised values of a live buffer (the
-            // `Vec` that became an output's buffer, or a parameter's, checked to hold it
-            // contiguously), which the held clone keeps alive and unwritten.
+            // SAFETY: `data` is the start of `len` initialised values of a live buffer, which the
+            // held clone keeps alive and unwritten: an output's `Vec` (pointer taken from the
+            // `Vec`), or a parameter's, checked to hold it contiguously. A parameter's pointer
+            // comes from a reference to its first element (dfdx lends nothing wider), so
+            // reading its neighbours relies on Rust's aliasing rules allowing access through
+            // it to the rest of the allocation: Tree Borrows does, Stacked Borrows does not.
             Input::InPlace { data, len, .. } => unsafe { std::slice::from_raw_parts(*data, *len) },
             Input::Copied(values) => values,
         }
@@ -349,8 +353,8 @@ pub(super) struct Mat<'a> {
     data: &'a [f32],
     pub rows: usize,
     pub cols: usize,
-    row_stride: isize,
-    col_stride: isize,
+    row_stride: usize,
+    col_stride: usize,
 }
 
 impl<'a> Mat<'a> {
@@ -373,8 +377,8 @@ impl<'a> Mat<'a> {
             data,
             rows,
             cols,
-            row_stride: row_stride as isize,
-            col_stride: col_stride as isize,
+            row_stride,
+            col_stride,
         }
     }
 
@@ -390,7 +394,7 @@ impl<'a> Mat<'a> {
 
     /// Where element `(i, j)` is in `data()`.
     pub fn offset(&self, i: usize, j: usize) -> usize {
-        i * self.row_stride as usize + j * self.col_stride as usize
+        i * self.row_stride + j * self.col_stride
     }
 
     /// Element `(i, j)`.
@@ -403,11 +407,11 @@ impl<'a> Mat<'a> {
     }
 
     pub fn row_stride(&self) -> usize {
-        self.row_stride as usize
+        self.row_stride
     }
 
     pub fn col_stride(&self) -> usize {
-        self.col_stride as usize
+        self.col_stride
     }
 }
 
@@ -447,11 +451,11 @@ pub(super) unsafe fn gemm_into_f32(
         dst_row_stride as isize,
         how.accumulate,
         a.data.as_ptr(),
-        a.col_stride,
-        a.row_stride,
+        a.col_stride as isize,
+        a.row_stride as isize,
         b.data.as_ptr(),
-        b.col_stride,
-        b.row_stride,
+        b.col_stride as isize,
+        b.row_stride as isize,
         1.0,
         how.scale,
         false,
@@ -638,23 +642,13 @@ simd_fn! {
 /// `row` repeated `n` times, written by all threads (`repeat` is one thread's copy while the
 /// others wait: 4 MB before each MLP product on B).
 fn repeated_rows(row: &[f32], n: usize) -> Vec<f32> {
-    let width = row.len();
-    if width == 0 {
-        return Vec::new();
-    }
-    let mut out = Vec::with_capacity(n * width);
-    out.spare_capacity_mut()[..n * width]
-        .par_chunks_mut(rows_per_task(width) * width)
-        .for_each(|rows| {
-            for copy in rows.chunks_exact_mut(width) {
-                for (o, &x) in copy.iter_mut().zip(row) {
-                    *o = MaybeUninit::new(x);
-                }
+    written_rows(n, row.len(), |_, out| {
+        for copy in out.chunks_exact_mut(row.len()) {
+            for (o, &x) in copy.iter_mut().zip(row) {
+                *o = MaybeUninit::new(x);
             }
-        });
-    // SAFETY: the chunks above wrote all `n·width` values.
-    unsafe { out.set_len(n * width) };
-    out
+        }
+    })
 }
 
 /// A new buffer holding `rows` (row-major, `width` wide) plus `bias` on every row, written once
@@ -669,14 +663,30 @@ fn rows_plus_bias(rows: &[f32], bias: Option<&[f32]>, width: usize) -> Vec<f32> 
         }
     };
     assert!(width > 0 && bias.len() == width && rows.len().is_multiple_of(width));
-    let mut out = Vec::with_capacity(rows.len());
-    let block = rows_per_task(width) * width;
-    out.spare_capacity_mut()[..rows.len()]
-        .par_chunks_mut(block)
-        .zip(rows.par_chunks(block))
-        .for_each(|(out, rows)| rows_plus_bias_block(rows, bias, out));
-    // SAFETY: the blocks above wrote every one of the `rows.len()` values.
-    unsafe { out.set_len(rows.len()) };
+    written_rows(rows.len() / width, width, |first, out| {
+        let rows = &rows[first * width..first * width + out.len()];
+        rows_plus_bias_block(rows, bias, out);
+    })
+}
+
+/// A new `n × width` buffer whose blocks of rows `fill` writes in parallel, each given its
+/// first row and its (uninitialised) part, which it must write whole.
+fn written_rows(
+    n: usize,
+    width: usize,
+    fill: impl Fn(usize, &mut [MaybeUninit<f32>]) + Sync,
+) -> Vec<f32> {
+    if width == 0 {
+        return Vec::new();
+    }
+    let rows = rows_per_task(width);
+    let mut out = Vec::with_capacity(n * width);
+    out.spare_capacity_mut()[..n * width]
+        .par_chunks_mut(rows * width)
+        .enumerate()
+        .for_each(|(block, part)| fill(block * rows, part));
+    // SAFETY: every block was written whole by `fill`.
+    unsafe { out.set_len(n * width) };
     out
 }
 
@@ -1025,6 +1035,13 @@ impl Kernels for Cpu {
         assert!(
             head > 0 && seq > 0,
             "attention needs at least one feature per head"
+        );
+        // The (row, head) tasks below cover `out` exactly, which its `set_len` relies on.
+        assert_eq!(n, batch * seq, "rows are batch · seq");
+        assert_eq!(
+            width,
+            3 * heads * head,
+            "q, k and v of `heads` heads side by side"
         );
         let scale = 1.0 / (head as f32).sqrt();
         let values = input(&qkv);

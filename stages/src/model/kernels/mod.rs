@@ -26,6 +26,7 @@ pub use bf16::uses_amx;
 pub use cpu::forget_outputs;
 
 use std::cell::Cell;
+use std::marker::PhantomData;
 
 use dfdx::prelude::*;
 use schemars::JsonSchema;
@@ -63,11 +64,12 @@ thread_local! {
 /// Runs this thread's forward kernels in `precision` until the guard drops (as PyTorch's
 /// autocast does). A kernel's backward pass computes in the precision its forward pass had.
 pub fn autocast(precision: Precision) -> Autocast {
-    Autocast(PRECISION.replace(precision))
+    Autocast(PRECISION.replace(precision), PhantomData)
 }
 
-/// Restores the precision from before [`autocast`] when dropped.
-pub struct Autocast(Precision);
+/// Restores the precision from before [`autocast`] when dropped; not `Send`, since it
+/// restores the setting of the thread that made it.
+pub struct Autocast(Precision, PhantomData<*const ()>);
 
 impl Drop for Autocast {
     fn drop(&mut self) {
