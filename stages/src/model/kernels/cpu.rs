@@ -392,6 +392,17 @@ impl<'a> Mat<'a> {
         }
     }
 
+    /// Rows `start..end`.
+    fn row_range(self, start: usize, end: usize) -> Self {
+        assert!(start <= end && end <= self.rows);
+        let from = (start * self.row_stride).min(self.data.len());
+        Mat {
+            data: &self.data[from..],
+            rows: end - start,
+            ..self
+        }
+    }
+
     /// Where element `(i, j)` is in `data()`.
     pub fn offset(&self, i: usize, j: usize) -> usize {
         i * self.row_stride + j * self.col_stride
@@ -514,6 +525,105 @@ fn product(a: Mat, b: Mat, precision: Precision) -> Vec<f32> {
         dst.set_len(len);
     }
     dst
+}
+
+impl Product {
+    /// A product on the calling thread (inside tasks that are already parallel).
+    fn serial(scale: f32, accumulate: bool) -> Self {
+        Product {
+            scale,
+            accumulate,
+            parallel: false,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Causal products: attention's `(seq, seq)` matrices are zero above the diagonal, so a block of
+// rows needs the columns up to its last row only. Cut into blocks of rows, the products skip
+// most of the upper triangle (5/8 of the work at 4 blocks).
+
+/// Rows per block of a causal product.
+const CAUSAL_BLOCK: usize = 32;
+
+/// The blocks of rows of a causal product: `(first, end)`.
+fn causal_blocks(seq: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..seq)
+        .step_by(CAUSAL_BLOCK)
+        .map(move |first| (first, (first + CAUSAL_BLOCK).min(seq)))
+}
+
+/// `scale·a·bᵀ` (`a` and `b` `(seq, ·)`) where it is at or below the diagonal, blocks of rows
+/// at a time; the rest of each block's rows is zero.
+fn causal_scores(a: Mat, b: Mat, scale: f32) -> Vec<f32> {
+    let seq = a.rows;
+    let mut scores: Vec<f32> = Vec::with_capacity(seq * seq);
+    for (first, end) in causal_blocks(seq) {
+        // SAFETY: rows `first..end` of `scores`' capacity: the product writes their first
+        // `end` columns (inner dimension nonzero, not accumulating) and the rest is zeroed, so
+        // every element is written before `set_len`.
+        unsafe {
+            let rows = scores.as_mut_ptr().add(first * seq);
+            let (a, b) = (a.row_range(first, end), b.row_range(0, end));
+            gemm_into_f32(rows, seq, a, b.t(), Product::serial(scale, false));
+            for r in 0..end - first {
+                std::ptr::write_bytes(rows.add(r * seq + end), 0, seq - end);
+            }
+        }
+    }
+    // SAFETY: written whole above.
+    unsafe { scores.set_len(seq * seq) };
+    scores
+}
+
+/// `dst = scale·m·x` or `+=`, for `m` `(seq, seq)` zero above the diagonal: rows `first..end`
+/// of the result take columns `..end` of `m`.
+///
+/// # Safety
+/// As for [`gemm_into_f32`], with `dst` rows `dst_stride` apart.
+unsafe fn causal_product(dst: *mut f32, dst_stride: usize, m: &[f32], x: Mat, how: Product) {
+    let seq = x.rows;
+    for (first, end) in causal_blocks(seq) {
+        let rows = Mat::strided(&m[first * seq..], (end - first, end), seq, 1);
+        gemm_into_f32(
+            dst.add(first * dst_stride),
+            dst_stride,
+            rows,
+            x.row_range(0, end),
+            how,
+        );
+    }
+}
+
+/// `dst += scale·mᵀ·x`, for `m` `(seq, seq)` zero above the diagonal: rows `first..end` of the
+/// result take rows `first..` of `m` (columns `first..end`).
+///
+/// # Safety
+/// As for [`gemm_into_f32`], with `dst` rows `dst_stride` apart.
+unsafe fn causal_transposed_product(
+    dst: *mut f32,
+    dst_stride: usize,
+    m: &[f32],
+    x: Mat,
+    scale: f32,
+) {
+    let seq = x.rows;
+    for (first, end) in causal_blocks(seq) {
+        let columns = Mat::strided(
+            &m[first * seq + first..],
+            (seq - first, end - first),
+            seq,
+            1,
+        );
+        let how = Product::serial(scale, true);
+        gemm_into_f32(
+            dst.add(first * dst_stride),
+            dst_stride,
+            columns.t(),
+            x.row_range(first, seq),
+            how,
+        );
+    }
 }
 
 /// What a linear layer keeps for its backward pass: its input and weight.
@@ -859,14 +969,18 @@ simd_fn! {
 }
 
 simd_fn! {
-    /// Softmax backward in place: `dp` becomes `p·(dp − Σ p·dp)`, row by row.
-    fn softmax_backward_rows(p: &[f32], dp: &mut [f32]) {
+    /// Causal softmax backward in place: `dp` becomes `p·(dp − Σ p·dp)`, row by row, over the
+    /// seen positions; zero above the diagonal (where `p` is zero), without reading it.
+    fn causal_softmax_backward_rows(p: &[f32], dp: &mut [f32]) {
         let seq = p.len().isqrt();
-        for (p, dp) in p.chunks_exact(seq).zip(dp.chunks_exact_mut(seq)) {
-            let centre = dot(p, dp);
-            for (d, p) in dp.iter_mut().zip(p) {
+        for (i, (p, dp)) in p.chunks_exact(seq).zip(dp.chunks_exact_mut(seq)).enumerate() {
+            let (seen, future) = dp.split_at_mut(i + 1);
+            let p = &p[..=i];
+            let centre = dot(p, seen);
+            for (d, p) in seen.iter_mut().zip(p) {
                 *d = p * (*d - centre);
             }
+            future.fill(0.0);
         }
     }
 }
@@ -1046,11 +1160,6 @@ impl Kernels for Cpu {
         let scale = 1.0 / (head as f32).sqrt();
         let values = input(&qkv);
         let layout = Heads { seq, d, head };
-        let single = |scale, accumulate| Product {
-            scale,
-            accumulate,
-            parallel: false,
-        };
         let mut out = Vec::with_capacity(n * d);
         let out_buffer = SharedBuffer(out.as_mut_ptr(), n * d);
         // One task per (batch row, head); each keeps its probabilities for the backward pass.
@@ -1063,15 +1172,12 @@ impl Kernels for Cpu {
                     layout.view(&values, (b, h, 1)),
                     layout.view(&values, (b, h, 2)),
                 );
-                let mut p = Vec::with_capacity(seq * seq);
-                // SAFETY: `p` is this task's, and the product writes all of it before
-                // `set_len`; head `h` of row `b` of `out` is this task's too.
+                let mut p = causal_scores(q, k, scale);
+                causal_softmax_rows(&mut p);
+                // SAFETY: head `h` of row `b` of `out` is this task's.
                 unsafe {
-                    gemm_into_f32(p.as_mut_ptr(), seq, q, k.t(), single(scale, false));
-                    p.set_len(seq * seq);
-                    causal_softmax_rows(&mut p);
                     let y = out_buffer.at(b * seq * d + h * head);
-                    gemm_into_f32(y, d, Mat::new(&p, seq, seq), v, single(1.0, false));
+                    causal_product(y, d, &p, v, Product::serial(1.0, false));
                 }
                 p
             })
@@ -1091,36 +1197,18 @@ impl Kernels for Cpu {
                     layout.view(&values, (b, h, 2)),
                 );
                 let dy = Mat::strided(&grad_out[b * seq * d + h * head..], (seq, head), d, 1);
-                let mut ds = Vec::with_capacity(seq * seq);
-                let p_mat = Mat::new(p, seq, seq);
-                // SAFETY: `ds` is this task's, written whole by its product before `set_len`;
-                // head `h`'s columns of row `b` of `target` are this task's too.
+                let mut ds = causal_scores(dy, v, 1.0);
+                causal_softmax_backward_rows(p, &mut ds);
+                let (dq, dk, dv) = (
+                    target.at(layout.offset((b, h, 0))),
+                    target.at(layout.offset((b, h, 1))),
+                    target.at(layout.offset((b, h, 2))),
+                );
+                // SAFETY: head `h`'s columns of row `b` of `target` are this task's.
                 unsafe {
-                    gemm_into_f32(ds.as_mut_ptr(), seq, dy, v.t(), single(1.0, false));
-                    ds.set_len(seq * seq);
-                    softmax_backward_rows(p, &mut ds);
-                    let ds = Mat::new(&ds, seq, seq);
-                    gemm_into_f32(
-                        target.at(layout.offset((b, h, 0))),
-                        width,
-                        ds,
-                        k,
-                        single(scale, true),
-                    );
-                    gemm_into_f32(
-                        target.at(layout.offset((b, h, 1))),
-                        width,
-                        ds.t(),
-                        q,
-                        single(scale, true),
-                    );
-                    gemm_into_f32(
-                        target.at(layout.offset((b, h, 2))),
-                        width,
-                        p_mat.t(),
-                        dy,
-                        single(1.0, true),
-                    );
+                    causal_product(dq, width, &ds, k, Product::serial(scale, true));
+                    causal_transposed_product(dk, width, &ds, q, scale);
+                    causal_transposed_product(dv, width, p, dy, 1.0);
                 }
             });
             Ok(())
