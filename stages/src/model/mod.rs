@@ -376,7 +376,7 @@ impl Backend for Trainer {
 
     fn set_weights(&mut self, tensors: &io::Tensors) -> Result<(), String> {
         on_device!(self, e => {
-            e.optimizer.weights_changed();
+            e.weights_changed();
             io::set_weights(&mut e.model, tensors)
         })
     }
@@ -392,7 +392,7 @@ impl Backend for Trainer {
 
     fn add_lora(&mut self, config: &LoraConfig, seed: u64) {
         on_device!(self, e => {
-            e.optimizer.weights_changed();
+            e.weights_changed();
             e.model.add_lora(config, seed);
             e.lora_dropout = config.dropout;
         })
@@ -400,14 +400,14 @@ impl Backend for Trainer {
 
     fn quantize_frozen(&mut self, kind: QuantKind, block: usize) -> (usize, usize) {
         on_device!(self, e => {
-            e.optimizer.weights_changed();
+            e.weights_changed();
             e.model.quantize_frozen(kind, block)
         })
     }
 
     fn merge_lora(&mut self) {
         on_device!(self, e => {
-            e.optimizer.weights_changed();
+            e.weights_changed();
             e.model.merge_lora()
         })
     }
@@ -444,8 +444,10 @@ struct Engine<D: Kernels> {
     device: D,
     model: Gpt<D>,
     optimizer: AdamW<D>,
-    /// The step's gradients so far.
+    /// The step's gradients so far; between steps, the last step's buffers, kept to be reused.
     gradients: Gradients<f32, D>,
+    /// Whether a micro-batch has added to `gradients` since the last step.
+    accumulated: bool,
     /// Dropout on adapter inputs.
     lora_dropout: f32,
 }
@@ -456,6 +458,7 @@ impl<D: Kernels> Engine<D> {
             model: Gpt::new(&device, config),
             optimizer: AdamW::new(optimizer),
             gradients: Gradients::leaky(),
+            accumulated: false,
             lora_dropout: 0.0,
             device,
         }
@@ -493,8 +496,7 @@ impl<D: Kernels> Engine<D> {
             .target_log_probs(ids, self.targets(batch), &mut dropout);
         let loss = mean_nll(log_probs, self.mask(batch));
         let value = loss.as_vec()[0];
-        let mut gradients = loss.backward();
-        optim::accumulate(&mut self.model, &mut self.gradients, &mut gradients, weight);
+        self.add_gradients(loss.backward(), weight);
         value
     }
 
@@ -575,15 +577,38 @@ impl<D: Kernels> Engine<D> {
         let nll = chosen.sum::<Rank0, _>() * (-loss.nll_weight / per_token);
         let value = loss.mean(margin) + nll;
         let stats = loss.stats(&policy, reference, value.as_vec()[0]);
-        let mut gradients = value.backward();
-        optim::accumulate(&mut self.model, &mut self.gradients, &mut gradients, weight);
+        self.add_gradients(value.backward(), weight);
         stats
     }
 
+    /// Adds a micro-batch's gradients times `weight` to the step's. The step's first takes
+    /// over the buffers instead: no zero fill, no pass over them at all when `weight` is 1.
+    fn add_gradients(&mut self, mut gradients: Gradients<f32, D>, weight: f32) {
+        if self.accumulated {
+            optim::accumulate(&mut self.model, &mut self.gradients, &mut gradients, weight);
+        } else {
+            optim::take(&mut self.model, &mut self.gradients, &mut gradients, weight);
+            self.accumulated = true;
+        }
+    }
+
     fn step(&mut self, lr: f64, max_norm: Option<f32>) -> f32 {
-        let mut gradients = std::mem::replace(&mut self.gradients, Gradients::leaky());
+        if !self.accumulated {
+            // Nothing added since the last step: the gradients are zero, not the last ones.
+            self.gradients = Gradients::leaky();
+        }
+        self.accumulated = false;
         self.optimizer
-            .step(&mut self.model, &mut gradients, lr, max_norm)
+            .step(&mut self.model, &mut self.gradients, lr, max_norm)
+    }
+
+    /// After the parameters were replaced or changed outside training: the optimizer restarts
+    /// from them, and buffers kept for parameters that may no longer exist are dropped.
+    fn weights_changed(&mut self) {
+        self.optimizer.weights_changed();
+        if !self.accumulated {
+            self.gradients = Gradients::leaky();
+        }
     }
 
     fn loss(&mut self, batch: &Batch) -> f32 {
@@ -954,6 +979,78 @@ mod tests {
             model.accumulate(&batch, 1.0, 0);
             model.step(5e-2, Some(1.0));
         }
+    }
+
+    /// `train_three_steps`' inputs and targets for multipliers `(a, b)`.
+    fn rows(a: usize, b: usize) -> (Vec<u32>, Vec<u32>) {
+        let inputs = (0..16).map(|i| (i * a % 16) as u32).collect();
+        let targets = (0..16).map(|i| (i * b % 16) as u32).collect();
+        (inputs, targets)
+    }
+
+    fn batch_of<'a>((inputs, targets): &'a (Vec<u32>, Vec<u32>), rows: usize) -> Batch<'a> {
+        Batch {
+            inputs,
+            targets,
+            mask: None,
+            batch: rows,
+            seq: inputs.len() / rows,
+        }
+    }
+
+    /// A step's first micro-batch hands its gradient buffers over instead of being added to
+    /// zeros: the halves of a batch, weighted ½, must still step like the whole batch, and a
+    /// step with nothing accumulated must see zero gradients, not the last step's.
+    #[test]
+    fn micro_batches_add_up_and_a_step_starts_from_zero() {
+        let config = GptConfig {
+            vocab_size: 16,
+            seq_len: 8,
+            ..tiny(true)
+        };
+        let new = || Trainer::new(config.clone(), DeviceKind::Cpu, 11, adamw()).unwrap();
+        let (first, second) = (rows(3, 5), rows(7, 3));
+        let halves = [
+            (first.0[..8].to_vec(), first.1[..8].to_vec()),
+            (second.0[8..].to_vec(), second.1[8..].to_vec()),
+        ];
+        let both = (
+            [&halves[0].0[..], &halves[1].0[..]].concat(),
+            [&halves[0].1[..], &halves[1].1[..]].concat(),
+        );
+        let mut split = new();
+        for half in &halves {
+            split.accumulate(&batch_of(half, 1), 0.5, 0);
+        }
+        split.step(5e-2, Some(1.0));
+        let mut joined = new();
+        joined.accumulate(&batch_of(&both, 2), 1.0, 0);
+        joined.step(5e-2, Some(1.0));
+        let flat = |model: &mut Trainer| -> Vec<f32> {
+            model
+                .weights()
+                .into_iter()
+                .flat_map(|(_, _, v)| v)
+                .collect()
+        };
+        let worst = worst_difference(&flat(&mut split), &flat(&mut joined));
+        assert!(worst < 1e-4, "halves and whole differ by up to {worst}");
+
+        // Another step with nothing accumulated, against one after a zero-weight micro-batch.
+        let mut idle = new();
+        let mut zeroed = new();
+        for model in [&mut idle, &mut zeroed] {
+            model.accumulate(&batch_of(&both, 2), 1.0, 0);
+            model.step(5e-2, Some(1.0));
+        }
+        idle.step(5e-2, Some(1.0));
+        zeroed.accumulate(&batch_of(&both, 2), 0.0, 0);
+        zeroed.step(5e-2, Some(1.0));
+        let worst = worst_difference(&flat(&mut idle), &flat(&mut zeroed));
+        assert_eq!(
+            worst, 0.0,
+            "an idle step used stale gradients (off by up to {worst})"
+        );
     }
 
     /// Writes tests/fixtures/gpt2-smelt-export (run by make_gpt2_fixture.py, which then adds the

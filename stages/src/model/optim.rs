@@ -342,6 +342,30 @@ pub fn grad_norm<D: Kernels>(model: &mut Gpt<D>, grads: &mut Gradients<f32, D>) 
     norm.1.sqrt() as f32
 }
 
+/// `into = by·from` for the trainable parameters, by moving `from`'s buffers into `into`
+/// (and `into`'s into `from`, to be dropped with it): the first micro-batch of a step.
+pub fn take<D: Kernels>(
+    model: &mut Gpt<D>,
+    into: &mut Gradients<f32, D>,
+    from: &mut Gradients<f32, D>,
+    by: f32,
+) {
+    struct Take<'a, D: Device<f32>>(&'a mut Gradients<f32, D>, &'a mut Gradients<f32, D>, f32);
+    impl<D: Buffers> ParamVisitor<D> for Take<'_, D> {
+        fn visit<S: Shape>(&mut self, _: &str, p: &mut Tensor<S, f32, D>, trainable: bool) {
+            if trainable {
+                let from = self.1.get_or_alloc_mut(&*p).expect("gradient buffer");
+                let into = self.0.get_or_alloc_mut(&*p).expect("gradient buffer");
+                std::mem::swap(into, from);
+                if self.2 != 1.0 {
+                    p.device().scale(into, self.2);
+                }
+            }
+        }
+    }
+    model.visit(&mut Take(into, from, by));
+}
+
 /// Adds `from * by` into `into` for every trainable parameter: accumulating micro-batches this
 /// way lets each micro-batch's own gradients (and its activations' gradients) be freed.
 pub fn accumulate<D: Kernels>(
