@@ -11,6 +11,7 @@ use std::mem::MaybeUninit;
 use dfdx::prelude::*;
 use rayon::prelude::*;
 
+use super::tiles::{self, Operand};
 use super::{bf16, Dense, Epilogue, Kernels, Precision, LAYER_NORM_EPS};
 use crate::model::gpt::{A2, P1, P2};
 
@@ -563,105 +564,6 @@ fn product(a: Mat, b: Mat, precision: Precision) -> Vec<f32> {
     dst
 }
 
-impl Product {
-    /// A product on the calling thread (inside tasks that are already parallel).
-    fn serial(scale: f32, accumulate: bool) -> Self {
-        Product {
-            scale,
-            accumulate,
-            parallel: false,
-        }
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Causal products: attention's `(seq, seq)` matrices are zero above the diagonal, so a block of
-// rows needs the columns up to its last row only. Cut into blocks of rows, the products skip
-// most of the upper triangle (5/8 of the work at 4 blocks).
-
-/// Rows per block of a causal product.
-const CAUSAL_BLOCK: usize = 32;
-
-/// The blocks of rows of a causal product: `(first, end)`.
-fn causal_blocks(seq: usize) -> impl Iterator<Item = (usize, usize)> {
-    (0..seq)
-        .step_by(CAUSAL_BLOCK)
-        .map(move |first| (first, (first + CAUSAL_BLOCK).min(seq)))
-}
-
-/// `scale·a·bᵀ` (`a` and `b` `(seq, ·)`) where it is at or below the diagonal, blocks of rows
-/// at a time; the rest of each block's rows is zero.
-fn causal_scores(a: Mat, b: Mat, scale: f32) -> Vec<f32> {
-    let seq = a.rows;
-    let mut scores: Vec<f32> = Vec::with_capacity(seq * seq);
-    for (first, end) in causal_blocks(seq) {
-        // SAFETY: rows `first..end` of `scores`' capacity: the product writes their first
-        // `end` columns (inner dimension nonzero, not accumulating) and the rest is zeroed, so
-        // every element is written before `set_len`.
-        unsafe {
-            let rows = scores.as_mut_ptr().add(first * seq);
-            let (a, b) = (a.row_range(first, end), b.row_range(0, end));
-            gemm_into_f32(rows, seq, a, b.t(), Product::serial(scale, false));
-            for r in 0..end - first {
-                std::ptr::write_bytes(rows.add(r * seq + end), 0, seq - end);
-            }
-        }
-    }
-    // SAFETY: written whole above.
-    unsafe { scores.set_len(seq * seq) };
-    scores
-}
-
-/// `dst = scale·m·x` or `+=`, for `m` `(seq, seq)` zero above the diagonal: rows `first..end`
-/// of the result take columns `..end` of `m`.
-///
-/// # Safety
-/// As for [`gemm_into_f32`], with `dst` rows `dst_stride` apart.
-unsafe fn causal_product(dst: *mut f32, dst_stride: usize, m: &[f32], x: Mat, how: Product) {
-    let seq = x.rows;
-    for (first, end) in causal_blocks(seq) {
-        let rows = Mat::strided(&m[first * seq..], (end - first, end), seq, 1);
-        gemm_into_f32(
-            dst.add(first * dst_stride),
-            dst_stride,
-            rows,
-            x.row_range(0, end),
-            how,
-        );
-    }
-}
-
-/// `dst += scale·mᵀ·x`, for `m` `(seq, seq)` zero above the diagonal: rows `first..end` of the
-/// result take rows `first..` of `m` (columns `first..end`).
-///
-/// # Safety
-/// As for [`gemm_into_f32`], with `dst` rows `dst_stride` apart.
-unsafe fn causal_transposed_product(
-    dst: *mut f32,
-    dst_stride: usize,
-    m: &[f32],
-    x: Mat,
-    scale: f32,
-) {
-    let seq = x.rows;
-    for (first, end) in causal_blocks(seq) {
-        let columns = Mat::strided(
-            &m[first * seq + first..],
-            (seq - first, end - first),
-            seq,
-            1,
-        );
-        let how = Product::serial(scale, true);
-        gemm_into_f32(
-            dst.add(first * dst_stride),
-            dst_stride,
-            columns.t(),
-            x.row_range(first, seq),
-            how,
-        );
-    }
-}
-
 /// What a linear layer keeps for its backward pass: its input and weight.
 struct LinearInputs {
     x: Input,
@@ -758,9 +660,22 @@ impl SharedBuffer {
 // Row kernels.
 
 simd_fn! {
-    fn gelu_rows(pre: &[f32], out: &mut [f32]) {
+    /// GELU of `pre` into `out`.
+    fn gelu_rows(pre: &[f32], out: &mut [MaybeUninit<f32>]) {
         for (y, &x) in out.iter_mut().zip(pre) {
-            *y = gelu_and_slope(x).0;
+            y.write(gelu_and_slope(x).0);
+        }
+    }
+}
+
+simd_fn! {
+    /// GELU of `pre_then_slope` into `out`, and GELU's slope there into `pre_then_slope`: what
+    /// the backward pass needs, computed with the value (the two share their costly parts).
+    fn gelu_and_slope_rows(pre_then_slope: &mut [f32], out: &mut [MaybeUninit<f32>]) {
+        for (y, x) in out.iter_mut().zip(pre_then_slope) {
+            let (value, slope) = gelu_and_slope(*x);
+            y.write(value);
+            *x = slope;
         }
     }
 }
@@ -772,6 +687,39 @@ simd_fn! {
             *g *= gelu_and_slope(x).1;
         }
     }
+}
+
+simd_fn! {
+    /// `into *= by`, element by element.
+    fn multiply_rows(by: &[f32], into: &mut [f32]) {
+        for (a, b) in into.iter_mut().zip(by) {
+            *a *= b;
+        }
+    }
+}
+
+/// GELU of `pre` in a new buffer (written once, in parallel chunks).
+fn gelu(pre: &[f32]) -> Vec<f32> {
+    let mut out = Vec::with_capacity(pre.len());
+    out.spare_capacity_mut()[..pre.len()]
+        .par_chunks_mut(ELEMENTWISE_CHUNK)
+        .zip(pre.par_chunks(ELEMENTWISE_CHUNK))
+        .for_each(|(out, pre)| gelu_rows(pre, out));
+    // SAFETY: every chunk was written whole.
+    unsafe { out.set_len(pre.len()) };
+    out
+}
+
+/// GELU of `pre` in a new buffer, and GELU's slope in `pre`'s place.
+fn gelu_keeping_slope(pre: &mut [f32]) -> Vec<f32> {
+    let mut out = Vec::with_capacity(pre.len());
+    out.spare_capacity_mut()[..pre.len()]
+        .par_chunks_mut(ELEMENTWISE_CHUNK)
+        .zip(pre.par_chunks_mut(ELEMENTWISE_CHUNK))
+        .for_each(|(out, pre)| gelu_and_slope_rows(pre, out));
+    // SAFETY: every chunk was written whole.
+    unsafe { out.set_len(pre.len()) };
+    out
 }
 
 simd_fn! {
@@ -958,9 +906,9 @@ simd_fn! {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Attention, one (batch, head) at a time. The products are GEMMs on strided views of the
-// `(batch·seq, 3·d)` activations (the masked half is computed and zeroed: at these sizes a
-// full GEMM is faster than a triangular loop); the softmax and its backward are row kernels.
+// Attention, one (batch, head) at a time. The products run tile by tile on the heads in place
+// (`tiles.rs`), each tile over the part of the inner dimension the causal mask leaves; the
+// softmax and its backward are row kernels.
 
 /// Where the heads are in the `(batch·seq, 3·d)` attention input.
 #[derive(Clone, Copy)]
@@ -976,15 +924,60 @@ impl Heads {
         b * self.seq * 3 * self.d + part * self.d + h * self.head
     }
 
-    /// That part as a `(seq, head)` matrix, rows `3·d` apart.
-    fn view(self, data: &[f32], at: (usize, usize, usize)) -> Mat<'_> {
-        Mat::strided(
-            &data[self.offset(at)..],
-            (self.seq, self.head),
-            3 * self.d,
-            1,
-        )
+    /// That part: a `(seq, head)` matrix, rows `3·d` apart.
+    fn part(self, data: &[f32], at: (usize, usize, usize)) -> Operand<'_> {
+        Operand::rows(&data[self.offset(at)..], 3 * self.d)
     }
+
+    /// Kᵀ or Vᵀ of a head, `(head, seq)`: the right operand of scores (`q·kᵀ`, `dy·vᵀ`).
+    fn transposed(self, data: &[f32], at: (usize, usize, usize)) -> Vec<f32> {
+        let mut out = vec![0.0; self.head * self.seq];
+        let from = &data[self.offset(at)..];
+        tiles::transpose(from, 3 * self.d, (self.seq, self.head), &mut out, self.seq);
+        out
+    }
+}
+
+/// `scale·a·bᵀ` for `a` `(seq, head)` and `bᵀ` `(head, seq)` at and below the diagonal, in a
+/// new `(seq, seq)` buffer; tiles wholly above the diagonal are zero, the rest of the tiles
+/// the diagonal crosses is computed (the softmax rows overwrite it).
+fn causal_scores(a: Operand, b_t: &[f32], (seq, head): (usize, usize), scale: f32) -> Vec<f32> {
+    let mut scores = Vec::with_capacity(seq * seq);
+    let out = tiles::Output {
+        ptr: scores.as_mut_ptr(),
+        row_stride: seq,
+    };
+    let below = |row: usize, col: usize| match col < row + tiles::TILE_ROWS {
+        true => 0..head,
+        false => 0..0,
+    };
+    // SAFETY: `scores` has room for the product, which (not accumulating) writes every element
+    // of it, zeros included, before `set_len`.
+    unsafe {
+        tiles::product(
+            out,
+            (seq, seq),
+            a,
+            Operand::rows(b_t, seq),
+            below,
+            scale,
+            false,
+        );
+        scores.set_len(seq * seq);
+    }
+    scores
+}
+
+/// The inner range of a tile of `m·x` for `m` `(seq, seq)` zero above the diagonal: a tile of
+/// rows from `row` takes columns up to its last row.
+fn up_to_tile(seq: usize) -> impl Fn(usize, usize) -> std::ops::Range<usize> {
+    move |row, _| 0..(row + tiles::TILE_ROWS).min(seq)
+}
+
+/// The inner range of a tile of `mᵀ·x` for the same `m`: row `r` of the product takes rows
+/// `r..` of `m`, so a tile from `row` takes `row..`.
+fn from_tile(seq: usize) -> impl Fn(usize, usize) -> std::ops::Range<usize> {
+    move |row, _| row..seq
 }
 
 simd_fn! {
@@ -1060,12 +1053,14 @@ impl Kernels for Cpu {
             }
             (None, None) => product(saved.x(), saved.weight(), saved.precision),
         };
-        // With GELU, `y` is kept as the pre-activation and the output is a new buffer.
-        let mut pre_activation = None;
-        if gelu {
-            let mut activated = zeros(y.len());
-            par_zip(&y, &mut activated, gelu_rows);
-            pre_activation = Some(std::mem::replace(&mut y, activated));
+        // With GELU the output is a new buffer, and for the backward pass `y` becomes GELU's
+        // slope at the pre-activation.
+        let mut gelu_slope = None;
+        if gelu && T::OWNS_TAPE {
+            let activated = gelu_keeping_slope(&mut y);
+            gelu_slope = Some(std::mem::replace(&mut y, activated));
+        } else if gelu {
+            y = self::gelu(&y);
         }
         let out = output(x.device(), y, (n, outputs));
         let train = dense.train;
@@ -1095,10 +1090,10 @@ impl Kernels for Cpu {
                 // SAFETY: as above.
                 par_zip(grad_out, unsafe { grad_residual.write() }, add_rows);
             }
-            if let Some(pre) = &pre_activation {
+            if let Some(slope) = &gelu_slope {
                 // No op reads an output's gradient after the op that made it, so GELU's
                 // backward turns it into the pre-activation's gradient in place.
-                par_zip(pre, grad_out, gelu_backward_rows);
+                par_zip(slope, grad_out, multiply_rows);
             }
             saved.backward_input(grad_out, grad_x);
             if let Some(grad_w) = grad_w {
@@ -1115,9 +1110,7 @@ impl Kernels for Cpu {
     fn gelu<T: Tape<f32, Self>>(x: A2<Self, T>) -> A2<Self, T> {
         let (x, mut tape) = x.split_tape();
         let pre = input(&x);
-        let mut y = vec![0.0; pre.len()];
-        par_zip(&pre, &mut y, gelu_rows);
-        let out = output(x.device(), y, *x.shape());
+        let out = output(x.device(), self::gelu(&pre), *x.shape());
         let (x_ghost, out_ghost) = (x.ghost(), out.ghost());
         tape.add_backward_op(move |grads| {
             let (grad_x, grad_out) = input_and_output_grads!(grads, x_ghost, out_ghost);
@@ -1203,18 +1196,17 @@ impl Kernels for Cpu {
             .into_par_iter()
             .map(|task| {
                 let (b, h) = (task / heads, task % heads);
-                let (q, k, v) = (
-                    layout.view(&values, (b, h, 0)),
-                    layout.view(&values, (b, h, 1)),
-                    layout.view(&values, (b, h, 2)),
-                );
-                let mut p = causal_scores(q, k, scale);
+                let q = layout.part(&values, (b, h, 0));
+                let k_t = layout.transposed(&values, (b, h, 1));
+                let mut p = causal_scores(q, &k_t, (seq, head), scale);
                 causal_softmax_rows(&mut p);
+                let y = tiles::Output {
+                    ptr: out_buffer.at(b * seq * d + h * head),
+                    row_stride: d,
+                };
+                let (p_rows, v) = (Operand::rows(&p, seq), layout.part(&values, (b, h, 2)));
                 // SAFETY: head `h` of row `b` of `out` is this task's.
-                unsafe {
-                    let y = out_buffer.at(b * seq * d + h * head);
-                    causal_product(y, d, &p, v, Product::serial(1.0, false));
-                }
+                unsafe { tiles::product(y, (seq, head), p_rows, v, up_to_tile(seq), 1.0, false) };
                 p
             })
             .collect();
@@ -1227,24 +1219,26 @@ impl Kernels for Cpu {
             let target = SharedBuffer::new(grad_qkv);
             probabilities.par_iter().enumerate().for_each(|(task, p)| {
                 let (b, h) = (task / heads, task % heads);
-                let (q, k, v) = (
-                    layout.view(&values, (b, h, 0)),
-                    layout.view(&values, (b, h, 1)),
-                    layout.view(&values, (b, h, 2)),
+                let (q, k) = (
+                    layout.part(&values, (b, h, 0)),
+                    layout.part(&values, (b, h, 1)),
                 );
-                let dy = Mat::strided(&grad_out[b * seq * d + h * head..], (seq, head), d, 1);
-                let mut ds = causal_scores(dy, v, 1.0);
+                let v_t = layout.transposed(&values, (b, h, 2));
+                let dy = Operand::rows(&grad_out[b * seq * d + h * head..], d);
+                let mut ds = causal_scores(dy, &v_t, (seq, head), 1.0);
                 causal_softmax_backward_rows(p, &mut ds);
-                let (dq, dk, dv) = (
-                    target.at(layout.offset((b, h, 0))),
-                    target.at(layout.offset((b, h, 1))),
-                    target.at(layout.offset((b, h, 2))),
-                );
+                let [dq, dk, dv] = [0, 1, 2].map(|part| tiles::Output {
+                    ptr: target.at(layout.offset((b, h, part))),
+                    row_stride: width,
+                });
+                let (ds_rows, ds_t) = (Operand::rows(&ds, seq), Operand::transposed(&ds, seq));
+                let p_t = Operand::transposed(p, seq);
+                let size = (seq, head);
                 // SAFETY: head `h`'s columns of row `b` of `target` are this task's.
                 unsafe {
-                    causal_product(dq, width, &ds, k, Product::serial(scale, true));
-                    causal_transposed_product(dk, width, &ds, q, scale);
-                    causal_transposed_product(dv, width, p, dy, 1.0);
+                    tiles::product(dq, size, ds_rows, k, up_to_tile(seq), scale, true);
+                    tiles::product(dk, size, ds_t, q, from_tile(seq), scale, true);
+                    tiles::product(dv, size, p_t, dy, from_tile(seq), 1.0, true);
                 }
             });
             Ok(())
@@ -1298,12 +1292,14 @@ impl Kernels for Cpu {
     }
 }
 
+/// Elements per parallel task of an elementwise kernel.
+const ELEMENTWISE_CHUNK: usize = 16_384;
+
 /// Runs an elementwise row kernel over `input` and `output` in parallel chunks.
 fn par_zip(input: &[f32], output: &mut [f32], kernel: fn(&[f32], &mut [f32])) {
-    const CHUNK: usize = 16_384;
     output
-        .par_chunks_mut(CHUNK)
-        .zip(input.par_chunks(CHUNK))
+        .par_chunks_mut(ELEMENTWISE_CHUNK)
+        .zip(input.par_chunks(ELEMENTWISE_CHUNK))
         .for_each(|(out, inp)| kernel(inp, out));
 }
 

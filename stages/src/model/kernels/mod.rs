@@ -21,6 +21,7 @@ mod composed;
 mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+mod tiles;
 
 pub use bf16::uses_amx;
 pub use cpu::forget_outputs;

@@ -256,7 +256,8 @@ fn causal_attention_matches_dfdx() {
     let dev = Cpu::seed_from_u64(5);
     // One block of rows, and several with a partial last one (the products skip the upper
     // triangle 32 rows at a time).
-    for (batch, seq, heads, head) in [(3, 7, 3, 5), (2, 77, 2, 3)] {
+    // Partial tiles of rows and columns, and (last) whole ones with two column tiles.
+    for (batch, seq, heads, head) in [(3, 7, 3, 5), (2, 77, 2, 3), (2, 130, 2, 40)] {
         let d = heads * head;
         let qkv: P2<Cpu> = dev.sample_normal_like(&(batch * seq, 3 * d)) * 1.5;
         compare(
