@@ -307,7 +307,21 @@ fn sum(xs: &[f32]) -> f32 {
             *lane += x;
         }
     }
-    lanes.iter().sum::<f32>() + tail
+    tree(lanes, |a, b| a + b) + tail
+}
+
+/// The lanes of a vector accumulator folded by halves (8 + 8, 4 + 4, …): four vector steps,
+/// where a fold from the first lane to the last is sixteen dependent scalar ones.
+#[inline(always)]
+fn tree(mut lanes: [f32; LANES], op: impl Fn(f32, f32) -> f32) -> f32 {
+    let mut width = LANES / 2;
+    while width > 0 {
+        for i in 0..width {
+            lanes[i] = op(lanes[i], lanes[i + width]);
+        }
+        width /= 2;
+    }
+    lanes[0]
 }
 
 #[inline(always)]
@@ -325,7 +339,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
             *lane = x.mul_add(*y, *lane);
         }
     }
-    lanes.iter().sum::<f32>() + tail
+    tree(lanes, |a, b| a + b) + tail
 }
 
 #[inline(always)]
@@ -341,7 +355,7 @@ fn max(xs: &[f32]) -> f32 {
             *lane = lane.max(x);
         }
     }
-    lanes.iter().fold(tail, |m, &x| m.max(x))
+    tree(lanes, f32::max).max(tail)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -929,6 +943,13 @@ impl Heads {
         Operand::rows(&data[self.offset(at)..], 3 * self.d)
     }
 
+    /// That part copied into its own `(seq, head)` buffer. As a right operand its rows are read
+    /// one after another, and `3·d` apart they would map to a few cache sets (at d = 256, 4 of
+    /// L1's 64) and evict each other.
+    fn packed(self, data: &[f32], at: (usize, usize, usize)) -> Vec<f32> {
+        packed_rows(&data[self.offset(at)..], 3 * self.d, (self.seq, self.head))
+    }
+
     /// Kᵀ or Vᵀ of a head, `(head, seq)`: the right operand of scores (`q·kᵀ`, `dy·vᵀ`).
     fn transposed(self, data: &[f32], at: (usize, usize, usize)) -> Vec<f32> {
         let mut out = vec![0.0; self.head * self.seq];
@@ -936,6 +957,15 @@ impl Heads {
         tiles::transpose(from, 3 * self.d, (self.seq, self.head), &mut out, self.seq);
         out
     }
+}
+
+/// Rows `(rows, cols)` `stride` apart in `data`, copied next to each other.
+fn packed_rows(data: &[f32], stride: usize, (rows, cols): (usize, usize)) -> Vec<f32> {
+    let mut out = Vec::with_capacity(rows * cols);
+    for i in 0..rows {
+        out.extend_from_slice(&data[i * stride..][..cols]);
+    }
+    out
 }
 
 /// `scale·a·bᵀ` for `a` `(seq, head)` and `bᵀ` `(head, seq)` at and below the diagonal, in a
@@ -980,36 +1010,48 @@ fn from_tile(seq: usize) -> impl Fn(usize, usize) -> std::ops::Range<usize> {
     move |row, _| row..seq
 }
 
+/// How much of row `i` of a causal `(seq, seq)` matrix the softmax kernels work on: the seen
+/// positions `..=i` rounded up to whole vectors, so that no row ends in a scalar loop (at
+/// these lengths the tails cost more than the padding).
+#[inline(always)]
+fn vector_span(i: usize, seq: usize) -> usize {
+    (i + 1).next_multiple_of(LANES).min(seq)
+}
+
 simd_fn! {
     /// Causal softmax of each row of `scores` (`(seq, seq)`), in place; zero above the diagonal.
     fn causal_softmax_rows(scores: &mut [f32]) {
         let seq = scores.len().isqrt();
         for (i, row) in scores.chunks_exact_mut(seq).enumerate() {
-            let (seen, future) = row.split_at_mut(i + 1);
-            let m = max(seen);
-            for s in seen.iter_mut() {
+            let (span, rest) = row.split_at_mut(vector_span(i, seq));
+            // The padding: out of the max, then zero.
+            span[i + 1..].fill(f32::NEG_INFINITY);
+            let m = max(span);
+            for s in span.iter_mut() {
                 *s = exp(*s - m);
             }
-            let norm = 1.0 / sum(seen);
-            seen.iter_mut().for_each(|s| *s *= norm);
-            future.fill(0.0);
+            span[i + 1..].fill(0.0);
+            let norm = 1.0 / sum(span);
+            span.iter_mut().for_each(|s| *s *= norm);
+            rest.fill(0.0);
         }
     }
 }
 
 simd_fn! {
     /// Causal softmax backward in place: `dp` becomes `p·(dp − Σ p·dp)`, row by row, over the
-    /// seen positions; zero above the diagonal (where `p` is zero), without reading it.
+    /// seen positions (and the padding to whole vectors, where `p` is zero); zero above them.
     fn causal_softmax_backward_rows(p: &[f32], dp: &mut [f32]) {
         let seq = p.len().isqrt();
         for (i, (p, dp)) in p.chunks_exact(seq).zip(dp.chunks_exact_mut(seq)).enumerate() {
-            let (seen, future) = dp.split_at_mut(i + 1);
-            let p = &p[..=i];
-            let centre = dot(p, seen);
-            for (d, p) in seen.iter_mut().zip(p) {
+            let (span, rest) = dp.split_at_mut(vector_span(i, seq));
+            let p = &p[..span.len()];
+            let centre = dot(p, span);
+            for (d, p) in span.iter_mut().zip(p) {
                 *d = p * (*d - centre);
             }
-            future.fill(0.0);
+            span[i + 1..].fill(0.0);
+            rest.fill(0.0);
         }
     }
 }
@@ -1204,7 +1246,8 @@ impl Kernels for Cpu {
                     ptr: out_buffer.at(b * seq * d + h * head),
                     row_stride: d,
                 };
-                let (p_rows, v) = (Operand::rows(&p, seq), layout.part(&values, (b, h, 2)));
+                let v = layout.packed(&values, (b, h, 2));
+                let (p_rows, v) = (Operand::rows(&p, seq), Operand::rows(&v, head));
                 // SAFETY: head `h` of row `b` of `out` is this task's.
                 unsafe { tiles::product(y, (seq, head), p_rows, v, up_to_tile(seq), 1.0, false) };
                 p
@@ -1220,11 +1263,13 @@ impl Kernels for Cpu {
             probabilities.par_iter().enumerate().for_each(|(task, p)| {
                 let (b, h) = (task / heads, task % heads);
                 let (q, k) = (
-                    layout.part(&values, (b, h, 0)),
-                    layout.part(&values, (b, h, 1)),
+                    layout.packed(&values, (b, h, 0)),
+                    layout.packed(&values, (b, h, 1)),
                 );
                 let v_t = layout.transposed(&values, (b, h, 2));
-                let dy = Operand::rows(&grad_out[b * seq * d + h * head..], d);
+                let dy = packed_rows(&grad_out[b * seq * d + h * head..], d, (seq, head));
+                let (q, k) = (Operand::rows(&q, head), Operand::rows(&k, head));
+                let dy = Operand::rows(&dy, head);
                 let mut ds = causal_scores(dy, &v_t, (seq, head), 1.0);
                 causal_softmax_backward_rows(p, &mut ds);
                 let [dq, dk, dv] = [0, 1, 2].map(|part| tiles::Output {
