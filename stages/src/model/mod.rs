@@ -444,7 +444,8 @@ struct Engine<D: Kernels> {
     device: D,
     model: Gpt<D>,
     optimizer: AdamW<D>,
-    /// The step's gradients so far; between steps, the last step's buffers, kept to be reused.
+    /// The step's gradients so far; between steps, empty entries for the parameters (see
+    /// `step`).
     gradients: Gradients<f32, D>,
     /// Whether a micro-batch has added to `gradients` since the last step.
     accumulated: bool,
@@ -584,12 +585,18 @@ impl<D: Kernels> Engine<D> {
     /// Adds a micro-batch's gradients times `weight` to the step's. The step's first takes
     /// over the buffers instead: no zero fill, no pass over them at all when `weight` is 1.
     fn add_gradients(&mut self, mut gradients: Gradients<f32, D>, weight: f32) {
-        if self.accumulated {
-            optim::accumulate(&mut self.model, &mut self.gradients, &mut gradients, weight);
-        } else {
-            optim::take(&mut self.model, &mut self.gradients, &mut gradients, weight);
-            self.accumulated = true;
-        }
+        let how = match self.accumulated {
+            false => optim::Join::Take,
+            true => optim::Join::Add,
+        };
+        optim::join(
+            &mut self.model,
+            &mut self.gradients,
+            &mut gradients,
+            weight,
+            how,
+        );
+        self.accumulated = true;
     }
 
     fn step(&mut self, lr: f64, max_norm: Option<f32>) -> f32 {
@@ -597,13 +604,20 @@ impl<D: Kernels> Engine<D> {
             // Nothing added since the last step: the gradients are zero, not the last ones.
             self.gradients = Gradients::leaky();
         }
+        let norm = self
+            .optimizer
+            .step(&mut self.model, &mut self.gradients, lr, max_norm);
+        // Nothing parameter-sized stays allocated until the next step: the entries stay, empty,
+        // for the next step's first micro-batch to swap its buffers into.
+        if !optim::release(&mut self.model, &mut self.gradients) {
+            self.gradients = Gradients::leaky();
+        }
         self.accumulated = false;
-        self.optimizer
-            .step(&mut self.model, &mut self.gradients, lr, max_norm)
+        norm
     }
 
     /// After the parameters were replaced or changed outside training: the optimizer restarts
-    /// from them, and buffers kept for parameters that may no longer exist are dropped.
+    /// from them, and the (empty) entries kept for parameters that may no longer exist go.
     fn weights_changed(&mut self) {
         self.optimizer.weights_changed();
         if !self.accumulated {
@@ -669,6 +683,7 @@ mod tests {
         case: &str,
     ) {
         let mut grads = std::mem::replace(&mut engine.gradients, Gradients::leaky());
+        engine.accumulated = false;
         for &(name, pick) in matrices {
             let analytic = grads
                 .get_or_alloc_mut(pick(&mut engine.model))

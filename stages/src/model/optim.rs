@@ -29,6 +29,9 @@ pub trait Buffers: Device<f32> {
     fn add_host(&self, into: &mut <Self as Storage<f32>>::Vec, host: &[f32]);
     fn download(&self, g: &<Self as Storage<f32>>::Vec) -> Vec<f32>;
     fn upload(&self, host: &[f32], g: &mut <Self as Storage<f32>>::Vec);
+    /// Frees what `g` holds, leaving an empty buffer in its place; false where the device cannot
+    /// (the caller then drops the whole `Gradients` instead).
+    fn release(&self, g: &mut <Self as Storage<f32>>::Vec) -> bool;
     /// One AdamW update of `p` from its gradient `g` (which it may overwrite), with the buffers
     /// `state` keeps for it.
     fn adamw<S: Shape>(
@@ -68,6 +71,11 @@ impl Buffers for Cpu {
 
     fn upload(&self, host: &[f32], g: &mut <Self as Storage<f32>>::Vec) {
         g.copy_from_slice(host);
+    }
+
+    fn release(&self, g: &mut <Self as Storage<f32>>::Vec) -> bool {
+        *g = self.try_alloc_len(0).expect("an empty buffer");
+        true
     }
 
     /// dfdx lends no mutable access to a tensor's values, so the update works on the master
@@ -137,6 +145,12 @@ impl Buffers for Cuda {
         device
             .htod_sync_copy_into(host, slice)
             .expect("host to device copy");
+    }
+
+    /// Kept: an empty `CudaSlice` is a zero-byte allocation cudarc may refuse, and this path
+    /// cannot be run here to find out.
+    fn release(&self, _: &mut <Self as Storage<f32>>::Vec) -> bool {
+        false
     }
 
     /// dfdx's Adam kernel updates the tensor in place: no master copy.
@@ -342,48 +356,72 @@ pub fn grad_norm<D: Kernels>(model: &mut Gpt<D>, grads: &mut Gradients<f32, D>) 
     norm.1.sqrt() as f32
 }
 
-/// `into = by·from` for the trainable parameters, by moving `from`'s buffers into `into`
-/// (and `into`'s into `from`, to be dropped with it): the first micro-batch of a step.
-pub fn take<D: Kernels>(
-    model: &mut Gpt<D>,
-    into: &mut Gradients<f32, D>,
-    from: &mut Gradients<f32, D>,
-    by: f32,
-) {
-    struct Take<'a, D: Device<f32>>(&'a mut Gradients<f32, D>, &'a mut Gradients<f32, D>, f32);
-    impl<D: Buffers> ParamVisitor<D> for Take<'_, D> {
-        fn visit<S: Shape>(&mut self, _: &str, p: &mut Tensor<S, f32, D>, trainable: bool) {
-            if trainable {
-                let from = self.1.get_or_alloc_mut(&*p).expect("gradient buffer");
-                let into = self.0.get_or_alloc_mut(&*p).expect("gradient buffer");
-                std::mem::swap(into, from);
-                if self.2 != 1.0 {
-                    p.device().scale(into, self.2);
-                }
-            }
-        }
-    }
-    model.visit(&mut Take(into, from, by));
+/// How a micro-batch's gradients join the step's.
+#[derive(Clone, Copy, PartialEq)]
+pub enum Join {
+    /// The step's first micro-batch: `into = by·from`, by moving `from`'s buffers into `into`
+    /// (`into`'s, empty or not, go to `from`, to be dropped with it).
+    Take,
+    /// A later one: `into += by·from`. Adding micro-batches this way lets each one's own
+    /// gradients (and its activations' gradients) be freed.
+    Add,
 }
 
-/// Adds `from * by` into `into` for every trainable parameter: accumulating micro-batches this
-/// way lets each micro-batch's own gradients (and its activations' gradients) be freed.
-pub fn accumulate<D: Kernels>(
+/// Joins `from`, times `by`, to `into` for every trainable parameter.
+pub fn join<D: Kernels>(
     model: &mut Gpt<D>,
     into: &mut Gradients<f32, D>,
     from: &mut Gradients<f32, D>,
     by: f32,
+    how: Join,
 ) {
-    struct Add<'a, D: Device<f32>>(&'a mut Gradients<f32, D>, &'a mut Gradients<f32, D>, f32);
-    impl<D: Buffers> ParamVisitor<D> for Add<'_, D> {
+    struct Visit<'a, D: Device<f32>> {
+        into: &'a mut Gradients<f32, D>,
+        from: &'a mut Gradients<f32, D>,
+        by: f32,
+        how: Join,
+    }
+    impl<D: Buffers> ParamVisitor<D> for Visit<'_, D> {
         fn visit<S: Shape>(&mut self, _: &str, p: &mut Tensor<S, f32, D>, trainable: bool) {
-            if trainable {
-                let device = p.device().clone();
-                let from = self.1.get_or_alloc_mut(&*p).expect("gradient buffer");
-                let into = self.0.get_or_alloc_mut(&*p).expect("gradient buffer");
-                device.add_scaled(into, from, self.2);
+            if !trainable {
+                return;
+            }
+            let device = p.device().clone();
+            let from = self.from.get_or_alloc_mut(&*p).expect("gradient buffer");
+            let into = self.into.get_or_alloc_mut(&*p).expect("gradient buffer");
+            match self.how {
+                Join::Take => {
+                    std::mem::swap(into, from);
+                    if self.by != 1.0 {
+                        device.scale(into, self.by);
+                    }
+                }
+                Join::Add => device.add_scaled(into, from, self.by),
             }
         }
     }
-    model.visit(&mut Add(into, from, by));
+    model.visit(&mut Visit {
+        into,
+        from,
+        by,
+        how,
+    });
+}
+
+/// Frees the trainable parameters' buffers in `grads`, keeping empty ones in their place (for
+/// the next step's [`Join::Take`], which then allocates nothing). False where the device keeps
+/// them (see [`Buffers::release`]).
+pub fn release<D: Kernels>(model: &mut Gpt<D>, grads: &mut Gradients<f32, D>) -> bool {
+    struct Release<'a, D: Device<f32>>(&'a mut Gradients<f32, D>, bool);
+    impl<D: Buffers> ParamVisitor<D> for Release<'_, D> {
+        fn visit<S: Shape>(&mut self, _: &str, p: &mut Tensor<S, f32, D>, trainable: bool) {
+            if trainable {
+                let g = self.0.get_or_alloc_mut(&*p).expect("gradient buffer");
+                self.1 &= p.device().release(g);
+            }
+        }
+    }
+    let mut release = Release(grads, true);
+    model.visit(&mut release);
+    release.1
 }

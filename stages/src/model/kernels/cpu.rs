@@ -471,16 +471,13 @@ pub(super) unsafe fn gemm_into_f32(
     let by_rows = a.rows >= b.cols;
     let length = a.rows.max(b.cols);
     let parts = rayon::current_num_threads().min(length / MIN_PART);
-    if !how.parallel || parts <= 1 {
+    if !how.parallel || parts <= 1 || a.rows == 0 || b.cols == 0 {
         return serial_gemm(dst, dst_row_stride, a, b, how);
     }
     let dst = SharedBuffer(dst, (a.rows - 1) * dst_row_stride + b.cols);
-    let step = length.div_ceil(parts).next_multiple_of(16);
     (0..parts).into_par_iter().for_each(|part| {
-        let (first, end) = (part * step, ((part + 1) * step).min(length));
-        if first >= end {
-            return;
-        }
+        // Even parts: each at least `MIN_PART` long.
+        let (first, end) = (part * length / parts, (part + 1) * length / parts);
         // SAFETY: the parts write disjoint rows or columns of the caller's product.
         unsafe {
             if by_rows {
@@ -494,10 +491,10 @@ pub(super) unsafe fn gemm_into_f32(
     });
 }
 
-/// The fewest rows (or columns) a part of a split product gets. The `gemm` crate picks other
-/// kernels for narrow products, whose sums round differently: with narrow parts, results would
-/// depend on the thread count (`results_do_not_depend_on_the_thread_count` splits products).
-const MIN_PART: usize = 64;
+/// The fewest rows (or columns) a part of a split product gets. gemm 0.19 multiplies products
+/// of at most 64 × 64 another way, which sums long inner dimensions in other blocks (and
+/// rounds differently): with parts that small, results would depend on the thread count.
+const MIN_PART: usize = 65;
 
 /// [`gemm_into_f32`] on the calling thread.
 ///
@@ -977,9 +974,12 @@ fn causal_scores(a: Operand, b_t: &[f32], (seq, head): (usize, usize), scale: f3
         ptr: scores.as_mut_ptr(),
         row_stride: seq,
     };
-    let below = |row: usize, col: usize| match col < row + tiles::TILE_ROWS {
-        true => 0..head,
-        false => 0..0,
+    let below = |row: usize, col: usize| {
+        if col < row + tiles::TILE_ROWS {
+            0..head
+        } else {
+            0..0
+        }
     };
     // SAFETY: `scores` has room for the product, which (not accumulating) writes every element
     // of it, zeros included, before `set_len`.
@@ -1011,8 +1011,9 @@ fn from_tile(seq: usize) -> impl Fn(usize, usize) -> std::ops::Range<usize> {
 }
 
 /// How much of row `i` of a causal `(seq, seq)` matrix the softmax kernels work on: the seen
-/// positions `..=i` rounded up to whole vectors, so that no row ends in a scalar loop (at
-/// these lengths the tails cost more than the padding).
+/// positions `..=i` rounded up to whole vectors (or to the row's end), so that rows do not end
+/// in a scalar loop (at these lengths the tails cost more than the padding); only the last
+/// rows of a `seq` that is not a multiple of 16 still do.
 #[inline(always)]
 fn vector_span(i: usize, seq: usize) -> usize {
     (i + 1).next_multiple_of(LANES).min(seq)
@@ -1045,12 +1046,14 @@ simd_fn! {
         let seq = p.len().isqrt();
         for (i, (p, dp)) in p.chunks_exact(seq).zip(dp.chunks_exact_mut(seq)).enumerate() {
             let (span, rest) = dp.split_at_mut(vector_span(i, seq));
+            // The padding is zeroed first: where `p` is zero, a non-finite `dp` would still
+            // turn the row's sum into NaN.
+            span[i + 1..].fill(0.0);
             let p = &p[..span.len()];
             let centre = dot(p, span);
             for (d, p) in span.iter_mut().zip(p) {
                 *d = p * (*d - centre);
             }
-            span[i + 1..].fill(0.0);
             rest.fill(0.0);
         }
     }
@@ -1426,6 +1429,42 @@ mod tests {
         let last = output(&dev, values.clone(), (3, 4));
         forget_outputs();
         assert!(matches!(input(&last), Input::Copied(_)));
+    }
+
+    /// A product split across threads gives the bits of the unsplit one, on any thread count:
+    /// shapes split by rows and by columns whose other side is narrow and whose inner dimension
+    /// is long (where gemm's small-product path would sum in other blocks), and empty ones.
+    #[test]
+    fn split_products_match_the_serial_product_bit_for_bit() {
+        let values = |len: usize, seed: usize| -> Vec<f32> {
+            (0..len)
+                .map(|i| ((i * 7919 + seed) % 1000) as f32 / 500.0 - 1.0)
+                .collect()
+        };
+        for (m, k, n) in [
+            (200, 600, 48),
+            (48, 600, 200),
+            (300, 64, 130),
+            (0, 8, 200),
+            (3, 0, 2),
+        ] {
+            let (a, b) = (values(m * k, 1), values(k * n, 2));
+            let (a, b) = (Mat::new(&a, m, k), Mat::new(&b, k, n));
+            let product_on = |threads: usize| {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                pool.install(|| product(a, b, Precision::F32))
+            };
+            let serial = product_on(1);
+            for threads in 2..=4 {
+                assert!(
+                    product_on(threads) == serial,
+                    "{m}×{k}×{n} on {threads} threads"
+                );
+            }
+        }
     }
 
     #[test]

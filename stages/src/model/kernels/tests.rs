@@ -254,9 +254,8 @@ fn layer_norm_matches_dfdx() {
 #[test]
 fn causal_attention_matches_dfdx() {
     let dev = Cpu::seed_from_u64(5);
-    // One block of rows, and several with a partial last one (the products skip the upper
-    // triangle 32 rows at a time).
-    // Partial tiles of rows and columns, and (last) whole ones with two column tiles.
+    // Partial tiles of rows and columns (the products' tiles are 8 × 32 and skip the upper
+    // triangle), and (last) whole ones with two column tiles.
     for (batch, seq, heads, head) in [(3, 7, 3, 5), (2, 77, 2, 3), (2, 130, 2, 40)] {
         let d = heads * head;
         let qkv: P2<Cpu> = dev.sample_normal_like(&(batch * seq, 3 * d)) * 1.5;

@@ -5,7 +5,8 @@
 //! triangle that is zero, and a tile whose range is empty is written as zeros (or left alone
 //! when accumulating). At these sizes (inner dimensions of 32 to a few hundred) a general GEMM
 //! spends more time packing and dispatching than multiplying; a tile here reads its operands
-//! in place, keeps its 8×32 sums in sixteen AVX-512 registers and writes them once.
+//! where they are (the caller decides where: attention copies its right operands contiguous
+//! first), keeps its 8×32 sums in sixteen AVX-512 registers and writes them once.
 
 use std::ops::Range;
 
@@ -61,8 +62,8 @@ pub(super) struct Output {
 /// rows; an empty one makes the tile zero, or leaves it as it was when accumulating).
 ///
 /// # Safety
-/// `c` must be valid for writes at every `(i, j)` of the product, and no other thread may touch
-/// those elements during the call.
+/// `c` must be valid for writes at every `(i, j)` of the product (and initialised there when
+/// accumulating: it is read), and no other thread may touch those elements during the call.
 pub(super) unsafe fn product(
     c: Output,
     size: (usize, usize),
@@ -72,8 +73,8 @@ pub(super) unsafe fn product(
     scale: f32,
     accumulate: bool,
 ) {
-    let how = How { scale, accumulate };
-    product_with(tile_kernel(), c, size, a, b, &inner, how)
+    let store = Store { scale, accumulate };
+    product_with(tile_kernel(), c, size, a, b, &inner, store)
 }
 
 /// [`product`] with a given tile kernel.
@@ -87,7 +88,7 @@ unsafe fn product_with(
     a: Operand,
     b: Operand,
     inner: &dyn Fn(usize, usize) -> Range<usize>,
-    how: How,
+    store: Store,
 ) {
     assert_eq!(b.col_stride, 1, "b's rows are contiguous");
     for row in (0..m).step_by(TILE_ROWS) {
@@ -100,17 +101,25 @@ unsafe fn product_with(
             if !k.is_empty() {
                 a.check(row + tile.rows, k.end);
                 b.check(k.end, col + tile.cols);
-            } else if how.accumulate {
+            } else if store.accumulate {
                 continue;
             }
-            let a_at = (
-                a.data.as_ptr().add(row * a.row_stride),
-                a.row_stride,
-                a.col_stride,
-            );
-            let b_at = (b.data.as_ptr().add(col), b.row_stride);
-            let c_at = (c.ptr.add(row * c.row_stride + col), c.row_stride);
-            kernel(tile, a_at, b_at, k, c_at, how);
+            // With an empty range the operands' pointers are not read, and may point past
+            // them: `wrapping_add`.
+            let left = Left {
+                ptr: a.data.as_ptr().wrapping_add(row * a.row_stride),
+                row_stride: a.row_stride,
+                col_stride: a.col_stride,
+            };
+            let right = Right {
+                ptr: b.data.as_ptr().wrapping_add(col),
+                row_stride: b.row_stride,
+            };
+            let out = Output {
+                ptr: c.ptr.add(row * c.row_stride + col),
+                row_stride: c.row_stride,
+            };
+            kernel(tile, left, right, k, out, store);
         }
     }
 }
@@ -122,22 +131,32 @@ struct Tile {
     cols: usize,
 }
 
+/// A tile's left operand: element `(i, p)` at `ptr + i·row_stride + p·col_stride`, `i` a row
+/// of the tile, `p` in its inner range.
 #[derive(Clone, Copy)]
-struct How {
+struct Left {
+    ptr: *const f32,
+    row_stride: usize,
+    col_stride: usize,
+}
+
+/// A tile's right operand: element `(p, j)` at `ptr + p·row_stride + j`, `j` a column of the
+/// tile.
+#[derive(Clone, Copy)]
+struct Right {
+    ptr: *const f32,
+    row_stride: usize,
+}
+
+/// How a tile's sums are written: `scale·sum`, added to what is there when `accumulate`.
+#[derive(Clone, Copy)]
+struct Store {
     scale: f32,
     accumulate: bool,
 }
 
-/// A tile's operands: `a` at the tile's first row with its strides, `b` at its first column
-/// with its row stride, `c` at the tile with its row stride.
-type TileKernel = unsafe fn(
-    Tile,
-    (*const f32, usize, usize),
-    (*const f32, usize),
-    Range<usize>,
-    (*mut f32, usize),
-    How,
-);
+/// One tile of a product (`Output` at the tile's first element).
+type TileKernel = unsafe fn(Tile, Left, Right, Range<usize>, Output, Store);
 
 /// The tile kernel for this CPU.
 fn tile_kernel() -> TileKernel {
@@ -150,45 +169,31 @@ fn tile_kernel() -> TileKernel {
 
 simd_fn! {
     /// The tile as plain loops, vectorised along a row.
-    fn portable_loops(
-        tile: Tile,
-        a: (*const f32, usize, usize),
-        b: (*const f32, usize),
-        k: Range<usize>,
-        c: (*mut f32, usize),
-        how: How,
-    ) {
-        let (a, a_rows, a_cols) = a;
+    fn portable_loops(tile: Tile, a: Left, b: Right, k: Range<usize>, c: Output, store: Store) {
         for i in 0..tile.rows {
             let mut sums = [0.0f32; TILE_COLS];
             for p in k.clone() {
                 // SAFETY: inside the operands, as `product` checked.
                 let (x, row) = unsafe {
-                    (*a.add(i * a_rows + p * a_cols), std::slice::from_raw_parts(b.0.add(p * b.1), tile.cols))
+                    let x = *a.ptr.add(i * a.row_stride + p * a.col_stride);
+                    (x, std::slice::from_raw_parts(b.ptr.add(p * b.row_stride), tile.cols))
                 };
                 for (s, &y) in sums.iter_mut().zip(row) {
                     *s = x.mul_add(y, *s);
                 }
             }
             // SAFETY: the tile is inside `c`, as the caller of `product` vouched.
-            let out = unsafe { std::slice::from_raw_parts_mut(c.0.add(i * c.1), tile.cols) };
+            let out = unsafe { std::slice::from_raw_parts_mut(c.ptr.add(i * c.row_stride), tile.cols) };
             for (o, s) in out.iter_mut().zip(sums) {
-                *o = if how.accumulate { *o + how.scale * s } else { how.scale * s };
+                *o = if store.accumulate { *o + store.scale * s } else { store.scale * s };
             }
         }
     }
 }
 
 /// [`portable_loops`] as a [`TileKernel`].
-unsafe fn portable_tile(
-    tile: Tile,
-    a: (*const f32, usize, usize),
-    b: (*const f32, usize),
-    k: Range<usize>,
-    c: (*mut f32, usize),
-    how: How,
-) {
-    portable_loops(tile, a, b, k, c, how)
+unsafe fn portable_tile(tile: Tile, a: Left, b: Right, k: Range<usize>, c: Output, store: Store) {
+    portable_loops(tile, a, b, k, c, store)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -199,7 +204,8 @@ mod avx512 {
 
     /// The tile with its sums in registers: per step of the inner dimension, two vectors of
     /// `b`'s row and eight broadcasts of `a`'s column feed sixteen FMAs. Columns past the
-    /// tile's are masked off (never read, never written); rows past it repeat its last row and
+    /// tile's are masked off (never read, never written: their addresses are formed with
+    /// `wrapping_add`, as they may lie past the buffer); rows past it repeat its last row and
     /// are not stored.
     ///
     /// # Safety
@@ -207,33 +213,33 @@ mod avx512 {
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn tile(
         tile: Tile,
-        (a, a_rows, a_cols): (*const f32, usize, usize),
-        (b, b_stride): (*const f32, usize),
+        a: Left,
+        b: Right,
         k: Range<usize>,
-        (c, c_stride): (*mut f32, usize),
-        how: How,
+        c: Output,
+        store: Store,
     ) {
         let masks = [lanes(tile.cols), lanes(tile.cols.saturating_sub(16))];
         let rows: [*const f32; TILE_ROWS] =
-            std::array::from_fn(|i| a.add(i.min(tile.rows - 1) * a_rows));
+            std::array::from_fn(|i| a.ptr.wrapping_add(i.min(tile.rows - 1) * a.row_stride));
         let mut sums = [[_mm512_setzero_ps(); 2]; TILE_ROWS];
         for p in k {
-            let b_row = b.add(p * b_stride);
+            let b_row = b.ptr.add(p * b.row_stride);
             let lo = _mm512_maskz_loadu_ps(masks[0], b_row);
-            let hi = _mm512_maskz_loadu_ps(masks[1], b_row.add(16));
+            let hi = _mm512_maskz_loadu_ps(masks[1], b_row.wrapping_add(16));
             for (sum, row) in sums.iter_mut().zip(rows) {
-                let x = _mm512_set1_ps(*row.add(p * a_cols));
+                let x = _mm512_set1_ps(*row.add(p * a.col_stride));
                 sum[0] = _mm512_fmadd_ps(x, lo, sum[0]);
                 sum[1] = _mm512_fmadd_ps(x, hi, sum[1]);
             }
         }
-        let scale = _mm512_set1_ps(how.scale);
+        let scale = _mm512_set1_ps(store.scale);
         for (i, sum) in sums.iter().enumerate().take(tile.rows) {
-            let out = c.add(i * c_stride);
+            let out = c.ptr.add(i * c.row_stride);
             for (half, &mask) in masks.iter().enumerate() {
-                let at = out.add(16 * half);
+                let at = out.wrapping_add(16 * half);
                 let mut value = _mm512_mul_ps(sum[half], scale);
-                if how.accumulate {
+                if store.accumulate {
                     value = _mm512_add_ps(value, _mm512_maskz_loadu_ps(mask, at));
                 }
                 _mm512_mask_storeu_ps(at, mask, value);
@@ -401,8 +407,9 @@ mod tests {
                 ptr: got.as_mut_ptr(),
                 row_stride: c_stride,
             };
+            let store = Store { scale, accumulate };
             // SAFETY: `got` holds the product with rows `c_stride` apart.
-            unsafe { product_with(kernel, c, (m, n), a, b, &inner, How { scale, accumulate }) };
+            unsafe { product_with(kernel, c, (m, n), a, b, &inner, store) };
             for i in 0..m {
                 for j in 0..c_stride {
                     let at = i * c_stride + j;
