@@ -709,27 +709,43 @@ simd_fn! {
     }
 }
 
-/// GELU of `pre` in a new buffer (written once, in parallel chunks).
+/// GELU of `pre` in a new buffer.
 fn gelu(pre: &[f32]) -> Vec<f32> {
-    let mut out = Vec::with_capacity(pre.len());
-    out.spare_capacity_mut()[..pre.len()]
-        .par_chunks_mut(ELEMENTWISE_CHUNK)
-        .zip(pre.par_chunks(ELEMENTWISE_CHUNK))
-        .for_each(|(out, pre)| gelu_rows(pre, out));
-    // SAFETY: every chunk was written whole.
-    unsafe { out.set_len(pre.len()) };
-    out
+    let chunks = pre.par_chunks(ELEMENTWISE_CHUNK);
+    // SAFETY: `gelu_rows` writes its whole output chunk.
+    unsafe { fresh_elementwise(pre.len(), chunks, gelu_rows) }
 }
 
 /// GELU of `pre` in a new buffer, and GELU's slope in `pre`'s place.
 fn gelu_keeping_slope(pre: &mut [f32]) -> Vec<f32> {
-    let mut out = Vec::with_capacity(pre.len());
-    out.spare_capacity_mut()[..pre.len()]
+    let len = pre.len();
+    let chunks = pre.par_chunks_mut(ELEMENTWISE_CHUNK);
+    // SAFETY: `gelu_and_slope_rows` writes its whole output chunk.
+    unsafe { fresh_elementwise(len, chunks, gelu_and_slope_rows) }
+}
+
+/// A new buffer of `len` written once, in parallel: chunk `i` of `ELEMENTWISE_CHUNK` values by
+/// `kernel` from the `i`th of `inputs` (no zero fill first).
+///
+/// # Safety
+/// `kernel` must write every element of the output chunk it is given.
+unsafe fn fresh_elementwise<I: IndexedParallelIterator>(
+    len: usize,
+    inputs: I,
+    kernel: impl Fn(I::Item, &mut [MaybeUninit<f32>]) + Sync + Send,
+) -> Vec<f32> {
+    assert_eq!(
+        inputs.len(),
+        len.div_ceil(ELEMENTWISE_CHUNK),
+        "one input per chunk"
+    );
+    let mut out = Vec::with_capacity(len);
+    out.spare_capacity_mut()[..len]
         .par_chunks_mut(ELEMENTWISE_CHUNK)
-        .zip(pre.par_chunks_mut(ELEMENTWISE_CHUNK))
-        .for_each(|(out, pre)| gelu_and_slope_rows(pre, out));
-    // SAFETY: every chunk was written whole.
-    unsafe { out.set_len(pre.len()) };
+        .zip(inputs)
+        .for_each(|(out, input)| kernel(input, out));
+    // SAFETY: every chunk was written whole (the caller's promise for `kernel`).
+    out.set_len(len);
     out
 }
 
