@@ -956,13 +956,6 @@ impl Heads {
         Operand::rows(&data[self.offset(at)..], 3 * self.d)
     }
 
-    /// That part copied into its own `(seq, head)` buffer. As a right operand its rows are read
-    /// one after another, and `3·d` apart they would map to a few cache sets (at d = 256, 4 of
-    /// L1's 64) and evict each other.
-    fn packed(self, data: &[f32], at: (usize, usize, usize)) -> Vec<f32> {
-        packed_rows(&data[self.offset(at)..], 3 * self.d, (self.seq, self.head))
-    }
-
     /// Kᵀ or Vᵀ of a head, `(head, seq)`: the right operand of scores (`q·kᵀ`, `dy·vᵀ`).
     fn transposed(self, data: &[f32], at: (usize, usize, usize)) -> Vec<f32> {
         let mut out = vec![0.0; self.head * self.seq];
@@ -970,15 +963,6 @@ impl Heads {
         tiles::transpose(from, 3 * self.d, (self.seq, self.head), &mut out, self.seq);
         out
     }
-}
-
-/// Rows `(rows, cols)` `stride` apart in `data`, copied next to each other.
-fn packed_rows(data: &[f32], stride: usize, (rows, cols): (usize, usize)) -> Vec<f32> {
-    let mut out = Vec::with_capacity(rows * cols);
-    for i in 0..rows {
-        out.extend_from_slice(&data[i * stride..][..cols]);
-    }
-    out
 }
 
 /// `scale·a·bᵀ` for `a` `(seq, head)` and `bᵀ` `(head, seq)` at and below the diagonal, in a
@@ -1265,8 +1249,7 @@ impl Kernels for Cpu {
                     ptr: out_buffer.at(b * seq * d + h * head),
                     row_stride: d,
                 };
-                let v = layout.packed(&values, (b, h, 2));
-                let (p_rows, v) = (Operand::rows(&p, seq), Operand::rows(&v, head));
+                let (p_rows, v) = (Operand::rows(&p, seq), layout.part(&values, (b, h, 2)));
                 // SAFETY: head `h` of row `b` of `out` is this task's.
                 unsafe { tiles::product(y, (seq, head), p_rows, v, up_to_tile(seq), 1.0, false) };
                 p
@@ -1282,13 +1265,11 @@ impl Kernels for Cpu {
             probabilities.par_iter().enumerate().for_each(|(task, p)| {
                 let (b, h) = (task / heads, task % heads);
                 let (q, k) = (
-                    layout.packed(&values, (b, h, 0)),
-                    layout.packed(&values, (b, h, 1)),
+                    layout.part(&values, (b, h, 0)),
+                    layout.part(&values, (b, h, 1)),
                 );
                 let v_t = layout.transposed(&values, (b, h, 2));
-                let dy = packed_rows(&grad_out[b * seq * d + h * head..], d, (seq, head));
-                let (q, k) = (Operand::rows(&q, head), Operand::rows(&k, head));
-                let dy = Operand::rows(&dy, head);
+                let dy = Operand::rows(&grad_out[b * seq * d + h * head..], d);
                 let mut ds = causal_scores(dy, &v_t, (seq, head), 1.0);
                 causal_softmax_backward_rows(p, &mut ds);
                 let [dq, dk, dv] = [0, 1, 2].map(|part| tiles::Output {

@@ -5,8 +5,7 @@
 //! triangle that is zero, and a tile whose range is empty is written as zeros (or left alone
 //! when accumulating). At these sizes (inner dimensions of 32 to a few hundred) a general GEMM
 //! spends more time packing and dispatching than multiplying; a tile here reads its operands
-//! where they are (the caller decides where: attention copies its right operands contiguous
-//! first), keeps its 8×32 sums in sixteen AVX-512 registers and writes them once.
+//! in place, keeps its 8×32 sums in sixteen AVX-512 registers and writes them once.
 
 use std::ops::Range;
 
