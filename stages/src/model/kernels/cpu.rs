@@ -692,10 +692,10 @@ simd_fn! {
 }
 
 simd_fn! {
-    /// `grad *= gelu'(pre)`: the output's gradient becomes the pre-activation's.
-    fn gelu_backward_rows(pre: &[f32], grad: &mut [f32]) {
-        for (g, &x) in grad.iter_mut().zip(pre) {
-            *g *= gelu_and_slope(x).1;
+    /// `into += a·b`, element by element.
+    fn add_products(a: &[f32], b: &[f32], into: &mut [f32]) {
+        for ((into, a), b) in into.iter_mut().zip(a).zip(b) {
+            *into = a.mul_add(*b, *into);
         }
     }
 }
@@ -1155,13 +1155,20 @@ impl Kernels for Cpu {
     fn gelu<T: Tape<f32, Self>>(x: A2<Self, T>) -> A2<Self, T> {
         let (x, mut tape) = x.split_tape();
         let pre = input(&x);
-        let out = output(x.device(), self::gelu(&pre), *x.shape());
+        if !T::OWNS_TAPE {
+            return output(x.device(), self::gelu(&pre), *x.shape()).put_tape(tape);
+        }
+        // The slope is computed with the value, and kept instead of the input.
+        let mut slope = pre.to_vec();
+        let out = output(x.device(), gelu_keeping_slope(&mut slope), *x.shape());
         let (x_ghost, out_ghost) = (x.ghost(), out.ghost());
         tape.add_backward_op(move |grads| {
             let (grad_x, grad_out) = input_and_output_grads!(grads, x_ghost, out_ghost);
-            let mut grad_pre = grad_out.to_vec();
-            par_zip(&pre, &mut grad_pre, gelu_backward_rows);
-            par_zip(&grad_pre, grad_x, add_rows);
+            grad_x
+                .par_chunks_mut(ELEMENTWISE_CHUNK)
+                .zip(grad_out.par_chunks(ELEMENTWISE_CHUNK))
+                .zip(slope.par_chunks(ELEMENTWISE_CHUNK))
+                .for_each(|((into, grad), slope)| add_products(grad, slope, into));
             Ok(())
         });
         out.put_tape(tape)
