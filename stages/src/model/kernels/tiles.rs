@@ -5,7 +5,8 @@
 //! triangle that is zero, and a tile whose range is empty is written as zeros (or left alone
 //! when accumulating). At these sizes (inner dimensions of 32 to a few hundred) a general GEMM
 //! spends more time packing and dispatching than multiplying; a tile here reads its operands
-//! in place, keeps its 8×32 sums in sixteen AVX-512 registers and writes them once.
+//! in place, keeps its 8×32 sums in sixteen AVX-512 registers and writes them once. With AVX2
+//! only, the tile runs as 4×16 blocks; elsewhere as plain loops.
 
 use std::ops::Range;
 
@@ -160,25 +161,39 @@ type TileKernel = unsafe fn(Tile, Left, Right, Range<usize>, Output, Store);
 /// The tile kernel for this CPU.
 fn tile_kernel() -> TileKernel {
     #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx512f") {
-        return avx512::tile;
+    {
+        if std::is_x86_feature_detected!("avx512f") {
+            return avx512::tile;
+        }
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            return avx2::tile;
+        }
     }
     portable_tile
 }
 
 simd_fn! {
-    /// The tile as plain loops, vectorised along a row.
+    /// The tile as plain loops, row by row, vectorised along the row: a whole row's 32 sums
+    /// as a fixed-size array stay in registers (four AVX2 vectors).
     fn portable_loops(tile: Tile, a: Left, b: Right, k: Range<usize>, c: Output, store: Store) {
         for i in 0..tile.rows {
             let mut sums = [0.0f32; TILE_COLS];
             for p in k.clone() {
                 // SAFETY: inside the operands, as `product` checked.
-                let (x, row) = unsafe {
-                    let x = *a.ptr.add(i * a.row_stride + p * a.col_stride);
-                    (x, std::slice::from_raw_parts(b.ptr.add(p * b.row_stride), tile.cols))
-                };
-                for (s, &y) in sums.iter_mut().zip(row) {
-                    *s = x.mul_add(y, *s);
+                let x = unsafe { *a.ptr.add(i * a.row_stride + p * a.col_stride) };
+                let row = b.ptr.wrapping_add(p * b.row_stride);
+                if tile.cols == TILE_COLS {
+                    // SAFETY: a whole row of the tile is inside `b`, as `product` checked.
+                    let row = unsafe { &*row.cast::<[f32; TILE_COLS]>() };
+                    for j in 0..TILE_COLS {
+                        sums[j] = x.mul_add(row[j], sums[j]);
+                    }
+                } else {
+                    // SAFETY: as above, for the tile's columns.
+                    let row = unsafe { std::slice::from_raw_parts(row, tile.cols) };
+                    for (s, &y) in sums.iter_mut().zip(row) {
+                        *s = x.mul_add(y, *s);
+                    }
                 }
             }
             // SAFETY: the tile is inside `c`, as the caller of `product` vouched.
@@ -253,6 +268,102 @@ mod avx512 {
             1..=15 => (1 << n) - 1,
             _ => u16::MAX,
         }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::*;
+
+    /// Rows and columns of the blocks a tile is cut into: AVX2's sixteen registers hold 4×16
+    /// sums (eight) with two vectors of `b` and a broadcast, not the whole 8×32 tile.
+    const ROWS: usize = 4;
+    const COLS: usize = 16;
+
+    /// The tile in 4×16 blocks, each like the AVX-512 tile: sums in registers, columns past
+    /// the tile masked off, rows past it repeating its last row and not stored.
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and FMA; the operands are valid over the tile and `k` (see `product`).
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn tile(
+        tile: Tile,
+        a: Left,
+        b: Right,
+        k: Range<usize>,
+        c: Output,
+        store: Store,
+    ) {
+        for col in (0..tile.cols).step_by(COLS) {
+            let cols = (tile.cols - col).min(COLS);
+            let masks = [lanes(cols), lanes(cols.saturating_sub(8))];
+            for row in (0..tile.rows).step_by(ROWS) {
+                let rows = (tile.rows - row).min(ROWS);
+                let left = Left {
+                    ptr: a.ptr.wrapping_add(row * a.row_stride),
+                    ..a
+                };
+                let right = Right {
+                    ptr: b.ptr.wrapping_add(col),
+                    ..b
+                };
+                let out = Output {
+                    ptr: c.ptr.add(row * c.row_stride + col),
+                    ..c
+                };
+                block(rows, masks, left, right, k.clone(), out, store);
+            }
+        }
+    }
+
+    /// One block of at most 4 rows and 16 columns (`masks` say which).
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn block(
+        rows: usize,
+        masks: [__m256i; 2],
+        a: Left,
+        b: Right,
+        k: Range<usize>,
+        c: Output,
+        store: Store,
+    ) {
+        let starts: [*const f32; ROWS] =
+            std::array::from_fn(|i| a.ptr.wrapping_add(i.min(rows - 1) * a.row_stride));
+        let mut sums = [[_mm256_setzero_ps(); 2]; ROWS];
+        for p in k {
+            let b_row = b.ptr.add(p * b.row_stride);
+            let lo = _mm256_maskload_ps(b_row, masks[0]);
+            let hi = _mm256_maskload_ps(b_row.wrapping_add(8), masks[1]);
+            for (sum, start) in sums.iter_mut().zip(starts) {
+                let x = _mm256_set1_ps(*start.add(p * a.col_stride));
+                sum[0] = _mm256_fmadd_ps(x, lo, sum[0]);
+                sum[1] = _mm256_fmadd_ps(x, hi, sum[1]);
+            }
+        }
+        let scale = _mm256_set1_ps(store.scale);
+        for (i, sum) in sums.iter().enumerate().take(rows) {
+            let out = c.ptr.add(i * c.row_stride);
+            for (half, &mask) in masks.iter().enumerate() {
+                let at = out.wrapping_add(8 * half);
+                let mut value = _mm256_mul_ps(sum[half], scale);
+                if store.accumulate {
+                    value = _mm256_add_ps(value, _mm256_maskload_ps(at, mask));
+                }
+                _mm256_maskstore_ps(at, mask, value);
+            }
+        }
+    }
+
+    /// A mask of the first `n` of 8 lanes (lanes whose sign bit is set).
+    #[target_feature(enable = "avx2")]
+    fn lanes(n: usize) -> __m256i {
+        let n = n.min(8) as i32;
+        _mm256_cmpgt_epi32(
+            _mm256_set1_epi32(n),
+            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+        )
     }
 }
 
@@ -368,6 +479,10 @@ mod tests {
         #[cfg(target_arch = "x86_64")]
         if std::is_x86_feature_detected!("avx512f") {
             kernels.push(("avx512", avx512::tile));
+        }
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            kernels.push(("avx2", avx2::tile));
         }
         for (name, kernel) in kernels {
             for &(m, k, n) in &[
