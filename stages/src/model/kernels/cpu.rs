@@ -713,7 +713,7 @@ simd_fn! {
 fn gelu(pre: &[f32]) -> Vec<f32> {
     let chunks = pre.par_chunks(ELEMENTWISE_CHUNK);
     // SAFETY: `gelu_rows` writes its whole output chunk.
-    unsafe { fresh_elementwise(pre.len(), chunks, gelu_rows) }
+    unsafe { fresh_chunks(pre.len(), ELEMENTWISE_CHUNK, chunks, gelu_rows) }
 }
 
 /// GELU of `pre` in a new buffer, and GELU's slope in `pre`'s place.
@@ -721,27 +721,24 @@ fn gelu_keeping_slope(pre: &mut [f32]) -> Vec<f32> {
     let len = pre.len();
     let chunks = pre.par_chunks_mut(ELEMENTWISE_CHUNK);
     // SAFETY: `gelu_and_slope_rows` writes its whole output chunk.
-    unsafe { fresh_elementwise(len, chunks, gelu_and_slope_rows) }
+    unsafe { fresh_chunks(len, ELEMENTWISE_CHUNK, chunks, gelu_and_slope_rows) }
 }
 
-/// A new buffer of `len` written once, in parallel: chunk `i` of `ELEMENTWISE_CHUNK` values by
-/// `kernel` from the `i`th of `inputs` (no zero fill first).
+/// A new buffer of `len` written once, in parallel (no zero fill first): its `i`th chunk of
+/// `chunk` values by `kernel`, given the `i`th of `inputs`.
 ///
 /// # Safety
 /// `kernel` must write every element of the output chunk it is given.
-unsafe fn fresh_elementwise<I: IndexedParallelIterator>(
+unsafe fn fresh_chunks<I: IndexedParallelIterator>(
     len: usize,
+    chunk: usize,
     inputs: I,
-    kernel: impl Fn(I::Item, &mut [MaybeUninit<f32>]) + Sync + Send,
+    kernel: impl Fn(I::Item, &mut [MaybeUninit<f32>]) + Sync,
 ) -> Vec<f32> {
-    assert_eq!(
-        inputs.len(),
-        len.div_ceil(ELEMENTWISE_CHUNK),
-        "one input per chunk"
-    );
+    assert_eq!(inputs.len(), len.div_ceil(chunk), "one input per chunk");
     let mut out = Vec::with_capacity(len);
     out.spare_capacity_mut()[..len]
-        .par_chunks_mut(ELEMENTWISE_CHUNK)
+        .par_chunks_mut(chunk)
         .zip(inputs)
         .for_each(|(out, input)| kernel(input, out));
     // SAFETY: every chunk was written whole (the caller's promise for `kernel`).
@@ -801,14 +798,11 @@ fn written_rows(
         return Vec::new();
     }
     let rows = rows_per_task(width);
-    let mut out = Vec::with_capacity(n * width);
-    out.spare_capacity_mut()[..n * width]
-        .par_chunks_mut(rows * width)
-        .enumerate()
-        .for_each(|(block, part)| fill(block * rows, part));
-    // SAFETY: every block was written whole by `fill`.
-    unsafe { out.set_len(n * width) };
-    out
+    let firsts = (0..n.div_ceil(rows))
+        .into_par_iter()
+        .map(|block| block * rows);
+    // SAFETY: `fill` writes its part whole (its contract, above).
+    unsafe { fresh_chunks(n * width, rows * width, firsts, fill) }
 }
 
 simd_fn! {
