@@ -6,6 +6,7 @@
 //! shape-generic Adam kernel (`AdamConfig::try_update`) after a separate clip.
 
 use dfdx::prelude::*;
+use rayon::prelude::*;
 
 use super::gpt::{Gpt, ParamVisitor};
 use super::kernels::adamw::{self, AdamStep};
@@ -80,6 +81,8 @@ impl Buffers for Cpu {
 
     /// dfdx lends no mutable access to a tensor's values, so the update works on the master
     /// copy and copies the result into the tensor: one more write than updating in place.
+    /// That copy (dfdx's `copy_from`) runs on one thread, so the update is deferred to
+    /// [`AdamW::step`], which runs the parameters' updates side by side.
     fn adamw<S: Shape>(
         &self,
         p: &mut Tensor<S, f32, Self>,
@@ -96,10 +99,68 @@ impl Buffers for Cpu {
         } else {
             p.copy_into(master);
         }
-        let m = state.m.get_or_alloc_mut(&*p).expect("moment buffer");
-        let v = state.v.get_or_alloc_mut(&*p).expect("moment buffer");
-        adamw::adamw(step, master, m, v, g);
-        p.copy_from(master);
+        let master = HeldBuffer::new(master);
+        let m = HeldBuffer::new(state.m.get_or_alloc_mut(&*p).expect("moment buffer"));
+        let v = HeldBuffer::new(state.v.get_or_alloc_mut(&*p).expect("moment buffer"));
+        let update = DeferredUpdate {
+            p,
+            master,
+            m,
+            v,
+            g: HeldBuffer::new(g),
+            step: *step,
+        };
+        state.deferred.push(Box::new(move || update.run()));
+    }
+}
+
+/// A buffer of one of the optimizer's maps (or of the step's gradients), held by address
+/// until the step's deferred updates have run: the maps' buffers keep their heap storage while
+/// entries are added, and each parameter's buffers are its own.
+struct HeldBuffer(*mut f32, usize);
+
+impl HeldBuffer {
+    fn new(buffer: &mut [f32]) -> Self {
+        HeldBuffer(buffer.as_mut_ptr(), buffer.len())
+    }
+
+    /// # Safety
+    /// The buffer must still be alive, and no other reference to it.
+    unsafe fn slice<'a>(&self) -> &'a mut [f32] {
+        std::slice::from_raw_parts_mut(self.0, self.1)
+    }
+}
+
+/// One parameter's AdamW update and the copy into its tensor, run by [`AdamW::step`] after
+/// every parameter's was recorded.
+struct DeferredUpdate<S: Shape> {
+    p: *mut Tensor<S, f32, Cpu>,
+    master: HeldBuffer,
+    m: HeldBuffer,
+    v: HeldBuffer,
+    g: HeldBuffer,
+    step: AdamStep,
+}
+
+// SAFETY: an update touches only its own parameter's tensor and buffers (see `run`).
+unsafe impl<S: Shape> Send for DeferredUpdate<S> {}
+
+impl<S: Shape> DeferredUpdate<S> {
+    fn run(self) {
+        // SAFETY: `AdamW::step` runs the updates while it holds the model, the optimizer's
+        // state and the gradients mutably and touches none of them otherwise; each update is
+        // for a distinct parameter, so its tensor and buffers are its alone.
+        unsafe {
+            let master = self.master.slice();
+            adamw::adamw(
+                &self.step,
+                master,
+                self.m.slice(),
+                self.v.slice(),
+                self.g.slice(),
+            );
+            (*self.p).copy_from(master);
+        }
     }
 }
 
@@ -196,6 +257,8 @@ pub struct AdamState<D: Device<f32>> {
     /// Whether `master` holds the current values: false at first and after anything but the
     /// update wrote the weights.
     master_current: bool,
+    /// Updates recorded by a device that defers them (the CPU), run together by the step.
+    deferred: Vec<Box<dyn FnOnce() + Send>>,
 }
 
 impl<D: Kernels> AdamW<D> {
@@ -208,6 +271,7 @@ impl<D: Kernels> AdamW<D> {
                 v: Gradients::leaky(),
                 master: Gradients::leaky(),
                 master_current: false,
+                deferred: Vec::new(),
             },
         }
     }
@@ -227,6 +291,8 @@ impl<D: Kernels> AdamW<D> {
         lr: f64,
         max_norm: Option<f32>,
     ) -> f32 {
+        // Left over only if an earlier step panicked part way: their buffers may be gone.
+        self.state.deferred.clear();
         let norm = grad_norm(model, grads);
         self.t += 1;
         let step = AdamStep {
@@ -264,6 +330,11 @@ impl<D: Kernels> AdamW<D> {
             grads,
             step,
         });
+        // In parallel: each update is itself parallel, and the copies into the tensors (one
+        // thread each) overlap with other parameters' updates.
+        std::mem::take(&mut self.state.deferred)
+            .into_par_iter()
+            .for_each(|update| update());
         self.state.master_current = true;
         norm
     }
