@@ -127,12 +127,7 @@ impl<D: Kernels> Linear<D> {
             other => other,
         };
         let weight = self.dense_weight();
-        let dense = Dense {
-            weight: &weight,
-            transposed: false,
-            bias: Some(&self.bias),
-            train: !self.frozen,
-        };
+        let dense = self.dense(&weight);
         let Some(lora) = &self.lora else {
             return D::linear(x, &dense, epilogue);
         };
@@ -144,6 +139,16 @@ impl<D: Kernels> Linear<D> {
                 D::gelu(base + update(dropout, x))
             }
             other => D::linear(x.with_empty_tape(), &dense, other) + update(dropout, x),
+        }
+    }
+
+    /// The layer as a kernel sees it, with `weight` from [`Linear::dense_weight`].
+    fn dense<'a>(&'a self, weight: &'a P2<D>) -> Dense<'a, D> {
+        Dense {
+            weight,
+            transposed: false,
+            bias: Some(&self.bias),
+            train: !self.frozen,
         }
     }
 
@@ -249,6 +254,16 @@ impl<D: Kernels> Mlp<D> {
         residual: A2<D, T>,
         dropout: &mut Dropout,
     ) -> A2<D, T> {
+        let plain = |linear: &Linear<D>| linear.lora.is_none();
+        if plain(&self.c_fc) && plain(&self.c_proj) && !dropout.is_active() {
+            let (fc, proj) = (self.c_fc.dense_weight(), self.c_proj.dense_weight());
+            return D::mlp(
+                x,
+                &self.c_fc.dense(&fc),
+                &self.c_proj.dense(&proj),
+                residual,
+            );
+        }
         let h = self.c_fc.forward(x, Epilogue::Gelu, dropout);
         self.c_proj.forward(h, Epilogue::AddTo(residual), dropout)
     }

@@ -52,6 +52,23 @@ macro_rules! grad_buffer {
     }};
 }
 
+/// The weight's and bias's gradient buffers of a layer that trains (`Some((weight, bias))` of
+/// their ghosts), else `None`.
+macro_rules! param_grads {
+    ($grads:expr, $params:expr) => {
+        match &$params {
+            Some((weight, bias)) => {
+                let bias = match bias {
+                    Some(bias) => Some(grad_buffer!($grads, *bias)),
+                    None => None,
+                };
+                Some((grad_buffer!($grads, *weight), bias))
+            }
+            None => None,
+        }
+    };
+}
+
 /// The gradient buffers of an op's input (to add to) and of its output (to read).
 macro_rules! input_and_output_grads {
     ($grads:expr, $input:expr, $output:expr) => {{
@@ -589,16 +606,42 @@ struct LinearInputs {
 
 impl LinearInputs {
     fn new<T>(x: &A2<Cpu, T>, dense: &Dense<Cpu>) -> Self {
-        let (n, inputs) = *x.shape();
+        Self::of_values(input(x), *x.shape(), dense)
+    }
+
+    /// For an input `(n, in)` that is not a tensor (a hidden activation inside an op).
+    fn of_values(x: Input, (n, inputs): (usize, usize), dense: &Dense<Cpu>) -> Self {
         let (rows, cols) = *dense.weight.shape();
         let outputs = if dense.transposed { rows } else { cols };
         LinearInputs {
-            x: input(x),
+            x,
             weight: parameter(dense.weight),
             sizes: (n, inputs, outputs),
             transposed: dense.transposed,
             precision: super::precision(),
         }
+    }
+
+    /// `x·W + b`, or `residual + x·W + b`: the output starts as the residual or the broadcast
+    /// bias, and the GEMM adds into it.
+    fn forward(&self, bias: Option<&[f32]>, residual: Option<&[f32]>) -> Vec<f32> {
+        let (n, _, outputs) = self.sizes;
+        if let Some(bias) = bias {
+            assert_eq!(bias.len(), outputs, "one bias per output");
+        }
+        let mut y = match (residual, bias) {
+            (Some(residual), _) => rows_plus_bias(residual, bias, outputs),
+            (None, Some(bias)) => repeated_rows(bias, n),
+            (None, None) => return product(self.x(), self.weight(), self.precision),
+        };
+        matmul(&mut y, self.x(), self.weight(), true, self.precision);
+        y
+    }
+
+    /// `dy·Wᵀ` in a new buffer: the gradient of an input that only this layer reads.
+    fn input_gradient(&self, dy: &[f32]) -> Vec<f32> {
+        let dy = Mat::new(dy, self.sizes.0, self.sizes.2);
+        product(dy, self.weight().t(), self.precision)
     }
 
     fn x(&self) -> Mat<'_> {
@@ -1070,27 +1113,16 @@ impl Kernels for Cpu {
             Epilogue::Gelu => (None, true),
             Epilogue::AddTo(residual) => (Some(residual), false),
         };
-        // The output starts as the residual or the broadcast bias, and the GEMM adds into it.
         let mut residual_ghost = None;
         let bias = dense.bias.map(host);
-        if let Some(bias) = &bias {
-            assert_eq!(bias.len(), outputs, "one bias per output");
-        }
-        let mut y = match (residual, &bias) {
-            (Some(residual), _) => {
+        let mut y = match residual {
+            Some(residual) => {
                 let (residual, residual_tape) = residual.split_tape();
                 tape = tape.merge(residual_tape);
                 residual_ghost = Some(residual.ghost());
-                let mut y = rows_plus_bias(&input(&residual), bias.as_deref(), outputs);
-                matmul(&mut y, saved.x(), saved.weight(), true, saved.precision);
-                y
+                saved.forward(bias.as_deref(), Some(&input(&residual)))
             }
-            (None, Some(bias)) => {
-                let mut y = repeated_rows(bias, n);
-                matmul(&mut y, saved.x(), saved.weight(), true, saved.precision);
-                y
-            }
-            (None, None) => product(saved.x(), saved.weight(), saved.precision),
+            None => saved.forward(bias.as_deref(), None),
         };
         // With GELU the output is a new buffer, and for the backward pass `y` becomes GELU's
         // slope at the pre-activation.
@@ -1163,6 +1195,69 @@ impl Kernels for Cpu {
                 .zip(grad_out.par_chunks(ELEMENTWISE_CHUNK))
                 .zip(slope.par_chunks(ELEMENTWISE_CHUNK))
                 .for_each(|((into, grad), slope)| add_products(grad, slope, into));
+            Ok(())
+        });
+        out.put_tape(tape)
+    }
+
+    fn mlp<T: Tape<f32, Self>>(
+        x: A2<Self, T>,
+        fc: &Dense<Self>,
+        proj: &Dense<Self>,
+        residual: A2<Self, T>,
+    ) -> A2<Self, T> {
+        let (x, tape) = x.split_tape();
+        let (residual, residual_tape) = residual.split_tape();
+        let mut tape = tape.merge(residual_tape);
+        let fc_saved = LinearInputs::new(&x, fc);
+        let (n, _, hidden) = fc_saved.sizes;
+        let mut pre = fc_saved.forward(fc.bias.map(host).as_deref(), None);
+        // The hidden activation is no tensor: its gradient needs no zeroed buffer of dfdx's.
+        // For the backward pass, `pre` becomes GELU's slope.
+        let (h, slope) = match T::OWNS_TAPE {
+            true => (gelu_keeping_slope(&mut pre), pre),
+            false => (gelu(&pre), Vec::new()),
+        };
+        let proj_saved = LinearInputs::of_values(Input::Copied(h), (n, hidden), proj);
+        let y = proj_saved.forward(proj.bias.map(host).as_deref(), Some(&input(&residual)));
+        let out = output(x.device(), y, (n, proj_saved.sizes.2));
+        let (x_ghost, residual_ghost, out_ghost) = (x.ghost(), residual.ghost(), out.ghost());
+        let trained = |dense: &Dense<Self>| {
+            dense
+                .train
+                .then(|| (dense.weight.ghost(), dense.bias.map(|b| b.ghost())))
+        };
+        let (fc_params, proj_params) = (trained(fc), trained(proj));
+        tape.add_backward_op(move |grads| {
+            let grad_out = grad_buffer!(grads, out_ghost);
+            let grad_x = grad_buffer!(grads, x_ghost);
+            let grad_residual = grad_buffer!(grads, residual_ghost);
+            let fc_grads = param_grads!(grads, fc_params);
+            let proj_grads = param_grads!(grads, proj_params);
+            let mut held = vec![&grad_out, &grad_x, &grad_residual];
+            for (weight, bias) in [&fc_grads, &proj_grads].into_iter().flatten() {
+                held.push(weight);
+                held.extend(bias);
+            }
+            assert_distinct(&held);
+            // SAFETY: distinct live entries (see `GradBuffer`).
+            let (grad_out, grad_x) = unsafe { (grad_out.read(), grad_x.write()) };
+            par_zip(grad_out, unsafe { grad_residual.write() }, add_rows);
+            if let Some((weight, bias)) = proj_grads {
+                // SAFETY: as above.
+                unsafe {
+                    proj_saved.backward_params(grad_out, weight.write(), bias.map(|b| b.write()))
+                };
+            }
+            let mut grad_hidden = proj_saved.input_gradient(grad_out);
+            par_zip(&slope, &mut grad_hidden, multiply_rows);
+            if let Some((weight, bias)) = fc_grads {
+                // SAFETY: as above.
+                unsafe {
+                    fc_saved.backward_params(&grad_hidden, weight.write(), bias.map(|b| b.write()))
+                };
+            }
+            fc_saved.backward_input(&grad_hidden, grad_x);
             Ok(())
         });
         out.put_tape(tape)

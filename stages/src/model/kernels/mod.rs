@@ -113,6 +113,18 @@ pub trait Kernels: Buffers {
         epilogue: Epilogue<Self, T>,
     ) -> A2<Self, T>;
 
+    /// GPT-2's MLP with its residual add, `residual + gelu(x·W₁ + b₁)·W₂ + b₂`. By default two
+    /// linear layers; a device may keep the hidden activation and its gradient inside one op.
+    fn mlp<T: Tape<f32, Self>>(
+        x: A2<Self, T>,
+        fc: &Dense<Self>,
+        proj: &Dense<Self>,
+        residual: A2<Self, T>,
+    ) -> A2<Self, T> {
+        let hidden = Self::linear(x, fc, Epilogue::Gelu);
+        Self::linear(hidden, proj, Epilogue::AddTo(residual))
+    }
+
     /// GPT-2's tanh GELU on its own (where an adapter's output joins before it).
     fn gelu<T: Tape<f32, Self>>(x: A2<Self, T>) -> A2<Self, T>;
 

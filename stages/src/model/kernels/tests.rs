@@ -133,6 +133,58 @@ fn linear_matches_dfdx_with_every_epilogue_and_layout() {
     }
 }
 
+#[test]
+fn mlp_matches_two_linear_layers_and_their_bits() {
+    let dev = Cpu::seed_from_u64(2);
+    let (n, d, hidden) = (13, 11, 37);
+    let x = random2(&dev, n, d);
+    let (fc_weight, fc_bias) = (random2(&dev, d, hidden), random1(&dev, hidden));
+    let (proj_weight, proj_bias) = (random2(&dev, hidden, d), random1(&dev, d));
+    let residual = random2(&dev, n, d);
+    for train in [true, false] {
+        let fc = Dense {
+            weight: &fc_weight,
+            transposed: false,
+            bias: Some(&fc_bias),
+            train,
+        };
+        let proj = Dense {
+            weight: &proj_weight,
+            transposed: false,
+            bias: Some(&proj_bias),
+            train,
+        };
+        let residual_taped = || residual.clone().put_tape(Taped::default());
+        let residual_grad = grad_of(&residual);
+        let mut params: Vec<GradReader> = vec![&residual_grad];
+        let (fc_w, fc_b) = (grad_of(&fc_weight), grad_of(&fc_bias));
+        let (proj_w, proj_b) = (grad_of(&proj_weight), grad_of(&proj_bias));
+        if train {
+            params.extend([&fc_w as GradReader, &fc_b, &proj_w, &proj_b]);
+        }
+        let fused = run(&x, &params, |x| Cpu::mlp(x, &fc, &proj, residual_taped()));
+        let two_kernels = run(&x, &params, |x| {
+            let hidden = Cpu::linear(x, &fc, Epilogue::Gelu);
+            Cpu::linear(hidden, &proj, Epilogue::AddTo(residual_taped()))
+        });
+        let reference = run(&x, &params, |x| {
+            let hidden = composed::linear(x, &fc, Epilogue::Gelu);
+            composed::linear(hidden, &proj, Epilogue::AddTo(residual_taped()))
+        });
+        // The same kernels in the same order: the same bits, so fusing changes no result.
+        assert!(
+            fused == two_kernels,
+            "mlp (train {train}): not the bits of two linear kernels"
+        );
+        compare(&format!("mlp (train {train})"), fused, reference);
+        if !train {
+            let y = Cpu::mlp(x.leaky_trace(), &fc, &proj, residual_taped());
+            let mut grads = weighted_sum(y, 99).backward();
+            assert!(no_gradient(&mut grads, &fc_weight) && no_gradient(&mut grads, &proj_bias));
+        }
+    }
+}
+
 /// Largest difference over largest value.
 fn relative_difference(got: &[f32], expected: &[f32]) -> f32 {
     let scale = expected.iter().fold(0.0f32, |m, x| m.max(x.abs()));
