@@ -235,6 +235,12 @@ impl<D: Kernels> CausalSelfAttention<D> {
         (batch, heads): (usize, usize),
         dropout: &mut Dropout,
     ) -> A2<D, T> {
+        let plain = |linear: &Linear<D>| linear.lora.is_none();
+        if plain(&self.c_attn) && plain(&self.c_proj) && !dropout.is_active() {
+            let (attn, proj) = (self.c_attn.dense_weight(), self.c_proj.dense_weight());
+            let (attn, proj) = (self.c_attn.dense(&attn), self.c_proj.dense(&proj));
+            return D::attention_block(x, &attn, &proj, residual, (batch, heads));
+        }
         let qkv = self.c_attn.forward(x, Epilogue::Plain, dropout);
         let y = D::causal_attention(qkv, batch, heads);
         self.c_proj.forward(y, Epilogue::AddTo(residual), dropout)

@@ -52,21 +52,93 @@ macro_rules! grad_buffer {
     }};
 }
 
-/// The weight's and bias's gradient buffers of a layer that trains (`Some((weight, bias))` of
-/// their ghosts), else `None`.
-macro_rules! param_grads {
-    ($grads:expr, $params:expr) => {
-        match &$params {
-            Some((weight, bias)) => {
-                let bias = match bias {
-                    Some(bias) => Some(grad_buffer!($grads, *bias)),
-                    None => None,
-                };
-                Some((grad_buffer!($grads, *weight), bias))
-            }
-            None => None,
+/// The ghosts a two-layer block with a residual add (`first`, then `second` and the add)
+/// needs for its backward pass: its input's, the residual's and its output's, and each
+/// layer's weight and bias when it trains.
+macro_rules! block_ghosts {
+    ($x:expr, $residual:expr, $out:expr, $first:expr, $second:expr) => {{
+        let trained = |dense: &Dense<Cpu>| {
+            dense
+                .train
+                .then(|| (dense.weight.ghost(), dense.bias.map(|b| b.ghost())))
+        };
+        let ends = ($x.ghost(), $residual.ghost(), $out.ghost());
+        (ends, trained($first), trained($second))
+    }};
+}
+
+/// The [`BlockGrads`] for the ghosts of `block_ghosts!`, checked distinct.
+macro_rules! block_grads {
+    ($grads:expr, $ghosts:expr) => {{
+        let ((x, residual, out), first, second) = &$ghosts;
+        let layer = |grads: &mut Gradients<f32, Cpu>, params: &Option<(_, Option<_>)>| {
+            Ok::<_, CpuError>(match params {
+                Some((weight, bias)) => {
+                    let bias = match bias {
+                        Some(bias) => Some(grad_buffer!(grads, *bias)),
+                        None => None,
+                    };
+                    Some((grad_buffer!(grads, *weight), bias))
+                }
+                None => None,
+            })
+        };
+        let grads = BlockGrads {
+            out: grad_buffer!($grads, *out),
+            x: grad_buffer!($grads, *x),
+            residual: grad_buffer!($grads, *residual),
+            first: layer($grads, first)?,
+            second: layer($grads, second)?,
+        };
+        grads.check_distinct();
+        grads
+    }};
+}
+
+/// The gradient buffers of a two-layer block with a residual add: its output's (read), its
+/// input's and the residual's (added to), and each layer's parameters' when it trains.
+struct BlockGrads {
+    out: GradBuffer,
+    x: GradBuffer,
+    residual: GradBuffer,
+    first: Option<(GradBuffer, Option<GradBuffer>)>,
+    second: Option<(GradBuffer, Option<GradBuffer>)>,
+}
+
+impl BlockGrads {
+    fn check_distinct(&self) {
+        let mut held = vec![&self.out, &self.x, &self.residual];
+        for (weight, bias) in [&self.first, &self.second].into_iter().flatten() {
+            held.push(weight);
+            held.extend(bias);
         }
-    };
+        assert_distinct(&held);
+    }
+
+    /// The closing layer's backward pass: the residual's and the layer's parameters'
+    /// gradients, and its input's in a new buffer.
+    ///
+    /// # Safety
+    /// The buffers must be live, distinct entries (see `GradBuffer`).
+    unsafe fn close(&self, layer: &LinearInputs) -> Vec<f32> {
+        let grad_out = self.out.read();
+        par_zip(grad_out, self.residual.write(), add_rows);
+        if let Some((weight, bias)) = &self.second {
+            layer.backward_params(grad_out, weight.write(), bias.as_ref().map(|b| b.write()));
+        }
+        layer.input_gradient(grad_out)
+    }
+
+    /// The opening layer's: its parameters' gradients and its input's, from its output's.
+    ///
+    /// # Safety
+    /// As for [`BlockGrads::close`].
+    unsafe fn open(&self, layer: &LinearInputs, grad: &[f32]) {
+        if let Some((weight, bias)) = &self.first {
+            layer.backward_params(grad, weight.write(), bias.as_ref().map(|b| b.write()));
+        }
+        layer.backward_input(grad, self.x.write());
+    }
 }
 
 /// The gradient buffers of an op's input (to add to) and of its output (to read).
@@ -698,10 +770,6 @@ unsafe impl Send for SharedBuffer {}
 unsafe impl Sync for SharedBuffer {}
 
 impl SharedBuffer {
-    fn new(buffer: &mut [f32]) -> Self {
-        SharedBuffer(buffer.as_mut_ptr(), buffer.len())
-    }
-
     /// The address of element `offset`.
     fn at(self, offset: usize) -> *mut f32 {
         assert!(offset < self.1);
@@ -974,6 +1042,117 @@ simd_fn! {
 // (`tiles.rs`), each tile over the part of the inner dimension the causal mask leaves; the
 // softmax and its backward are row kernels.
 
+/// Causal attention over a `(batch·seq, 3·d)` input, one task per (batch row, head).
+struct Attention {
+    batch: usize,
+    heads: usize,
+    layout: Heads,
+    /// `1/√head`.
+    scale: f32,
+}
+
+impl Attention {
+    fn new((n, width): (usize, usize), batch: usize, heads: usize) -> Self {
+        let (seq, d) = (n / batch, width / 3);
+        let head = d / heads;
+        // Each product below has an inner dimension of `head` or `seq`: with neither zero,
+        // a product not accumulating writes every element of its output.
+        assert!(
+            head > 0 && seq > 0,
+            "attention needs at least one feature per head"
+        );
+        // The (row, head) tasks cover the output and the input's gradient exactly, which
+        // writing them without a zero fill relies on.
+        assert_eq!(n, batch * seq, "rows are batch · seq");
+        assert_eq!(
+            width,
+            3 * heads * head,
+            "q, k and v of `heads` heads side by side"
+        );
+        Attention {
+            batch,
+            heads,
+            layout: Heads { seq, d, head },
+            scale: 1.0 / (head as f32).sqrt(),
+        }
+    }
+
+    fn rows(&self) -> usize {
+        self.batch * self.layout.seq
+    }
+
+    /// The heads' outputs `(batch·seq, d)`, and each task's probabilities (kept for the
+    /// backward pass).
+    fn forward(&self, qkv: &[f32]) -> (Vec<f32>, Vec<Vec<f32>>) {
+        let Heads { seq, d, head } = self.layout;
+        let mut out = Vec::with_capacity(self.rows() * d);
+        let out_buffer = SharedBuffer(out.as_mut_ptr(), self.rows() * d);
+        let probabilities = (0..self.batch * self.heads)
+            .into_par_iter()
+            .map(|task| {
+                let (b, h) = (task / self.heads, task % self.heads);
+                let q = self.layout.part(qkv, (b, h, 0));
+                let k_t = self.layout.transposed(qkv, (b, h, 1));
+                let mut p = causal_scores(q, &k_t, (seq, head), self.scale);
+                causal_softmax_rows(&mut p);
+                let y = tiles::Output {
+                    ptr: out_buffer.at(b * seq * d + h * head),
+                    row_stride: d,
+                };
+                let (p_rows, v) = (Operand::rows(&p, seq), self.layout.part(qkv, (b, h, 2)));
+                // SAFETY: head `h` of row `b` of `out` is this task's.
+                unsafe { tiles::product(y, (seq, head), p_rows, v, up_to_tile(seq), 1.0, false) };
+                p
+            })
+            .collect();
+        // SAFETY: the (row, head) tasks' products wrote every element of `out` once.
+        unsafe { out.set_len(self.rows() * d) };
+        (out, probabilities)
+    }
+
+    /// The input's gradient from the output's, `grad_out` `(batch·seq, d)`: added into
+    /// `grad_qkv` when `accumulate`, else written to every element of it.
+    ///
+    /// # Safety
+    /// `grad_qkv` must be valid for writes of the whole `(batch·seq, 3·d)` gradient (and
+    /// initialised when accumulating), and nothing else may touch it during the call.
+    unsafe fn backward(
+        &self,
+        qkv: &[f32],
+        probabilities: &[Vec<f32>],
+        grad_out: &[f32],
+        grad_qkv: *mut f32,
+        accumulate: bool,
+    ) {
+        let Heads { seq, d, head } = self.layout;
+        let target = SharedBuffer(grad_qkv, self.rows() * 3 * d);
+        probabilities.par_iter().enumerate().for_each(|(task, p)| {
+            let (b, h) = (task / self.heads, task % self.heads);
+            let (q, k) = (
+                self.layout.part(qkv, (b, h, 0)),
+                self.layout.part(qkv, (b, h, 1)),
+            );
+            let v_t = self.layout.transposed(qkv, (b, h, 2));
+            let dy = Operand::rows(&grad_out[b * seq * d + h * head..], d);
+            let mut ds = causal_scores(dy, &v_t, (seq, head), 1.0);
+            causal_softmax_backward_rows(p, &mut ds);
+            let [dq, dk, dv] = [0, 1, 2].map(|part| tiles::Output {
+                ptr: target.at(self.layout.offset((b, h, part))),
+                row_stride: 3 * d,
+            });
+            let (ds_rows, ds_t) = (Operand::rows(&ds, seq), Operand::transposed(&ds, seq));
+            let p_t = Operand::transposed(p, seq);
+            let (size, scale) = ((seq, head), self.scale);
+            // SAFETY: head `h`'s columns of row `b` of `target` are this task's.
+            unsafe {
+                tiles::product(dq, size, ds_rows, k, up_to_tile(seq), scale, accumulate);
+                tiles::product(dk, size, ds_t, q, from_tile(seq), scale, accumulate);
+                tiles::product(dv, size, p_t, dy, from_tile(seq), 1.0, accumulate);
+            }
+        });
+    }
+}
+
 /// Where the heads are in the `(batch·seq, 3·d)` attention input.
 #[derive(Clone, Copy)]
 struct Heads {
@@ -1221,43 +1400,15 @@ impl Kernels for Cpu {
         let proj_saved = LinearInputs::of_values(Input::Copied(h), (n, hidden), proj);
         let y = proj_saved.forward(proj.bias.map(host).as_deref(), Some(&input(&residual)));
         let out = output(x.device(), y, (n, proj_saved.sizes.2));
-        let (x_ghost, residual_ghost, out_ghost) = (x.ghost(), residual.ghost(), out.ghost());
-        let trained = |dense: &Dense<Self>| {
-            dense
-                .train
-                .then(|| (dense.weight.ghost(), dense.bias.map(|b| b.ghost())))
-        };
-        let (fc_params, proj_params) = (trained(fc), trained(proj));
+        let ghosts = block_ghosts!(x, residual, out, fc, proj);
         tape.add_backward_op(move |grads| {
-            let grad_out = grad_buffer!(grads, out_ghost);
-            let grad_x = grad_buffer!(grads, x_ghost);
-            let grad_residual = grad_buffer!(grads, residual_ghost);
-            let fc_grads = param_grads!(grads, fc_params);
-            let proj_grads = param_grads!(grads, proj_params);
-            let mut held = vec![&grad_out, &grad_x, &grad_residual];
-            for (weight, bias) in [&fc_grads, &proj_grads].into_iter().flatten() {
-                held.push(weight);
-                held.extend(bias);
+            let grads = block_grads!(grads, ghosts);
+            // SAFETY: `block_grads!` checked the buffers distinct.
+            unsafe {
+                let mut grad_hidden = grads.close(&proj_saved);
+                par_zip(&slope, &mut grad_hidden, multiply_rows);
+                grads.open(&fc_saved, &grad_hidden);
             }
-            assert_distinct(&held);
-            // SAFETY: distinct live entries (see `GradBuffer`).
-            let (grad_out, grad_x) = unsafe { (grad_out.read(), grad_x.write()) };
-            par_zip(grad_out, unsafe { grad_residual.write() }, add_rows);
-            if let Some((weight, bias)) = proj_grads {
-                // SAFETY: as above.
-                unsafe {
-                    proj_saved.backward_params(grad_out, weight.write(), bias.map(|b| b.write()))
-                };
-            }
-            let mut grad_hidden = proj_saved.input_gradient(grad_out);
-            par_zip(&slope, &mut grad_hidden, multiply_rows);
-            if let Some((weight, bias)) = fc_grads {
-                // SAFETY: as above.
-                unsafe {
-                    fc_saved.backward_params(&grad_hidden, weight.write(), bias.map(|b| b.write()))
-                };
-            }
-            fc_saved.backward_input(&grad_hidden, grad_x);
             Ok(())
         });
         out.put_tape(tape)
@@ -1311,77 +1462,62 @@ impl Kernels for Cpu {
         heads: usize,
     ) -> A2<Self, T> {
         let (qkv, mut tape) = qkv.split_tape();
-        let (n, width) = *qkv.shape();
-        let (seq, d) = (n / batch, width / 3);
-        let head = d / heads;
-        // Each product below has an inner dimension of `head` or `seq`: with neither zero,
-        // a product not accumulating writes every element of its output.
-        assert!(
-            head > 0 && seq > 0,
-            "attention needs at least one feature per head"
-        );
-        // The (row, head) tasks below cover `out` exactly, which its `set_len` relies on.
-        assert_eq!(n, batch * seq, "rows are batch · seq");
-        assert_eq!(
-            width,
-            3 * heads * head,
-            "q, k and v of `heads` heads side by side"
-        );
-        let scale = 1.0 / (head as f32).sqrt();
         let values = input(&qkv);
-        let layout = Heads { seq, d, head };
-        let mut out = Vec::with_capacity(n * d);
-        let out_buffer = SharedBuffer(out.as_mut_ptr(), n * d);
-        // One task per (batch row, head); each keeps its probabilities for the backward pass.
-        let probabilities: Vec<Vec<f32>> = (0..batch * heads)
-            .into_par_iter()
-            .map(|task| {
-                let (b, h) = (task / heads, task % heads);
-                let q = layout.part(&values, (b, h, 0));
-                let k_t = layout.transposed(&values, (b, h, 1));
-                let mut p = causal_scores(q, &k_t, (seq, head), scale);
-                causal_softmax_rows(&mut p);
-                let y = tiles::Output {
-                    ptr: out_buffer.at(b * seq * d + h * head),
-                    row_stride: d,
-                };
-                let (p_rows, v) = (Operand::rows(&p, seq), layout.part(&values, (b, h, 2)));
-                // SAFETY: head `h` of row `b` of `out` is this task's.
-                unsafe { tiles::product(y, (seq, head), p_rows, v, up_to_tile(seq), 1.0, false) };
-                p
-            })
-            .collect();
-        // SAFETY: the (row, head) tasks' products wrote every element of `out` once.
-        unsafe { out.set_len(n * d) };
-        let out = output(qkv.device(), out, (n, d));
+        let attention = Attention::new(*qkv.shape(), batch, heads);
+        let (out, probabilities) = attention.forward(&values);
+        let out = output(qkv.device(), out, (attention.rows(), attention.layout.d));
         let (qkv_ghost, out_ghost) = (qkv.ghost(), out.ghost());
         tape.add_backward_op(move |grads| {
             let (grad_qkv, grad_out) = input_and_output_grads!(grads, qkv_ghost, out_ghost);
-            let target = SharedBuffer::new(grad_qkv);
-            probabilities.par_iter().enumerate().for_each(|(task, p)| {
-                let (b, h) = (task / heads, task % heads);
-                let (q, k) = (
-                    layout.part(&values, (b, h, 0)),
-                    layout.part(&values, (b, h, 1)),
-                );
-                let v_t = layout.transposed(&values, (b, h, 2));
-                let dy = Operand::rows(&grad_out[b * seq * d + h * head..], d);
-                let mut ds = causal_scores(dy, &v_t, (seq, head), 1.0);
-                causal_softmax_backward_rows(p, &mut ds);
-                let [dq, dk, dv] = [0, 1, 2].map(|part| tiles::Output {
-                    ptr: target.at(layout.offset((b, h, part))),
-                    row_stride: width,
-                });
-                let (ds_rows, ds_t) = (Operand::rows(&ds, seq), Operand::transposed(&ds, seq));
-                let p_t = Operand::transposed(p, seq);
-                let size = (seq, head);
-                // SAFETY: head `h`'s columns of row `b` of `target` are this task's.
-                unsafe {
-                    tiles::product(dq, size, ds_rows, k, up_to_tile(seq), scale, true);
-                    tiles::product(dk, size, ds_t, q, from_tile(seq), scale, true);
-                    tiles::product(dv, size, p_t, dy, from_tile(seq), 1.0, true);
-                }
-            });
+            // SAFETY: `grad_qkv` is the whole `(rows, 3·d)` gradient, exclusively borrowed.
+            unsafe {
+                attention.backward(
+                    &values,
+                    &probabilities,
+                    grad_out,
+                    grad_qkv.as_mut_ptr(),
+                    true,
+                )
+            };
+            Ok(())
+        });
+        out.put_tape(tape)
+    }
+
+    fn attention_block<T: Tape<f32, Self>>(
+        x: A2<Self, T>,
+        c_attn: &Dense<Self>,
+        c_proj: &Dense<Self>,
+        residual: A2<Self, T>,
+        (batch, heads): (usize, usize),
+    ) -> A2<Self, T> {
+        let (x, tape) = x.split_tape();
+        let (residual, residual_tape) = residual.split_tape();
+        let mut tape = tape.merge(residual_tape);
+        let attn_saved = LinearInputs::new(&x, c_attn);
+        let (n, _, width) = attn_saved.sizes;
+        let qkv = attn_saved.forward(c_attn.bias.map(host).as_deref(), None);
+        let attention = Attention::new((n, width), batch, heads);
+        // q, k, v and the heads' outputs are no tensors: their gradients need no zeroed
+        // buffers of dfdx's.
+        let (y, probabilities) = attention.forward(&qkv);
+        let d = attention.layout.d;
+        let proj_saved = LinearInputs::of_values(Input::Copied(y), (n, d), c_proj);
+        let out = proj_saved.forward(c_proj.bias.map(host).as_deref(), Some(&input(&residual)));
+        let out = output(x.device(), out, (n, proj_saved.sizes.2));
+        let ghosts = block_ghosts!(x, residual, out, c_attn, c_proj);
+        tape.add_backward_op(move |grads| {
+            let grads = block_grads!(grads, ghosts);
+            // SAFETY: `block_grads!` checked the buffers distinct. Not accumulating, the
+            // attention's backward writes every element of `grad_qkv` (see
+            // `Attention::backward`) before `set_len`.
+            unsafe {
+                let grad_y = grads.close(&proj_saved);
+                let mut grad_qkv = Vec::with_capacity(n * width);
+                attention.backward(&qkv, &probabilities, &grad_y, grad_qkv.as_mut_ptr(), false);
+                grad_qkv.set_len(n * width);
+                grads.open(&attn_saved, &grad_qkv);
+            }
             Ok(())
         });
         out.put_tape(tape)

@@ -145,6 +145,21 @@ pub trait Kernels: Buffers {
         heads: usize,
     ) -> A2<Self, T>;
 
+    /// GPT-2's attention with its residual add, `residual + c_proj(attention(c_attn(x)))`. By
+    /// default three ops; a device may keep q, k, v and the heads' outputs (and their
+    /// gradients) inside one.
+    fn attention_block<T: Tape<f32, Self>>(
+        x: A2<Self, T>,
+        c_attn: &Dense<Self>,
+        c_proj: &Dense<Self>,
+        residual: A2<Self, T>,
+        (batch, heads): (usize, usize),
+    ) -> A2<Self, T> {
+        let qkv = Self::linear(x, c_attn, Epilogue::Plain);
+        let y = Self::causal_attention(qkv, batch, heads);
+        Self::linear(y, c_proj, Epilogue::AddTo(residual))
+    }
+
     /// The log-probability `(n,)` of each target id under the logits `x·W` of the output head
     /// (`x` `(n, d)`), without materialising the `(n, vocab)` logits as a tensor.
     fn head_log_probs<T: Tape<f32, Self>>(

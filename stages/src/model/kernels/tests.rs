@@ -133,56 +133,108 @@ fn linear_matches_dfdx_with_every_epilogue_and_layout() {
     }
 }
 
-#[test]
-fn mlp_matches_two_linear_layers_and_their_bits() {
+/// How a block's op is run: fused, as the separate CPU kernels, or as the dfdx composition.
+#[derive(Clone, Copy, PartialEq)]
+enum Run {
+    Fused,
+    Kernels,
+    Composed,
+}
+
+/// A two-layer block (`first`, `(d, first_out)`, then `second`, `(second_in, d)`, with the
+/// residual add) against its separate kernels, bit for bit, and against the dfdx composition,
+/// with and without trained layers.
+fn check_block(
+    what: &str,
+    (n, d, first_out, second_in): (usize, usize, usize, usize),
+    block: impl Fn(Run, A2<Cpu, Taped>, &Dense<Cpu>, &Dense<Cpu>, A2<Cpu, Taped>) -> A2<Cpu, Taped>,
+) {
     let dev = Cpu::seed_from_u64(2);
-    let (n, d, hidden) = (13, 11, 37);
     let x = random2(&dev, n, d);
-    let (fc_weight, fc_bias) = (random2(&dev, d, hidden), random1(&dev, hidden));
-    let (proj_weight, proj_bias) = (random2(&dev, hidden, d), random1(&dev, d));
+    let (first_weight, first_bias) = (random2(&dev, d, first_out), random1(&dev, first_out));
+    let (second_weight, second_bias) = (random2(&dev, second_in, d), random1(&dev, d));
     let residual = random2(&dev, n, d);
     for train in [true, false] {
-        let fc = Dense {
-            weight: &fc_weight,
+        let dense = |weight, bias| Dense {
+            weight,
             transposed: false,
-            bias: Some(&fc_bias),
+            bias: Some(bias),
             train,
         };
-        let proj = Dense {
-            weight: &proj_weight,
-            transposed: false,
-            bias: Some(&proj_bias),
-            train,
-        };
-        let residual_taped = || residual.clone().put_tape(Taped::default());
+        let (first, second) = (
+            dense(&first_weight, &first_bias),
+            dense(&second_weight, &second_bias),
+        );
         let residual_grad = grad_of(&residual);
         let mut params: Vec<GradReader> = vec![&residual_grad];
-        let (fc_w, fc_b) = (grad_of(&fc_weight), grad_of(&fc_bias));
-        let (proj_w, proj_b) = (grad_of(&proj_weight), grad_of(&proj_bias));
+        let (first_w, first_b) = (grad_of(&first_weight), grad_of(&first_bias));
+        let (second_w, second_b) = (grad_of(&second_weight), grad_of(&second_bias));
         if train {
-            params.extend([&fc_w as GradReader, &fc_b, &proj_w, &proj_b]);
+            params.extend([&first_w as GradReader, &first_b, &second_w, &second_b]);
         }
-        let fused = run(&x, &params, |x| Cpu::mlp(x, &fc, &proj, residual_taped()));
-        let two_kernels = run(&x, &params, |x| {
-            let hidden = Cpu::linear(x, &fc, Epilogue::Gelu);
-            Cpu::linear(hidden, &proj, Epilogue::AddTo(residual_taped()))
-        });
-        let reference = run(&x, &params, |x| {
-            let hidden = composed::linear(x, &fc, Epilogue::Gelu);
-            composed::linear(hidden, &proj, Epilogue::AddTo(residual_taped()))
-        });
+        let with = |how| {
+            run(&x, &params, |x| {
+                let residual = residual.clone().put_tape(Taped::default());
+                block(how, x, &first, &second, residual)
+            })
+        };
+        let fused = with(Run::Fused);
         // The same kernels in the same order: the same bits, so fusing changes no result.
         assert!(
-            fused == two_kernels,
-            "mlp (train {train}): not the bits of two linear kernels"
+            fused == with(Run::Kernels),
+            "{what} (train {train}): not the bits of its separate kernels"
         );
-        compare(&format!("mlp (train {train})"), fused, reference);
+        compare(
+            &format!("{what} (train {train})"),
+            fused,
+            with(Run::Composed),
+        );
         if !train {
-            let y = Cpu::mlp(x.leaky_trace(), &fc, &proj, residual_taped());
+            let residual = residual.clone().put_tape(Taped::default());
+            let y = block(Run::Fused, x.leaky_trace(), &first, &second, residual);
             let mut grads = weighted_sum(y, 99).backward();
-            assert!(no_gradient(&mut grads, &fc_weight) && no_gradient(&mut grads, &proj_bias));
+            assert!(
+                no_gradient(&mut grads, &first_weight) && no_gradient(&mut grads, &second_bias),
+                "{what}: frozen layers got gradients"
+            );
         }
     }
+}
+
+#[test]
+fn mlp_matches_two_linear_layers_and_their_bits() {
+    check_block("mlp", (13, 11, 37, 37), |how, x, fc, proj, residual| {
+        let linear = match how {
+            Run::Fused => return Cpu::mlp(x, fc, proj, residual),
+            Run::Kernels => Cpu::linear,
+            Run::Composed => composed::linear,
+        };
+        let hidden = linear(x, fc, Epilogue::Gelu);
+        linear(hidden, proj, Epilogue::AddTo(residual))
+    });
+}
+
+#[test]
+fn attention_block_matches_its_three_kernels_and_their_bits() {
+    // Batch 2, seq 9, 2 heads of 5: rows 18, d 10, q, k and v 30 wide.
+    let (batch, heads) = (2, 2);
+    check_block(
+        "attention block",
+        (18, 10, 30, 10),
+        |how, x, c_attn, c_proj, residual| match how {
+            Run::Fused => Cpu::attention_block(x, c_attn, c_proj, residual, (batch, heads)),
+            Run::Kernels => {
+                let qkv = Cpu::linear(x, c_attn, Epilogue::Plain);
+                let y = Cpu::causal_attention(qkv, batch, heads);
+                Cpu::linear(y, c_proj, Epilogue::AddTo(residual))
+            }
+            Run::Composed => {
+                let qkv = composed::linear(x, c_attn, Epilogue::Plain);
+                let y = composed::causal_attention(qkv, batch, heads);
+                composed::linear(y, c_proj, Epilogue::AddTo(residual))
+            }
+        },
+    );
 }
 
 /// Largest difference over largest value.
