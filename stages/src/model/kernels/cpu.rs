@@ -95,6 +95,32 @@ macro_rules! block_grads {
     }};
 }
 
+/// A two-layer block's start: its input and the residual off their tape (merged), and the
+/// opening layer's saved inputs and output `x·W + b`.
+struct OpenedBlock<T> {
+    x: A2<Cpu, NoneTape>,
+    residual: A2<Cpu, NoneTape>,
+    tape: T,
+    first: LinearInputs,
+    first_out: Vec<f32>,
+}
+
+impl<T: Tape<f32, Cpu>> OpenedBlock<T> {
+    fn new(x: A2<Cpu, T>, residual: A2<Cpu, T>, first: &Dense<Cpu>) -> Self {
+        let (x, tape) = x.split_tape();
+        let (residual, residual_tape) = residual.split_tape();
+        let saved = LinearInputs::new(&x, first);
+        let first_out = saved.forward(first.bias.map(host).as_deref(), None);
+        OpenedBlock {
+            x,
+            residual,
+            tape: tape.merge(residual_tape),
+            first: saved,
+            first_out,
+        }
+    }
+}
+
 /// The gradient buffers of a two-layer block with a residual add: its output's (read), its
 /// input's and the residual's (added to), and each layer's parameters' when it trains.
 struct BlockGrads {
@@ -1385,12 +1411,14 @@ impl Kernels for Cpu {
         proj: &Dense<Self>,
         residual: A2<Self, T>,
     ) -> A2<Self, T> {
-        let (x, tape) = x.split_tape();
-        let (residual, residual_tape) = residual.split_tape();
-        let mut tape = tape.merge(residual_tape);
-        let fc_saved = LinearInputs::new(&x, fc);
+        let OpenedBlock {
+            x,
+            residual,
+            mut tape,
+            first: fc_saved,
+            first_out: mut pre,
+        } = OpenedBlock::new(x, residual, fc);
         let (n, _, hidden) = fc_saved.sizes;
-        let mut pre = fc_saved.forward(fc.bias.map(host).as_deref(), None);
         // The hidden activation is no tensor: its gradient needs no zeroed buffer of dfdx's.
         // For the backward pass, `pre` becomes GELU's slope.
         let (h, slope) = match T::OWNS_TAPE {
@@ -1491,12 +1519,14 @@ impl Kernels for Cpu {
         residual: A2<Self, T>,
         (batch, heads): (usize, usize),
     ) -> A2<Self, T> {
-        let (x, tape) = x.split_tape();
-        let (residual, residual_tape) = residual.split_tape();
-        let mut tape = tape.merge(residual_tape);
-        let attn_saved = LinearInputs::new(&x, c_attn);
+        let OpenedBlock {
+            x,
+            residual,
+            mut tape,
+            first: attn_saved,
+            first_out: qkv,
+        } = OpenedBlock::new(x, residual, c_attn);
         let (n, _, width) = attn_saved.sizes;
-        let qkv = attn_saved.forward(c_attn.bias.map(host).as_deref(), None);
         let attention = Attention::new((n, width), batch, heads);
         // q, k, v and the heads' outputs are no tensors: their gradients need no zeroed
         // buffers of dfdx's.
