@@ -235,8 +235,7 @@ impl<D: Kernels> CausalSelfAttention<D> {
         (batch, heads): (usize, usize),
         dropout: &mut Dropout,
     ) -> A2<D, T> {
-        let plain = |linear: &Linear<D>| linear.lora.is_none();
-        if plain(&self.c_attn) && plain(&self.c_proj) && !dropout.is_active() {
+        if fusable([&self.c_attn, &self.c_proj], dropout) {
             let (attn, proj) = (self.c_attn.dense_weight(), self.c_proj.dense_weight());
             let (attn, proj) = (self.c_attn.dense(&attn), self.c_proj.dense(&proj));
             return D::attention_block(x, &attn, &proj, residual, (batch, heads));
@@ -245,6 +244,12 @@ impl<D: Kernels> CausalSelfAttention<D> {
         let y = D::causal_attention(qkv, batch, heads);
         self.c_proj.forward(y, Epilogue::AddTo(residual), dropout)
     }
+}
+
+/// Whether a block's linear layers can run as one op with the block (`Kernels::mlp`,
+/// `Kernels::attention_block`): no adapter joins them, no dropout acts between them.
+fn fusable<D: Device<f32>>(linears: [&Linear<D>; 2], dropout: &Dropout) -> bool {
+    linears.iter().all(|linear| linear.lora.is_none()) && !dropout.is_active()
 }
 
 pub struct Mlp<D: Device<f32>> {
@@ -260,8 +265,7 @@ impl<D: Kernels> Mlp<D> {
         residual: A2<D, T>,
         dropout: &mut Dropout,
     ) -> A2<D, T> {
-        let plain = |linear: &Linear<D>| linear.lora.is_none();
-        if plain(&self.c_fc) && plain(&self.c_proj) && !dropout.is_active() {
+        if fusable([&self.c_fc, &self.c_proj], dropout) {
             let (fc, proj) = (self.c_fc.dense_weight(), self.c_proj.dense_weight());
             return D::mlp(
                 x,

@@ -12,7 +12,7 @@ use super::gpt::{Gpt, ParamVisitor};
 use super::kernels::adamw::{self, AdamStep};
 #[cfg(feature = "cuda")]
 use super::kernels::cuda;
-use super::kernels::Kernels;
+use super::kernels::{GradBuffer, Kernels};
 
 /// In-place arithmetic on gradient buffers, which dfdx exposes only as the device's storage
 /// type: one impl per device.
@@ -99,35 +99,18 @@ impl Buffers for Cpu {
         } else {
             p.copy_into(master);
         }
-        let master = HeldBuffer::new(master);
-        let m = HeldBuffer::new(state.m.get_or_alloc_mut(&*p).expect("moment buffer"));
-        let v = HeldBuffer::new(state.v.get_or_alloc_mut(&*p).expect("moment buffer"));
+        let master = GradBuffer::new(master);
+        let m = GradBuffer::new(state.m.get_or_alloc_mut(&*p).expect("moment buffer"));
+        let v = GradBuffer::new(state.v.get_or_alloc_mut(&*p).expect("moment buffer"));
         let update = DeferredUpdate {
             p,
             master,
             m,
             v,
-            g: HeldBuffer::new(g),
+            g: GradBuffer::new(g),
             step: *step,
         };
         state.deferred.push(Box::new(move || update.run()));
-    }
-}
-
-/// A buffer of one of the optimizer's maps (or of the step's gradients), held by address
-/// until the step's deferred updates have run: the maps' buffers keep their heap storage while
-/// entries are added, and each parameter's buffers are its own.
-struct HeldBuffer(*mut f32, usize);
-
-impl HeldBuffer {
-    fn new(buffer: &mut [f32]) -> Self {
-        HeldBuffer(buffer.as_mut_ptr(), buffer.len())
-    }
-
-    /// # Safety
-    /// The buffer must still be alive, and no other reference to it.
-    unsafe fn slice<'a>(&self) -> &'a mut [f32] {
-        std::slice::from_raw_parts_mut(self.0, self.1)
     }
 }
 
@@ -135,10 +118,10 @@ impl HeldBuffer {
 /// every parameter's was recorded.
 struct DeferredUpdate<S: Shape> {
     p: *mut Tensor<S, f32, Cpu>,
-    master: HeldBuffer,
-    m: HeldBuffer,
-    v: HeldBuffer,
-    g: HeldBuffer,
+    master: GradBuffer,
+    m: GradBuffer,
+    v: GradBuffer,
+    g: GradBuffer,
     step: AdamStep,
 }
 
@@ -151,13 +134,13 @@ impl<S: Shape> DeferredUpdate<S> {
         // state and the gradients mutably and touches none of them otherwise; each update is
         // for a distinct parameter, so its tensor and buffers are its alone.
         unsafe {
-            let master = self.master.slice();
+            let master = self.master.write();
             adamw::adamw(
                 &self.step,
                 master,
-                self.m.slice(),
-                self.v.slice(),
-                self.g.slice(),
+                self.m.write(),
+                self.v.write(),
+                self.g.write(),
             );
             (*self.p).copy_from(master);
         }

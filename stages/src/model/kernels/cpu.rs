@@ -16,11 +16,16 @@ use super::{bf16, Dense, Epilogue, Kernels, Precision, LAYER_NORM_EPS};
 use crate::model::gpt::{A2, P1, P2};
 
 /// A gradient buffer held by address: an op reads its output's gradient while it writes its
-/// inputs', two entries of one map. The buffers' heap storage does not move while the map
+/// inputs', two entries of one map (and the optimizer holds a parameter's buffers from several
+/// maps until its deferred update runs). The buffers' heap storage does not move while a map
 /// gains entries, and every op's tensors have distinct ids, so the slices never alias.
-struct GradBuffer(*mut f32, usize);
+pub(in crate::model) struct GradBuffer(*mut f32, usize);
 
 impl GradBuffer {
+    pub(in crate::model) fn new(buffer: &mut [f32]) -> Self {
+        GradBuffer(buffer.as_mut_ptr(), buffer.len())
+    }
+
     /// # Safety
     /// The entry must stay in the map, and no `&mut` to the same buffer may be alive.
     unsafe fn read<'a>(&self) -> &'a [f32] {
@@ -29,7 +34,7 @@ impl GradBuffer {
 
     /// # Safety
     /// As for `read`, and no other reference to the buffer may be alive.
-    unsafe fn write<'a>(&self) -> &'a mut [f32] {
+    pub(in crate::model) unsafe fn write<'a>(&self) -> &'a mut [f32] {
         std::slice::from_raw_parts_mut(self.0, self.1)
     }
 }
@@ -48,8 +53,33 @@ fn assert_distinct(buffers: &[&GradBuffer]) {
 macro_rules! grad_buffer {
     ($grads:expr, $tensor:expr) => {{
         let buffer: &mut Vec<f32> = $grads.get_or_alloc_mut(&$tensor)?;
-        GradBuffer(buffer.as_mut_ptr(), buffer.len())
+        GradBuffer::new(buffer)
     }};
+}
+
+/// The ghosts of a layer's weight and bias when it trains (`Some((weight, bias))`).
+macro_rules! trained_ghosts {
+    ($dense:expr) => {
+        $dense
+            .train
+            .then(|| ($dense.weight.ghost(), $dense.bias.map(|b| b.ghost())))
+    };
+}
+
+/// The gradient buffers of a layer's weight and bias, from its `trained_ghosts!`.
+macro_rules! layer_grads {
+    ($grads:expr, $params:expr) => {
+        match &$params {
+            Some((weight, bias)) => {
+                let bias = match bias {
+                    Some(bias) => Some(grad_buffer!($grads, *bias)),
+                    None => None,
+                };
+                Some((grad_buffer!($grads, *weight), bias))
+            }
+            None => None,
+        }
+    };
 }
 
 /// The ghosts a two-layer block with a residual add (`first`, then `second` and the add)
@@ -57,13 +87,8 @@ macro_rules! grad_buffer {
 /// layer's weight and bias when it trains.
 macro_rules! block_ghosts {
     ($x:expr, $residual:expr, $out:expr, $first:expr, $second:expr) => {{
-        let trained = |dense: &Dense<Cpu>| {
-            dense
-                .train
-                .then(|| (dense.weight.ghost(), dense.bias.map(|b| b.ghost())))
-        };
         let ends = ($x.ghost(), $residual.ghost(), $out.ghost());
-        (ends, trained($first), trained($second))
+        (ends, trained_ghosts!($first), trained_ghosts!($second))
     }};
 }
 
@@ -71,24 +96,12 @@ macro_rules! block_ghosts {
 macro_rules! block_grads {
     ($grads:expr, $ghosts:expr) => {{
         let ((x, residual, out), first, second) = &$ghosts;
-        let layer = |grads: &mut Gradients<f32, Cpu>, params: &Option<(_, Option<_>)>| {
-            Ok::<_, CpuError>(match params {
-                Some((weight, bias)) => {
-                    let bias = match bias {
-                        Some(bias) => Some(grad_buffer!(grads, *bias)),
-                        None => None,
-                    };
-                    Some((grad_buffer!(grads, *weight), bias))
-                }
-                None => None,
-            })
-        };
         let grads = BlockGrads {
             out: grad_buffer!($grads, *out),
             x: grad_buffer!($grads, *x),
             residual: grad_buffer!($grads, *residual),
-            first: layer($grads, first)?,
-            second: layer($grads, second)?,
+            first: layer_grads!($grads, *first),
+            second: layer_grads!($grads, *second),
         };
         grads.check_distinct();
         grads
@@ -1339,9 +1352,8 @@ impl Kernels for Cpu {
             y = self::gelu(&y);
         }
         let out = output(x.device(), y, (n, outputs));
-        let train = dense.train;
-        let (x_ghost, w_ghost, out_ghost) = (x.ghost(), dense.weight.ghost(), out.ghost());
-        let b_ghost = dense.bias.map(|b| b.ghost());
+        let (x_ghost, out_ghost) = (x.ghost(), out.ghost());
+        let params = trained_ghosts!(dense);
         tape.add_backward_op(move |grads| {
             let grad_out = grad_buffer!(grads, out_ghost);
             let grad_x = grad_buffer!(grads, x_ghost);
@@ -1349,16 +1361,13 @@ impl Kernels for Cpu {
                 Some(ghost) => Some(grad_buffer!(grads, *ghost)),
                 None => None,
             };
-            let grad_w = match train {
-                true => Some(grad_buffer!(grads, w_ghost)),
-                false => None,
-            };
-            let grad_b = match (&b_ghost, train) {
-                (Some(ghost), true) => Some(grad_buffer!(grads, *ghost)),
-                _ => None,
-            };
+            let params = layer_grads!(grads, params);
             let mut held = vec![&grad_out, &grad_x];
-            held.extend([&grad_residual, &grad_w, &grad_b].into_iter().flatten());
+            held.extend(&grad_residual);
+            if let Some((weight, bias)) = &params {
+                held.push(weight);
+                held.extend(bias);
+            }
             assert_distinct(&held);
             // SAFETY: distinct live entries (see `GradBuffer`).
             let (grad_out, grad_x) = unsafe { (grad_out.write(), grad_x.write()) };
@@ -1372,11 +1381,9 @@ impl Kernels for Cpu {
                 par_zip(slope, grad_out, multiply_rows);
             }
             saved.backward_input(grad_out, grad_x);
-            if let Some(grad_w) = grad_w {
+            if let Some((weight, bias)) = params {
                 // SAFETY: as above.
-                unsafe {
-                    saved.backward_params(grad_out, grad_w.write(), grad_b.map(|b| b.write()))
-                };
+                unsafe { saved.backward_params(grad_out, weight.write(), bias.map(|b| b.write())) };
             }
             Ok(())
         });

@@ -25,6 +25,7 @@ mod tiles;
 
 pub use bf16::uses_amx;
 pub use cpu::forget_outputs;
+pub(super) use cpu::GradBuffer;
 
 use std::cell::Cell;
 use std::marker::PhantomData;
