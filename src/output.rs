@@ -11,7 +11,8 @@ use smelt_engine::lockfile::Lockfile;
 use smelt_engine::plan::{describe, StagePlan};
 use smelt_engine::store::{Garbage, RunRecord};
 use smelt_engine::{
-    ArtifactId, Decision, Observer, Outcome, Pipeline, Plan, Ports, Progress, Registry, StageResult,
+    ArtifactId, Decision, Divergence, Observer, Outcome, Pipeline, Plan, Ports, Progress, Registry,
+    StageResult,
 };
 
 use crate::DagFormat;
@@ -111,9 +112,13 @@ impl Observer for RunPrinter {
             Outcome::Ran {
                 artifact,
                 duration_s,
+                diverged,
                 ..
             } => {
-                println!("  ✓ ran   {stage}  {duration_s:.2}s → {}", artifact.short())
+                println!("  ✓ ran   {stage}  {duration_s:.2}s → {}", artifact.short());
+                if let Some(diverged) = diverged {
+                    println!("{}", divergence_warning(stage, artifact, diverged));
+                }
             }
             Outcome::Cached { artifact, by } => {
                 let why = match by {
@@ -130,6 +135,25 @@ impl Observer for RunPrinter {
             Outcome::Skipped { reason, .. } => println!("  skip    {stage}  {reason}"),
         }
     }
+}
+
+/// Says that a stage rebuilt its key into another artifact, and which files differ.
+fn divergence_warning(stage: &str, artifact: &ArtifactId, diverged: &Divergence) -> String {
+    let files = match &diverged.files {
+        Some(files) if files.len() > 8 => {
+            format!("{}, … ({} files)", files[..8].join(", "), files.len())
+        }
+        Some(files) => files.join(", "),
+        None => "unknown (the earlier artifact is gone)".into(),
+    };
+    format!(
+        "    warning: {stage} was built from the same inputs before, into {} — now {}: its \
+         output is not a function of its inputs, so stages after it rerun and no cache can \
+         share it. Files that differ: {files}. Keep times, hosts, paths and random values \
+         without a fixed seed out of the artifact.",
+        diverged.previous.short(),
+        artifact.short()
+    )
 }
 
 impl Progress for RunPrinter {
@@ -189,6 +213,9 @@ pub fn print_show(stage: &str, dir: &Path, artifact: &ArtifactId, record: Option
         println!("kind:      {} (version {})", record.kind, record.version);
         println!("key:       {}", record.key);
         println!("duration:  {:.2}s", record.duration_s);
+        if !record.host.is_empty() {
+            println!("ran on:    {} ({} threads)", record.host, record.threads);
+        }
         println!(
             "params:    {}",
             serde_json::to_string(&record.params).expect("json")
@@ -196,7 +223,11 @@ pub fn print_show(stage: &str, dir: &Path, artifact: &ArtifactId, record: Option
         if !record.metrics.is_empty() {
             println!("metrics:");
             for (name, value) in &record.metrics {
-                println!("  {name}: {value}");
+                match value.as_array() {
+                    // Per-step series (a trainer's `timings`): `smelt report` draws them.
+                    Some(items) => println!("  {name}: {} entries", items.len()),
+                    None => println!("  {name}: {value}"),
+                }
             }
         }
     }

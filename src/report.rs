@@ -147,6 +147,7 @@ impl Row {
         let pairs: Vec<String> = self
             .metrics
             .iter()
+            .filter(|(_, v)| !v.is_array() && !v.is_object())
             .map(|(k, v)| format!("{k}: {}", short(v)))
             .collect();
         pairs.join(", ")

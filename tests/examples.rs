@@ -182,18 +182,7 @@ fn corpus_collects_offline_and_reruns_nothing_the_second_time() {
 /// from it.
 #[test]
 fn shakespeare_char_resumes_after_a_kill_and_generates() {
-    let shared = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/tinyshakespeare.txt");
-    // ../shared is beside the checkout in CI; elsewhere, a text made of the examples' sample.
-    let fallback = tempfile::tempdir().unwrap();
-    let text = shared.canonicalize().unwrap_or_else(|_| {
-        let sample = std::fs::read_to_string(
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines/data/sample.txt"),
-        )
-        .unwrap();
-        let path = fallback.path().join("text.txt");
-        std::fs::write(&path, sample.repeat(300)).unwrap();
-        path
-    });
+    let (_keep, text) = shakespeare_text();
     let sets = [
         format!("vars.text={}", text.display()),
         "vars.steps=60".to_string(),
@@ -369,6 +358,139 @@ fn finetune_lora_runs_sft_then_dpo_and_compares_the_models() {
     args.extend(small);
     let rerun = smelt(&args, work.path()).ok();
     assert_has(&rerun.stdout, "2 ran, 4 cached");
+}
+
+/// Small sizes of each example, so that all of them run in a test.
+fn tiny(example: &str, text: &Path) -> Vec<String> {
+    let sets: &[&str] = match example {
+        "quickstart.yaml" => &[
+            "vars.examples=300",
+            "vars.pretrain_steps=40",
+            "vars.sft_steps=20",
+            "vars.dpo_steps=10",
+        ],
+        "finetune-lora.yaml" => &[
+            "vars.examples=300",
+            "vars.pretrain_steps=40",
+            "vars.sft_steps=20",
+            "vars.dpo_steps=10",
+        ],
+        "shakespeare-char.yaml" => &[
+            "vars.steps=20",
+            "stages.model.with.model.layers=1",
+            "stages.model.with.train.warmup=10",
+            "stages.model.with.eval.every=10",
+        ],
+        "corpus.yaml" | "wordcount.yaml" => &[],
+        other => panic!("{other}: give the new example small sizes here"),
+    };
+    let mut args: Vec<String> = sets
+        .iter()
+        .flat_map(|s| ["--set".to_string(), s.to_string()])
+        .collect();
+    if example == "shakespeare-char.yaml" {
+        args.extend(["--set".into(), format!("vars.text={}", text.display())]);
+    }
+    args
+}
+
+/// The artifact id of every stage, from the lockfile a run wrote.
+fn artifact_ids(lockfile: &Path) -> std::collections::BTreeMap<String, String> {
+    let lock: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(lockfile).unwrap()).unwrap();
+    lock["stages"]
+        .as_mapping()
+        .unwrap()
+        .iter()
+        .map(|(stage, entry)| {
+            (
+                stage.as_str().unwrap().to_string(),
+                entry["artifact"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+/// A text for the shakespeare example: ../shared's where it is beside the checkout (as in
+/// CI), else the examples' sample repeated (kept alive by the returned directory).
+fn shakespeare_text() -> (tempfile::TempDir, std::path::PathBuf) {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let fallback = tempfile::tempdir().unwrap();
+    let text = root
+        .join("../shared/data/tinyshakespeare.txt")
+        .canonicalize()
+        .unwrap_or_else(|_| {
+            let sample = std::fs::read_to_string(root.join("pipelines/data/sample.txt")).unwrap();
+            let path = fallback.path().join("text.txt");
+            std::fs::write(&path, sample.repeat(300)).unwrap();
+            path
+        });
+    (fallback, text)
+}
+
+/// An artifact is a function of its stage key: every example, run in two fresh stores at two
+/// paths of different depth, one on 1 thread and one on 2, gives the same id for every stage.
+#[test]
+fn every_example_gives_the_same_ids_in_two_stores_at_two_paths_on_1_and_2_threads() {
+    let (_keep, text) = shakespeare_text();
+    for file in examples() {
+        let example = file.file_name().unwrap().to_str().unwrap().to_string();
+        let sets = tiny(&example, &text);
+        let ids = |depth: &str, threads: &str| {
+            let root = tempfile::tempdir().unwrap();
+            let dir = root.path().join(depth);
+            let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines");
+            std::fs::create_dir_all(dir.join("data")).unwrap();
+            std::fs::copy(source.join(&example), dir.join(&example)).unwrap();
+            std::fs::copy(source.join("data/sample.txt"), dir.join("data/sample.txt")).unwrap();
+            let mut args = vec!["run".to_string(), example.clone()];
+            args.extend(sets.iter().cloned());
+            let run: Run = std::process::Command::new(common::smelt_bin())
+                .args(&args)
+                .current_dir(&dir)
+                .env_remove("SMELT_STORE")
+                .env("RAYON_NUM_THREADS", threads)
+                .output()
+                .unwrap()
+                .into();
+            run.ok();
+            artifact_ids(&dir.join(example.replace(".yaml", ".lock")))
+        };
+        let two = ids("a", "2");
+        let one = ids("b/c/d", "1");
+        assert!(!two.is_empty());
+        assert_eq!(
+            two, one,
+            "{example}: ids differ between stores, paths or threads"
+        );
+    }
+}
+
+/// A stage forced to rerun with nothing changed rebuilds the same artifact, so nothing
+/// downstream reruns (early cutoff), and nothing is warned about.
+#[test]
+fn forcing_tokens_or_base_to_rerun_cuts_off_everything_downstream() {
+    let (work, _) = example_copy("quickstart.yaml");
+    let sets = tiny("quickstart.yaml", Path::new(""));
+    let run = |extra: &[&str]| {
+        let mut args: Vec<&str> = vec!["run", "quickstart.yaml"];
+        args.extend(sets.iter().map(String::as_str));
+        args.extend(extra);
+        smelt(&args, work.path()).ok().stdout
+    };
+    assert_has(&run(&[]), "7 ran");
+    for (stage, downstream) in [
+        ("tokens", &["base", "sft", "aligned", "eval"][..]),
+        ("base", &["sft", "aligned", "eval"][..]),
+    ] {
+        let out = run(&["--force", stage]);
+        assert_has(&out, "summary: 1 ran, 6 cached");
+        for after in downstream {
+            assert_has(&out, &format!("cached  {after}"));
+        }
+        assert_has(&out, "(cut off: its inputs were rebuilt unchanged)");
+        assert!(!out.contains("warning"), "{out}");
+    }
 }
 
 const PARAMS_BEGIN: &str =

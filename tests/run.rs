@@ -176,6 +176,29 @@ fn a_failing_stage_shows_its_stderr_and_publishes_nothing() {
 }
 
 #[test]
+fn a_rerun_that_builds_another_artifact_is_warned_about_naming_the_files() {
+    let p = Project::new(
+        "smelt: 1\nstages:\n  stamped:\n    uses: command\n    with:\n      run: \"echo same > $SMELT_OUT/same.txt; date +%s%N > $SMELT_OUT/stamp.txt\"\n  steady:\n    uses: command\n    with: { run: \"echo same > $SMELT_OUT/same.txt\" }\n",
+    );
+    let first = p.smelt(&["run", "p.yaml"]).ok();
+    assert!(!first.stdout.contains("warning"), "{}", first.stdout);
+    let forced = p
+        .smelt(&["run", "p.yaml", "--force", "stamped", "--force", "steady"])
+        .ok();
+    assert_has(
+        &forced.stdout,
+        "warning: stamped was built from the same inputs before",
+    );
+    assert_has(&forced.stdout, "Files that differ: stamp.txt.");
+    // The deterministic stage rebuilt the same artifact: no warning about it.
+    assert!(
+        !forced.stdout.contains("warning: steady"),
+        "{}",
+        forced.stdout
+    );
+}
+
+#[test]
 fn a_corrupt_artifact_is_detected_and_rebuilt() {
     let p = diamond();
     p.smelt(&["run", "p.yaml"]).ok();

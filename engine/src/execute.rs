@@ -31,6 +31,9 @@ pub enum Outcome {
         artifact: ArtifactId,
         duration_s: f64,
         metrics: Metrics,
+        /// Set when the key had been built before into another artifact: the stage is not a
+        /// function of its inputs, which defeats early cutoff and shared caches.
+        diverged: Option<Divergence>,
     },
     Cached {
         artifact: ArtifactId,
@@ -54,6 +57,14 @@ impl Outcome {
             Outcome::Failed { .. } => None,
         }
     }
+}
+
+/// A rerun of a key that produced an artifact other than the recorded one.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Divergence {
+    pub previous: ArtifactId,
+    /// The files that differ; `None` when the previous artifact's manifest is gone.
+    pub files: Option<Vec<String>>,
 }
 
 /// One stage's result, with the key and inputs it was built from (for the lockfile).
@@ -343,6 +354,14 @@ impl Executor<'_> {
             Ok(id) => id,
             Err(e) => return self.discard(&out_dir, format!("cannot publish the output: {e}")),
         };
+        let diverged = self
+            .store
+            .record(key)
+            .filter(|previous| previous.artifact != artifact)
+            .map(|previous| Divergence {
+                files: self.store.differing_files(&previous.artifact, &artifact),
+                previous: previous.artifact,
+            });
         let record = RunRecord {
             key: key.clone(),
             artifact: artifact.clone(),
@@ -356,6 +375,8 @@ impl Executor<'_> {
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
             duration_s,
+            host: host_name(),
+            threads: ctx.threads,
             metrics: metrics.clone(),
         };
         if let Err(e) = self.store.save_record(&record) {
@@ -369,6 +390,7 @@ impl Executor<'_> {
             artifact,
             duration_s,
             metrics,
+            diverged,
         }
     }
 
@@ -382,6 +404,13 @@ impl Executor<'_> {
         let record = self.store.record(key)?;
         (self.store.verify(&record.artifact) == Integrity::Intact).then_some(record.artifact)
     }
+}
+
+/// This machine's name, for the run record (Linux keeps it in /proc).
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|name| name.trim().to_string())
+        .unwrap_or_default()
 }
 
 fn skipped(reason: String, artifact: Option<ArtifactId>) -> Outcome {

@@ -22,7 +22,7 @@ pub mod validate;
 pub mod yaml;
 
 pub use diagnostics::{FileReport, Problem};
-pub use execute::{Executor, Observer, Outcome, StageResult};
+pub use execute::{Divergence, Executor, Observer, Outcome, StageResult};
 pub use plan::{Decision, Plan, Planner, Reason, Selection};
 pub use spec::{Override, Pipeline, StageSpec};
 pub use stage::{

@@ -74,6 +74,12 @@ pub struct RunRecord {
     /// Unix seconds when the run finished.
     pub finished_at: u64,
     pub duration_s: f64,
+    /// The machine that ran it, and with how many worker threads: measurements of the run,
+    /// like its duration and the metrics' speeds, kept here and never in the artifact.
+    #[serde(default)]
+    pub host: String,
+    #[serde(default)]
+    pub threads: usize,
     pub metrics: BTreeMap<String, serde_json::Value>,
 }
 
@@ -172,6 +178,25 @@ impl Store {
     pub fn save_record(&self, record: &RunRecord) -> io::Result<()> {
         let json = serde_json::to_vec_pretty(record).map_err(io::Error::other)?;
         write_atomic(&self.record_path(&record.key), &json)
+    }
+
+    /// The files that differ between two artifacts (present in one only, or with other
+    /// content), by their manifests; `None` when a manifest is gone or unreadable.
+    pub fn differing_files(&self, a: &ArtifactId, b: &ArtifactId) -> Option<Vec<String>> {
+        let manifest = |id: &ArtifactId| -> Option<BTreeMap<String, FileEntry>> {
+            let bytes = fs::read(self.manifest_path(id)).ok()?;
+            let files: Vec<FileEntry> = serde_json::from_slice(&bytes).ok()?;
+            Some(files.into_iter().map(|f| (f.path.clone(), f)).collect())
+        };
+        let (a, b) = (manifest(a)?, manifest(b)?);
+        let paths: BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+        Some(
+            paths
+                .into_iter()
+                .filter(|p| a.get(*p).map(|f| f.hash) != b.get(*p).map(|f| f.hash))
+                .cloned()
+                .collect(),
+        )
     }
 
     /// Checks an artifact against its manifest: the Merkle hash of its files, recomputed with the

@@ -48,7 +48,8 @@ const REFERENCE_VERSION: u32 = 1;
 impl Stage for Dpo {
     type Params = DpoParams;
     const KIND: &'static str = "dpo";
-    const VERSION: u32 = 1;
+    // 2: no timings in metrics.jsonl (they are in the run record).
+    const VERSION: u32 = 2;
     const SUMMARY: &'static str =
         "Preference optimisation (DPO, IPO, hinge) against the input model as frozen reference";
 

@@ -192,7 +192,8 @@ pub trait Objective: Send {
     fn evaluate(&mut self, model: &mut dyn Backend) -> (f32, Extras);
 }
 
-/// One line of metrics.jsonl.
+/// One line of metrics.jsonl: what training computed at a logged step. It is content of the
+/// artifact, so it holds nothing that measures the run (see [`Timing`]).
 #[derive(Debug, Serialize, Deserialize)]
 pub struct LogLine {
     pub step: u64,
@@ -201,11 +202,21 @@ pub struct LogLine {
     pub val_loss: Option<f32>,
     pub lr: f64,
     pub grad_norm: f32,
-    pub tokens_per_sec: f64,
-    pub mfu: f64,
-    pub elapsed_s: f64,
     #[serde(flatten)]
     pub extras: Extras,
+}
+
+/// How fast a logged step ran: one line of timings.jsonl in the work dir. Measurements of the
+/// run go to the run record (through the stage's metrics), never into the artifact, whose
+/// content must be a function of the stage key.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Timing {
+    pub step: u64,
+    /// Over the steps since the previous logged one.
+    pub tokens_per_sec: f64,
+    pub mfu: f64,
+    /// Seconds of training up to this step, across resumes.
+    pub elapsed_s: f64,
 }
 
 /// What the loop needs besides the objective.
@@ -223,6 +234,8 @@ pub struct Outcome {
     pub seconds: f64,
     /// metrics.jsonl in the work dir.
     pub log_path: std::path::PathBuf,
+    /// timings.jsonl in the work dir.
+    pub timings_path: std::path::PathBuf,
 }
 
 /// Trains `model` for `settings.train.steps` steps, or stops after `stop_after` (tests simulate
@@ -238,12 +251,19 @@ pub fn run(
     model.set_precision(t.precision)?;
     let checkpoint = ctx.work_dir.join("checkpoint.safetensors");
     let log_path = ctx.work_dir.join("metrics.jsonl");
-    let start = resume(model, &checkpoint, &log_path)?;
-    let mut log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&log_path)
-        .map_err(|e| format!("{}: {e}", log_path.display()))?;
+    let timings_path = ctx.work_dir.join("timings.jsonl");
+    let start = resume(model, &checkpoint, &log_path, &timings_path)?;
+    let earlier_s = read_jsonl::<Timing>(&timings_path)?
+        .last()
+        .map_or(0.0, |t| t.elapsed_s);
+    let append = |path: &Path| {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(|e| format!("{}: {e}", path.display()))
+    };
+    let (mut log, mut timings) = (append(&log_path)?, append(&timings_path)?);
     let tokens_per_step = objective.tokens_per_micro_batch() * t.grad_accum as f64;
     let started = Instant::now();
     let mut window = (Instant::now(), 0u64);
@@ -296,17 +316,16 @@ pub fn run(
                 val_loss,
                 lr,
                 grad_norm,
-                tokens_per_sec: tokens_per_sec.round(),
-                mfu: tokens_per_sec * settings.flops_per_token / settings.peak_flops,
-                elapsed_s: started.elapsed().as_secs_f64(),
                 extras,
             };
-            writeln!(
-                log,
-                "{}",
-                serde_json::to_string(&line).map_err(|e| e.to_string())?
-            )
-            .map_err(|e| format!("{}: {e}", log_path.display()))?;
+            let timing = Timing {
+                step: done,
+                tokens_per_sec: tokens_per_sec.round(),
+                mfu: tokens_per_sec * settings.flops_per_token / settings.peak_flops,
+                elapsed_s: earlier_s + started.elapsed().as_secs_f64(),
+            };
+            write_line(&mut log, &line, &log_path)?;
+            write_line(&mut timings, &timing, &timings_path)?;
             window = (Instant::now(), 0);
         }
         let eta = (t.steps - done) as f64 * tokens_per_step / tokens_per_sec.max(1e-9);
@@ -317,10 +336,12 @@ pub fn run(
         );
         if done % t.checkpoint_every == 0 && done < t.steps {
             log.flush().map_err(|e| e.to_string())?;
+            timings.flush().map_err(|e| e.to_string())?;
             save_checkpoint(model, &checkpoint, done)?;
         }
     }
     log.flush().map_err(|e| e.to_string())?;
+    timings.flush().map_err(|e| e.to_string())?;
     if end < t.steps {
         save_checkpoint(model, &checkpoint, end)?;
         return Err(format!("stopped after step {end}"));
@@ -329,14 +350,22 @@ pub fn run(
         resumed_from_step: start,
         seconds: started.elapsed().as_secs_f64(),
         log_path,
+        timings_path,
     })
 }
 
+fn write_line(file: &mut std::fs::File, line: &impl Serialize, path: &Path) -> Result<(), String> {
+    let text = serde_json::to_string(line).map_err(|e| e.to_string())?;
+    writeln!(file, "{text}").map_err(|e| format!("{}: {e}", path.display()))
+}
+
 impl Outcome {
-    /// The stage metrics every trainer reports: steps, time, resume point, the last loss and
-    /// validation loss, and the last logged extras.
+    /// The stage metrics every trainer reports, which the run record keeps: steps, time, resume
+    /// point, the last loss and validation loss, the last logged extras, and the speed (the
+    /// mean over the run, and `timings`: each logged step's).
     pub fn metrics(&self, steps: u64) -> Result<Metrics, String> {
         let log = read_log(&self.log_path)?;
+        let timings = read_jsonl::<Timing>(&self.timings_path)?;
         let mut metrics = Metrics::from([
             ("steps".to_string(), steps.into()),
             ("train_seconds".to_string(), self.seconds.into()),
@@ -345,6 +374,14 @@ impl Outcome {
                 self.resumed_from_step.into(),
             ),
         ]);
+        if let Some(mean) = mean_speed(&timings) {
+            metrics.insert("tokens_per_sec".into(), mean.tokens_per_sec.round().into());
+            metrics.insert("mfu".into(), mean.mfu.into());
+        }
+        metrics.insert(
+            "timings".into(),
+            serde_json::to_value(&timings).map_err(|e| e.to_string())?,
+        );
         if let Some(last) = log.last() {
             metrics.insert("loss".into(), f64::from(last.loss).into());
             for (name, value) in &last.extras {
@@ -405,9 +442,15 @@ fn save_checkpoint(model: &mut dyn Backend, path: &Path, step: u64) -> Result<()
 
 /// Restores the checkpoint in the work dir, if any; returns the step to start from. The metrics
 /// log is cut back to that step (lines after it belong to work that is redone).
-fn resume(model: &mut dyn Backend, checkpoint: &Path, log_path: &Path) -> Result<u64, String> {
+fn resume(
+    model: &mut dyn Backend,
+    checkpoint: &Path,
+    log_path: &Path,
+    timings_path: &Path,
+) -> Result<u64, String> {
     if !checkpoint.exists() {
         let _ = std::fs::remove_file(log_path);
+        let _ = std::fs::remove_file(timings_path);
         return Ok(0);
     }
     let bytes = std::fs::read(checkpoint).map_err(|e| format!("{}: {e}", checkpoint.display()))?;
@@ -432,17 +475,55 @@ fn resume(model: &mut dyn Backend, checkpoint: &Path, log_path: &Path) -> Result
         .map(|(name, value)| (name["optimizer.".len()..].to_string(), value))
         .collect();
     model.restore_optimizer(&optimizer, t as i32)?;
-    let kept: Vec<String> = read_log(log_path)?
-        .into_iter()
-        .filter(|line| line.step <= step)
-        .map(|line| serde_json::to_string(&line).expect("log lines serialise"))
-        .collect();
-    let text = kept.iter().map(|l| format!("{l}\n")).collect::<String>();
-    std::fs::write(log_path, text).map_err(|e| format!("{}: {e}", log_path.display()))?;
+    cut_back(read_log(log_path)?, |l| l.step <= step, log_path)?;
+    cut_back(
+        read_jsonl::<Timing>(timings_path)?,
+        |l| l.step <= step,
+        timings_path,
+    )?;
     Ok(step)
 }
 
+/// Rewrites a JSONL file with the lines `keep` accepts.
+fn cut_back<T: Serialize>(
+    lines: Vec<T>,
+    keep: impl Fn(&T) -> bool,
+    path: &Path,
+) -> Result<(), String> {
+    let mut text = String::new();
+    for line in lines.iter().filter(|l| keep(l)) {
+        text += &serde_json::to_string(line).map_err(|e| e.to_string())?;
+        text.push('\n');
+    }
+    std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// The mean speed over logged steps, weighted by the steps each covers.
+fn mean_speed(timings: &[Timing]) -> Option<Timing> {
+    let last = timings.last()?;
+    let mut previous = 0;
+    let (mut tokens, mut mfu) = (0.0, 0.0);
+    for t in timings {
+        let steps = t.step.saturating_sub(previous) as f64;
+        tokens += t.tokens_per_sec * steps;
+        mfu += t.mfu * steps;
+        previous = t.step;
+    }
+    let steps = last.step.max(1) as f64;
+    Some(Timing {
+        step: last.step,
+        tokens_per_sec: tokens / steps,
+        mfu: mfu / steps,
+        elapsed_s: last.elapsed_s,
+    })
+}
+
 pub fn read_log(path: &Path) -> Result<Vec<LogLine>, String> {
+    read_jsonl(path)
+}
+
+/// The lines of a JSONL file in the work dir (none when it does not exist).
+fn read_jsonl<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Vec<T>, String> {
     let text = match std::fs::read_to_string(path) {
         Ok(text) => text,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
