@@ -385,10 +385,7 @@ pub fn report(
                     .stages
                     .get(&run.stage)
                     .map_or("?".into(), |s| s.kind.clone()),
-                built_in_s: record.as_ref().map(|r| r.duration_s),
-                metrics: record
-                    .map(|r| r.metrics.into_iter().collect())
-                    .unwrap_or_default(),
+                record,
                 artifact_dir: run.artifact.as_ref().map(|a| {
                     session
                         .store

@@ -9,7 +9,9 @@ use std::fmt::Write;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+use smelt_engine::store::RunRecord;
 use smelt_engine::{Outcome, StageResult};
+use smelt_stages::evaluate;
 use smelt_stages::plot::{self, escape};
 
 /// What one `smelt run` did, kept for `smelt report`.
@@ -79,9 +81,8 @@ pub struct Row {
     pub stage: String,
     pub kind: String,
     pub run: StageRun,
-    /// The duration of the run that built the artifact (for cached stages too).
-    pub built_in_s: Option<f64>,
-    pub metrics: Vec<(String, serde_json::Value)>,
+    /// The run record of the artifact's key: how it was built (for cached stages too).
+    pub record: Option<RunRecord>,
     pub artifact_dir: Option<PathBuf>,
 }
 
@@ -107,44 +108,106 @@ pub fn markdown(last: &LastRun, rows: &[Row]) -> String {
                 .map(|d| format!(" ({})", d.lines().next().unwrap_or("")))
                 .unwrap_or_default(),
             seconds(row.run.duration_s),
-            seconds(row.built_in_s),
-            row.metrics_text()
+            seconds(row.built_in_s()),
+            row.metrics_text(rows)
         );
     }
+    let trained: Vec<&Row> = rows.iter().filter(|r| r.training().is_some()).collect();
+    if !trained.is_empty() {
+        md.push_str(
+            "\n## Training\n\n| stage | steps | loss | validation loss | tokens/s | MFU | built on |\n|---|---|---|---|---|---|---|\n",
+        );
+        for row in trained {
+            let t = row.training().expect("filtered");
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {} | {} | {} | {} |",
+                row.stage, t.steps, t.loss, t.val_loss, t.tokens_per_sec, t.mfu, t.built_on
+            );
+        }
+    }
     for row in rows.iter().filter(|r| r.kind == "evaluate") {
-        if let Some(table) = evaluation_table(row, rows) {
+        if let Some((report, names)) = evaluation(row, rows) {
+            let table = evaluate::report::metric_table(&report, &|i| names[i].clone());
             let _ = write!(md, "\n## {} — evaluation\n\n{table}", row.stage);
         }
     }
     md
 }
 
-/// An evaluate stage's metric × model table (from its metrics.json), each model named by the
-/// stage that built it.
-fn evaluation_table(row: &Row, rows: &[Row]) -> Option<String> {
+/// An evaluate stage's report (its metrics.json) and its models' names: each model's stage,
+/// by artifact id.
+fn evaluation(row: &Row, rows: &[Row]) -> Option<(evaluate::Report, Vec<String>)> {
+    if row.kind != "evaluate" {
+        return None;
+    }
     let text = std::fs::read(row.artifact_dir.as_ref()?.join("metrics.json")).ok()?;
-    let report: smelt_stages::evaluate::Report = serde_json::from_slice(&text).ok()?;
-    let stage_of = |id: &str| {
-        rows.iter()
-            .find(|r| {
-                r.artifact_dir
-                    .as_ref()
-                    .and_then(|d| d.file_name())
-                    .is_some_and(|n| n == id)
-            })
-            .map_or(format!("({})", &id[..id.len().min(12)]), |r| {
-                format!("`{}`", r.stage)
-            })
-    };
-    Some(smelt_stages::evaluate::report::metric_table(
-        &report, &stage_of,
-    ))
+    let report: evaluate::Report = serde_json::from_slice(&text).ok()?;
+    let names = report
+        .models
+        .iter()
+        .map(|id| {
+            rows.iter()
+                .find(|r| r.run.artifact.as_deref() == Some(id.as_str()))
+                .map_or(format!("({})", &id[..id.len().min(12)]), |r| {
+                    format!("`{}`", r.stage)
+                })
+        })
+        .collect();
+    Some((report, names))
+}
+
+/// What the report says of a training stage, formatted.
+struct Training {
+    steps: String,
+    loss: String,
+    val_loss: String,
+    tokens_per_sec: String,
+    mfu: String,
+    built_on: String,
 }
 
 impl Row {
-    /// The metrics as `name: value` pairs, numbers shortened.
-    fn metrics_text(&self) -> String {
-        let pairs: Vec<String> = self
+    fn built_in_s(&self) -> Option<f64> {
+        self.record.as_ref().map(|r| r.duration_s)
+    }
+
+    fn metric(&self, name: &str) -> Option<&serde_json::Value> {
+        self.record.as_ref()?.metrics.get(name)
+    }
+
+    /// The training summary of a stage whose record has a trainer's timings.
+    fn training(&self) -> Option<Training> {
+        self.metric("timings")?;
+        let record = self.record.as_ref()?;
+        let shown = |name: &str| self.metric(name).map_or("—".into(), short);
+        Some(Training {
+            steps: shown("steps"),
+            loss: shown("loss"),
+            val_loss: shown("val_loss"),
+            tokens_per_sec: shown("tokens_per_sec"),
+            mfu: self
+                .metric("mfu")
+                .and_then(|v| v.as_f64())
+                .map_or("—".into(), |m| format!("{:.1}%", 100.0 * m)),
+            built_on: if record.host.is_empty() {
+                "—".into()
+            } else {
+                format!("{} ({} threads)", record.host, record.threads)
+            },
+        })
+    }
+
+    /// The scalar metrics as `name: value` pairs, numbers shortened; an evaluation's, which
+    /// have a table of their own, point to it.
+    fn metrics_text(&self, rows: &[Row]) -> String {
+        if evaluation(self, rows).is_some() {
+            return format!("the table \"{} — evaluation\"", self.stage);
+        }
+        let Some(record) = &self.record else {
+            return String::new();
+        };
+        let pairs: Vec<String> = record
             .metrics
             .iter()
             .filter(|(_, v)| !v.is_array() && !v.is_object())
@@ -161,14 +224,15 @@ fn seconds(duration: Option<f64>) -> String {
 fn short(value: &serde_json::Value) -> String {
     match value.as_f64() {
         Some(x) if x.fract() != 0.0 => format!("{x:.4}"),
-        _ => value.to_string(),
+        Some(x) => format!("{x:.0}"),
+        None => value.to_string(),
     }
 }
 
 pub fn html(last: &LastRun, rows: &[Row]) -> String {
     let mut html = format!(
         "<!doctype html><html><head><meta charset=\"utf-8\"><title>{0}</title><style>body{{font-family:sans-serif;max-width:960px;margin:2em auto}}\
-         table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px}}</style></head><body><h1>{0}</h1>\
+         table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;padding:4px 8px}}td.n{{text-align:right}}</style></head><body><h1>{0}</h1>\
          <p>Last run took {1:.2}s.</p><table><tr><th>stage</th><th>kind</th><th>outcome</th><th>this run</th><th>built in</th><th>metrics</th></tr>",
         escape(&last.pipeline),
         last.duration_s
@@ -176,19 +240,19 @@ pub fn html(last: &LastRun, rows: &[Row]) -> String {
     for row in rows {
         let _ = write!(
             html,
-            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td><td>{}</td></tr>",
             escape(&row.stage),
             escape(&row.kind),
             escape(&row.run.outcome),
             seconds(row.run.duration_s),
-            seconds(row.built_in_s),
-            escape(&row.metrics_text())
+            seconds(row.built_in_s()),
+            escape(&row.metrics_text(rows))
         );
     }
     html.push_str("</table>");
     let durations: Vec<(String, f64)> = rows
         .iter()
-        .filter_map(|r| Some((r.stage.clone(), r.built_in_s?)))
+        .filter_map(|r| Some((r.stage.clone(), r.built_in_s()?)))
         .collect();
     if !durations.is_empty() {
         let _ = write!(
@@ -201,23 +265,34 @@ pub fn html(last: &LastRun, rows: &[Row]) -> String {
         let Some(dir) = &row.artifact_dir else {
             continue;
         };
-        let curve = plot::training_curve(dir);
-        if !curve.is_empty() {
+        let train = plot::logged_series(dir, "loss");
+        if !train.is_empty() {
+            let val = plot::logged_series(dir, "val_loss");
             let _ = write!(
                 html,
-                "<h2>{} — training loss</h2>{}",
+                "<h2>{} — training</h2>{}",
                 escape(&row.stage),
-                plot::loss_curve(&[("loss", "#1f77b4", curve)])
+                plot::loss_curve(&[
+                    ("train loss", "#1f77b4", train),
+                    ("validation loss", "#d62728", val)
+                ])
             );
+            if let Some(t) = row.training() {
+                let _ = write!(
+                    html,
+                    "<p>{} steps; loss {}, validation loss {}; {} tokens/s, MFU {}; built on {}.</p>",
+                    t.steps,
+                    t.loss,
+                    t.val_loss,
+                    t.tokens_per_sec,
+                    t.mfu,
+                    escape(&t.built_on)
+                );
+            }
         }
-        if let Ok(evaluation) = std::fs::read_to_string(dir.join("report.html")) {
-            // The evaluate stage's own page, minus its document wrapper.
-            let body = evaluation
-                .split_once("<body>")
-                .and_then(|(_, rest)| rest.rsplit_once("</body>"))
-                .map_or(String::new(), |(body, _)| {
-                    body.replace("<h1>Evaluation</h1>", "")
-                });
+        if let Some((report, names)) = evaluation(row, rows) {
+            let names: Vec<String> = names.iter().map(|n| n.replace('`', "")).collect();
+            let body = evaluate::report::html_body(&report, &|i| names[i].clone());
             let _ = write!(html, "<h2>{} — evaluation</h2>{body}", escape(&row.stage));
         }
     }

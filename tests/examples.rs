@@ -294,7 +294,7 @@ fn shakespeare_char_resumes_after_a_kill_and_generates() {
         .stdout;
     assert_has(&report, "| model | pretrain | ran |");
     let html = std::fs::read_to_string(killed.path().join("shakespeare-char.report.html")).unwrap();
-    assert!(html.contains("model — training loss") && html.contains("eval — evaluation"));
+    assert!(html.contains("model — training") && html.contains("eval — evaluation"));
     let sample = generate("1");
     assert!(
         sample.trim_end_matches('\n').chars().count() > 5,
@@ -642,12 +642,10 @@ fn the_quickstart_runs_every_stage_kind_then_is_cached() {
         started.elapsed()
     );
     let report = with("report");
-    // The evaluation table names each model by the stage that built it.
+    // The evaluation table names each model by the stage that built it, and so does the stage
+    // table: no raw `metric.i` keys.
     assert_has(&report.stdout, "## eval — evaluation");
-    assert_has(
-        &report.stdout,
-        "| metric | model 0 `base` | model 1 `sft` | model 2 `aligned` |",
-    );
+    assert_has(&report.stdout, "| metric | `base` | `sft` | `aligned` |");
     for metric in [
         "| perplexity |",
         "| exact_match |",
@@ -655,4 +653,33 @@ fn the_quickstart_runs_every_stage_kind_then_is_cached() {
     ] {
         assert_has(&report.stdout, metric);
     }
+    assert!(
+        !report.stdout.contains("exact_match.1"),
+        "{}",
+        report.stdout
+    );
+    // The measurements the artifacts no longer hold come from the run records.
+    assert_has(
+        &report.stdout,
+        "| stage | steps | loss | validation loss | tokens/s | MFU | built on |",
+    );
+    for (stage, steps) in [("base", 20), ("sft", 10), ("aligned", 5)] {
+        let row = report
+            .stdout
+            .lines()
+            .find(|l| l.starts_with(&format!("| {stage} | {steps} | ")))
+            .unwrap_or_else(|| panic!("no training row for {stage}:\n{}", report.stdout));
+        assert!(row.contains("% | ") && row.contains(" threads) |"), "{row}");
+    }
+    let html = std::fs::read_to_string(work.path().join("quickstart.report.html")).unwrap();
+    for stage in ["base", "sft", "aligned"] {
+        assert_has(&html, &format!("<h2>{stage} — training</h2>"));
+        assert_has(&html, &format!("<th>{stage}</th>"));
+    }
+    assert_has(&html, "validation loss");
+    assert_has(&html, "tokens/s, MFU");
+    assert!(
+        !html.contains("model 0 ("),
+        "the page names models by stage"
+    );
 }

@@ -61,20 +61,33 @@ pub fn loss_curve(series: &[Series]) -> String {
             width - margin - 120.0,
             margin + 16.0 * i as f64
         );
+        // Sparse series (a validation loss evaluated a few times) show their points too: a
+        // single point draws no line.
+        if points.len() <= 32 {
+            for &(x, y) in points {
+                let _ = writeln!(
+                    svg,
+                    "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"3\" fill=\"{colour}\"/>",
+                    to_x(x),
+                    to_y(y)
+                );
+            }
+        }
     }
     svg.push_str("</svg>\n");
     svg
 }
 
-/// Horizontal bars, one per (label, value), scaled to the largest value.
+/// Horizontal bars, one per (label, value), from a zero line: negative values extend left
+/// of it, positive ones right, all on one scale.
 pub fn bars(title: &str, bars: &[(String, f64)]) -> String {
     let (width, row, left) = (640.0, 28.0, 220.0);
     let height = 40.0 + row * bars.len() as f64;
-    let max = bars
-        .iter()
-        .map(|b| b.1.abs())
-        .fold(0.0f64, f64::max)
-        .max(1e-12);
+    let low = bars.iter().map(|b| b.1).fold(0.0f64, f64::min);
+    let high = bars.iter().map(|b| b.1).fold(0.0f64, f64::max);
+    let span = (high - low).max(1e-12);
+    let room = width - left - 80.0;
+    let zero = left + room * -low / span;
     let mut svg = format!(
         "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" height=\"{height}\" \
          font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
@@ -83,17 +96,18 @@ pub fn bars(title: &str, bars: &[(String, f64)]) -> String {
     );
     for (i, (label, value)) in bars.iter().enumerate() {
         let y = 30.0 + row * i as f64;
-        let length = (width - left - 80.0) * value.abs() / max;
+        let length = room * value.abs() / span;
+        let start = if *value < 0.0 { zero - length } else { zero };
         let _ = writeln!(
             svg,
             "<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{}</text>\
-             <rect x=\"{left}\" y=\"{y}\" width=\"{length:.1}\" height=\"{}\" fill=\"#1f77b4\"/>\
+             <rect x=\"{start:.1}\" y=\"{y}\" width=\"{length:.1}\" height=\"{}\" fill=\"#1f77b4\"/>\
              <text x=\"{}\" y=\"{}\">{value:.4}</text>",
             left - 6.0,
             y + 15.0,
             escape(label),
             row - 8.0,
-            left + length + 4.0,
+            zero.max(start + length) + 4.0,
             y + 15.0
         );
     }
@@ -108,12 +122,13 @@ pub fn escape(text: &str) -> String {
         .replace('>', "&gt;")
 }
 
-/// The training loss curve of a model directory's metrics.jsonl (empty without one).
-pub fn training_curve(dir: &std::path::Path) -> Vec<(f64, f64)> {
+/// `(step, value)` of `field` (`loss`, `val_loss`) in the lines of a model directory's
+/// metrics.jsonl that have it (empty without the file).
+pub fn logged_series(dir: &std::path::Path, field: &str) -> Vec<(f64, f64)> {
     std::fs::read_to_string(dir.join("metrics.jsonl"))
         .unwrap_or_default()
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter_map(|v| Some((v["step"].as_f64()?, v["loss"].as_f64()?)))
+        .filter_map(|v| Some((v["step"].as_f64()?, v[field].as_f64()?)))
         .collect()
 }

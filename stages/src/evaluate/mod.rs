@@ -189,7 +189,8 @@ impl Stage for Evaluate {
     type Params = EvaluateParams;
     const KIND: &'static str = "evaluate";
     // 2: chat prompts encoded turn by turn as training does; answers.jsonl, preferences.jsonl.
-    const VERSION: u32 = 2;
+    // 3: report.md/html name models alike in tables, signatures and samples.
+    const VERSION: u32 = 3;
     const SUMMARY: &'static str =
         "Compare models: perplexity, exact match, multiple choice, BLEU/chrF, preferences";
 
@@ -299,7 +300,12 @@ impl Stage for Evaluate {
         let curves: Vec<(String, Vec<(f64, f64)>)> = model_dirs
             .iter()
             .enumerate()
-            .map(|(i, dir)| (format!("model {i}"), crate::plot::training_curve(dir)))
+            .map(|(i, dir)| {
+                (
+                    format!("model {i}"),
+                    crate::plot::logged_series(dir, "loss"),
+                )
+            })
             .collect();
         write_jsonl(&ctx.out_dir.join("answers.jsonl"), &report.answers)?;
         write_jsonl(&ctx.out_dir.join("preferences.jsonl"), &report.scored_pairs)?;
