@@ -144,49 +144,46 @@ pub fn validate(
     let mut usage = None;
     let mut json = Vec::new();
     for file in files {
-        let (report, checks) = match load_pipeline(file, overrides, &registry) {
+        let (report, checks, stages) = match load_pipeline(file, overrides, &registry) {
             Ok(pipeline) => {
                 let stages = pipeline.stages.len();
-                let (checks, report) = match &data {
+                match &data {
                     Some(store) => {
                         let (checks, report) =
                             data_checks(file, registry.clone(), pipeline, store.clone())?;
-                        (Some(checks), report)
+                        (report, Some(checks), stages)
                     }
-                    None => (None, FileReport::new(file, Default::default())),
-                };
-                if report.is_empty() {
-                    if let ValidateFormat::Human = format {
-                        println!("✓ {}: valid ({stages} stages)", file.display());
-                        if let Some(checks) = &checks {
-                            output::print_data_checks(checks);
-                        }
-                    }
-                    json.push(serde_json::json!({ "file": file.display().to_string(), "valid": true, "problems": [], "data_checks": checks.as_ref().map(|c| output::data_checks_json(c)) }));
-                    continue;
+                    None => (FileReport::new(file, pipeline.text.clone()), None, stages),
                 }
-                (report, checks)
             }
             Err(LoadError::Usage(message)) => {
                 eprintln!("error: {message}");
                 usage = Some(message);
                 continue;
             }
-            Err(LoadError::Invalid(report)) => (report, None),
+            Err(LoadError::Invalid(report)) => (report, None, 0),
         };
-        invalid = true;
+        let valid = report.is_empty();
+        invalid |= !valid;
         match format {
-            ValidateFormat::Human => {
-                eprint!("{}", report.render_human(output::color_stderr()));
-                if let Some(checks) = &checks {
-                    output::print_data_checks(checks);
-                }
-                eprintln!("✗ {}: {} problem(s)", file.display(), report.problems.len());
+            ValidateFormat::Human if valid => {
+                println!("✓ {}: valid ({stages} stages)", file.display());
             }
+            ValidateFormat::Human => eprint!("{}", report.render_human(output::color_stderr())),
             ValidateFormat::Github => print!("{}", report.render_github()),
             ValidateFormat::Json => {}
         }
-        json.push(serde_json::json!({ "file": file.display().to_string(), "valid": false, "problems": report.to_json(), "data_checks": checks.as_ref().map(|c| output::data_checks_json(c)) }));
+        if let (ValidateFormat::Human, Some(checks)) = (format, &checks) {
+            output::print_data_checks(checks);
+        }
+        if let (ValidateFormat::Human, false) = (format, valid) {
+            eprintln!("✗ {}: {} problem(s)", file.display(), report.problems.len());
+        }
+        let mut entry = serde_json::json!({ "file": file.display().to_string(), "valid": valid, "problems": report.to_json() });
+        if let Some(checks) = &checks {
+            entry["data_checks"] = output::data_checks_json(checks);
+        }
+        json.push(entry);
     }
     if let ValidateFormat::Json = format {
         println!("{}", serde_json::to_string_pretty(&json).expect("json"));

@@ -598,7 +598,7 @@ mod tests {
         assert_eq!(run(f(), french), Err("language"));
         let bad = Filter::Language(LanguageFilter {
             languages: vec!["english".into()],
-            threshold: 0.5,
+            threshold: Share::of(0.5),
         });
         assert!(bad
             .prepare()

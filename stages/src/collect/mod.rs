@@ -485,7 +485,7 @@ mod tests {
             .map(|r| r.text)
             .collect();
         let split = Split {
-            validation: 0.1,
+            validation: Fraction::of(0.1),
             seed: 3,
             tail: false,
         };
