@@ -93,7 +93,7 @@ impl Stage for Dpo {
     }
 
     fn input_checks(&self) -> Option<&'static str> {
-        Some("the base model's vocabulary is the data's")
+        Some("the data has preference pairs to train and evaluate on, in the base model's vocabulary")
     }
 
     fn check_inputs(
@@ -102,7 +102,9 @@ impl Stage for Dpo {
         inputs: &InputDirs,
         pipeline_dir: &Path,
     ) -> Vec<ParamProblem> {
-        params.adapt.vocabulary_problems(inputs, pipeline_dir)
+        params
+            .adapt
+            .input_problems(inputs, pipeline_dir, "preference")
     }
 
     fn run(&self, params: &DpoParams, ctx: &StageContext) -> Result<Metrics, StageError> {

@@ -161,11 +161,14 @@ impl AdaptParams {
         })
     }
 
-    /// The base model's vocabulary against the data's (`finetune` and `dpo` input checks).
-    pub fn vocabulary_problems(
+    /// The `finetune` and `dpo` input checks: the data has the `<streams>-train` and
+    /// `<streams>-validation` streams (`chat`, `preference`), and the base model's vocabulary is
+    /// the data's.
+    pub fn input_problems(
         &self,
         inputs: &InputDirs,
         pipeline_dir: &Path,
+        streams: &str,
     ) -> Vec<ParamProblem> {
         let at = if self.base.is_some() { "base" } else { "" };
         let Some(data) = inputs.get("data").and_then(|dirs| dirs.first()) else {
@@ -176,19 +179,33 @@ impl AdaptParams {
             let (config, _) = io::read_hf_config(&dir)?;
             Ok((config.vocab_size, Meta::read(data)?))
         };
-        match read() {
-            Ok((vocab, meta)) if vocab != meta.vocab_size => vec![ParamProblem::new(
-                at,
-                format!(
-                    "the base model has a vocabulary of {vocab} tokens but the data was \
-                     tokenized with {} ({})",
-                    meta.vocab_size, meta.tokenizer
-                ),
-            )
-            .help("tokenize the data with the model's tokenizer (a `tokenizer` input)")],
-            Ok(_) => Vec::new(),
-            Err(e) => vec![ParamProblem::new(at, e)],
+        let (vocab, meta) = match read() {
+            Ok(read) => read,
+            Err(e) => return vec![ParamProblem::new(at, e)],
+        };
+        let mut problems: Vec<ParamProblem> = ["train", "validation"]
+            .iter()
+            .filter_map(|split| {
+                let missing = examples::missing_stream(&meta, &format!("{streams}-{split}"))?;
+                let why = if *split == "validation" {
+                    "; the stage evaluates on it"
+                } else {
+                    ""
+                };
+                Some(ParamProblem::new("", format!("{missing}{why}")))
+            })
+            .collect();
+        if vocab != meta.vocab_size {
+            let message = format!(
+                "the base model has a vocabulary of {vocab} tokens but the data was tokenized \
+                 with {} ({})",
+                meta.vocab_size, meta.tokenizer
+            );
+            problems.push(ParamProblem::new(at, message).help(
+                "tokenize the data with the model's tokenizer (wire it as the `tokenizer` input)",
+            ));
         }
+        problems
     }
 
     pub fn external_deps(&self, pipeline_dir: &Path) -> Result<Vec<PathBuf>, String> {
@@ -223,7 +240,7 @@ fn base_problem(model: bool, base: bool) -> Option<ParamProblem> {
 }
 
 /// The base model on its device (its vocabulary was checked against the data's, by
-/// [`AdaptParams::vocabulary_problems`]) adapted by `method`; metrics gain the trainable
+/// [`AdaptParams::input_problems`]) adapted by `method`; metrics gain the trainable
 /// parameters and, for `qlora`, the base's memory.
 pub fn load_base(
     method: &AdaptParams,
@@ -330,7 +347,7 @@ impl Stage for Finetune {
     }
 
     fn input_checks(&self) -> Option<&'static str> {
-        Some("the base model's vocabulary is the data's")
+        Some("the data has conversations to train and evaluate on, in the base model's vocabulary")
     }
 
     fn check_inputs(
@@ -339,7 +356,7 @@ impl Stage for Finetune {
         inputs: &InputDirs,
         pipeline_dir: &Path,
     ) -> Vec<ParamProblem> {
-        params.adapt.vocabulary_problems(inputs, pipeline_dir)
+        params.adapt.input_problems(inputs, pipeline_dir, "chat")
     }
 
     fn run(&self, params: &FinetuneParams, ctx: &StageContext) -> Result<Metrics, StageError> {
@@ -676,6 +693,31 @@ pub(crate) mod tests {
             err.contains("vocabulary of 300 tokens"),
             "the stage refuses it too: {err}"
         );
+        // Data without conversations, in the model's vocabulary.
+        let stories: Vec<Record> = generate(Generator::Stories, 20, 2).collect();
+        std::fs::create_dir(p.join("stories")).unwrap();
+        write_corpus(&p.join("stories"), &stories[..15], &stories[15..]);
+        let same_vocabulary: crate::tokenize::TokenizeParams =
+            serde_json::from_value(serde_json::json!({ "from": "tokens/tokenizer.json" })).unwrap();
+        let ctx = context(
+            "t",
+            &[("corpus", &p.join("stories"))],
+            &p.join("story-tokens"),
+        );
+        Tokenize.run(&same_vocabulary, &ctx).unwrap();
+        let ctx = context(
+            "w",
+            &[
+                ("data", &p.join("story-tokens")),
+                ("model", &p.join("base")),
+            ],
+            &p.join("w"),
+        );
+        let problems = Finetune.check_inputs(&lora, &ctx.inputs, p);
+        let messages: Vec<&str> = problems.iter().map(|p| p.message.as_str()).collect();
+        assert_eq!(messages.len(), 2, "{messages:?}");
+        assert!(messages[0].starts_with("the data input has no `chat-train` stream"));
+        assert!(messages[1].ends_with("the stage evaluates on it"));
         let problems = Finetune.check(&lora, &["data"]);
         assert!(
             problems[0].message.contains("no base model"),
