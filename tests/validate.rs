@@ -628,3 +628,68 @@ fn data_checks_also_run_when_their_stage_starts() {
     assert_has(&run.stdout, "too few for windows of `model.seq_len` 100000");
     assert_has(&run.stdout, "2 ran");
 }
+
+#[test]
+fn the_other_stage_kinds_refuse_bad_params_at_their_values() {
+    let yaml = [
+        HEAD,
+        "stages:\n",
+        "  c:\n",
+        "    uses: collect\n",
+        "    with:\n",
+        "      sources:\n",
+        "        - synthetic: { generator: stories, documents: 5, tasks: [repeat] }\n",
+        "        - url: { href: \"http://x/a.txt\", sha256: abc }\n",
+        "  c2:\n",
+        "    uses: collect\n",
+        "    with: { sources: [], split: { validation: 1.5 } }\n",
+        "  k:\n",
+        "    uses: clean\n",
+        "    inputs: { corpus: c }\n",
+        "    with:\n",
+        "      filters:\n",
+        "        - regex: { pattern: \"(\" }\n",
+        "        - language: { languages: [english] }\n",
+        "  k2:\n",
+        "    uses: clean\n",
+        "    inputs: { corpus: c }\n",
+        "    with:\n",
+        "      dedup: { minhash: { treshold: 0.5, permutations: 0 } }\n",
+        "  t:\n",
+        "    uses: tokenize\n",
+        "    inputs: { corpus: k }\n",
+        "    with: { train: {}, from: tok.json }\n",
+        "  e:\n",
+        "    uses: evaluate\n",
+        "    inputs: { models: [c] }\n",
+        "    with:\n",
+        "      metrics: [ { exact_match: { pattern: \"[\" } } ]\n",
+        "  e2:\n",
+        "    uses: evaluate\n",
+        "    inputs: { models: [c] }\n",
+        "    with: { metrics: [] }\n",
+    ]
+    .concat();
+    let found: Vec<_> = problems(&yaml)
+        .into_iter()
+        .map(|p| (p.0, p.1, p.2, p.3))
+        .collect();
+    let expected = [
+        ("smelt::invalid-param", 8, 65, "`tasks`: the stories generator asks no questions (only chat, preferences and qa take `tasks`) (stage `c`)"),
+        ("smelt::invalid-param", 9, 50, "`sha256` must be 64 hex digits, not `abc` (stage `c`)"),
+        ("smelt::invalid-value", 12, 22, "`with.sources` of stage `c2` must list at least 1; found none"),
+        ("smelt::invalid-value", 12, 47, "`with.split.validation` of stage `c2` must be below 1; found 1.5"),
+        ("smelt::invalid-param", 18, 29, "regex filter: `(` is not a valid regex (unclosed group) (stage `k`)"),
+        ("smelt::invalid-param", 19, 34, "unknown language code `english` (use ISO 639-3, e.g. eng) (stage `k`)"),
+        ("smelt::unknown-param", 24, 27, "`clean` has no param `dedup.minhash.treshold` (stage `k2`)"),
+        ("smelt::invalid-value", 24, 56, "`with.dedup.minhash.permutations` of stage `k2` must be at least 1; found 0"),
+        ("smelt::invalid-param", 28, 30, "give either `train` or `from`, not both (stage `t`)"),
+        ("smelt::invalid-param", 33, 44, "`exact_match.pattern`: `[` is not a valid regex (unclosed character class) (stage `e`)"),
+        ("smelt::invalid-value", 37, 22, "`with.metrics` of stage `e2` must list at least 1; found none"),
+    ];
+    let expected: Vec<_> = expected
+        .iter()
+        .map(|(c, l, col, m)| (c.to_string(), *l, *col, m.to_string()))
+        .collect();
+    assert_eq!(found, expected);
+}

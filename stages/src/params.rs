@@ -190,6 +190,16 @@ impl<T: Number, B: Bounds> JsonSchema for Bounded<T, B> {
     }
 }
 
+/// Why `pattern` is not a regex (the `regex` crate's reason, on one line), if it is not.
+pub fn regex_problem(pattern: &str) -> Option<String> {
+    let error = regex::Regex::new(pattern).err()?.to_string();
+    let reason = error.lines().last().unwrap_or_default();
+    Some(format!(
+        "`{pattern}` is not a valid regex ({})",
+        reason.trim_start_matches("error: ")
+    ))
+}
+
 /// Schema for a non-empty list: serde refuses an empty one too ([`non_empty`]).
 pub fn non_empty_schema<T: JsonSchema>(generator: &mut SchemaGenerator) -> Schema {
     let items = generator.subschema_for::<T>();

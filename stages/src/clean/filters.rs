@@ -303,7 +303,10 @@ impl Filter {
             }
             Filter::Pii(f) => Prepared::Pii(f.clone()),
             Filter::Regex(f) => {
-                let regex = Regex::new(&f.pattern).map_err(|e| format!("regex filter: {e}"))?;
+                if let Some(problem) = crate::params::regex_problem(&f.pattern) {
+                    return Err(format!("regex filter: {problem}"));
+                }
+                let regex = Regex::new(&f.pattern).expect("checked above");
                 Prepared::Regex(regex, f.action)
             }
         })

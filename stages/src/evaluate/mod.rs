@@ -250,10 +250,12 @@ impl Stage for Evaluate {
                 ..
             } = metric
             {
-                if let Err(e) = Regex::new(pattern) {
+                if let Some(message) = crate::params::regex_problem(pattern) {
                     let at = format!("metrics.{i}.exact_match.pattern");
-                    let message = format!("`exact_match.pattern` is not a valid regex: {e}");
-                    problems.push(ParamProblem::new(&at, message));
+                    problems.push(ParamProblem::new(
+                        &at,
+                        format!("`exact_match.pattern`: {message}"),
+                    ));
                 }
             }
         }
