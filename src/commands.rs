@@ -7,9 +7,11 @@ use std::time::Instant;
 use smelt_engine::execute::update_lockfile;
 use smelt_engine::hash::StatCache;
 use smelt_engine::lockfile::Lockfile;
+use smelt_engine::plan::{check_inputs, StagePlan};
+use smelt_engine::validate::data_report;
 use smelt_engine::{
-    load_pipeline, Executor, LoadError, Outcome, Override, Pipeline, Plan, Planner, Registry,
-    Selection, Store,
+    load_pipeline, Checked, Decision, Executor, FileReport, InputCheck, LoadError, Outcome,
+    Override, ParamProblem, Pipeline, Plan, Planner, Registry, Selection, Store,
 };
 
 use crate::output;
@@ -74,6 +76,10 @@ impl Session {
         let registry = registry();
         let pipeline = load(file, overrides, &registry)?;
         let store = open_store(&store_root(store, &pipeline.dir))?;
+        Ok(Session::new(registry, pipeline, store))
+    }
+
+    fn new(registry: Registry, pipeline: Pipeline, store: Store) -> Session {
         let lockfile_path = Lockfile::path_for(&pipeline.path);
         let lockfile = match Lockfile::read(&lockfile_path) {
             Ok(lock) => lock,
@@ -84,14 +90,14 @@ impl Session {
             }
         };
         let stat_cache = StatCache::new(&store.stat_cache_dir());
-        Ok(Session {
+        Session {
             registry,
             pipeline,
             store,
             lockfile_path,
             lockfile,
             stat_cache,
-        })
+        }
     }
 
     fn plan(&self, selection: &Selection) -> Result<Plan, Failure> {
@@ -105,46 +111,79 @@ impl Session {
         };
         Ok(planner.plan(selection))
     }
+
+    /// The input checks of the planned stages that `wanted` picks (see
+    /// [`smelt_engine::plan::check_inputs`]), and their problems as a report on `file`.
+    fn check_inputs(
+        &self,
+        plan: &Plan,
+        file: &Path,
+        wanted: impl Fn(&StagePlan) -> bool,
+    ) -> (Vec<InputCheck>, FileReport) {
+        let checks = check_inputs(plan, &self.pipeline, &self.registry, &self.store, wanted);
+        let mut problems: Vec<(String, ParamProblem)> = Vec::new();
+        for check in &checks {
+            if let Checked::Ran(found) = &check.outcome {
+                problems.extend(found.iter().map(|p| (check.stage.clone(), p.clone())));
+            }
+        }
+        let report = data_report(&self.pipeline, file, &problems);
+        (checks, report)
+    }
 }
 
+/// `data`: also run the input checks against the store (`Some(--store)`), or not (`None`).
 pub fn validate(
     files: &[PathBuf],
     format: ValidateFormat,
     overrides: &[Override],
+    data: Option<Option<PathBuf>>,
 ) -> Result<(), Failure> {
     let registry = registry();
     let mut invalid = false;
     let mut usage = None;
     let mut json = Vec::new();
     for file in files {
-        match load_pipeline(file, overrides, &registry) {
+        let (report, checks, stages) = match load_pipeline(file, overrides, &registry) {
             Ok(pipeline) => {
-                if let ValidateFormat::Human = format {
-                    println!(
-                        "✓ {}: valid ({} stages)",
-                        file.display(),
-                        pipeline.stages.len()
-                    );
+                let stages = pipeline.stages.len();
+                match &data {
+                    Some(store) => {
+                        let (checks, report) =
+                            data_checks(file, registry.clone(), pipeline, store.clone())?;
+                        (report, Some(checks), stages)
+                    }
+                    None => (FileReport::new(file, pipeline.text.clone()), None, stages),
                 }
-                json.push(serde_json::json!({ "file": file.display().to_string(), "valid": true, "problems": [] }));
             }
             Err(LoadError::Usage(message)) => {
                 eprintln!("error: {message}");
                 usage = Some(message);
+                continue;
             }
-            Err(LoadError::Invalid(report)) => {
-                invalid = true;
-                match format {
-                    ValidateFormat::Human => {
-                        eprint!("{}", report.render_human(output::color_stderr()));
-                        eprintln!("✗ {}: {} problem(s)", file.display(), report.problems.len());
-                    }
-                    ValidateFormat::Github => print!("{}", report.render_github()),
-                    ValidateFormat::Json => {}
-                }
-                json.push(serde_json::json!({ "file": file.display().to_string(), "valid": false, "problems": report.to_json() }));
+            Err(LoadError::Invalid(report)) => (report, None, 0),
+        };
+        let valid = report.is_empty();
+        invalid |= !valid;
+        match format {
+            ValidateFormat::Human if valid => {
+                println!("✓ {}: valid ({stages} stages)", file.display());
             }
+            ValidateFormat::Human => eprint!("{}", report.render_human(output::color_stderr())),
+            ValidateFormat::Github => print!("{}", report.render_github()),
+            ValidateFormat::Json => {}
         }
+        if let (ValidateFormat::Human, Some(checks)) = (format, &checks) {
+            output::print_data_checks(checks);
+        }
+        if let (ValidateFormat::Human, false) = (format, valid) {
+            eprintln!("✗ {}: {} problem(s)", file.display(), report.problems.len());
+        }
+        let mut entry = serde_json::json!({ "file": file.display().to_string(), "valid": valid, "problems": report.to_json() });
+        if let Some(checks) = &checks {
+            entry["data_checks"] = output::data_checks_json(checks);
+        }
+        json.push(entry);
     }
     if let ValidateFormat::Json = format {
         println!("{}", serde_json::to_string_pretty(&json).expect("json"));
@@ -154,6 +193,37 @@ pub fn validate(
         (None, true) => Err(Failure::Failed),
         (None, false) => Ok(()),
     }
+}
+
+/// `validate --data`: every stage's input checks that the store allows. Without a store yet,
+/// none can run (and none is created).
+fn data_checks(
+    file: &Path,
+    registry: Registry,
+    pipeline: Pipeline,
+    store: Option<PathBuf>,
+) -> Result<(Vec<InputCheck>, FileReport), Failure> {
+    let root = store_root(store, &pipeline.dir);
+    if !root.is_dir() {
+        let checks = pipeline
+            .order
+            .iter()
+            .filter_map(|name| {
+                let spec = &pipeline.stages[name];
+                let what = registry.get(&spec.kind)?.input_checks()?;
+                let first = spec.upstream().next().unwrap_or_default();
+                Some(InputCheck {
+                    stage: name.clone(),
+                    what,
+                    outcome: Checked::NotBuilt(first.to_string()),
+                })
+            })
+            .collect();
+        return Ok((checks, FileReport::new(file, pipeline.text.clone())));
+    }
+    let session = Session::new(registry, pipeline, open_store(&root)?);
+    let plan = session.plan(&Selection::default())?;
+    Ok(session.check_inputs(&plan, file, |_| true))
 }
 
 /// The pipeline schema as `smelt schema` prints it (and `smelt init` writes it).
@@ -180,6 +250,16 @@ pub fn plan(
         Format::Text => output::print_plan(&plan, &session.pipeline),
         Format::Json => println!("{}", serde_json::to_string_pretty(&plan).expect("json")),
     }
+    let (_, report) = session.check_inputs(&plan, file, |s| s.decision == Decision::Run);
+    if !report.is_empty() {
+        eprint!("{}", report.render_human(output::color_stderr()));
+        eprintln!(
+            "{}: {} problem(s) the run would stop at",
+            file.display(),
+            report.problems.len()
+        );
+        return Err(Failure::Failed);
+    }
     Ok(())
 }
 
@@ -194,6 +274,17 @@ pub fn run(
     let started = Instant::now();
     let session = Session::open(file, overrides, store)?;
     let plan = session.plan(&selection(select))?;
+    // Params that do not fit inputs already built stop the run before any stage starts.
+    let (_, report) = session.check_inputs(&plan, file, |s| s.decision == Decision::Run);
+    if !report.is_empty() {
+        eprint!("{}", report.render_human(output::color_stderr()));
+        eprintln!(
+            "{}: {} problem(s); nothing was run",
+            file.display(),
+            report.problems.len()
+        );
+        return Err(Failure::Failed);
+    }
     let printer = Arc::new(output::RunPrinter::new());
     let jobs = jobs.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     output::print_run_header(&session.pipeline, &plan);

@@ -28,18 +28,25 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Check pipeline files: schema, references, cycles. Exit 0 valid, 1 invalid, 2 usage error
+    /// Check pipeline files: schema, params, references, cycles. Exit 0 valid, 1 invalid, 2
+    /// usage error
     Validate {
         #[arg(required = true)]
         files: Vec<PathBuf>,
         #[arg(long, value_enum, default_value_t = ValidateFormat::Human)]
         format: ValidateFormat,
+        /// Also check params against the input data already in the store (`seq_len` against
+        /// the token splits, a model's vocabulary against the tokenizer's), and say which
+        /// checks ran and which wait for an input to be built
+        #[arg(long)]
+        data: bool,
         #[command(flatten)]
         overrides: Overrides,
     },
     /// Print the pipeline JSON Schema (generated from the stage kinds' params)
     Schema,
-    /// Say, per stage, whether it is cached or will run, and why; runs nothing
+    /// Say, per stage, whether it is cached or will run, and why; runs nothing. Exit 1 when
+    /// the params of a stage to run do not fit its input data already in the store
     Plan {
         file: PathBuf,
         #[command(flatten)]
@@ -285,8 +292,9 @@ fn main() -> ExitCode {
         Command::Validate {
             files,
             format,
+            data,
             overrides,
-        } => commands::validate(&files, format, &overrides.set),
+        } => commands::validate(&files, format, &overrides.set, data.then_some(store)),
         Command::Schema => commands::schema(),
         Command::Plan {
             file,

@@ -11,8 +11,8 @@ use smelt_engine::lockfile::Lockfile;
 use smelt_engine::plan::{describe, StagePlan};
 use smelt_engine::store::{Garbage, RunRecord};
 use smelt_engine::{
-    ArtifactId, Decision, Divergence, Observer, Outcome, Pipeline, Plan, Ports, Progress, Registry,
-    StageResult,
+    ArtifactId, Checked, Decision, Divergence, InputCheck, Observer, Outcome, Pipeline, Plan,
+    Ports, Progress, Registry, StageResult,
 };
 
 use crate::DagFormat;
@@ -65,6 +65,51 @@ pub fn print_plan(plan: &Plan, pipeline: &Pipeline) {
             .filter(|s| s.decision == Decision::Cached)
             .count()
     );
+}
+
+/// `validate --data`: which stages' input checks ran, and which wait for an input.
+pub fn print_data_checks(checks: &[InputCheck]) {
+    if checks.is_empty() {
+        println!("  no stage checks its params against input data");
+        return;
+    }
+    println!("  data checks:");
+    for check in checks {
+        match &check.outcome {
+            Checked::Ran(problems) if problems.is_empty() => {
+                println!("    ✓ {}: {}", check.stage, check.what)
+            }
+            Checked::Ran(problems) => println!(
+                "    ✗ {}: {} — {} problem(s)",
+                check.stage,
+                check.what,
+                problems.len()
+            ),
+            Checked::NotBuilt(up) => println!(
+                "    · {}: not checked yet: input stage `{up}` is not built (checked when `{}` starts)",
+                check.stage, check.stage
+            ),
+        }
+    }
+}
+
+pub fn data_checks_json(checks: &[InputCheck]) -> serde_json::Value {
+    checks
+        .iter()
+        .map(|check| {
+            let (ran, problems, waiting) = match &check.outcome {
+                Checked::Ran(problems) => (true, problems.len(), None),
+                Checked::NotBuilt(up) => (false, 0, Some(up.as_str())),
+            };
+            serde_json::json!({
+                "stage": check.stage,
+                "checks": check.what,
+                "ran": ran,
+                "problems": problems,
+                "waiting_for": waiting,
+            })
+        })
+        .collect()
 }
 
 pub fn print_run_header(pipeline: &Pipeline, plan: &Plan) {

@@ -186,6 +186,8 @@ fn shakespeare_char_resumes_after_a_kill_and_generates() {
     let sets = [
         format!("vars.text={}", text.display()),
         "vars.steps=60".to_string(),
+        // Shortened runs warm up for less than the whole run (`warmup` ≤ `steps`).
+        "stages.model.with.train.warmup=10".to_string(),
         "stages.model.with.train.checkpoint_every=10".to_string(),
         "stages.model.with.eval.every=30".to_string(),
         "stages.model.with.model.layers=2".to_string(),
@@ -314,6 +316,8 @@ fn finetune_lora_runs_sft_then_dpo_and_compares_the_models() {
         "vars.examples=300",
         "--set",
         "vars.pretrain_steps=30",
+        "--set",
+        "stages.base.with.train.warmup=10",
         "--set",
         "vars.sft_steps=20",
         "--set",
@@ -518,8 +522,10 @@ fn the_readme_stage_reference_is_what_smelt_stages_markdown_prints() {
     ] {
         assert!(printed.contains(&format!("#### `{kind}`")), "{kind}");
     }
-    assert!(printed.contains("| `lora.targets` | list of `attn.c_attn`"));
-    assert!(printed.contains("| `train.lr` | number | `0.001` |"));
+    assert!(printed.contains("| `lora.targets` | non-empty list of `attn.c_attn`"));
+    assert!(printed.contains("| `train.lr` | number > 0 | `0.001` |"));
+    assert!(printed.contains("| `model.dropout` | number in [0, 1) | `0` |"));
+    assert!(printed.contains("| `sources` | non-empty list of `files`, `url`, `synthetic` |"));
 }
 
 #[test]
@@ -540,11 +546,31 @@ fn smelt_init_writes_a_starter_pipeline_that_validates_and_runs() {
     assert_has(&refused.stderr, "demo.yaml exists; pass --force");
     let bad = smelt(&["init", "../up"], dir.path());
     assert_eq!(bad.code, 2);
+    // Shortened below its warmup, it is refused where the warmup is written.
+    let short = smelt(
+        &["validate", "demo.yaml", "--set", "vars.steps=20"],
+        dir.path(),
+    );
+    assert_eq!(short.code, 1);
+    assert_has(
+        &short.stderr,
+        "`train.warmup` (30) is longer than `train.steps` (20)",
+    );
     // It runs (shortened) and says what it did.
-    let run = smelt(&["run", "demo.yaml", "--set", "vars.steps=20"], dir.path()).ok();
+    let shortened = [
+        "--set",
+        "vars.steps=20",
+        "--set",
+        "stages.model.with.train.warmup=5",
+    ];
+    let run = smelt(
+        &[&["run", "demo.yaml"][..], &shortened].concat(),
+        dir.path(),
+    )
+    .ok();
     assert_has(&run.stdout, "5 ran");
     let report = smelt(
-        &["report", "demo.yaml", "--set", "vars.steps=20"],
+        &[&["report", "demo.yaml"][..], &shortened].concat(),
         dir.path(),
     )
     .ok();
@@ -617,6 +643,13 @@ fn the_quickstart_runs_every_stage_kind_then_is_cached() {
         "vars.sft_steps=10",
         "--set",
         "vars.dpo_steps=5",
+        // Shortened runs warm up for less than the whole run (`warmup` ≤ `steps`).
+        "--set",
+        "stages.base.with.train.warmup=5",
+        "--set",
+        "stages.sft.with.train.warmup=2",
+        "--set",
+        "stages.aligned.with.train.warmup=1",
     ];
     let with = |command: &str| {
         let mut args = vec![command, "quickstart.yaml"];

@@ -314,3 +314,382 @@ fn a_glob_that_matches_nothing_blocks_the_stage_with_a_clear_reason() {
     assert_eq!(run.code, 1);
     assert_has(&run.stdout, "glob `data/*.txt` matches no file");
 }
+
+/// A pretrain stage `m` reading a command stage `tok`; its `with:` lines are 11 (`model`), 12
+/// (`train`) and 13 (`eval`).
+fn pretrain(model: &str, train: &str, eval: &str) -> String {
+    format!(
+        "{HEAD}stages:\n  tok:\n    uses: command\n    with: {{ run: x }}\n  m:\n    uses: pretrain\n    inputs: {{ tokens: tok }}\n    with:\n      model: {model}\n      train: {train}\n      eval: {eval}\n"
+    )
+}
+
+const MODEL: &str = "{ layers: 2, heads: 2, d_model: 16, seq_len: 8 }";
+const TRAIN: &str = "{ steps: 20, warmup: 2 }";
+
+#[test]
+fn the_example_pipeline_params_are_valid() {
+    let p = Project::new(&pretrain(MODEL, TRAIN, "{}"));
+    p.smelt(&["validate", "p.yaml"]).ok();
+}
+
+#[test]
+fn zero_layers() {
+    let (code, line, col, msg, _) = one(&pretrain(
+        "{ layers: 0, heads: 2, d_model: 16, seq_len: 8 }",
+        TRAIN,
+        "{}",
+    ));
+    assert_eq!((code.as_str(), line, col), ("smelt::invalid-value", 11, 24));
+    assert_eq!(
+        msg,
+        "`with.model.layers` of stage `m` must be at least 1; found 0"
+    );
+}
+
+#[test]
+fn zero_steps() {
+    let (code, line, col, msg, _) = one(&pretrain(MODEL, "{ steps: 0, warmup: 0 }", "{}"));
+    assert_eq!((code.as_str(), line, col), ("smelt::invalid-value", 12, 23));
+    assert_eq!(
+        msg,
+        "`with.train.steps` of stage `m` must be at least 1; found 0"
+    );
+}
+
+#[test]
+fn zero_batch_size() {
+    let (code, line, col, msg, _) = one(&pretrain(
+        MODEL,
+        "{ steps: 20, warmup: 2, batch_size: 0 }",
+        "{}",
+    ));
+    assert_eq!((code.as_str(), line, col), ("smelt::invalid-value", 12, 50));
+    assert_eq!(
+        msg,
+        "`with.train.batch_size` of stage `m` must be at least 1; found 0"
+    );
+}
+
+#[test]
+fn zero_grad_accum() {
+    let (code, line, col, msg, _) = one(&pretrain(
+        MODEL,
+        "{ steps: 20, warmup: 2, grad_accum: 0 }",
+        "{}",
+    ));
+    assert_eq!((code.as_str(), line, col), ("smelt::invalid-value", 12, 50));
+    assert_eq!(
+        msg,
+        "`with.train.grad_accum` of stage `m` must be at least 1; found 0"
+    );
+}
+
+#[test]
+fn zero_eval_every() {
+    let (code, line, col, msg, _) = one(&pretrain(MODEL, TRAIN, "{ every: 0 }"));
+    assert_eq!((code.as_str(), line, col), ("smelt::invalid-value", 13, 22));
+    assert_eq!(
+        msg,
+        "`with.eval.every` of stage `m` must be at least 1; found 0"
+    );
+}
+
+#[test]
+fn negative_learning_rate() {
+    let (code, line, col, msg, _) = one(&pretrain(MODEL, "{ steps: 20, warmup: 2, lr: -1 }", "{}"));
+    assert_eq!((code.as_str(), line, col), ("smelt::invalid-value", 12, 42));
+    assert_eq!(
+        msg,
+        "`with.train.lr` of stage `m` must be above 0; found -1"
+    );
+}
+
+#[test]
+fn every_out_of_range_value_is_reported_at_once() {
+    let all = problems(&pretrain(
+        "{ layers: 0, heads: 2, d_model: 16, seq_len: 8, dropout: 1.5 }",
+        "{ steps: 0, batch_size: 0, lr: 0 }",
+        "{ every: 0, batches: 0 }",
+    ));
+    let found: Vec<_> = all.iter().map(|p| (p.1, p.2, p.0.as_str())).collect();
+    assert_eq!(
+        found,
+        [
+            (11, 24, "smelt::invalid-value"),
+            (11, 71, "smelt::invalid-value"),
+            (12, 23, "smelt::invalid-value"),
+            (12, 38, "smelt::invalid-value"),
+            (12, 45, "smelt::invalid-value"),
+            (13, 22, "smelt::invalid-value"),
+            (13, 34, "smelt::invalid-value"),
+        ]
+    );
+    assert_has(
+        &all[1].3,
+        "`with.model.dropout` of stage `m` must be below 1; found 1.5",
+    );
+    assert_has(
+        &all[4].3,
+        "`with.train.lr` of stage `m` must be above 0; found 0",
+    );
+}
+
+#[test]
+fn d_model_not_divisible_by_heads() {
+    let (code, line, col, msg, _) = one(&pretrain(
+        "{ layers: 2, heads: 3, d_model: 16, seq_len: 8 }",
+        TRAIN,
+        "{}",
+    ));
+    assert_eq!((code.as_str(), line, col), ("smelt::invalid-param", 11, 46));
+    assert_eq!(
+        msg,
+        "`d_model` (16) must be divisible by `heads` (3): each head takes an equal share of it (stage `m`)"
+    );
+}
+
+#[test]
+fn min_lr_above_lr() {
+    let (code, line, col, msg, _) = one(&pretrain(
+        MODEL,
+        "{ steps: 20, warmup: 2, lr: 0.001, min_lr: 0.01 }",
+        "{}",
+    ));
+    assert_eq!((code.as_str(), line, col), ("smelt::invalid-param", 12, 57));
+    assert_eq!(
+        msg,
+        "`train.min_lr` (0.01) is above `train.lr` (0.001): the schedule decays from `lr` down to `min_lr` (stage `m`)"
+    );
+}
+
+#[test]
+fn warmup_longer_than_the_run() {
+    let (code, line, col, msg, _) = one(&pretrain(MODEL, "{ steps: 20, warmup: 30 }", "{}"));
+    assert_eq!((code.as_str(), line, col), ("smelt::invalid-param", 12, 35));
+    assert_has(
+        &msg,
+        "`train.warmup` (30) is longer than `train.steps` (20)",
+    );
+    // The default warmup (100 steps) is not written: the steps are pointed at instead.
+    let (code, line, col, msg, help) = one(&pretrain(MODEL, "{ steps: 20 }", "{}"));
+    assert_eq!((code.as_str(), line, col), ("smelt::invalid-param", 12, 23));
+    assert_has(
+        &msg,
+        "`train.warmup` (100) is longer than `train.steps` (20)",
+    );
+    assert_has(&help, "100 steps when not given");
+}
+
+#[test]
+fn byte_level_vocabulary_of_one() {
+    let (code, line, col, msg, help) = one(&format!(
+        "{HEAD}stages:\n  c:\n    uses: command\n    with: {{ run: x }}\n  tok:\n    uses: tokenize\n    inputs: {{ corpus: c }}\n    with:\n      train: {{ model: byte_level_bpe, vocab_size: 1 }}\n"
+    ));
+    assert_eq!((code.as_str(), line, col), ("smelt::invalid-param", 11, 51));
+    assert_eq!(
+        msg,
+        "`train.vocab_size` 1 is below the 256 bytes plus 3 special tokens a byte-level vocabulary starts with (stage `tok`)"
+    );
+    assert_eq!(help, "make it at least 259");
+}
+
+#[test]
+fn misspelt_key_inside_an_optional_block() {
+    let (code, line, col, msg, help) = one(&format!(
+        "{HEAD}stages:\n  c:\n    uses: command\n    with: {{ run: x }}\n  tok:\n    uses: tokenize\n    inputs: {{ corpus: c }}\n    with:\n      train: {{ model: byte_level_bpe, vocab_sise: 512 }}\n"
+    ));
+    assert_eq!((code.as_str(), line, col), ("smelt::unknown-param", 11, 39));
+    assert_eq!(
+        msg,
+        "`tokenize` has no param `train.vocab_sise` (stage `tok`)"
+    );
+    assert_eq!(help, "did you mean `vocab_size`?");
+    // A value of the wrong kind for the block says what the block is.
+    let (code, line, _, msg, _) = one(&format!(
+        "{HEAD}stages:\n  c:\n    uses: command\n    with: {{ run: x }}\n  tok:\n    uses: tokenize\n    inputs: {{ corpus: c }}\n    with:\n      train: 512\n"
+    ));
+    assert_eq!((code.as_str(), line), ("smelt::type", 11));
+    assert_eq!(
+        msg,
+        "`with.train` of stage `tok` must be mapping; found an integer"
+    );
+}
+
+#[test]
+fn chat_template_without_a_role() {
+    let (code, line, col, msg, _) = one(&format!(
+        "{HEAD}stages:\n  c:\n    uses: command\n    with: {{ run: x }}\n  tok:\n    uses: tokenize\n    inputs: {{ corpus: c }}\n    with:\n      chat_template: {{ turn_start: \"### \" }}\n"
+    ));
+    assert_eq!((code.as_str(), line, col), ("smelt::invalid-param", 11, 36));
+    assert_has(
+        &msg,
+        "`chat_template.turn_start` (\"### \") has no `{role}`",
+    );
+}
+
+/// A LoRA fine-tune `sft` of the model `base` (a command stage) on `data`; `with:` on line 12.
+fn finetune(with: &str) -> String {
+    format!(
+        "{HEAD}stages:\n  base:\n    uses: command\n    with: {{ run: x }}\n  sft:\n    uses: finetune\n    inputs: {{ model: base, data: base }}\n    with:\n      train: {{ steps: 20, warmup: 2 }}\n      {with}\n"
+    )
+}
+
+#[test]
+fn unknown_lora_target() {
+    let (code, line, col, msg, help) =
+        one(&finetune("lora: { targets: [attn.c_attn, attn.c_atn] }"));
+    assert_eq!((code.as_str(), line, col), ("smelt::invalid-value", 12, 38));
+    assert_has(&msg, "`with.lora.targets.1` of stage `sft` must be one of");
+    assert_eq!(help, "did you mean `attn.c_attn`?");
+    let (code, line, col, msg, _) = one(&finetune("lora: { targets: [] }"));
+    assert_eq!((code.as_str(), line, col), ("smelt::invalid-value", 12, 24));
+    assert_eq!(
+        msg,
+        "`with.lora.targets` of stage `sft` must list at least 1; found none"
+    );
+}
+
+#[test]
+fn a_base_model_given_twice() {
+    let (code, line, col, msg, _) = one(&finetune("base: models/gpt2"));
+    assert_eq!((code.as_str(), line, col), ("smelt::invalid-param", 12, 13));
+    assert_eq!(
+        msg,
+        "both a `model` input and `base` are given: keep one (stage `sft`)"
+    );
+}
+
+/// Corpus → char tokens → a pretrain with a context of `seq_len`.
+fn data_pipeline(seq_len: u32) -> String {
+    format!(
+        "{HEAD}stages:\n  corpus:\n    uses: collect\n    with:\n      sources: [ {{ synthetic: {{ generator: stories, documents: 20 }} }} ]\n      split: {{ validation: 0.2 }}\n  tok:\n    uses: tokenize\n    inputs: {{ corpus: corpus }}\n    with: {{ train: {{ model: char }} }}\n  m:\n    uses: pretrain\n    inputs: {{ tokens: tok }}\n    with:\n      model: {{ layers: 1, heads: 2, d_model: 16, seq_len: {seq_len} }}\n      train: {{ steps: 2, warmup: 1 }}\n"
+    )
+}
+
+#[test]
+fn data_checks_run_once_their_inputs_are_built() {
+    let p = Project::new(&data_pipeline(100_000));
+    // Nothing built: the file is valid, and the data checks say they wait.
+    let before = p.smelt(&["validate", "--data", "p.yaml"]).ok();
+    assert_has(
+        &before.stdout,
+        "· m: not checked yet: input stage `tok` is not built",
+    );
+    assert!(!p.path(".smelt").exists(), "validate creates no store");
+    p.smelt(&["run", "p.yaml", "--until", "tok"]).ok();
+    // Built: seq_len is checked against the token streams, at its place.
+    let run = p.smelt(&["validate", "--data", "--format", "json", "p.yaml"]);
+    assert_eq!(run.code, 1, "{}{}", run.stdout, run.stderr);
+    let files: Value = serde_json::from_str(&run.stdout).unwrap();
+    let problem = &files[0]["problems"][0];
+    assert_eq!(problem["code"], "smelt::data-check");
+    assert_eq!(
+        (problem["line"].as_u64(), problem["column"].as_u64()),
+        (Some(17), Some(59))
+    );
+    let message = problem["message"].as_str().unwrap();
+    assert!(
+        message.starts_with("the train split has ")
+            && message.ends_with(
+                "tokens, too few for windows of `model.seq_len` 100000 plus one target (stage `m`)"
+            ),
+        "{message}"
+    );
+    let checks = &files[0]["data_checks"];
+    assert_eq!(checks[0]["stage"], "tok");
+    assert_eq!(checks[0]["ran"], true);
+    assert_eq!(
+        (checks[1]["stage"].as_str(), checks[1]["problems"].as_u64()),
+        (Some("m"), Some(2))
+    );
+    // `plan` says so too, and `run` stops before any stage starts.
+    let plan = p.smelt(&["plan", "p.yaml"]);
+    assert_eq!(plan.code, 1);
+    assert_has(&plan.stderr, "[p.yaml:17:59]");
+    let run = p.smelt(&["run", "p.yaml"]);
+    assert_eq!(run.code, 1);
+    assert_has(&run.stderr, "too few for windows of `model.seq_len` 100000");
+    assert_has(&run.stderr, "nothing was run");
+    // A context that fits passes.
+    p.write("p.yaml", &data_pipeline(16));
+    let fits = p.smelt(&["validate", "--data", "p.yaml"]).ok();
+    assert_has(
+        &fits.stdout,
+        "✓ m: `model.seq_len` fits in the train and validation token streams",
+    );
+}
+
+#[test]
+fn data_checks_also_run_when_their_stage_starts() {
+    // Nothing is built when the run starts: the check runs when `m` does, and stops it.
+    let p = Project::new(&data_pipeline(100_000));
+    let run = p.smelt(&["run", "p.yaml"]);
+    assert_eq!(run.code, 1);
+    assert_has(&run.stdout, "too few for windows of `model.seq_len` 100000");
+    assert_has(&run.stdout, "2 ran");
+}
+
+#[test]
+fn the_other_stage_kinds_refuse_bad_params_at_their_values() {
+    let yaml = [
+        HEAD,
+        "stages:\n",
+        "  c:\n",
+        "    uses: collect\n",
+        "    with:\n",
+        "      sources:\n",
+        "        - synthetic: { generator: stories, documents: 5, tasks: [repeat] }\n",
+        "        - url: { href: \"http://x/a.txt\", sha256: abc }\n",
+        "  c2:\n",
+        "    uses: collect\n",
+        "    with: { sources: [], split: { validation: 1.5 } }\n",
+        "  k:\n",
+        "    uses: clean\n",
+        "    inputs: { corpus: c }\n",
+        "    with:\n",
+        "      filters:\n",
+        "        - regex: { pattern: \"(\" }\n",
+        "        - language: { languages: [english] }\n",
+        "  k2:\n",
+        "    uses: clean\n",
+        "    inputs: { corpus: c }\n",
+        "    with:\n",
+        "      dedup: { minhash: { treshold: 0.5, permutations: 0 } }\n",
+        "  t:\n",
+        "    uses: tokenize\n",
+        "    inputs: { corpus: k }\n",
+        "    with: { train: {}, from: tok.json }\n",
+        "  e:\n",
+        "    uses: evaluate\n",
+        "    inputs: { models: [c] }\n",
+        "    with:\n",
+        "      metrics: [ { exact_match: { pattern: \"[\" } } ]\n",
+        "  e2:\n",
+        "    uses: evaluate\n",
+        "    inputs: { models: [c] }\n",
+        "    with: { metrics: [] }\n",
+    ]
+    .concat();
+    let found: Vec<_> = problems(&yaml)
+        .into_iter()
+        .map(|p| (p.0, p.1, p.2, p.3))
+        .collect();
+    let expected = [
+        ("smelt::invalid-param", 8, 65, "`tasks`: the stories generator asks no questions (only chat, preferences and qa take `tasks`) (stage `c`)"),
+        ("smelt::invalid-param", 9, 50, "`sha256` must be 64 hex digits, not `abc` (stage `c`)"),
+        ("smelt::invalid-value", 12, 22, "`with.sources` of stage `c2` must list at least 1; found none"),
+        ("smelt::invalid-value", 12, 47, "`with.split.validation` of stage `c2` must be below 1; found 1.5"),
+        ("smelt::invalid-param", 18, 29, "regex filter: `(` is not a valid regex (unclosed group) (stage `k`)"),
+        ("smelt::invalid-param", 19, 34, "unknown language code `english` (use ISO 639-3, e.g. eng) (stage `k`)"),
+        ("smelt::unknown-param", 24, 27, "`clean` has no param `dedup.minhash.treshold` (stage `k2`)"),
+        ("smelt::invalid-value", 24, 56, "`with.dedup.minhash.permutations` of stage `k2` must be at least 1; found 0"),
+        ("smelt::invalid-param", 28, 30, "give either `train` or `from`, not both (stage `t`)"),
+        ("smelt::invalid-param", 33, 44, "`exact_match.pattern`: `[` is not a valid regex (unclosed character class) (stage `e`)"),
+        ("smelt::invalid-value", 37, 22, "`with.metrics` of stage `e2` must list at least 1; found none"),
+    ];
+    let expected: Vec<_> = expected
+        .iter()
+        .map(|(c, l, col, m)| (c.to_string(), *l, *col, m.to_string()))
+        .collect();
+    assert_eq!(found, expected);
+}

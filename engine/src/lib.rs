@@ -23,10 +23,11 @@ pub mod yaml;
 
 pub use diagnostics::{FileReport, Problem};
 pub use execute::{Divergence, Executor, Observer, Outcome, StageResult};
-pub use plan::{Decision, Plan, Planner, Reason, Selection};
+pub use plan::{Checked, Decision, InputCheck, Plan, Planner, Reason, Selection};
 pub use spec::{Override, Pipeline, StageSpec};
 pub use stage::{
-    DynStage, Metrics, Port, Ports, Progress, Registry, Stage, StageContext, StageError,
+    DynStage, InputDirs, Metrics, ParamProblem, Port, Ports, Progress, Registry, Stage,
+    StageContext, StageError,
 };
 pub use store::{ArtifactId, StageKey, Store};
 pub use validate::{load_pipeline, LoadError};

@@ -15,7 +15,7 @@ use crate::hash::StatCache;
 use crate::key::KeyMaterial;
 use crate::lockfile::{LockedStage, Lockfile};
 use crate::spec::{Pipeline, StageSpec};
-use crate::stage::Registry;
+use crate::stage::{InputDirs, ParamProblem, Registry};
 use crate::store::{ArtifactId, Integrity, StageKey, Store};
 
 /// Which stages a command acts on (`--only`, `--from`, `--until`) and which are forced.
@@ -395,6 +395,68 @@ impl Planner<'_> {
         }
         Ok(deps)
     }
+}
+
+/// A stage's checks against its input artifacts ([`crate::Stage::check_inputs`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct InputCheck {
+    pub stage: String,
+    /// What its kind checks, in words.
+    pub what: &'static str,
+    pub outcome: Checked,
+}
+
+/// What became of an [`InputCheck`].
+#[derive(Clone, Debug, PartialEq)]
+pub enum Checked {
+    /// It ran against the inputs in the store; what it found.
+    Ran(Vec<ParamProblem>),
+    /// It could not run: this upstream stage has no artifact yet (it runs first, and the check
+    /// with the stage).
+    NotBuilt(String),
+}
+
+/// The input checks of the planned stages that `wanted` picks and whose kind has any, in plan
+/// order: run where every input's artifact is already in the store (cached, or up to date
+/// outside the selection). The others run when their stage starts.
+pub fn check_inputs(
+    plan: &Plan,
+    pipeline: &Pipeline,
+    registry: &Registry,
+    store: &Store,
+    wanted: impl Fn(&StagePlan) -> bool,
+) -> Vec<InputCheck> {
+    let mut checks = Vec::new();
+    for stage in plan.stages.iter().filter(|s| wanted(s)) {
+        let spec = &pipeline.stages[&stage.stage];
+        let kind = registry.get(&spec.kind).expect("validated kind");
+        let Some(what) = kind.input_checks() else {
+            continue;
+        };
+        let mut dirs = InputDirs::new();
+        let mut missing = None;
+        for (port, upstream) in &spec.inputs {
+            let port_dirs = dirs.entry(port.clone()).or_default();
+            for up in upstream {
+                match plan.get(up).and_then(|p| p.artifact.as_ref()) {
+                    Some(id) => port_dirs.push(store.artifact_dir(id)),
+                    None => {
+                        missing.get_or_insert_with(|| up.clone());
+                    }
+                }
+            }
+        }
+        let outcome = match missing {
+            Some(up) => Checked::NotBuilt(up),
+            None => Checked::Ran(kind.check_inputs(&spec.params, &dirs, &pipeline.dir)),
+        };
+        checks.push(InputCheck {
+            stage: stage.stage.clone(),
+            what,
+            outcome,
+        });
+    }
+    checks
 }
 
 /// Input artifact ids per port, the (port, stage) pairs whose artifact is not known yet because

@@ -142,14 +142,19 @@ fn property_rows(
     }
     if target["type"] == "array" {
         let items = resolve(unwrap_interpolation(&target["items"]), defs);
+        let non_empty = if target["minItems"] == 1 {
+            "non-empty "
+        } else {
+            ""
+        };
         if let Some(variants) = tagged_variants(items, defs) {
             // A list of them, such as `filters` or `metrics`.
-            variant_rows(variants, "list of", "[].", rows);
+            variant_rows(variants, &format!("{non_empty}list of"), "[].", rows);
             return;
         }
         rows.push(Row {
             path: path.to_string(),
-            kind: format!("list of {}", type_text(items)),
+            kind: format!("{non_empty}list of {}", type_text(items)),
             default: default_text(default, required),
             doc: doc.unwrap_or_default(),
         });
@@ -247,7 +252,7 @@ fn type_text(schema: &Value) -> String {
         Some("array") => "list",
         _ => "",
     };
-    match &schema["type"] {
+    let kind = match &schema["type"] {
         Value::Array(types) => {
             let named: Vec<&str> = types.iter().filter(|t| *t != "null").map(name).collect();
             named.join(" or ")
@@ -255,6 +260,35 @@ fn type_text(schema: &Value) -> String {
         Value::Null if schema["additionalProperties"].is_object() => "map".into(),
         Value::Null => "any".into(),
         t => name(t).to_string(),
+    };
+    kind + &bounds_text(schema)
+}
+
+/// A number's range as the schema states it: ` ≥ 1`, ` > 0`, ` in [0, 1)`. An integer's
+/// `minimum: 0` (how unsigned types are written) goes without saying.
+fn bounds_text(schema: &Value) -> String {
+    let bound = |closed: &str, open: &str| {
+        let found = |key: &str| schema.get(key).filter(|v| v.is_number());
+        found(closed)
+            .map(|v| (true, v))
+            .or_else(|| found(open).map(|v| (false, v)))
+    };
+    let integer = schema["type"] == "integer"
+        || schema["type"]
+            .as_array()
+            .is_some_and(|t| t.iter().any(|t| t == "integer"));
+    let low = bound("minimum", "exclusiveMinimum")
+        .filter(|(closed, v)| !(integer && *closed && v.as_f64() == Some(0.0)));
+    let high = bound("maximum", "exclusiveMaximum");
+    match (low, high) {
+        (Some((low_closed, low)), Some((high_closed, high))) => {
+            let open = if low_closed { "[" } else { "(" };
+            let close = if high_closed { "]" } else { ")" };
+            format!(" in {open}{low}, {high}{close}")
+        }
+        (Some((closed, low)), None) => format!(" {} {low}", if closed { "≥" } else { ">" }),
+        (None, Some((closed, high))) => format!(" {} {high}", if closed { "≤" } else { "<" }),
+        (None, None) => String::new(),
     }
 }
 

@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use crate::yaml::{self, Key, Node, Value};
 
@@ -19,6 +20,8 @@ pub struct Pipeline {
     pub stages: BTreeMap<String, StageSpec>,
     /// Stage names in a topological order (inputs before the stages that read them).
     pub order: Vec<String>,
+    /// The file's text, for reports that point into it after validation (data checks).
+    pub text: Arc<String>,
 }
 
 impl Pipeline {
@@ -43,6 +46,8 @@ pub struct StageSpec {
     pub params: serde_json::Value,
     /// Port → upstream stage names, in the order written.
     pub inputs: BTreeMap<String, Vec<String>>,
+    /// The `with:` block as written (after `${vars}` and `--set`), to point at a param.
+    pub with: Node,
 }
 
 impl StageSpec {

@@ -4,8 +4,15 @@
 //! its output semantics change, which invalidates cached artifacts), its input ports and the
 //! external files it reads (hashed into the stage key), and a `run` that writes its output
 //! directory through a [`StageContext`].
+//!
+//! What a value may be on its own belongs in the params' types (and so in the schema). What
+//! params must satisfy together, or against the input artifacts, a kind states in
+//! [`Stage::check`] and [`Stage::check_inputs`]: `smelt validate`, `plan` and `run` report their
+//! [`ParamProblem`]s at the offending values before anything runs, and [`DynStage::run`] runs
+//! them again before the stage's own `run`, so the early report and the stage cannot disagree.
 
 use std::collections::BTreeMap;
+use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -103,6 +110,64 @@ impl StageContext {
     }
 }
 
+/// A param a stage kind refuses, found by its own checks: why, in the user's words, and where.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ParamProblem {
+    /// Dotted paths into the `with:` block (`train.warmup`, `sources.0.synthetic.tasks`): the
+    /// value to point at, then the others involved, used in turn when a value is not written
+    /// in the file (a default).
+    pub at: Vec<String>,
+    /// What is wrong, naming the params (`` `train.warmup` (200) is longer than … ``).
+    pub message: String,
+    pub help: Option<String>,
+}
+
+impl ParamProblem {
+    pub fn new(at: &str, message: impl Into<String>) -> Self {
+        ParamProblem {
+            at: vec![at.to_string()],
+            message: message.into(),
+            help: None,
+        }
+    }
+
+    /// Another value involved, pointed at when the first is not written in the file.
+    pub fn or_at(mut self, at: &str) -> Self {
+        self.at.push(at.to_string());
+        self
+    }
+
+    pub fn help(mut self, help: impl Into<String>) -> Self {
+        self.help = Some(help.into());
+        self
+    }
+
+    /// The problems as one error, for a stage that was about to run anyway.
+    pub fn refuse(problems: &[ParamProblem]) -> Result<(), String> {
+        if problems.is_empty() {
+            return Ok(());
+        }
+        Err(problems
+            .iter()
+            .map(ParamProblem::to_string)
+            .collect::<Vec<_>>()
+            .join("; "))
+    }
+}
+
+impl fmt::Display for ParamProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.message)?;
+        match &self.help {
+            Some(help) => write!(f, " ({help})"),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Input artifact directories by port, as [`StageContext::inputs`] holds them.
+pub type InputDirs = BTreeMap<String, Vec<PathBuf>>;
+
 /// A stage kind.
 pub trait Stage: Send + Sync + 'static {
     /// Typed params of the `with:` block.
@@ -127,6 +192,33 @@ pub trait Stage: Send + Sync + 'static {
         Ok(Vec::new())
     }
 
+    /// What params must satisfy together, or with the input ports that are wired (`wired`,
+    /// by port name), that their types cannot say (`d_model` divisible by `heads`). Cheap and
+    /// free of I/O: `smelt validate` calls it on every stage.
+    fn check(&self, _params: &Self::Params, _wired: &[&str]) -> Vec<ParamProblem> {
+        Vec::new()
+    }
+
+    /// What [`Stage::check_inputs`] checks, in a few words, for `smelt validate --data`; `None`
+    /// for a kind that checks nothing against its inputs.
+    fn input_checks(&self) -> Option<&'static str> {
+        None
+    }
+
+    /// Checks of the params against the input artifacts (`seq_len` against the tokens of a
+    /// split), given every wired input's directories. Called before anything runs when all
+    /// inputs are already in the store (`smelt plan`, `validate --data`, the start of `run`),
+    /// and otherwise when the stage starts. Reads only what it needs (a manifest, a config):
+    /// it may run on every plan.
+    fn check_inputs(
+        &self,
+        _params: &Self::Params,
+        _inputs: &InputDirs,
+        _pipeline_dir: &Path,
+    ) -> Vec<ParamProblem> {
+        Vec::new()
+    }
+
     fn run(&self, params: &Self::Params, ctx: &StageContext) -> Result<Metrics, StageError>;
 }
 
@@ -145,6 +237,17 @@ pub trait DynStage: Send + Sync {
         params: &serde_json::Value,
         pipeline_dir: &Path,
     ) -> Result<Vec<PathBuf>, String>;
+    /// [`Stage::check`] on resolved params.
+    fn check(&self, params: &serde_json::Value, wired: &[&str]) -> Vec<ParamProblem>;
+    fn input_checks(&self) -> Option<&'static str>;
+    /// [`Stage::check_inputs`] on resolved params.
+    fn check_inputs(
+        &self,
+        params: &serde_json::Value,
+        inputs: &InputDirs,
+        pipeline_dir: &Path,
+    ) -> Vec<ParamProblem>;
+    /// Runs both checks, then the stage: a problem is the stage's error.
     fn run(&self, params: &serde_json::Value, ctx: &StageContext) -> Result<Metrics, StageError>;
 }
 
@@ -182,8 +285,38 @@ impl<S: Stage> DynStage for S {
         Stage::external_deps(self, &typed::<S>(params)?, pipeline_dir)
     }
 
+    fn check(&self, params: &serde_json::Value, wired: &[&str]) -> Vec<ParamProblem> {
+        match typed::<S>(params) {
+            Ok(params) => Stage::check(self, &params, wired),
+            Err(e) => vec![ParamProblem::new("", e)],
+        }
+    }
+
+    fn input_checks(&self) -> Option<&'static str> {
+        Stage::input_checks(self)
+    }
+
+    fn check_inputs(
+        &self,
+        params: &serde_json::Value,
+        inputs: &InputDirs,
+        pipeline_dir: &Path,
+    ) -> Vec<ParamProblem> {
+        match typed::<S>(params) {
+            Ok(params) => Stage::check_inputs(self, &params, inputs, pipeline_dir),
+            Err(e) => vec![ParamProblem::new("", e)],
+        }
+    }
+
     fn run(&self, params: &serde_json::Value, ctx: &StageContext) -> Result<Metrics, StageError> {
-        Stage::run(self, &typed::<S>(params)?, ctx)
+        let params = typed::<S>(params)?;
+        let wired: Vec<&str> = ctx.inputs.keys().map(String::as_str).collect();
+        let mut problems = Stage::check(self, &params, &wired);
+        if problems.is_empty() {
+            problems = Stage::check_inputs(self, &params, &ctx.inputs, &ctx.pipeline_dir);
+        }
+        ParamProblem::refuse(&problems)?;
+        Stage::run(self, &params, ctx)
     }
 }
 

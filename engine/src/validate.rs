@@ -13,7 +13,7 @@ use jsonschema::error::{TypeKind, ValidationErrorKind};
 use crate::diagnostics::{FileReport, Problem};
 use crate::graph::Dag;
 use crate::spec::{apply_overrides, Override, Pipeline, StageSpec, FORMAT_VERSION};
-use crate::stage::{DynStage, Ports, Registry};
+use crate::stage::{DynStage, ParamProblem, Ports, Registry};
 use crate::yaml::{self, Key, Node, Span, Value};
 
 const TOP_LEVEL_KEYS: [&str; 5] = ["smelt", "name", "description", "vars", "stages"];
@@ -85,6 +85,7 @@ pub fn check(
         registry,
         problems: Vec::new(),
         vars: None,
+        text,
     };
     let pipeline = checker.pipeline(absolute, &root);
     report.problems.extend(checker.problems);
@@ -99,6 +100,7 @@ struct Checker<'a> {
     registry: &'a Registry,
     problems: Vec<Problem>,
     vars: Option<&'a Node>,
+    text: Arc<String>,
 }
 
 /// A stage's inputs (port → upstream stages) and where each upstream reference is written.
@@ -185,6 +187,7 @@ impl<'a> Checker<'a> {
             dir,
             stages: drafts.into_iter().map(|(n, d)| (n, d.spec)).collect(),
             order,
+            text: self.text.clone(),
         })
     }
 
@@ -327,12 +330,20 @@ impl<'a> Checker<'a> {
         let params = kind.and_then(|k| self.params(name, k, node));
         let inputs = self.inputs(name, kind, node, key.span, all);
         let (inputs, input_spans) = inputs?;
+        let (params, with) = params?;
+        let kind = kind?;
+        // What the types cannot say: params against each other and the wired ports.
+        let wired: Vec<&str> = inputs.keys().map(String::as_str).collect();
+        for problem in kind.check(&params, &wired) {
+            self.problem(param_problem(name, &with, &problem, ProblemKind::Params));
+        }
         Some(Draft {
             spec: StageSpec {
                 name: name.clone(),
-                kind: kind?.kind().to_string(),
-                params: params?,
+                kind: kind.kind().to_string(),
+                params,
                 inputs,
+                with,
             },
             input_spans,
         })
@@ -359,13 +370,14 @@ impl<'a> Checker<'a> {
         }
     }
 
-    /// Interpolates, schema-checks and resolves a stage's `with:` block.
+    /// Interpolates, schema-checks and resolves a stage's `with:` block; returns the resolved
+    /// params and the block as interpolated.
     fn params(
         &mut self,
         stage: &str,
         kind: &dyn DynStage,
         node: &Node,
-    ) -> Option<serde_json::Value> {
+    ) -> Option<(serde_json::Value, Node)> {
         let empty = Node::new(Value::Map(Vec::new()), node.span);
         let with = match node.get("with") {
             None => &empty,
@@ -374,11 +386,12 @@ impl<'a> Checker<'a> {
         };
         let with = self.interpolate(with);
         let json = with.to_json();
-        // The params types are the contract and the schema is generated from them, so params
-        // that deserialize are valid. Only when they do not is the schema compiled (it costs a
-        // few milliseconds) to find every problem, each with its place.
+        // The params types are the contract and the schema is generated from them (bounds
+        // included: a bounded type refuses what its schema refuses), so params that deserialize
+        // are valid. Only when they do not is the schema compiled (it costs a few milliseconds)
+        // to find every problem, each with its place.
         let serde_error = match kind.resolve_params(&json) {
-            Ok(params) => return Some(params),
+            Ok(params) => return Some((params, with)),
             Err(e) => e,
         };
         let schema = kind.params_schema();
@@ -612,6 +625,68 @@ impl<'a> Checker<'a> {
     }
 }
 
+/// Which of a kind's own checks found a problem.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProblemKind {
+    /// [`crate::Stage::check`]: params against each other and the wiring.
+    Params,
+    /// [`crate::Stage::check_inputs`]: params against the input artifacts.
+    Data,
+}
+
+/// A kind's own problem with a stage's params, pointing at the first of its values written in
+/// `with` (a default is not written: then the next value involved, or the nearest block).
+pub fn param_problem(
+    stage: &str,
+    with: &Node,
+    problem: &ParamProblem,
+    kind: ProblemKind,
+) -> Problem {
+    let paths: Vec<Vec<String>> = problem
+        .at
+        .iter()
+        .map(|p| {
+            p.split('.')
+                .filter(|s| !s.is_empty())
+                .map(String::from)
+                .collect()
+        })
+        .collect();
+    let span = paths
+        .iter()
+        .find_map(|p| with.lookup(p))
+        .unwrap_or_else(|| with.at_path(paths.first().map_or(&[][..], Vec::as_slice)))
+        .span;
+    let (code, label) = match kind {
+        ProblemKind::Params => ("smelt::invalid-param", "refused"),
+        ProblemKind::Data => ("smelt::data-check", "does not fit the input data"),
+    };
+    let message = format!("{} (stage `{stage}`)", problem.message);
+    let found = Problem::new(code, message, span).label(label);
+    match &problem.help {
+        Some(help) => found.help(help.clone()),
+        None => found,
+    }
+}
+
+/// Problems that [`crate::Stage::check_inputs`] found in a valid pipeline, as a report on its
+/// file (`shown_as`: the path as the user named it), sorted by place.
+pub fn data_report(
+    pipeline: &Pipeline,
+    shown_as: &Path,
+    problems: &[(String, ParamProblem)],
+) -> FileReport {
+    let mut report = FileReport::new(shown_as, pipeline.text.clone());
+    for (stage, problem) in problems {
+        let with = &pipeline.stages[stage].with;
+        report
+            .problems
+            .push(param_problem(stage, with, problem, ProblemKind::Data));
+    }
+    report.problems.sort_by_key(|p| p.span.map(|s| s.offset));
+    report
+}
+
 impl Problem {
     fn help_if_none(self, help: impl Into<String>) -> Self {
         if self.help.is_some() {
@@ -693,18 +768,57 @@ impl ParamsCheck<'_> {
             .unwrap_or(&serde_json::Value::Null)
     }
 
-    /// For a value like `{files: {...}}` (an externally tagged enum), the variant it names.
+    /// The branch of a union (`anyOf`, `oneOf`) that the value at `path` is meant for: the
+    /// variant an externally tagged value names (`{files: {...}}`); else the mapping whose keys
+    /// the written ones match best (`train: {model: bpe, vocab_sise: 512}` is a vocabulary
+    /// block with a misspelt key, not a wrong `null`); else the one branch that is not `null`.
+    /// Its own mistakes are then reported at their places.
     fn variant(&self, path: &[String]) -> Variant<'_> {
         let value = self.value_at(path);
         if let Some(word) = value.as_str() {
             return self.unit_variant(path, word);
         }
-        let Some(object) = value.as_object().filter(|o| o.len() == 1) else {
-            return Variant::NotTagged;
-        };
-        let tag = object.keys().next().expect("one key");
-        let branches: Vec<(&str, &serde_json::Value)> = schemas_at(self.root, self.root, path)
+        let branches: Vec<&serde_json::Value> = schemas_at(self.root, self.root, path)
             .into_iter()
+            .filter(|b| b.get("anyOf").is_none() && b.get("oneOf").is_none())
+            .collect();
+        if let Some(object) = value.as_object() {
+            if object.len() == 1 {
+                if let Some(tagged) = self.tagged_variant(path, object, &branches) {
+                    return tagged;
+                }
+            }
+            let matched = |b: &serde_json::Value| {
+                let properties = b.get("properties").and_then(|p| p.as_object());
+                properties.map(|p| object.keys().filter(|k| p.contains_key(*k)).count())
+            };
+            let best = branches
+                .iter()
+                .filter_map(|b| Some((matched(b)?, *b)))
+                .reduce(|best, next| if next.0 > best.0 { next } else { best });
+            if let Some((_, branch)) = best {
+                return Variant::Named(branch);
+            }
+        }
+        match branches.as_slice() {
+            [one] if one.get("type").is_some_and(|t| t != "null") => Variant::Named(one),
+            [a, b] if b.get("type").is_some_and(|t| t == "null") => Variant::Named(a),
+            [a, b] if a.get("type").is_some_and(|t| t == "null") => Variant::Named(b),
+            _ => Variant::NotTagged,
+        }
+    }
+
+    /// For a value like `{files: {...}}` (an externally tagged enum), the variant it names, or
+    /// the problem that it names none; `None` when the union is not tagged.
+    fn tagged_variant<'s>(
+        &'s self,
+        path: &[String],
+        object: &serde_json::Map<String, serde_json::Value>,
+        candidates: &[&'s serde_json::Value],
+    ) -> Option<Variant<'s>> {
+        let tag = object.keys().next().expect("one key");
+        let branches: Vec<(&str, &serde_json::Value)> = candidates
+            .iter()
             .filter_map(|b| {
                 match b
                     .get("required")
@@ -712,19 +826,20 @@ impl ParamsCheck<'_> {
                     .map(Vec::as_slice)
                 {
                     Some([serde_json::Value::String(name)])
-                        if b.get("properties").is_some_and(|p| p.get(name).is_some()) =>
+                        if b.get("properties").is_some_and(|p| p.get(name).is_some())
+                            && b["properties"].as_object().is_some_and(|p| p.len() == 1) =>
                     {
-                        Some((name.as_str(), b))
+                        Some((name.as_str(), *b))
                     }
                     _ => None,
                 }
             })
             .collect();
         if let Some((_, branch)) = branches.iter().find(|(name, _)| name == tag) {
-            return Variant::Named(branch);
+            return Some(Variant::Named(branch));
         }
         if branches.is_empty() {
-            return Variant::NotTagged;
+            return None;
         }
         let mut key_path = path.to_vec();
         key_path.push(tag.clone());
@@ -744,7 +859,7 @@ impl ParamsCheck<'_> {
         )
         .label("unknown kind of entry")
         .did_you_mean(tag, names.iter().copied());
-        Variant::Unknown(problem)
+        Some(Variant::Unknown(problem))
     }
 }
 
@@ -907,6 +1022,44 @@ fn schema_problem(
             .label("not an allowed value")
             .did_you_mean(wrong, plain.iter().map(String::as_str))
         }
+        ValidationErrorKind::Minimum { limit }
+        | ValidationErrorKind::ExclusiveMinimum { limit }
+        | ValidationErrorKind::Maximum { limit }
+        | ValidationErrorKind::ExclusiveMaximum { limit } => {
+            let (bound, label) = match error {
+                ValidationErrorKind::Minimum { .. } => ("at least", "too small"),
+                ValidationErrorKind::ExclusiveMinimum { .. } => ("above", "too small"),
+                ValidationErrorKind::Maximum { .. } => ("at most", "too large"),
+                _ => ("below", "too large"),
+            };
+            Problem::new(
+                "smelt::invalid-value",
+                format!(
+                    "`{dotted}` of stage `{stage}` must be {bound} {limit}; found {}",
+                    node.to_json()
+                ),
+                node.span,
+            )
+            .label(label)
+        }
+        ValidationErrorKind::MinItems { limit } => Problem::new(
+            "smelt::invalid-value",
+            format!(
+                "`{dotted}` of stage `{stage}` must list at least {limit}; found {}",
+                match node.to_json().as_array().map_or(0, Vec::len) {
+                    0 => "none".to_string(),
+                    n => n.to_string(),
+                }
+            ),
+            node.span,
+        )
+        .label("too few"),
+        ValidationErrorKind::Pattern { pattern } => Problem::new(
+            "smelt::invalid-value",
+            format!("`{dotted}` of stage `{stage}` must match the pattern `{pattern}`"),
+            node.span,
+        )
+        .label("does not match"),
         _ => Problem::new(
             "smelt::invalid-value",
             format!("`{dotted}` of stage `{stage}`: {fallback}"),

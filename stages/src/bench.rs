@@ -115,8 +115,8 @@ pub fn train(
         "forward_ms": milliseconds(median(&mut forward_s)),
         "backward_ms": milliseconds(median(&mut backward_s)),
         "optimizer_ms": milliseconds(median(&mut optimizer_s)),
-        "mfu": (tokens_per_sec * flops_per_token / default_peak_flops() * 1e4).round() / 1e4,
-        "peak_flops": default_peak_flops(),
+        "mfu": (tokens_per_sec * flops_per_token / default_peak_flops().get() * 1e4).round() / 1e4,
+        "peak_flops": default_peak_flops().get(),
         "last_loss": loss,
     }))
 }

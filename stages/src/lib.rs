@@ -10,6 +10,7 @@ pub mod evaluate;
 pub mod finetune;
 pub mod metrics;
 pub mod model;
+pub mod params;
 pub mod plot;
 pub mod pretrain;
 pub mod records;

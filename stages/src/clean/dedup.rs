@@ -7,11 +7,14 @@
 //! text.
 
 use std::collections::{HashMap, HashSet};
+use std::num::NonZeroUsize;
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
+
+use crate::params::{Bounded, Bounds, Share};
 
 #[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -41,20 +44,28 @@ fn yes() -> bool {
 #[serde(deny_unknown_fields, default)]
 pub struct MinHashParams {
     /// Estimated Jaccard similarity of word shingles above which documents count as duplicates.
-    pub threshold: f64,
+    pub threshold: Share,
     /// Words per shingle.
-    pub shingle: usize,
+    pub shingle: NonZeroUsize,
     /// Hash functions per signature (1 to 4096); split into bands × rows for the given threshold.
-    pub permutations: usize,
+    pub permutations: Bounded<usize, Permutations>,
     pub seed: u64,
+}
+
+/// How many hash functions a MinHash signature may have.
+#[derive(Clone, Copy, Debug, PartialEq, PartialOrd)]
+pub struct Permutations;
+impl Bounds for Permutations {
+    const LOW: Option<(f64, bool)> = Some((1.0, false));
+    const HIGH: Option<(f64, bool)> = Some((4096.0, false));
 }
 
 impl Default for MinHashParams {
     fn default() -> Self {
         MinHashParams {
-            threshold: 0.8,
-            shingle: 5,
-            permutations: 112,
+            threshold: Share::of(0.8),
+            shingle: NonZeroUsize::new(5).expect("not zero"),
+            permutations: Bounded::of(112),
             seed: 1,
         }
     }
@@ -74,27 +85,19 @@ pub struct MinHasher {
 }
 
 impl MinHasher {
-    pub fn new(params: &MinHashParams) -> Result<Self, String> {
-        if !(0.0..=1.0).contains(&params.threshold)
-            || !(1..=4096).contains(&params.permutations)
-            || params.shingle == 0
-        {
-            return Err(
-                "minhash: threshold must be in 0..1, permutations in 1..4096 and shingle above 0"
-                    .into(),
-            );
-        }
+    pub fn new(params: &MinHashParams) -> Self {
+        let permutations = params.permutations.get();
         let mut rng = ChaCha8Rng::seed_from_u64(params.seed);
-        let coefficients = (0..params.permutations)
+        let coefficients = (0..permutations)
             .map(|_| (rng.random_range(1..PRIME), rng.random_range(0..PRIME)))
             .collect();
-        let (bands, rows) = optimal_bands(params.threshold, params.permutations);
-        Ok(MinHasher {
-            shingle: params.shingle,
+        let (bands, rows) = optimal_bands(params.threshold.get(), permutations);
+        MinHasher {
+            shingle: params.shingle.get(),
             coefficients,
             bands,
             rows,
-        })
+        }
     }
 
     /// The signature of a text: per hash function, the minimum over its shingles. Words are
@@ -210,21 +213,21 @@ pub struct Index {
 }
 
 impl Index {
-    pub fn new(params: &DedupParams) -> Result<Self, String> {
+    pub fn new(params: &DedupParams) -> Self {
         let near = match &params.minhash {
             Some(p) => {
-                let hasher = MinHasher::new(p)?;
+                let hasher = MinHasher::new(p);
                 let tables = vec![HashMap::new(); hasher.bands];
                 Some((hasher, tables))
             }
             None => None,
         };
-        Ok(Index {
+        Index {
             exact: params.exact.then(HashSet::new),
             near,
             clusters: HashMap::new(),
             admitted: 0,
-        })
+        }
     }
 
     pub fn hasher(&self) -> Option<&MinHasher> {
@@ -297,8 +300,8 @@ mod tests {
             exact: true,
             minhash: Some(MinHashParams::default()),
         };
-        let mut index = Index::new(&params).unwrap();
-        let hasher = MinHasher::new(params.minhash.as_ref().unwrap()).unwrap();
+        let mut index = Index::new(&params);
+        let hasher = MinHasher::new(params.minhash.as_ref().unwrap());
         let originals: Vec<String> = (0..200).map(|i| text(i, 100)).collect();
         for t in &originals {
             assert_eq!(
@@ -328,22 +331,21 @@ mod tests {
 
     #[test]
     fn signatures_are_deterministic_and_seeded() {
-        let a = MinHasher::new(&MinHashParams::default()).unwrap();
-        let b = MinHasher::new(&MinHashParams::default()).unwrap();
+        let a = MinHasher::new(&MinHashParams::default());
+        let b = MinHasher::new(&MinHashParams::default());
         let t = text(1, 50);
         assert_eq!(a.signature(&t), b.signature(&t));
         assert_eq!(a.signature("... !!"), None, "no words, no signature");
         let c = MinHasher::new(&MinHashParams {
             seed: 2,
             ..Default::default()
-        })
-        .unwrap();
+        });
         assert_ne!(a.signature(&t), c.signature(&t));
     }
 
     #[test]
     fn shingles_ignore_case_and_split_words_at_punctuation() {
-        let h = MinHasher::new(&MinHashParams::default()).unwrap();
+        let h = MinHasher::new(&MinHashParams::default());
         let plain = "o er the hill and far away my lord the king is come";
         let marked = "O'er the hill, and far away -- my Lord! The king is come...";
         assert_eq!(h.signature(plain), h.signature(marked));

@@ -5,6 +5,8 @@
 use std::sync::LazyLock;
 
 use regex::Regex;
+
+use crate::params::Share;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use unicode_normalization::{is_nfc_quick, is_nfkc_quick, IsNormalized, UnicodeNormalization};
@@ -208,11 +210,11 @@ pub struct LanguageFilter {
     pub languages: Vec<String>,
     /// Minimum detection confidence, 0 to 1.
     #[serde(default = "default_language_threshold")]
-    pub threshold: f64,
+    pub threshold: Share,
 }
 
-fn default_language_threshold() -> f64 {
-    0.65
+fn default_language_threshold() -> Share {
+    Share::of(0.65)
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
@@ -297,11 +299,14 @@ impl Filter {
                         })
                     })
                     .collect::<Result<_, _>>()?;
-                Prepared::Language(langs, f.threshold)
+                Prepared::Language(langs, f.threshold.get())
             }
             Filter::Pii(f) => Prepared::Pii(f.clone()),
             Filter::Regex(f) => {
-                let regex = Regex::new(&f.pattern).map_err(|e| format!("regex filter: {e}"))?;
+                if let Some(problem) = crate::params::regex_problem(&f.pattern) {
+                    return Err(format!("regex filter: {problem}"));
+                }
+                let regex = Regex::new(&f.pattern).expect("checked above");
                 Prepared::Regex(regex, f.action)
             }
         })
@@ -589,14 +594,14 @@ mod tests {
         let f = || {
             Filter::Language(LanguageFilter {
                 languages: vec!["eng".into()],
-                threshold: 0.5,
+                threshold: Share::of(0.5),
             })
         };
         assert!(run(f(), english).is_ok());
         assert_eq!(run(f(), french), Err("language"));
         let bad = Filter::Language(LanguageFilter {
             languages: vec!["english".into()],
-            threshold: 0.5,
+            threshold: Share::of(0.5),
         });
         assert!(bad
             .prepare()

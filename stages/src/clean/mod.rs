@@ -20,7 +20,7 @@ use std::sync::Arc;
 use rayon::prelude::*;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
-use smelt_engine::{Metrics, Port, Ports, Stage, StageContext, StageError};
+use smelt_engine::{Metrics, ParamProblem, Port, Ports, Stage, StageContext, StageError};
 
 pub use dedup::{DedupParams, MinHashParams};
 pub use filters::{Filter, Unicode};
@@ -180,6 +180,22 @@ impl Stage for Clean {
         }])
     }
 
+    fn check(&self, params: &CleanParams, _wired: &[&str]) -> Vec<ParamProblem> {
+        // The filters that compile something (a regex, language codes) refuse bad values here.
+        let mut problems = Vec::new();
+        for (i, filter) in params.filters.iter().enumerate() {
+            if let Err(message) = filter.prepare() {
+                let at = match filter {
+                    Filter::Language(_) => format!("filters.{i}.language.languages"),
+                    Filter::Regex(_) => format!("filters.{i}.regex.pattern"),
+                    _ => format!("filters.{i}"),
+                };
+                problems.push(ParamProblem::new(&at, message));
+            }
+        }
+        problems
+    }
+
     fn run(&self, params: &CleanParams, ctx: &StageContext) -> Result<Metrics, StageError> {
         let input = ctx.input("corpus").ok_or("no `corpus` input")?;
         let filters = params
@@ -192,7 +208,7 @@ impl Stage for Clean {
             lowercase: params.lowercase,
             strip_html: params.strip_html,
         };
-        let mut index = dedup::Index::new(&params.dedup)?;
+        let mut index = dedup::Index::new(&params.dedup);
         let mut stats = Stats::default();
         let mut tape = ScoreTape::open(ctx, params, input)?;
         stats.scores_from_memo = tape.replaying();

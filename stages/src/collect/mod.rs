@@ -14,11 +14,12 @@ use std::path::{Path, PathBuf};
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
-use smelt_engine::{Metrics, Ports, Stage, StageContext, StageError};
+use smelt_engine::{Metrics, ParamProblem, Ports, Stage, StageContext, StageError};
 
 pub use files::{Format, InvalidUtf8, SplitOn};
 pub use synthetic::{Generator, TaskKind};
 
+use crate::params::{non_empty, non_empty_schema, Fraction};
 use crate::records::{Record, ShardWriter, SplitSummary};
 
 pub struct Collect;
@@ -27,7 +28,9 @@ pub struct Collect;
 #[derive(Debug, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CollectParams {
-    /// Where documents come from, in order.
+    /// Where documents come from, in order (at least one).
+    #[serde(deserialize_with = "non_empty")]
+    #[schemars(schema_with = "non_empty_schema::<Source>")]
     pub sources: Vec<Source>,
     /// The train/validation split.
     #[serde(default)]
@@ -113,12 +116,12 @@ fn default_field() -> String {
 
 /// Which documents go to validation: decided by a hash of the text and the seed, so a document
 /// lands in the same split whatever else the corpus holds — or, with `tail`, the last ones.
-#[derive(Debug, Default, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Split {
-    /// Fraction of documents for validation, 0 to 1.
-    #[serde(default)]
-    pub validation: f64,
+    /// Fraction of documents for validation, at least 0 and below 1.
+    #[serde(default = "no_validation")]
+    pub validation: Fraction,
     #[serde(default)]
     pub seed: u64,
     /// Take the last documents in corpus order instead of hashing (as nanoGPT holds out the end
@@ -127,11 +130,21 @@ pub struct Split {
     pub tail: bool,
 }
 
+fn no_validation() -> Fraction {
+    Fraction::of(0.0)
+}
+
+impl Default for Split {
+    fn default() -> Self {
+        serde_json::from_value(serde_json::json!({})).expect("defaults deserialise")
+    }
+}
+
 impl Split {
     /// Whether document `index` (0-based, in corpus order) of `total` goes to validation.
     fn is_validation(&self, record: &Record, index: u64, total: u64) -> bool {
         if self.tail {
-            let held_out = (total as f64 * self.validation).round() as u64;
+            let held_out = (total as f64 * self.validation.get()).round() as u64;
             return index >= total - held_out;
         }
         self.hashes_to_validation(record)
@@ -146,7 +159,7 @@ impl Split {
                 .try_into()
                 .expect("8 bytes"),
         );
-        (h as f64) < self.validation * 2f64.powi(64)
+        (h as f64) < self.validation.get() * 2f64.powi(64)
     }
 }
 
@@ -182,8 +195,6 @@ impl Stage for Collect {
         params: &CollectParams,
         pipeline_dir: &Path,
     ) -> Result<Vec<PathBuf>, String> {
-        // Here as well as in `run`, so `smelt validate` reports bad params before anything runs.
-        check_params(params)?;
         let mut deps = Vec::new();
         for source in &params.sources {
             if let Source::Files(files) = source {
@@ -193,8 +204,23 @@ impl Stage for Collect {
         Ok(deps)
     }
 
+    fn check(&self, params: &CollectParams, _wired: &[&str]) -> Vec<ParamProblem> {
+        let mut problems = Vec::new();
+        for (i, source) in params.sources.iter().enumerate() {
+            match source {
+                Source::Synthetic(synthetic) => problems.extend(synthetic.problems(i)),
+                Source::Url(u) => {
+                    problems.extend(url::sha256_problem(&u.sha256).map(|message| {
+                        ParamProblem::new(&format!("sources.{i}.url.sha256"), message)
+                    }))
+                }
+                Source::Files(_) => {}
+            }
+        }
+        problems
+    }
+
     fn run(&self, params: &CollectParams, ctx: &StageContext) -> Result<Metrics, StageError> {
-        check_params(params)?;
         let mut train = ShardWriter::new(&ctx.out_dir, "train", params.shard_documents);
         let mut validation = ShardWriter::new(&ctx.out_dir, "validation", params.shard_documents);
         let mut reports = Vec::new();
@@ -272,40 +298,30 @@ fn count_documents(params: &CollectParams, ctx: &StageContext) -> Result<u64, St
     Ok(total)
 }
 
-fn check_params(params: &CollectParams) -> Result<(), String> {
-    if params.sources.is_empty() {
-        return Err("`sources` is empty: name at least one source".into());
-    }
-    for (i, source) in params.sources.iter().enumerate() {
-        let Source::Synthetic(synthetic) = source else {
-            continue;
-        };
+impl SyntheticSource {
+    /// `tasks` against the generator; `index` is the source's place in `sources`.
+    fn problems(&self, index: usize) -> Option<ParamProblem> {
+        let at = format!("sources.{index}.synthetic.tasks");
         let asks = matches!(
-            synthetic.generator,
+            self.generator,
             Generator::Chat | Generator::Preferences | Generator::Qa
         );
-        match &synthetic.tasks {
-            Some(_) if !asks => {
-                return Err(format!(
-                    "`sources[{i}].synthetic.tasks`: the {} generator asks no questions (only chat, preferences and qa take `tasks`)",
-                    synthetic.generator.name()
-                ))
-            }
-            Some(tasks) if tasks.is_empty() => {
-                return Err(format!(
-                    "`sources[{i}].synthetic.tasks` is empty: name at least one task"
-                ))
-            }
-            _ => {}
+        match &self.tasks {
+            Some(_) if !asks => Some(ParamProblem::new(
+                &at,
+                format!(
+                    "`tasks`: the {} generator asks no questions (only chat, preferences and qa \
+                     take `tasks`)",
+                    self.generator.name()
+                ),
+            )),
+            Some(tasks) if tasks.is_empty() => Some(ParamProblem::new(
+                &at,
+                "`tasks` is empty: name at least one task, or leave it out for all",
+            )),
+            _ => None,
         }
     }
-    if !(0.0..1.0).contains(&params.split.validation) {
-        return Err(format!(
-            "`split.validation` must be at least 0 and below 1, got {}",
-            params.split.validation
-        ));
-    }
-    Ok(())
 }
 
 /// An empty split is an error, not a surprise three stages later.
@@ -321,7 +337,7 @@ fn check_splits(manifest: &Manifest, params: &CollectParams) -> Result<(), Strin
             "no training documents ({total} collected, {skipped} skipped)"
         ));
     }
-    if params.split.validation > 0.0 && manifest.validation.documents == 0 {
+    if params.split.validation.get() > 0.0 && manifest.validation.documents == 0 {
         return Err(format!(
             "the validation split is empty: {total} documents at fraction {}; raise it or add data",
             params.split.validation
@@ -413,7 +429,9 @@ mod tests {
             key_lock_fd: -1,
             memo_dir: dir.join("memo"),
         };
-        let metrics = Collect.run(&params, &ctx).map_err(|e| e.to_string())?;
+        let params = serde_json::to_value(&params).unwrap();
+        let metrics =
+            smelt_engine::DynStage::run(&Collect, &params, &ctx).map_err(|e| e.to_string())?;
         let manifest =
             serde_json::from_slice(&std::fs::read(out.join("manifest.json")).unwrap()).unwrap();
         Ok((metrics, manifest))
@@ -467,7 +485,7 @@ mod tests {
             .map(|r| r.text)
             .collect();
         let split = Split {
-            validation: 0.1,
+            validation: Fraction::of(0.1),
             seed: 3,
             tail: false,
         };

@@ -8,15 +8,19 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
+/// Why `sha256` cannot be a SHA-256 pin, if it cannot.
+pub fn sha256_problem(sha256: &str) -> Option<String> {
+    let hex = sha256.len() == 64 && sha256.bytes().all(|b| b.is_ascii_hexdigit());
+    (!hex).then(|| format!("`sha256` must be 64 hex digits, not `{sha256}`"))
+}
+
 /// The verified local copy of `href` at `target`, downloading it unless already there. `target`
 /// is a memo named by the checksum, so the same pin is downloaded once whatever else changes.
 pub fn fetch(href: &str, sha256: &str, target: &Path) -> Result<PathBuf, String> {
-    let expected = sha256.to_ascii_lowercase();
-    if expected.len() != 64 || !expected.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err(format!(
-            "{href}: sha256 must be 64 hex digits, got `{sha256}`"
-        ));
+    if let Some(problem) = sha256_problem(sha256) {
+        return Err(format!("{href}: {problem}"));
     }
+    let expected = sha256.to_ascii_lowercase();
     if let Ok(mut file) = File::open(target) {
         if sha256_of(&mut file).ok().as_deref() == Some(expected.as_str()) {
             return Ok(target.to_path_buf());

@@ -8,11 +8,14 @@ use std::path::{Path, PathBuf};
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
-use smelt_engine::{Metrics, Port, Ports, Stage, StageContext, StageError};
+use smelt_engine::{
+    InputDirs, Metrics, ParamProblem, Port, Ports, Stage, StageContext, StageError,
+};
 
 use crate::finetune::examples::{self, draw, Example, Padded, Skipped};
 use crate::finetune::{add_skipped, load_base, train_and_write, AdaptParams};
 use crate::model::{Backend, Precision, PreferenceLoss, PreferenceLossKind, Trainer};
+use crate::params::{BelowHalf, Bounded, NonNegative, Positive};
 use crate::tokenize::Meta;
 use crate::training::{Extras, Objective};
 
@@ -25,21 +28,29 @@ pub struct DpoParams {
     pub loss: PreferenceLossKind,
     /// How far the policy may move from the reference (the KL penalty's inverse weight).
     #[serde(default = "default_beta")]
-    pub beta: f32,
-    /// Assumed share of flipped labels (conservative DPO); `sigmoid` only.
-    #[serde(default)]
-    pub label_smoothing: f32,
+    pub beta: Positive<f32>,
+    /// Assumed share of flipped labels (conservative DPO), below 0.5; `sigmoid` only.
+    #[serde(default = "no_smoothing")]
+    pub label_smoothing: Bounded<f32, BelowHalf>,
     /// Weight of a negative log-likelihood loss on the chosen answers (per token) added to the
     /// preference loss, as TRL's `rpo_alpha` (RPO): without it DPO may lower the chosen answers'
     /// likelihood too, end markers included, and the model stops ending its answers.
-    #[serde(default)]
-    pub rpo_alpha: f32,
+    #[serde(default = "no_rpo")]
+    pub rpo_alpha: NonNegative<f32>,
     #[serde(flatten)]
     pub adapt: AdaptParams,
 }
 
-fn default_beta() -> f32 {
-    0.1
+fn default_beta() -> Positive<f32> {
+    Positive::of(0.1)
+}
+
+fn no_smoothing() -> Bounded<f32, BelowHalf> {
+    Bounded::of(0.0)
+}
+
+fn no_rpo() -> NonNegative<f32> {
+    NonNegative::of(0.0)
 }
 
 /// Bump when the reference scores' meaning changes (it keys their memo).
@@ -78,45 +89,48 @@ impl Stage for Dpo {
         params.adapt.external_deps(pipeline_dir)
     }
 
+    fn check(&self, params: &DpoParams, wired: &[&str]) -> Vec<ParamProblem> {
+        params.adapt.problems(wired)
+    }
+
+    fn input_checks(&self) -> Option<&'static str> {
+        Some("the data has preference pairs to train and evaluate on, in the base model's vocabulary")
+    }
+
+    fn check_inputs(
+        &self,
+        params: &DpoParams,
+        inputs: &InputDirs,
+        pipeline_dir: &Path,
+    ) -> Vec<ParamProblem> {
+        params
+            .adapt
+            .input_problems(inputs, pipeline_dir, "preference")
+    }
+
     fn run(&self, params: &DpoParams, ctx: &StageContext) -> Result<Metrics, StageError> {
         Ok(dpo(params, ctx, None)?)
     }
 }
 
 impl DpoParams {
-    fn check(&self) -> Result<PreferenceLoss, String> {
-        self.adapt.train.check(&self.adapt.eval)?;
-        if self.beta.is_nan() || self.beta <= 0.0 {
-            return Err(format!("`beta` must be above 0, not {}", self.beta));
-        }
-        if !(0.0..0.5).contains(&self.label_smoothing) {
-            return Err(format!(
-                "`label_smoothing` must be in [0, 0.5), not {}",
-                self.label_smoothing
-            ));
-        }
-        if !self.rpo_alpha.is_finite() || self.rpo_alpha < 0.0 {
-            return Err(format!(
-                "`rpo_alpha` must be 0 or more, not {}",
-                self.rpo_alpha
-            ));
-        }
-        Ok(PreferenceLoss {
+    fn loss(&self) -> PreferenceLoss {
+        PreferenceLoss {
             kind: self.loss,
-            beta: self.beta,
-            label_smoothing: self.label_smoothing,
-            nll_weight: self.rpo_alpha,
-        })
+            beta: self.beta.get(),
+            label_smoothing: self.label_smoothing.get(),
+            nll_weight: self.rpo_alpha.get(),
+        }
     }
 }
 
 fn dpo(params: &DpoParams, ctx: &StageContext, stop_after: Option<u64>) -> Result<Metrics, String> {
-    let loss = params.check()?;
+    let loss = params.loss();
     let t = &params.adapt.train;
     let tokens_dir = ctx.input("data").ok_or("no `data` input")?;
     let meta = Meta::read(tokens_dir)?;
     let mut metrics = Metrics::new();
-    let mut model = load_base(&params.adapt, ctx, &meta, &mut metrics)?;
+    let mut model = load_base(&params.adapt, ctx, &mut metrics)?;
     let context = model.config().seq_len;
     let mut skipped = Skipped::default();
     let train = examples::pairs(tokens_dir, &meta, "train", context, &mut skipped)?;
@@ -131,7 +145,7 @@ fn dpo(params: &DpoParams, ctx: &StageContext, stop_after: Option<u64>) -> Resul
     }
     let validation: Vec<_> = validation
         .into_iter()
-        .take(params.adapt.eval.batches * t.batch_size)
+        .take(params.adapt.eval.batches.get() * t.batch_size.get())
         .collect();
     let reference = reference_scores(params, ctx, &meta, &train, &validation, &loss)?;
     std::fs::write(
@@ -149,7 +163,7 @@ fn dpo(params: &DpoParams, ctx: &StageContext, stop_after: Option<u64>) -> Resul
         validation,
         reference,
         loss,
-        batch: t.batch_size,
+        batch: t.batch_size.get(),
         pad: meta.eos_id,
         mean_len,
     };
@@ -184,7 +198,7 @@ fn reference_scores(
     validation: &[(Example, Example)],
     loss: &PreferenceLoss,
 ) -> Result<ReferenceScores, String> {
-    let base = params.adapt.base_dir(ctx)?;
+    let base = params.adapt.base_dir(&ctx.inputs, &ctx.pipeline_dir)?;
     let weights = std::fs::read(base.join("model.safetensors"))
         .map_err(|e| format!("{}: {e}", base.display()))?;
     let key = serde_json::json!({
@@ -214,7 +228,7 @@ fn reference_scores(
     reference.set_precision(precision)?;
     let mut score = |pairs: &[(Example, Example)]| -> Vec<f32> {
         pairs
-            .chunks(t.batch_size)
+            .chunks(t.batch_size.get())
             .flat_map(|chunk| {
                 let rows: Vec<&Example> = chunk.iter().flat_map(|(c, r)| [c, r]).collect();
                 let padded = Padded::new(&rows, meta.eos_id);
@@ -462,28 +476,21 @@ mod tests {
     }
 
     #[test]
-    fn bad_settings_are_errors() {
-        let dir = setup(Vec::new());
-        let err = run(
-            dir.path(),
-            "x",
-            &dpo_params(serde_json::json!({ "beta": 0.0 })),
-        )
-        .unwrap_err();
-        assert!(err.contains("`beta` must be above 0"), "{err}");
-        let err = run(
-            dir.path(),
-            "y",
-            &dpo_params(serde_json::json!({ "label_smoothing": 0.7 })),
-        )
-        .unwrap_err();
-        assert!(err.contains("label_smoothing"), "{err}");
-        let err = run(
-            dir.path(),
-            "z",
-            &dpo_params(serde_json::json!({ "rpo_alpha": -1.0 })),
-        )
-        .unwrap_err();
-        assert!(err.contains("`rpo_alpha` must be 0 or more"), "{err}");
+    fn bad_settings_are_refused_by_their_types() {
+        let refused = |extra: serde_json::Value| {
+            let mut value = serde_json::json!({ "train": { "steps": 6, "warmup": 1 } });
+            for (k, v) in extra.as_object().unwrap() {
+                value[k] = v.clone();
+            }
+            serde_json::from_value::<DpoParams>(value)
+                .unwrap_err()
+                .to_string()
+        };
+        let err = refused(serde_json::json!({ "beta": 0.0 }));
+        assert!(err.contains("0 is not above 0"), "{err}");
+        let err = refused(serde_json::json!({ "label_smoothing": 0.7 }));
+        assert!(err.contains("0.7 is not at least 0 and below 0.5"), "{err}");
+        let err = refused(serde_json::json!({ "rpo_alpha": -1.0 }));
+        assert!(err.contains("-1 is not at least 0"), "{err}");
     }
 }

@@ -11,15 +11,19 @@
 mod perplexity;
 pub mod report;
 
+use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 
 use regex::Regex;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
-use smelt_engine::{Metrics, Port, Ports, Stage, StageContext, StageError};
+use smelt_engine::{
+    InputDirs, Metrics, ParamProblem, Port, Ports, Stage, StageContext, StageError,
+};
 
 use crate::metrics;
 use crate::model::sample::{LoadedModel, Sampling};
+use crate::params::{non_empty, non_empty_schema, Positive};
 use crate::records::{shards, Record, ShardLines};
 use crate::tokenize::ChatTemplate;
 pub use perplexity::Window;
@@ -29,7 +33,9 @@ pub struct Evaluate;
 #[derive(Debug, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EvaluateParams {
-    /// What to measure, in order; each is measured on every model.
+    /// What to measure, in order (at least one); each is measured on every model.
+    #[serde(deserialize_with = "non_empty")]
+    #[schemars(schema_with = "non_empty_schema::<Metric>")]
     pub metrics: Vec<Metric>,
     /// How conversations are rendered into prompts (the `tokenize` stage's template).
     #[serde(default)]
@@ -47,8 +53,8 @@ fn default_max_tokens() -> usize {
     32
 }
 
-fn default_beta() -> f64 {
-    0.1
+fn default_beta() -> Positive {
+    Positive::of(0.1)
 }
 
 fn default_temperature() -> f32 {
@@ -66,7 +72,7 @@ pub enum Metric {
         window: Window,
         /// Tokens a sliding window advances; default half the context.
         #[serde(default)]
-        stride: Option<usize>,
+        stride: Option<NonZeroUsize>,
     },
     /// Greedy answers to the conversations' last user turn, compared with the reference answer.
     ExactMatch {
@@ -100,7 +106,7 @@ pub enum Metric {
     /// implicit reward margin against the first model (`beta` × log-ratio difference).
     PreferenceAccuracy {
         #[serde(default = "default_beta")]
-        beta: f64,
+        beta: Positive,
     },
     /// A few sampled continuations per model, for reading.
     Samples {
@@ -222,9 +228,6 @@ impl Stage for Evaluate {
         params: &EvaluateParams,
         pipeline_dir: &Path,
     ) -> Result<Vec<PathBuf>, String> {
-        if params.metrics.is_empty() {
-            return Err("`metrics` is empty: name at least one".into());
-        }
         let mut files = Vec::new();
         for metric in &params.metrics {
             if let Some(file) = metric.file() {
@@ -240,15 +243,66 @@ impl Stage for Evaluate {
         Ok(files)
     }
 
+    fn check(&self, params: &EvaluateParams, _wired: &[&str]) -> Vec<ParamProblem> {
+        let mut problems = params.chat_template.problems();
+        for (i, metric) in params.metrics.iter().enumerate() {
+            if let Metric::ExactMatch {
+                pattern: Some(pattern),
+                ..
+            } = metric
+            {
+                if let Some(message) = crate::params::regex_problem(pattern) {
+                    let at = format!("metrics.{i}.exact_match.pattern");
+                    problems.push(ParamProblem::new(
+                        &at,
+                        format!("`exact_match.pattern`: {message}"),
+                    ));
+                }
+            }
+        }
+        problems
+    }
+
+    fn input_checks(&self) -> Option<&'static str> {
+        Some("every model was trained with the `tokenizer` input's vocabulary")
+    }
+
+    fn check_inputs(
+        &self,
+        _params: &EvaluateParams,
+        inputs: &InputDirs,
+        _pipeline_dir: &Path,
+    ) -> Vec<ParamProblem> {
+        let Some(tokens) = inputs.get("tokenizer").and_then(|dirs| dirs.first()) else {
+            return Vec::new();
+        };
+        let expected = match crate::tokenize::Meta::read(tokens) {
+            Ok(meta) => meta.tokenizer_hash,
+            Err(e) => return vec![ParamProblem::new("", e)],
+        };
+        let models = inputs.get("models").into_iter().flatten();
+        models
+            .enumerate()
+            .filter_map(|(index, dir)| {
+                let problem = match tokenizer_hash(dir) {
+                    Ok(hash) if hash == expected => return None,
+                    Ok(_) => format!(
+                        "model {index} ({}) was trained with another vocabulary than the \
+                         `tokenizer` input",
+                        artifact_id(dir)
+                    ),
+                    Err(e) => format!("model {index}: {e}"),
+                };
+                Some(ParamProblem::new("", problem))
+            })
+            .collect()
+    }
+
     fn run(&self, params: &EvaluateParams, ctx: &StageContext) -> Result<Metrics, StageError> {
         let model_dirs = ctx.inputs.get("models").cloned().unwrap_or_default();
         let data = match ctx.input("data") {
             Some(dir) => read_records(dir, params.max_examples)?,
             None => Records::default(),
-        };
-        let tokenizer_hash = match ctx.input("tokenizer") {
-            Some(dir) => Some(crate::tokenize::Meta::read(dir)?.tokenizer_hash),
-            None => None,
         };
         let mut report = Report {
             models: model_dirs.iter().map(|d| artifact_id(d)).collect(),
@@ -261,20 +315,7 @@ impl Stage for Evaluate {
         let mut preference_log_probs: Vec<Vec<(f64, f64)>> = Vec::new();
         for (index, dir) in model_dirs.iter().enumerate() {
             let mut model = LoadedModel::open(dir)?;
-            let model_hash = blake3::hash(
-                &std::fs::read(dir.join("tokenizer.json")).map_err(|e| e.to_string())?,
-            )
-            .to_hex()
-            .to_string();
-            if let Some(expected) = &tokenizer_hash {
-                if *expected != model_hash {
-                    return Err(format!(
-                        "model {index} ({}) was trained with another vocabulary than the `tokenizer` input",
-                        artifact_id(dir)
-                    )
-                    .into());
-                }
-            }
+            let model_hash = tokenizer_hash(dir)?;
             let mut measure = Measure {
                 model: &mut model,
                 index,
@@ -333,6 +374,14 @@ fn write_jsonl<T: Serialize>(path: &Path, items: &[T]) -> Result<(), StageError>
     }
     std::fs::write(path, text)?;
     Ok(())
+}
+
+/// BLAKE3 of a model directory's tokenizer.json (what a `tokenize` artifact's meta.json
+/// records as `tokenizer_hash`).
+fn tokenizer_hash(dir: &Path) -> Result<String, String> {
+    let path = dir.join("tokenizer.json");
+    let bytes = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(blake3::hash(&bytes).to_hex().to_string())
 }
 
 fn artifact_id(dir: &Path) -> String {
@@ -454,12 +503,12 @@ impl Measure<'_> {
         Ok(None)
     }
 
-    fn perplexity(&mut self, window: Window, stride: Option<usize>) -> Result<(), String> {
+    fn perplexity(&mut self, window: Window, stride: Option<NonZeroUsize>) -> Result<(), String> {
         if self.data.texts.is_empty() {
             return Err("perplexity: the data has no text documents".into());
         }
         let context = self.model.config.seq_len;
-        let stride = stride.unwrap_or(context / 2).max(1);
+        let stride = stride.map_or(context / 2, NonZeroUsize::get).max(1);
         let start = self
             .model
             .eos
@@ -736,7 +785,7 @@ fn choose(scores: &[(f64, usize)]) -> (usize, usize) {
 /// `beta · ((log π(c) − log π_ref(c)) − (log π(r) − log π_ref(r)))`.
 fn add_reward_margins(params: &EvaluateParams, report: &mut Report, log_probs: &[Vec<(f64, f64)>]) {
     let Some(beta) = params.metrics.iter().find_map(|m| match m {
-        Metric::PreferenceAccuracy { beta } => Some(*beta),
+        Metric::PreferenceAccuracy { beta } => Some(beta.get()),
         _ => None,
     }) else {
         return;
@@ -830,7 +879,8 @@ mod tests {
                 .insert("tokenizer".into(), vec![p.join("tokens")]);
         }
         Evaluate.external_deps(&params, p)?;
-        Evaluate.run(&params, &ctx).map_err(|e| e.to_string())?;
+        let params = serde_json::to_value(&params).unwrap();
+        smelt_engine::DynStage::run(&Evaluate, &params, &ctx).map_err(|e| e.to_string())?;
         Ok(serde_json::from_slice(&std::fs::read(p.join("eval/metrics.json")).unwrap()).unwrap())
     }
 
@@ -955,7 +1005,7 @@ mod tests {
         .unwrap_err();
         assert!(err.contains("no file nope.jsonl"), "{err}");
         let err = evaluate(dir.path(), serde_json::json!({ "metrics": [] }), false).unwrap_err();
-        assert!(err.contains("`metrics` is empty"), "{err}");
+        assert!(err.contains("the list is empty"), "{err}");
         // A tokenizer input with another vocabulary.
         let other = dir.path().join("tokens/meta.json");
         let mut meta: serde_json::Value =

@@ -57,13 +57,20 @@ pub struct Skipped {
 /// Token ids with their loss mask.
 type Masked = (Vec<u32>, Vec<u8>);
 
-fn stream(dir: &Path, meta: &Meta, name: &str) -> Result<Vec<Masked>, String> {
-    let Some(stream) = meta.streams.get(name) else {
-        return Err(format!(
+/// Why the data has no stream `name` (`chat-train`), if it has none.
+pub fn missing_stream(meta: &Meta, name: &str) -> Option<String> {
+    (!meta.streams.contains_key(name)).then(|| {
+        format!(
             "the data input has no `{name}` stream (it has: {}); tokenize chat or preference \
              records with a `tokenize` stage",
             meta.streams.keys().cloned().collect::<Vec<_>>().join(", ")
-        ));
+        )
+    })
+}
+
+fn stream(dir: &Path, meta: &Meta, name: &str) -> Result<Vec<Masked>, String> {
+    let Some(stream) = meta.streams.get(name) else {
+        return Err(missing_stream(meta, name).expect("the stream is missing"));
     };
     let sequences = read_stream(dir, stream, meta.dtype).map_err(|e| format!("{name}: {e}"))?;
     sequences

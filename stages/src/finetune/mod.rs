@@ -8,13 +8,17 @@
 
 pub mod examples;
 
+use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
-use smelt_engine::{Metrics, Port, Ports, Stage, StageContext, StageError};
+use smelt_engine::{
+    InputDirs, Metrics, ParamProblem, Port, Ports, Stage, StageContext, StageError,
+};
 
-use crate::model::{peft, Backend, DeviceKind, LoraConfig, LoraTarget, QuantKind, Trainer};
+use crate::model::{io, peft, Backend, DeviceKind, LoraConfig, LoraTarget, QuantKind, Trainer};
+use crate::params::{non_empty, non_empty_schema, Fraction, Positive};
 use crate::tokenize::Meta;
 use crate::training::{self, EvalParams, Extras, Objective, Outcome, Settings, TrainParams};
 use examples::{draw, Example, Padded, Skipped};
@@ -54,7 +58,7 @@ pub struct AdaptParams {
     pub device: DeviceKind,
     /// The hardware's peak FLOP/s, for MFU in metrics.jsonl.
     #[serde(default = "training::default_peak_flops")]
-    pub peak_flops: f64,
+    pub peak_flops: Positive,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -74,15 +78,16 @@ pub enum Method {
 pub struct LoraParams {
     /// Rank of the update.
     #[serde(default = "default_r")]
-    pub r: usize,
+    pub r: NonZeroUsize,
     /// The update is scaled by `alpha / r`.
     #[serde(default = "default_alpha")]
     pub alpha: f32,
     /// Dropout on the adapters' inputs.
     #[serde(default = "default_lora_dropout")]
-    pub dropout: f32,
-    /// Linear layers that get an adapter, in every block.
-    #[serde(default = "default_targets")]
+    pub dropout: Fraction<f32>,
+    /// Linear layers that get an adapter, in every block (at least one).
+    #[serde(default = "default_targets", deserialize_with = "non_empty")]
+    #[schemars(schema_with = "non_empty_schema::<LoraTarget>")]
     pub targets: Vec<LoraTarget>,
 }
 
@@ -93,23 +98,23 @@ pub struct QuantizeParams {
     pub kind: QuantKind,
     /// Values per scale.
     #[serde(default = "default_block")]
-    pub block_size: usize,
+    pub block_size: NonZeroUsize,
 }
 
-fn default_r() -> usize {
-    8
+fn default_r() -> NonZeroUsize {
+    NonZeroUsize::new(8).expect("not zero")
 }
 fn default_alpha() -> f32 {
     16.0
 }
-fn default_lora_dropout() -> f32 {
-    0.05
+fn default_lora_dropout() -> Fraction<f32> {
+    Fraction::of(0.05)
 }
 fn default_targets() -> Vec<LoraTarget> {
     vec![LoraTarget::AttnCAttn, LoraTarget::AttnCProj]
 }
-fn default_block() -> usize {
-    64
+fn default_block() -> NonZeroUsize {
+    NonZeroUsize::new(64).expect("not zero")
 }
 
 impl Default for LoraParams {
@@ -127,25 +132,80 @@ impl Default for QuantizeParams {
 impl AdaptParams {
     fn lora_config(&self) -> LoraConfig {
         LoraConfig {
-            r: self.lora.r,
+            r: self.lora.r.get(),
             alpha: self.lora.alpha,
-            dropout: self.lora.dropout,
+            dropout: self.lora.dropout.get(),
             targets: self.lora.targets.clone(),
         }
     }
 
-    /// The base model directory: the `model` input, or `base` next to the pipeline.
-    pub fn base_dir(&self, ctx: &StageContext) -> Result<PathBuf, String> {
-        match (ctx.input("model"), &self.base) {
-            (Some(dir), None) => Ok(dir.to_path_buf()),
-            (None, Some(base)) => Ok(ctx.pipeline_dir.join(base)),
-            (Some(_), Some(_)) => Err("both a `model` input and `base` are given: keep one".into()),
-            (None, None) => Err(
-                "no base model: wire a `model` input (a pretrain, finetune or dpo stage) or set \
-                 `base` to an HF GPT-2 directory"
-                    .into(),
-            ),
+    /// What the params must satisfy together and with the wiring (`finetune` and `dpo`).
+    pub fn problems(&self, wired: &[&str]) -> Vec<ParamProblem> {
+        let mut problems = self.train.problems();
+        let model = wired.contains(&"model");
+        if let Some(problem) = base_problem(model, self.base.is_some()) {
+            problems.push(problem);
         }
+        problems
+    }
+
+    /// The base model directory: the `model` input, or `base` next to the pipeline.
+    pub fn base_dir(&self, inputs: &InputDirs, pipeline_dir: &Path) -> Result<PathBuf, String> {
+        let model = inputs.get("model").and_then(|dirs| dirs.first());
+        if let Some(problem) = base_problem(model.is_some(), self.base.is_some()) {
+            return Err(problem.to_string());
+        }
+        Ok(match (model, &self.base) {
+            (Some(dir), _) => dir.clone(),
+            (None, base) => pipeline_dir.join(base.as_deref().unwrap_or_default()),
+        })
+    }
+
+    /// The `finetune` and `dpo` input checks: the data has the `<streams>-train` and
+    /// `<streams>-validation` streams (`chat`, `preference`), and the base model's vocabulary is
+    /// the data's.
+    pub fn input_problems(
+        &self,
+        inputs: &InputDirs,
+        pipeline_dir: &Path,
+        streams: &str,
+    ) -> Vec<ParamProblem> {
+        let at = if self.base.is_some() { "base" } else { "" };
+        let Some(data) = inputs.get("data").and_then(|dirs| dirs.first()) else {
+            return Vec::new();
+        };
+        let read = || -> Result<(usize, Meta), String> {
+            let dir = self.base_dir(inputs, pipeline_dir)?;
+            let (config, _) = io::read_hf_config(&dir)?;
+            Ok((config.vocab_size, Meta::read(data)?))
+        };
+        let (vocab, meta) = match read() {
+            Ok(read) => read,
+            Err(e) => return vec![ParamProblem::new(at, e)],
+        };
+        let mut problems: Vec<ParamProblem> = ["train", "validation"]
+            .iter()
+            .filter_map(|split| {
+                let missing = examples::missing_stream(&meta, &format!("{streams}-{split}"))?;
+                let why = if *split == "validation" {
+                    "; the stage evaluates on it"
+                } else {
+                    ""
+                };
+                Some(ParamProblem::new("", format!("{missing}{why}")))
+            })
+            .collect();
+        if vocab != meta.vocab_size {
+            let message = format!(
+                "the base model has a vocabulary of {vocab} tokens but the data was tokenized \
+                 with {} ({})",
+                meta.vocab_size, meta.tokenizer
+            );
+            problems.push(ParamProblem::new(at, message).help(
+                "tokenize the data with the model's tokenizer (wire it as the `tokenizer` input)",
+            ));
+        }
+        problems
     }
 
     pub fn external_deps(&self, pipeline_dir: &Path) -> Result<Vec<PathBuf>, String> {
@@ -162,35 +222,39 @@ impl AdaptParams {
     }
 }
 
-/// The base model on its device, checked against the data's vocabulary and adapted by
-/// `method`; metrics gain the trainable parameters and, for `qlora`, the base's memory.
+/// Why the base model is missing or ambiguous: `model` says whether the `model` input is
+/// wired, `base` whether the param is given.
+fn base_problem(model: bool, base: bool) -> Option<ParamProblem> {
+    match (model, base) {
+        (true, true) => Some(ParamProblem::new(
+            "base",
+            "both a `model` input and `base` are given: keep one",
+        )),
+        (false, false) => Some(ParamProblem::new(
+            "",
+            "no base model: wire a `model` input (a pretrain, finetune or dpo stage) or set \
+             `base` to an HF GPT-2 directory",
+        )),
+        _ => None,
+    }
+}
+
+/// The base model on its device (its vocabulary was checked against the data's, by
+/// [`AdaptParams::input_problems`]) adapted by `method`; metrics gain the trainable
+/// parameters and, for `qlora`, the base's memory.
 pub fn load_base(
     method: &AdaptParams,
     ctx: &StageContext,
-    meta: &Meta,
     metrics: &mut Metrics,
 ) -> Result<Trainer, String> {
-    let dir = method.base_dir(ctx)?;
+    let dir = method.base_dir(&ctx.inputs, &ctx.pipeline_dir)?;
     let (mut model, _) = Trainer::load(&dir, method.device, method.train.optimizer())?;
-    let vocab = model.config().vocab_size;
-    if vocab != meta.vocab_size {
-        return Err(format!(
-            "the base model has a vocabulary of {vocab} tokens but the data was tokenized with \
-             {} ({}): tokenize with the model's tokenizer",
-            meta.vocab_size, meta.tokenizer
-        ));
-    }
     if method.method != Method::Full {
-        let config = method.lora_config();
-        config.check()?;
-        model.add_lora(&config, method.train.seed);
+        model.add_lora(&method.lora_config(), method.train.seed);
     }
     if method.method == Method::Qlora {
-        if method.quantize.block_size == 0 {
-            return Err("`quantize.block_size` must be at least 1".into());
-        }
         let (bytes, f32_bytes) =
-            model.quantize_frozen(method.quantize.kind, method.quantize.block_size);
+            model.quantize_frozen(method.quantize.kind, method.quantize.block_size.get());
         metrics.insert("frozen_linear_bytes".into(), bytes.into());
         metrics.insert("frozen_linear_f32_bytes".into(), f32_bytes.into());
     }
@@ -214,11 +278,11 @@ pub fn train_and_write(
         eval: &adapt.eval,
         // Of the whole model, though frozen weights skip their gradient GEMMs.
         flops_per_token: config.flops_per_token(config.weights()),
-        peak_flops: adapt.peak_flops,
+        peak_flops: adapt.peak_flops.get(),
     };
     let outcome = training::run(model, objective, &settings, ctx, stop_after)?;
     write_outputs(model, adapt, ctx, tokens_dir, meta, &outcome)?;
-    outcome.metrics(adapt.train.steps)
+    outcome.metrics(adapt.train.steps.get())
 }
 
 /// The output artifact: the adapter (PEFT layout) when there is one, then the merged HF model
@@ -279,6 +343,23 @@ impl Stage for Finetune {
         params.adapt.external_deps(pipeline_dir)
     }
 
+    fn check(&self, params: &FinetuneParams, wired: &[&str]) -> Vec<ParamProblem> {
+        params.adapt.problems(wired)
+    }
+
+    fn input_checks(&self) -> Option<&'static str> {
+        Some("the data has conversations to train and evaluate on, in the base model's vocabulary")
+    }
+
+    fn check_inputs(
+        &self,
+        params: &FinetuneParams,
+        inputs: &InputDirs,
+        pipeline_dir: &Path,
+    ) -> Vec<ParamProblem> {
+        params.adapt.input_problems(inputs, pipeline_dir, "chat")
+    }
+
     fn run(&self, params: &FinetuneParams, ctx: &StageContext) -> Result<Metrics, StageError> {
         Ok(finetune(params, ctx, None)?)
     }
@@ -290,11 +371,10 @@ fn finetune(
     stop_after: Option<u64>,
 ) -> Result<Metrics, String> {
     let t = &params.adapt.train;
-    t.check(&params.adapt.eval)?;
     let tokens_dir = ctx.input("data").ok_or("no `data` input")?;
     let meta = Meta::read(tokens_dir)?;
     let mut metrics = Metrics::new();
-    let mut model = load_base(&params.adapt, ctx, &meta, &mut metrics)?;
+    let mut model = load_base(&params.adapt, ctx, &mut metrics)?;
     let config = model.config();
     let mut skipped = Skipped::default();
     let mut train =
@@ -321,9 +401,9 @@ fn finetune(
         train,
         validation: validation
             .into_iter()
-            .take(params.adapt.eval.batches * t.batch_size)
+            .take(params.adapt.eval.batches.get() * t.batch_size.get())
             .collect(),
-        batch: t.batch_size,
+        batch: t.batch_size.get(),
         pad: meta.eos_id,
         mean_len,
     };
@@ -600,11 +680,55 @@ pub(crate) mod tests {
             &[("data", &p.join("chars")), ("model", &p.join("base"))],
             &p.join("x"),
         );
-        let err = finetune(&lora_params(serde_json::json!({})), &ctx, None).unwrap_err();
-        assert!(err.contains("vocabulary of 300 tokens"), "{err}");
-        let ctx = context("y", &[("data", &p.join("tokens"))], &p.join("y"));
-        let err = finetune(&lora_params(serde_json::json!({})), &ctx, None).unwrap_err();
-        assert!(err.contains("no base model"), "{err}");
+        let lora = lora_params(serde_json::json!({}));
+        let problems = Finetune.check_inputs(&lora, &ctx.inputs, p);
+        assert!(
+            problems[0].message.contains("vocabulary of 300 tokens"),
+            "{problems:?}"
+        );
+        let json = serde_json::to_value(&lora).unwrap();
+        let err = smelt_engine::DynStage::run(&Finetune, &json, &ctx)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("vocabulary of 300 tokens"),
+            "the stage refuses it too: {err}"
+        );
+        // Data without conversations, in the model's vocabulary.
+        let stories: Vec<Record> = generate(Generator::Stories, 20, 2).collect();
+        std::fs::create_dir(p.join("stories")).unwrap();
+        write_corpus(&p.join("stories"), &stories[..15], &stories[15..]);
+        let same_vocabulary: crate::tokenize::TokenizeParams =
+            serde_json::from_value(serde_json::json!({ "from": "tokens/tokenizer.json" })).unwrap();
+        let ctx = context(
+            "t",
+            &[("corpus", &p.join("stories"))],
+            &p.join("story-tokens"),
+        );
+        Tokenize.run(&same_vocabulary, &ctx).unwrap();
+        let ctx = context(
+            "w",
+            &[
+                ("data", &p.join("story-tokens")),
+                ("model", &p.join("base")),
+            ],
+            &p.join("w"),
+        );
+        let problems = Finetune.check_inputs(&lora, &ctx.inputs, p);
+        let messages: Vec<&str> = problems.iter().map(|p| p.message.as_str()).collect();
+        assert_eq!(messages.len(), 2, "{messages:?}");
+        assert!(messages[0].starts_with("the data input has no `chat-train` stream"));
+        assert!(messages[1].ends_with("the stage evaluates on it"));
+        let problems = Finetune.check(&lora, &["data"]);
+        assert!(
+            problems[0].message.contains("no base model"),
+            "{problems:?}"
+        );
+        let problems = Finetune.check(
+            &lora_params(serde_json::json!({ "base": "base" })),
+            &["data", "model"],
+        );
+        assert_eq!(problems[0].at, ["base"]);
         let err = Finetune
             .external_deps(&lora_params(serde_json::json!({ "base": "nowhere" })), p)
             .unwrap_err();

@@ -47,34 +47,6 @@ impl LoraConfig {
     pub fn scale(&self) -> f32 {
         self.alpha / self.r as f32
     }
-
-    pub fn check(&self) -> Result<(), String> {
-        if self.r == 0 {
-            return Err("`lora.r` must be at least 1".into());
-        }
-        if self.targets.is_empty() {
-            let valid: Vec<&str> = [
-                LoraTarget::AttnCAttn,
-                LoraTarget::AttnCProj,
-                LoraTarget::MlpCFc,
-                LoraTarget::MlpCProj,
-            ]
-            .iter()
-            .map(|t| t.name())
-            .collect();
-            return Err(format!(
-                "`lora.targets` is empty: name at least one of {}",
-                valid.join(", ")
-            ));
-        }
-        if !(0.0..1.0).contains(&self.dropout) {
-            return Err(format!(
-                "`lora.dropout` must be in [0, 1), not {}",
-                self.dropout
-            ));
-        }
-        Ok(())
-    }
 }
 
 /// One adapter: `A` `(in, r)`, `B` `(r, out)` (PEFT stores both transposed, as `nn.Linear`s).

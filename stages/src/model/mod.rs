@@ -141,11 +141,8 @@ impl GptConfig {
         if let Some((name, _)) = sizes.iter().find(|(_, n)| *n == 0) {
             return Err(format!("`{name}` must be at least 1"));
         }
-        if !self.d_model.is_multiple_of(self.heads) {
-            return Err(format!(
-                "`d_model` ({}) must be divisible by `heads` ({})",
-                self.d_model, self.heads
-            ));
+        if let Some(problem) = heads_problem(self.d_model, self.heads) {
+            return Err(problem);
         }
         if !(0.0..1.0).contains(&self.dropout) {
             return Err(format!("`dropout` must be in [0, 1), not {}", self.dropout));
@@ -165,6 +162,14 @@ impl GptConfig {
     pub fn flops_per_token(&self, parameters: usize) -> f64 {
         6.0 * parameters as f64 + 12.0 * (self.layers * self.seq_len * self.d_model) as f64
     }
+}
+
+/// Why `heads` attention heads cannot split a width of `d_model` (each head takes an equal
+/// share), if they cannot.
+pub fn heads_problem(d_model: usize, heads: usize) -> Option<String> {
+    (heads > 0 && !d_model.is_multiple_of(heads)).then(|| {
+        format!("`d_model` ({d_model}) must be divisible by `heads` ({heads}): each head takes an equal share of it")
+    })
 }
 
 /// Where the model runs.

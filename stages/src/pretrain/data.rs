@@ -5,7 +5,44 @@ use std::path::Path;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+use smelt_engine::ParamProblem;
+
 use crate::tokenize::{shards::read_stream, Meta};
+
+/// Whether windows of `seq` tokens plus their next-token target fit in the train and validation
+/// streams of a `tokenize` artifact (counted in its meta.json).
+pub fn windows_fit(meta: &Meta, seq: usize) -> Vec<ParamProblem> {
+    let mut problems = Vec::new();
+    for split in ["train", "validation"] {
+        let Some(stream) = meta.streams.get(split) else {
+            let mut message = format!(
+                "the tokens input has no {split} documents (streams: {})",
+                meta.streams.keys().cloned().collect::<Vec<_>>().join(", ")
+            );
+            if split == "validation" {
+                message.push_str(
+                    "; pretraining evaluates on it, so give `collect` a validation split",
+                );
+            }
+            problems.push(ParamProblem::new("", message));
+            continue;
+        };
+        if stream.tokens <= seq as u64 {
+            problems.push(
+                ParamProblem::new(
+                    "model.seq_len",
+                    format!(
+                        "the {split} split has {} tokens, too few for windows of `model.seq_len` \
+                         {seq} plus one target",
+                        stream.tokens
+                    ),
+                )
+                .help("lower `model.seq_len`, or add data"),
+            );
+        }
+    }
+    problems
+}
 
 /// One split's tokens, end to end (documents with their end-of-text tokens).
 pub struct Tokens(Vec<u32>);
@@ -24,18 +61,6 @@ impl Tokens {
         Ok(Tokens(
             sequences.into_iter().flat_map(|(ids, _)| ids).collect(),
         ))
-    }
-
-    /// Checks that windows of `seq` tokens (plus the next-token target) fit.
-    pub fn check(&self, split: &str, seq: usize) -> Result<(), String> {
-        if self.0.len() <= seq {
-            return Err(format!(
-                "the {split} split has {} tokens, too few for windows of seq_len {seq} plus one \
-                 target: lower `seq_len` or add data",
-                self.0.len()
-            ));
-        }
-        Ok(())
     }
 
     /// `batch` random windows of `seq` tokens and their next-token targets, drawn from a

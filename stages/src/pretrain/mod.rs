@@ -4,11 +4,17 @@
 
 mod data;
 
+use std::num::NonZeroUsize;
+use std::path::Path;
+
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
-use smelt_engine::{Metrics, Port, Ports, Stage, StageContext, StageError};
+use smelt_engine::{
+    InputDirs, Metrics, ParamProblem, Port, Ports, Stage, StageContext, StageError,
+};
 
-use crate::model::{Backend, Batch, DeviceKind, GptConfig, Trainer};
+use crate::model::{heads_problem, Backend, Batch, DeviceKind, GptConfig, Trainer};
+use crate::params::{Fraction, Positive};
 use crate::tokenize::Meta;
 use crate::training::{self, mix, EvalParams, Extras, Objective, Settings, TrainParams};
 use data::Tokens;
@@ -30,20 +36,21 @@ pub struct PretrainParams {
     /// The hardware's peak FLOP/s, for model FLOPs utilisation in metrics.jsonl. The default is
     /// a 2-core AVX-512 CPU at 2.6 GHz.
     #[serde(default = "crate::training::default_peak_flops")]
-    pub peak_flops: f64,
+    pub peak_flops: Positive,
 }
 
 /// The model's sizes (the vocabulary comes from the tokenizer).
 #[derive(Debug, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ModelParams {
-    pub layers: usize,
-    pub heads: usize,
-    pub d_model: usize,
+    pub layers: NonZeroUsize,
+    /// Attention heads; they divide `d_model`.
+    pub heads: NonZeroUsize,
+    pub d_model: NonZeroUsize,
     /// Context length in tokens.
-    pub seq_len: usize,
-    #[serde(default)]
-    pub dropout: f32,
+    pub seq_len: NonZeroUsize,
+    #[serde(default = "no_dropout")]
+    pub dropout: Fraction<f32>,
     /// Biases in linear layers and LayerNorms.
     #[serde(default = "yes")]
     pub bias: bool,
@@ -56,16 +63,20 @@ fn yes() -> bool {
     true
 }
 
+fn no_dropout() -> Fraction<f32> {
+    Fraction::of(0.0)
+}
+
 impl PretrainParams {
     fn config(&self, vocab_size: usize) -> GptConfig {
         let m = &self.model;
         GptConfig {
             vocab_size,
-            seq_len: m.seq_len,
-            d_model: m.d_model,
-            layers: m.layers,
-            heads: m.heads,
-            dropout: m.dropout,
+            seq_len: m.seq_len.get(),
+            d_model: m.d_model.get(),
+            layers: m.layers.get(),
+            heads: m.heads.get(),
+            dropout: m.dropout.get(),
             bias: m.bias,
             tied_head: m.tied_head,
         }
@@ -89,6 +100,34 @@ impl Stage for Pretrain {
         }])
     }
 
+    fn check(&self, params: &PretrainParams, _wired: &[&str]) -> Vec<ParamProblem> {
+        let mut problems = params.train.problems();
+        let m = &params.model;
+        if let Some(message) = heads_problem(m.d_model.get(), m.heads.get()) {
+            problems.push(ParamProblem::new("model.d_model", message).or_at("model.heads"));
+        }
+        problems
+    }
+
+    fn input_checks(&self) -> Option<&'static str> {
+        Some("`model.seq_len` fits in the train and validation token streams")
+    }
+
+    fn check_inputs(
+        &self,
+        params: &PretrainParams,
+        inputs: &InputDirs,
+        _pipeline_dir: &Path,
+    ) -> Vec<ParamProblem> {
+        let Some(tokens) = inputs.get("tokens").and_then(|dirs| dirs.first()) else {
+            return Vec::new();
+        };
+        match Meta::read(tokens) {
+            Ok(meta) => data::windows_fit(&meta, params.model.seq_len.get()),
+            Err(e) => vec![ParamProblem::new("", e)],
+        }
+    }
+
     fn run(&self, params: &PretrainParams, ctx: &StageContext) -> Result<Metrics, StageError> {
         Ok(train(params, ctx, None)?)
     }
@@ -101,40 +140,36 @@ fn train(
     ctx: &StageContext,
     stop_after: Option<u64>,
 ) -> Result<Metrics, String> {
+    // `Stage::check` and `check_inputs` have passed (the engine runs them first).
     let t = &params.train;
-    t.check(&params.eval)?;
     let tokens_dir = ctx.input("tokens").ok_or("no `tokens` input")?;
     let meta = Meta::read(tokens_dir)?;
     let config = params.config(meta.vocab_size);
-    config.check()?;
     let seq = config.seq_len;
     let train = Tokens::read(tokens_dir, &meta, "train")?;
-    train.check("train", seq)?;
-    let validation = Tokens::read(tokens_dir, &meta, "validation").map_err(|e| {
-        format!("{e}; pretraining evaluates on it, so give `collect` a validation split")
-    })?;
-    validation.check("validation", seq)?;
+    let validation = Tokens::read(tokens_dir, &meta, "validation")?;
     let mut model = Trainer::new(config.clone(), params.device, t.seed, t.optimizer())?;
     let parameters = model.parameters();
-    let eval_batches = (0..params.eval.batches)
-        .map(|i| validation.batch(t.batch_size, seq, mix(t.seed ^ 0xe7a1, i as u64)))
+    let batch = t.batch_size.get();
+    let eval_batches = (0..params.eval.batches.get())
+        .map(|i| validation.batch(batch, seq, mix(t.seed ^ 0xe7a1, i as u64)))
         .collect();
     let mut objective = NextToken {
         train,
         eval_batches,
-        batch: t.batch_size,
+        batch,
         seq,
     };
     let settings = Settings {
         train: t,
         eval: &params.eval,
         flops_per_token: config.flops_per_token(parameters),
-        peak_flops: params.peak_flops,
+        peak_flops: params.peak_flops.get(),
     };
     let outcome = training::run(&mut model, &mut objective, &settings, ctx, stop_after)?;
     training::write_model_dir(&mut model, &ctx.out_dir, tokens_dir, meta.eos_id)?;
     outcome.write_log_and_curve(&ctx.out_dir)?;
-    let mut metrics = outcome.metrics(t.steps)?;
+    let mut metrics = outcome.metrics(t.steps.get())?;
     metrics.insert("parameters".into(), parameters.into());
     Ok(metrics)
 }
@@ -348,25 +383,23 @@ mod tests {
     #[test]
     fn bad_sizes_and_divergence_are_clear_errors() {
         let dir = tokens();
-        let err = run(
-            dir.path(),
-            "long",
-            &params(serde_json::json!({ "model": { "seq_len": 100000 } })),
-            None,
-        )
-        .unwrap_err();
+        let inputs = InputDirs::from([("tokens".to_string(), vec![dir.path().join("tokens")])]);
+        let long = params(serde_json::json!({ "model": { "seq_len": 100000 } }));
+        let problems = Pretrain.check_inputs(&long, &inputs, dir.path());
+        assert_eq!(problems.len(), 2, "both splits: {problems:?}");
+        assert_eq!(problems[0].at, ["model.seq_len"]);
         assert!(
-            err.contains("too few for windows of seq_len 100000"),
-            "{err}"
+            problems[0]
+                .message
+                .contains("too few for windows of `model.seq_len` 100000"),
+            "{problems:?}"
         );
-        let err = run(
-            dir.path(),
-            "odd",
-            &params(serde_json::json!({ "model": { "heads": 3 } })),
-            None,
-        )
-        .unwrap_err();
-        assert!(err.contains("must be divisible by `heads`"), "{err}");
+        let fits = params(serde_json::json!({}));
+        assert!(Pretrain.check_inputs(&fits, &inputs, dir.path()).is_empty());
+        let odd = params(serde_json::json!({ "model": { "heads": 3 } }));
+        let problems = Pretrain.check(&odd, &["tokens"]);
+        assert_eq!(problems[0].at, ["model.d_model", "model.heads"]);
+        assert!(problems[0].message.contains("must be divisible by `heads`"));
         let wild = params(
             serde_json::json!({ "train": { "lr": 1.0e9, "min_lr": 1.0, "grad_clip": 0.0, "warmup": 0, "steps": 40 } }),
         );
@@ -397,7 +430,11 @@ mod tests {
                 &context("tokens", &[("corpus", &corpus)], &dir.path().join("tokens")),
             )
             .unwrap();
-        let err = run(dir.path(), "out", &params(serde_json::json!({})), None).unwrap_err();
-        assert!(err.contains("no validation documents"), "{err}");
+        let inputs = InputDirs::from([("tokens".to_string(), vec![dir.path().join("tokens")])]);
+        let problems = Pretrain.check_inputs(&params(serde_json::json!({})), &inputs, dir.path());
+        assert!(
+            problems[0].message.contains("no validation documents"),
+            "{problems:?}"
+        );
     }
 }

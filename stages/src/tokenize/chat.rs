@@ -4,12 +4,13 @@
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
+use smelt_engine::ParamProblem;
 
 use super::encoder::Encoder;
 use crate::records::{Message, Record};
 
 /// How a conversation becomes text: each turn is `turn_start` (with `{role}` replaced by the
-/// turn's role), the content, then `turn_end`. The default is ChatML, whose markers are special
+/// turn's role; it must have one), the content, then `turn_end`. The default is ChatML, whose markers are special
 /// tokens of a trained tokenizer.
 #[derive(Clone, Debug, Serialize, Deserialize, JsonSchema, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -80,6 +81,23 @@ impl Example {
 }
 
 impl ChatTemplate {
+    /// A template whose turns do not say who speaks renders a user's turn and an assistant's
+    /// alike (paths from the stage's `with:`).
+    pub fn problems(&self) -> Vec<ParamProblem> {
+        if self.turn_start.contains("{role}") {
+            return Vec::new();
+        }
+        vec![ParamProblem::new(
+            "chat_template.turn_start",
+            format!(
+                "`chat_template.turn_start` ({:?}) has no `{{role}}`: every turn would start \
+                 alike, and the model could not tell the user's from the assistant's",
+                self.turn_start
+            ),
+        )
+        .help("write `{role}` where the role goes, as in \"<|im_start|>{role}\\n\"")]
+    }
+
     /// A conversation. Each turn is encoded on its own, so the ids at a turn boundary are the
     /// same whatever surrounds it (generation encodes prompts the same way).
     pub fn conversation(

@@ -20,6 +20,7 @@ mod train;
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 use std::hash::Hash;
+use std::num::{NonZeroU64, NonZeroUsize};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -27,7 +28,9 @@ use std::time::Instant;
 use rayon::prelude::*;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
-use smelt_engine::{Metrics, Port, Ports, Stage, StageContext, StageError};
+use smelt_engine::{
+    InputDirs, Metrics, ParamProblem, Port, Ports, Stage, StageContext, StageError,
+};
 use thread_local::ThreadLocal;
 use tokenizers::Tokenizer;
 
@@ -59,7 +62,7 @@ pub struct TokenizeParams {
     /// Longest fine-tuning sequence, in tokens: longer conversations and pairs are cut (and
     /// counted in meta.json).
     #[serde(default = "default_max_length")]
-    pub max_length: usize,
+    pub max_length: NonZeroUsize,
     /// The token after every pretraining document.
     #[serde(default = "default_eos")]
     pub eos_token: String,
@@ -69,7 +72,7 @@ pub struct TokenizeParams {
     pub separator: Separator,
     /// Tokens per shard file at most.
     #[serde(default = "default_shard_tokens")]
-    pub shard_tokens: u64,
+    pub shard_tokens: NonZeroU64,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -80,27 +83,33 @@ pub enum Separator {
     None,
 }
 
-fn default_max_length() -> usize {
-    1024
+fn default_max_length() -> NonZeroUsize {
+    NonZeroUsize::new(1024).expect("not zero")
 }
 
 fn default_eos() -> String {
     "<|endoftext|>".into()
 }
 
-fn default_shard_tokens() -> u64 {
-    1 << 28
+fn default_shard_tokens() -> NonZeroU64 {
+    NonZeroU64::new(1 << 28).expect("not zero")
 }
 
 impl TokenizeParams {
-    fn check(&self) -> Result<(), String> {
-        if self.train.is_some() && self.from.is_some() {
-            return Err("give either `train` or `from`, not both".into());
+    /// Why the vocabulary's source is ambiguous: `train`, `from` and a wired `tokenizer` input
+    /// exclude each other.
+    fn source_problem(&self, tokenizer_input: bool) -> Option<ParamProblem> {
+        match (&self.train, &self.from) {
+            (Some(_), Some(_)) => Some(
+                ParamProblem::new("from", "give either `train` or `from`, not both").or_at("train"),
+            ),
+            (Some(_), None) | (None, Some(_)) if tokenizer_input => Some(ParamProblem::new(
+                if self.from.is_some() { "from" } else { "train" },
+                "the vocabulary comes from the `tokenizer` input here: remove `from` and \
+                     `train`",
+            )),
+            _ => None,
         }
-        if self.max_length == 0 {
-            return Err("`max_length` must be at least 1".into());
-        }
-        Ok(())
     }
 }
 
@@ -180,7 +189,6 @@ impl Stage for Tokenize {
         params: &TokenizeParams,
         pipeline_dir: &Path,
     ) -> Result<Vec<PathBuf>, String> {
-        params.check()?;
         Ok(match &params.from {
             Some(path) => {
                 if !pipeline_dir.join(path).is_file() {
@@ -192,8 +200,37 @@ impl Stage for Tokenize {
         })
     }
 
+    fn check(&self, params: &TokenizeParams, wired: &[&str]) -> Vec<ParamProblem> {
+        let mut problems: Vec<ParamProblem> = params
+            .source_problem(wired.contains(&"tokenizer"))
+            .into_iter()
+            .collect();
+        if params.from.is_none() && !wired.contains(&"tokenizer") {
+            problems.extend(params.train.clone().unwrap_or_default().problems());
+        }
+        problems.extend(params.chat_template.problems());
+        problems
+    }
+
+    fn input_checks(&self) -> Option<&'static str> {
+        Some("a `char` vocabulary's `train.vocab_size` holds every character of the corpus")
+    }
+
+    fn check_inputs(
+        &self,
+        params: &TokenizeParams,
+        inputs: &InputDirs,
+        _pipeline_dir: &Path,
+    ) -> Vec<ParamProblem> {
+        let (Some(train), Some(dir)) =
+            (&params.train, inputs.get("corpus").and_then(|d| d.first()))
+        else {
+            return Vec::new();
+        };
+        train.alphabet_problems(&Corpus { dir: dir.clone() })
+    }
+
     fn run(&self, params: &TokenizeParams, ctx: &StageContext) -> Result<Metrics, StageError> {
-        params.check()?;
         let corpus = Corpus {
             dir: ctx
                 .input("corpus")
@@ -247,7 +284,7 @@ impl Stage for Tokenize {
             eos_id,
             special_tokens: special_tokens(&json),
             streams,
-            max_length: params.max_length,
+            max_length: params.max_length.get(),
             stats,
         };
         std::fs::write(
@@ -293,13 +330,12 @@ fn tokenizer(
         Ok((tokenizer, json))
     };
     let wired = ctx.input("tokenizer");
+    if let Some(problem) = params.source_problem(wired.is_some()) {
+        return Err(problem.to_string());
+    }
     match (&params.from, wired, &params.train) {
-        (Some(_), Some(_), _) | (_, Some(_), Some(_)) => Err(
-            "the vocabulary comes from the `tokenizer` input here: remove `from` and `train`"
-                .into(),
-        ),
-        (Some(path), None, _) => load(&ctx.pipeline_dir.join(path)),
-        (None, Some(dir), None) => load(&dir.join("tokenizer.json")),
+        (Some(path), _, _) => load(&ctx.pipeline_dir.join(path)),
+        (None, Some(dir), _) => load(&dir.join("tokenizer.json")),
         (None, None, train) => {
             let tokenizer = train::train(&train.clone().unwrap_or_default(), corpus)?;
             let json = tokenizer
@@ -621,7 +657,7 @@ impl Encoding<'_> {
         split: &str,
         writers: &mut SplitWriters,
     ) -> std::io::Result<()> {
-        let (out, dtype, shard_tokens) = (self.out, self.dtype, self.params.shard_tokens);
+        let (out, dtype, shard_tokens) = (self.out, self.dtype, self.params.shard_tokens.get());
         let tally = &mut self.tally;
         tally.documents += 1;
         match item {
@@ -645,7 +681,7 @@ impl Encoding<'_> {
             }
             Encoded::Chat(mut example) => {
                 tally.conversations += 1;
-                tally.truncated += u64::from(example.truncate(self.params.max_length));
+                tally.truncated += u64::from(example.truncate(self.params.max_length.get()));
                 if example.trainable() == 0 {
                     tally.zero_trainable += 1;
                     return Ok(());
@@ -657,8 +693,8 @@ impl Encoding<'_> {
             }
             Encoded::Preference(mut chosen, mut rejected) => {
                 tally.preference_pairs += 1;
-                let cut = chosen.truncate(self.params.max_length)
-                    | rejected.truncate(self.params.max_length);
+                let max_length = self.params.max_length.get();
+                let cut = chosen.truncate(max_length) | rejected.truncate(max_length);
                 tally.truncated += u64::from(cut);
                 if chosen.trainable() == 0 || rejected.trainable() == 0 {
                     tally.zero_trainable += 1;
@@ -698,12 +734,14 @@ mod tests {
         out: &str,
         tokenizer: Option<&Path>,
     ) -> Result<Meta, String> {
-        let params: TokenizeParams = serde_json::from_value(params).map_err(|e| e.to_string())?;
+        // Through the engine's face of the stage: its checks first, as in a pipeline.
+        let _: TokenizeParams =
+            serde_json::from_value(params.clone()).map_err(|e| e.to_string())?;
         let corpus = dir.join("corpus");
         let mut inputs = vec![("corpus", corpus.as_path())];
         inputs.extend(tokenizer.map(|t| ("tokenizer", t)));
         let ctx = context("tokens", &inputs, &dir.join(out));
-        Tokenize.run(&params, &ctx).map_err(|e| e.to_string())?;
+        smelt_engine::DynStage::run(&Tokenize, &params, &ctx).map_err(|e| e.to_string())?;
         Meta::read(&dir.join(out))
     }
 
@@ -829,7 +867,7 @@ mod tests {
         )
         .unwrap_err();
         assert!(
-            err.contains(&format!("vocab_size {}", alphabet - 1)),
+            err.contains(&format!("`train.vocab_size` {} is below", alphabet - 1)),
             "{err}"
         );
     }

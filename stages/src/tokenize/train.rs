@@ -4,9 +4,11 @@
 //! counts through its general pre-tokenization machinery.
 
 use std::collections::HashMap;
+use std::num::NonZeroUsize;
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
+use smelt_engine::ParamProblem;
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
 use tokenizers::decoders::fuse::Fuse;
 use tokenizers::decoders::wordpiece::WordPiece as WordPieceDecoder;
@@ -49,7 +51,7 @@ pub struct TrainParams {
     /// Tokens in the vocabulary, special tokens included. Default 4096; for `char`, every
     /// character seen (an error if given and smaller).
     #[serde(default)]
-    pub vocab_size: Option<usize>,
+    pub vocab_size: Option<NonZeroUsize>,
     /// A pair (or, for `char`, a character) is learnt only if seen at least this often.
     #[serde(default)]
     pub min_frequency: u64,
@@ -79,9 +81,58 @@ fn default_unk_token() -> String {
 
 const DEFAULT_VOCAB: usize = 4096;
 
+impl TrainParams {
+    /// What the vocabulary's params must satisfy together (paths from the stage's `with:`).
+    pub fn problems(&self) -> Vec<ParamProblem> {
+        let vocab_size = self.vocab_size.map_or(DEFAULT_VOCAB, NonZeroUsize::get);
+        let needed = 256 + self.special_tokens.len();
+        if self.model == ModelKind::ByteLevelBpe && vocab_size < needed {
+            let problem = ParamProblem::new(
+                "train.vocab_size",
+                format!(
+                    "`train.vocab_size` {vocab_size} is below the 256 bytes plus {} special \
+                     tokens a byte-level vocabulary starts with",
+                    self.special_tokens.len()
+                ),
+            );
+            return vec![problem
+                .or_at("train.model")
+                .help(format!("make it at least {needed}"))];
+        }
+        Vec::new()
+    }
+
+    /// For a `char` vocabulary of a given size, whether the characters of `corpus` fit.
+    pub fn alphabet_problems(&self, corpus: &Corpus) -> Vec<ParamProblem> {
+        let Some(vocab_size) = self.vocab_size.filter(|_| self.model == ModelKind::Char) else {
+            return Vec::new();
+        };
+        let characters = match alphabet(self, corpus) {
+            Ok(characters) => characters.len(),
+            Err(e) => return vec![ParamProblem::new("", e)],
+        };
+        let needed = characters + specials(self).len();
+        if needed <= vocab_size.get() {
+            return Vec::new();
+        }
+        vec![ParamProblem::new(
+            "train.vocab_size",
+            format!(
+                "`train.vocab_size` {vocab_size} is below what the corpus needs: its {characters} \
+                 characters plus {} special tokens make {needed} tokens",
+                specials(self).len()
+            ),
+        )
+        .help(format!(
+            "make it at least {needed}, or leave it out: a `char` vocabulary takes every \
+             character seen"
+        ))]
+    }
+}
+
 /// A vocabulary trained on the training split of `corpus`.
 pub fn train(params: &TrainParams, corpus: &Corpus) -> Result<Tokenizer, String> {
-    let vocab_size = params.vocab_size.unwrap_or(DEFAULT_VOCAB);
+    let vocab_size = params.vocab_size.map_or(DEFAULT_VOCAB, NonZeroUsize::get);
     let tokenizer = match params.model {
         ModelKind::ByteLevelBpe => byte_level_bpe(params, vocab_size, corpus)?,
         ModelKind::Char => chars(params, corpus)?,
@@ -91,7 +142,7 @@ pub fn train(params: &TrainParams, corpus: &Corpus) -> Result<Tokenizer, String>
     };
     let trained = tokenizer.get_vocab_size(true);
     let limit = match params.model {
-        ModelKind::Char => params.vocab_size,
+        ModelKind::Char => params.vocab_size.map(NonZeroUsize::get),
         _ => Some(vocab_size),
     };
     if let Some(limit) = limit.filter(|&limit| trained > limit) {
@@ -125,14 +176,6 @@ fn byte_level_bpe(
     vocab_size: usize,
     corpus: &Corpus,
 ) -> Result<Tokenizer, String> {
-    let needed = 256 + params.special_tokens.len();
-    if vocab_size < needed {
-        return Err(format!(
-            "vocab_size {vocab_size} is below the 256 bytes plus {} special tokens a byte-level \
-             vocabulary starts with",
-            params.special_tokens.len()
-        ));
-    }
     let counts = corpus.count(|text, counts: &mut HashMap<String, u64>| {
         for piece in pretokenize::pieces(text) {
             match counts.get_mut(piece) {
@@ -168,7 +211,9 @@ fn byte_level_bpe(
     Ok(tokenizer)
 }
 
-fn chars(params: &TrainParams, corpus: &Corpus) -> Result<Tokenizer, String> {
+/// The characters a `char` vocabulary learns from `corpus`: those seen at least
+/// `min_frequency` times, sorted.
+fn alphabet(params: &TrainParams, corpus: &Corpus) -> Result<Vec<char>, String> {
     let counts = corpus.count(|text, counts: &mut HashMap<char, u64>| {
         for c in text.chars() {
             *counts.entry(c).or_default() += 1;
@@ -180,6 +225,11 @@ fn chars(params: &TrainParams, corpus: &Corpus) -> Result<Tokenizer, String> {
         .map(|(c, _)| c)
         .collect();
     seen.sort_unstable();
+    Ok(seen)
+}
+
+fn chars(params: &TrainParams, corpus: &Corpus) -> Result<Tokenizer, String> {
+    let seen = alphabet(params, corpus)?;
     let specials = specials(params);
     let vocab: ahash::AHashMap<String, u32> = specials
         .iter()

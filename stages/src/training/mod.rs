@@ -11,55 +11,57 @@ mod schedule;
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
+use std::num::{NonZeroU64, NonZeroUsize};
 use std::path::Path;
 use std::time::Instant;
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
-use smelt_engine::{Metrics, StageContext};
+use smelt_engine::{Metrics, ParamProblem, StageContext};
 
 use crate::model::{io, on_compute_threads, AdamWConfig, Backend, Precision};
+use crate::params::{Fraction, NonNegative, Positive};
 pub use schedule::Schedule;
 
 #[derive(Debug, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TrainParams {
     #[serde(default = "default_steps")]
-    pub steps: u64,
+    pub steps: NonZeroU64,
     /// Sequences per optimizer step (per micro-batch when `grad_accum` > 1).
     #[serde(default = "default_batch")]
-    pub batch_size: usize,
+    pub batch_size: NonZeroUsize,
     /// Micro-batches whose gradients are summed before each step.
     #[serde(default = "one")]
-    pub grad_accum: usize,
+    pub grad_accum: NonZeroUsize,
     #[serde(default = "default_lr")]
-    pub lr: f64,
-    /// Where the schedule ends; `lr / 10` when not given.
+    pub lr: Positive,
+    /// Where the schedule ends, at most `lr`; `lr / 10` when not given.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub min_lr: Option<f64>,
-    /// Steps of linear warmup.
+    pub min_lr: Option<NonNegative>,
+    /// Steps of linear warmup, at most `steps`.
     #[serde(default = "default_warmup")]
     pub warmup: u64,
     #[serde(default)]
     pub schedule: Schedule,
     /// Decoupled (AdamW) weight decay, applied to matrices only.
     #[serde(default = "default_weight_decay")]
-    pub weight_decay: f64,
+    pub weight_decay: NonNegative,
     #[serde(default = "default_betas")]
-    pub betas: [f64; 2],
+    pub betas: [Fraction; 2],
     #[serde(default = "default_eps")]
-    pub eps: f64,
+    pub eps: Positive,
     /// Global gradient-norm clip; 0 turns clipping off.
     #[serde(default = "one_f32")]
-    pub grad_clip: f32,
+    pub grad_clip: NonNegative<f32>,
     #[serde(default = "default_seed")]
     pub seed: u64,
     /// Steps between checkpoints in the work dir.
     #[serde(default = "default_checkpoint_every")]
-    pub checkpoint_every: u64,
+    pub checkpoint_every: NonZeroU64,
     /// Steps between lines of metrics.jsonl (eval steps are always logged).
     #[serde(default = "default_log_every")]
-    pub log_every: u64,
+    pub log_every: NonZeroU64,
     /// What the linear layers' matrix multiplies compute in: `f32`, or `bf16` (inputs rounded
     /// to bf16, sums in f32, on AMX tiles where the CPU has them; weights, gradients and
     /// optimizer state stay f32). CPU only.
@@ -72,57 +74,57 @@ pub struct TrainParams {
 pub struct EvalParams {
     /// Steps between validation losses (and after the last step).
     #[serde(default = "default_eval_every")]
-    pub every: u64,
+    pub every: NonZeroU64,
     /// Validation batches averaged per evaluation (the same batches each time).
     #[serde(default = "default_eval_batches")]
-    pub batches: usize,
+    pub batches: NonZeroUsize,
 }
 
-fn one() -> usize {
-    1
+fn one() -> NonZeroUsize {
+    NonZeroUsize::MIN
 }
-fn one_f32() -> f32 {
-    1.0
+fn one_f32() -> NonNegative<f32> {
+    NonNegative::of(1.0)
 }
 /// A 2-core AVX-512 CPU at 2.6 GHz.
-pub fn default_peak_flops() -> f64 {
-    1.66e11
+pub fn default_peak_flops() -> Positive {
+    Positive::of(1.66e11)
 }
-fn default_steps() -> u64 {
-    1000
+fn default_steps() -> NonZeroU64 {
+    NonZeroU64::new(1000).expect("not zero")
 }
-fn default_batch() -> usize {
-    12
+fn default_batch() -> NonZeroUsize {
+    NonZeroUsize::new(12).expect("not zero")
 }
-fn default_lr() -> f64 {
-    1e-3
+fn default_lr() -> Positive {
+    Positive::of(1e-3)
 }
 fn default_warmup() -> u64 {
     100
 }
-fn default_weight_decay() -> f64 {
-    0.1
+fn default_weight_decay() -> NonNegative {
+    NonNegative::of(0.1)
 }
-fn default_betas() -> [f64; 2] {
-    [0.9, 0.99]
+fn default_betas() -> [Fraction; 2] {
+    [Fraction::of(0.9), Fraction::of(0.99)]
 }
-fn default_eps() -> f64 {
-    1e-8
+fn default_eps() -> Positive {
+    Positive::of(1e-8)
 }
 fn default_seed() -> u64 {
     1337
 }
-fn default_checkpoint_every() -> u64 {
-    250
+fn default_checkpoint_every() -> NonZeroU64 {
+    NonZeroU64::new(250).expect("not zero")
 }
-fn default_log_every() -> u64 {
-    10
+fn default_log_every() -> NonZeroU64 {
+    NonZeroU64::new(10).expect("not zero")
 }
-fn default_eval_every() -> u64 {
-    250
+fn default_eval_every() -> NonZeroU64 {
+    NonZeroU64::new(250).expect("not zero")
 }
-fn default_eval_batches() -> usize {
-    20
+fn default_eval_batches() -> NonZeroUsize {
+    NonZeroUsize::new(20).expect("not zero")
 }
 
 impl Default for TrainParams {
@@ -138,42 +140,49 @@ impl Default for EvalParams {
 }
 
 impl TrainParams {
-    pub fn check(&self, eval: &EvalParams) -> Result<(), String> {
-        for (name, value) in [
-            ("train.steps", self.steps),
-            ("train.checkpoint_every", self.checkpoint_every),
-            ("train.log_every", self.log_every),
-            ("eval.every", eval.every),
-        ] {
-            if value == 0 {
-                return Err(format!("`{name}` must be at least 1"));
-            }
-        }
-        if self.batch_size == 0 || self.grad_accum == 0 || eval.batches == 0 {
-            return Err(
-                "`train.batch_size`, `train.grad_accum` and `eval.batches` must be at least 1"
-                    .into(),
+    /// What the `train` block's params must satisfy together (each one's range is in its
+    /// type), as paths from the stage's `with:` (`train.warmup`).
+    pub fn problems(&self) -> Vec<ParamProblem> {
+        let mut problems = Vec::new();
+        let lr = self.lr.get();
+        if let Some(min_lr) = self.min_lr.map(NonNegative::get).filter(|&m| m > lr) {
+            problems.push(
+                ParamProblem::new(
+                    "train.min_lr",
+                    format!(
+                        "`train.min_lr` ({min_lr}) is above `train.lr` ({lr}): the schedule \
+                         decays from `lr` down to `min_lr`"
+                    ),
+                )
+                .or_at("train.lr"),
             );
         }
-        if !(self.lr > 0.0 && self.min_lr() >= 0.0 && self.min_lr() <= self.lr) {
-            return Err(format!(
-                "need 0 ≤ min_lr ≤ lr and lr > 0 (lr {}, min_lr {})",
-                self.lr,
-                self.min_lr()
-            ));
+        if self.warmup > self.steps.get() {
+            problems.push(
+                ParamProblem::new(
+                    "train.warmup",
+                    format!(
+                        "`train.warmup` ({}) is longer than `train.steps` ({}): the learning rate \
+                         would never reach `train.lr`",
+                        self.warmup, self.steps
+                    ),
+                )
+                .or_at("train.steps")
+                .help("lower `train.warmup` (100 steps when not given) or raise `train.steps`"),
+            );
         }
-        Ok(())
+        problems
     }
 
     pub fn min_lr(&self) -> f64 {
-        self.min_lr.unwrap_or(self.lr / 10.0)
+        self.min_lr.map_or(self.lr.get() / 10.0, NonNegative::get)
     }
 
     pub fn optimizer(&self) -> AdamWConfig {
         AdamWConfig {
-            betas: self.betas,
-            eps: self.eps,
-            weight_decay: self.weight_decay,
+            betas: self.betas.map(Fraction::get),
+            eps: self.eps.get(),
+            weight_decay: self.weight_decay.get(),
         }
     }
 }
@@ -264,18 +273,20 @@ pub fn run(
             .map_err(|e| format!("{}: {e}", path.display()))
     };
     let (mut log, mut timings) = (append(&log_path)?, append(&timings_path)?);
-    let tokens_per_step = objective.tokens_per_micro_batch() * t.grad_accum as f64;
+    let steps = t.steps.get();
+    let grad_accum = t.grad_accum.get();
+    let tokens_per_step = objective.tokens_per_micro_batch() * grad_accum as f64;
     let started = Instant::now();
     let mut window = (Instant::now(), 0u64);
-    let end = stop_after.map_or(t.steps, |s| s.min(t.steps));
+    let end = stop_after.map_or(steps, |s| s.min(steps));
     for step in start..end {
-        let lr = schedule::learning_rate(t.schedule, step, t.steps, t.warmup, t.lr, t.min_lr());
+        let lr = schedule::learning_rate(t.schedule, step, steps, t.warmup, t.lr.get(), t.min_lr());
         let (loss, mut extras) = on_compute_threads(model, |model| {
             let mut loss = 0.0;
             let mut extras = Extras::new();
-            for micro in 0..t.grad_accum {
-                let seed = mix(t.seed, step * t.grad_accum as u64 + micro as u64);
-                let share = 1.0 / t.grad_accum as f32;
+            for micro in 0..grad_accum {
+                let seed = mix(t.seed, step * grad_accum as u64 + micro as u64);
+                let share = 1.0 / grad_accum as f32;
                 let (micro_loss, micro_extras) = objective.accumulate(model, seed, share);
                 loss += micro_loss * share;
                 for (name, value) in micro_extras {
@@ -294,14 +305,14 @@ pub fn run(
         if !loss.is_finite() {
             return Err(diverged("loss", loss));
         }
-        let clip = (t.grad_clip > 0.0).then_some(t.grad_clip);
+        let clip = Some(t.grad_clip.get()).filter(|&c| c > 0.0);
         let grad_norm = on_compute_threads(model, |model| model.step(lr, clip));
         if !grad_norm.is_finite() {
             return Err(diverged("gradient norm", grad_norm));
         }
         let done = step + 1;
         let mut val_loss = None;
-        if done % settings.eval.every == 0 || done == t.steps {
+        if done % settings.eval.every.get() == 0 || done == steps {
             let (value, val_extras) = on_compute_threads(model, |model| objective.evaluate(model));
             val_loss = Some(value);
             extras.extend(val_extras.into_iter().map(|(k, v)| (format!("val_{k}"), v)));
@@ -309,7 +320,7 @@ pub fn run(
         window.1 += 1;
         let tokens_per_sec =
             window.1 as f64 * tokens_per_step / window.0.elapsed().as_secs_f64().max(1e-9);
-        if done % t.log_every == 0 || val_loss.is_some() || done == end {
+        if done % t.log_every.get() == 0 || val_loss.is_some() || done == end {
             let line = LogLine {
                 step: done,
                 loss,
@@ -328,13 +339,13 @@ pub fn run(
             write_line(&mut timings, &timing, &timings_path)?;
             window = (Instant::now(), 0);
         }
-        let eta = (t.steps - done) as f64 * tokens_per_step / tokens_per_sec.max(1e-9);
+        let eta = (steps - done) as f64 * tokens_per_step / tokens_per_sec.max(1e-9);
         ctx.report(
             done,
-            Some(t.steps),
+            Some(steps),
             &format!("loss {loss:.4} · {tokens_per_sec:.0} tok/s · ETA {eta:.0}s"),
         );
-        if done % t.checkpoint_every == 0 && done < t.steps {
+        if done % t.checkpoint_every.get() == 0 && done < steps {
             log.flush().map_err(|e| e.to_string())?;
             timings.flush().map_err(|e| e.to_string())?;
             save_checkpoint(model, &checkpoint, done)?;
@@ -342,7 +353,7 @@ pub fn run(
     }
     log.flush().map_err(|e| e.to_string())?;
     timings.flush().map_err(|e| e.to_string())?;
-    if end < t.steps {
+    if end < steps {
         save_checkpoint(model, &checkpoint, end)?;
         return Err(format!("stopped after step {end}"));
     }
@@ -566,16 +577,34 @@ mod tests {
 
     #[test]
     fn the_schedule_floor_defaults_to_a_tenth_of_the_rate() {
-        let eval = EvalParams::default();
         let low: TrainParams = serde_json::from_value(serde_json::json!({ "lr": 5e-5 })).unwrap();
         assert!(
-            low.check(&eval).is_ok(),
+            low.problems().is_empty(),
             "a fine-tuning rate below 1e-4 is valid"
         );
         assert!((low.min_lr() - 5e-6).abs() < 1e-15);
         let above: TrainParams =
             serde_json::from_value(serde_json::json!({ "lr": 5e-5, "min_lr": 1e-4 })).unwrap();
-        let err = above.check(&eval).unwrap_err();
-        assert!(err.contains("need 0 ≤ min_lr ≤ lr"), "{err}");
+        let problems = above.problems();
+        assert_eq!(problems[0].at, ["train.min_lr", "train.lr"]);
+        assert!(
+            problems[0].message.contains("is above `train.lr`"),
+            "{problems:?}"
+        );
+    }
+
+    #[test]
+    fn zero_steps_and_a_warmup_longer_than_the_run_are_refused() {
+        let zero = serde_json::from_value::<TrainParams>(serde_json::json!({ "steps": 0 }));
+        assert!(zero.is_err(), "steps is a NonZeroU64");
+        let negative = serde_json::from_value::<TrainParams>(serde_json::json!({ "lr": -1.0 }));
+        assert!(negative.is_err());
+        let short: TrainParams =
+            serde_json::from_value(serde_json::json!({ "steps": 50 })).unwrap();
+        let problems = short.problems();
+        assert_eq!(problems[0].at, ["train.warmup", "train.steps"]);
+        assert!(problems[0]
+            .message
+            .contains("`train.warmup` (100) is longer than `train.steps` (50)"));
     }
 }
