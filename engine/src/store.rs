@@ -85,10 +85,35 @@ pub enum Integrity {
     Corrupt(String),
 }
 
+/// What re-hashing every file of an artifact found (`smelt verify`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Checked {
+    Intact,
+    /// Neither its directory nor its files are in the store (a record or a lockfile names it,
+    /// or only its manifest is left): nothing to repair, the next run builds it.
+    Missing,
+    Corrupt(Damage),
+}
+
+/// How an artifact's files differ from its manifest.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Damage {
+    /// Files whose bytes no longer have the hash the manifest records.
+    pub changed: Vec<String>,
+    /// Files the manifest lists that are gone.
+    pub missing: Vec<String>,
+    /// Files the manifest does not list.
+    pub extra: Vec<String>,
+    /// Anything else: no manifest or an unreadable one, a file that cannot be read, files that
+    /// match the manifest but do not hash to the id (the manifest was changed too).
+    pub problem: Option<String>,
+}
+
 /// An open store; holds a shared lock on it for its lifetime so gc cannot run underneath.
 pub struct Store {
     root: PathBuf,
     _lock: File,
+    exclusive: bool,
 }
 
 /// Exclusive ownership of one stage key while it is built; released on drop (or process death).
@@ -132,7 +157,11 @@ impl Store {
             lock.lock_shared()?;
         }
         let root = std::path::absolute(root)?;
-        Ok(Store { root, _lock: lock })
+        Ok(Store {
+            root,
+            _lock: lock,
+            exclusive,
+        })
     }
 
     pub fn root(&self) -> &Path {
@@ -198,6 +227,126 @@ impl Store {
             Ok(tree) => Integrity::Corrupt(first_difference(&manifest, &tree.files)),
             Err(e) => Integrity::Corrupt(format!("it cannot be read: {e}")),
         }
+    }
+
+    /// Checks an artifact by reading every one of its files (no stat is trusted): what
+    /// `smelt verify` reports. Slower than [`Store::verify`], but it also finds bytes that
+    /// changed under an unchanged stat (a failing disk, a restored backup).
+    pub fn verify_contents(&self, id: &ArtifactId) -> Checked {
+        let dir = self.artifact_dir(id);
+        if !dir.is_dir() {
+            return Checked::Missing;
+        }
+        let corrupt = |problem: String| {
+            Checked::Corrupt(Damage {
+                problem: Some(problem),
+                ..Damage::default()
+            })
+        };
+        let manifest = match fs::read(self.manifest_path(id)) {
+            Ok(bytes) => match serde_json::from_slice::<Vec<FileEntry>>(&bytes) {
+                Ok(manifest) => manifest,
+                Err(e) => return corrupt(format!("its manifest is unreadable: {e}")),
+            },
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return corrupt("its manifest is missing".into())
+            }
+            Err(e) => return corrupt(format!("its manifest cannot be read: {e}")),
+        };
+        let tree = match hash_tree(&dir) {
+            Ok(tree) => tree,
+            Err(e) => return corrupt(format!("it cannot be read: {e}")),
+        };
+        let before: BTreeMap<&str, &FileEntry> =
+            manifest.iter().map(|f| (f.path.as_str(), f)).collect();
+        let now: BTreeMap<&str, &FileEntry> =
+            tree.files.iter().map(|f| (f.path.as_str(), f)).collect();
+        let mut damage = Damage::default();
+        for (path, entry) in &before {
+            match now.get(path) {
+                None => damage.missing.push(path.to_string()),
+                Some(found) if found.hash != entry.hash => damage.changed.push(path.to_string()),
+                Some(_) => {}
+            }
+        }
+        damage.extra = now
+            .keys()
+            .filter(|p| !before.contains_key(*p))
+            .map(|p| p.to_string())
+            .collect();
+        let listed = damage.changed.is_empty() && damage.missing.is_empty() && damage.extra.is_empty();
+        match (tree.hash.to_hex().as_str() == id.0, listed) {
+            (true, true) => Checked::Intact,
+            (true, false) => {
+                damage.problem = Some("its manifest does not describe its files".into());
+                Checked::Corrupt(damage)
+            }
+            (false, true) => corrupt(
+                "its files match its manifest but do not hash to its id: the manifest was \
+                 changed too"
+                    .into(),
+            ),
+            (false, false) => Checked::Corrupt(damage),
+        }
+    }
+
+    /// Every artifact in the store: its directories, and manifests left without one.
+    pub fn artifact_ids(&self) -> io::Result<Vec<ArtifactId>> {
+        let mut ids = BTreeSet::new();
+        for entry in fs::read_dir(self.root.join("artifacts"))? {
+            let name = entry?.file_name().to_string_lossy().into_owned();
+            // `.<id>.json.*.tmp`: a manifest being written (or left by a killed run).
+            if name.starts_with('.') {
+                continue;
+            }
+            ids.insert(ArtifactId(
+                name.strip_suffix(".json").unwrap_or(&name).to_string(),
+            ));
+        }
+        Ok(ids.into_iter().collect())
+    }
+
+    /// Every run record, by key (unreadable ones are skipped).
+    pub fn records(&self) -> io::Result<Vec<RunRecord>> {
+        let mut records = Vec::new();
+        for entry in fs::read_dir(self.root.join("records"))? {
+            let path = entry?.path();
+            if path.extension().is_some_and(|e| e == "json") {
+                if let Some(record) = fs::read(&path)
+                    .ok()
+                    .and_then(|bytes| serde_json::from_slice::<RunRecord>(&bytes).ok())
+                {
+                    records.push(record);
+                }
+            }
+        }
+        records.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(records)
+    }
+
+    /// Removes an artifact, its manifest and the run records that point at it, so that the
+    /// next run rebuilds it; returns the keys of those records. Needs the store opened
+    /// exclusively: no run may be reading the artifact or publishing it meanwhile.
+    ///
+    /// Records go first, then the directory (moved out of `artifacts/` at once, then
+    /// deleted), then the manifest: stopped anywhere, the store is still consistent (a record
+    /// without its artifact, or a manifest without its directory, reads as missing).
+    pub fn remove_artifact(&self, id: &ArtifactId) -> io::Result<Vec<StageKey>> {
+        if !self.exclusive {
+            return Err(io::Error::other(
+                "removing an artifact needs the store to itself (Store::open_exclusive)",
+            ));
+        }
+        let mut keys = Vec::new();
+        for record in self.records()? {
+            if record.artifact == *id {
+                remove_tree(&self.record_path(&record.key))?;
+                keys.push(record.key);
+            }
+        }
+        self.discard(&self.artifact_dir(id))?;
+        remove_tree(&self.manifest_path(id))?;
+        Ok(keys)
     }
 
     /// Blocks until this process owns `key` (another run may be building it).
@@ -521,6 +670,95 @@ mod tests {
         // Republishing repairs it.
         store.publish(&output(&store, &key, &[("a", "1")])).unwrap();
         assert_eq!(store.verify(&id), Integrity::Intact);
+    }
+
+    /// Changes file `a` of an artifact and records its new stat in the manifest, as if its
+    /// bytes had rotted on disk: the stat no longer tells.
+    fn rot(store: &Store, id: &ArtifactId, text: &str) {
+        let file = store.artifact_dir(id).join("a");
+        fs::set_permissions(&file, fs::Permissions::from_mode(0o644)).unwrap();
+        fs::write(&file, text).unwrap();
+        let path = store.manifest_path(id);
+        let mut manifest: Vec<FileEntry> = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
+        let entry = manifest.iter_mut().find(|f| f.path == "a").unwrap();
+        entry.stat = Stat::of(&fs::metadata(&file).unwrap());
+        write_atomic(&path, &serde_json::to_vec(&manifest).unwrap()).unwrap();
+    }
+
+    #[test]
+    fn verify_contents_reads_every_file() {
+        let root = tempfile::tempdir().unwrap();
+        let store = Store::open(root.path()).unwrap();
+        let key = StageKey("k".into());
+        let files = [("a", "1"), ("b", "2")];
+        let id = store.publish(&output(&store, &key, &files)).unwrap();
+        assert_eq!(store.verify_contents(&id), Checked::Intact);
+        rot(&store, &id, "x");
+        // The stat matches the manifest, so the quick check trusts the recorded hash.
+        assert_eq!(store.verify(&id), Integrity::Intact);
+        let Checked::Corrupt(damage) = store.verify_contents(&id) else {
+            panic!("rot not found");
+        };
+        assert_eq!(damage.changed, ["a"]);
+        assert!(damage.missing.is_empty() && damage.extra.is_empty());
+        // A deleted file and an added one are named as such.
+        let dir = store.artifact_dir(&id);
+        set_writable(&dir, true, true).unwrap();
+        fs::remove_file(dir.join("b")).unwrap();
+        fs::write(dir.join("c"), "3").unwrap();
+        let Checked::Corrupt(damage) = store.verify_contents(&id) else {
+            panic!("damage not found");
+        };
+        assert_eq!(
+            (damage.changed, damage.missing, damage.extra),
+            (vec!["a".to_string()], vec!["b".to_string()], vec!["c".to_string()])
+        );
+        // Without its manifest it cannot be checked: corrupt. Without its directory: missing.
+        fs::remove_file(store.manifest_path(&id)).unwrap();
+        assert!(matches!(store.verify_contents(&id), Checked::Corrupt(d) if d.problem.is_some()));
+        remove_tree(&dir).unwrap();
+        assert_eq!(store.verify_contents(&id), Checked::Missing);
+    }
+
+    #[test]
+    fn removing_an_artifact_takes_its_records_and_needs_the_store_to_itself() {
+        let root = tempfile::tempdir().unwrap();
+        let key = StageKey("k".into());
+        let id = {
+            let store = Store::open(root.path()).unwrap();
+            let id = store.publish(&output(&store, &key, &[("a", "1")])).unwrap();
+            let other = store.publish(&output(&store, &key, &[("a", "2")])).unwrap();
+            for (key, artifact) in [("k1", &id), ("k2", &id), ("k3", &other)] {
+                store
+                    .save_record(&RunRecord {
+                        key: StageKey(key.into()),
+                        artifact: artifact.clone(),
+                        kind: "command".into(),
+                        version: 1,
+                        params: serde_json::json!({}),
+                        inputs: BTreeMap::new(),
+                        deps: BTreeMap::new(),
+                        stage: "s".into(),
+                        finished_at: 0,
+                        duration_s: 0.0,
+                        metrics: BTreeMap::new(),
+                    })
+                    .unwrap();
+            }
+            assert!(store.remove_artifact(&id).is_err());
+            assert_eq!(store.artifact_ids().unwrap().len(), 2);
+            id
+        };
+        let store = Store::open_exclusive(root.path()).unwrap();
+        rot(&store, &id, "x");
+        let removed = store.remove_artifact(&id).unwrap();
+        assert_eq!(removed, [StageKey("k1".into()), StageKey("k2".into())]);
+        assert_eq!(store.verify_contents(&id), Checked::Missing);
+        assert!(!store.manifest_path(&id).exists());
+        assert_eq!(store.artifact_ids().unwrap().len(), 1);
+        let left: Vec<StageKey> = store.records().unwrap().into_iter().map(|r| r.key).collect();
+        assert_eq!(left, [StageKey("k3".into())]);
+        assert_eq!(fs::read_dir(root.path().join("tmp")).unwrap().count(), 0);
     }
 
     #[test]

@@ -7,6 +7,8 @@ pub mod collect;
 pub mod command;
 pub mod dpo;
 pub mod evaluate;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod finetune;
 pub mod metrics;
 pub mod model;

@@ -211,7 +211,7 @@ impl Stage for Tokenize {
                 params.eos_token
             )
         })?;
-        let vocab_size = tokenizer.get_vocab_size(true);
+        let vocab_size = vocab_size(&tokenizer);
         let unknown = unknown_id(&json);
         let mut encoding = Encoding {
             params,
@@ -286,13 +286,7 @@ fn tokenizer(
 ) -> Result<(Tokenizer, String), String> {
     let load = |path: &Path| -> Result<(Tokenizer, String), String> {
         let json = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        let tokenizer = Tokenizer::from_bytes(json.as_bytes()).map_err(|e| {
-            format!(
-                "{}: not a tokenizer.json `tokenizers` can load: {e}",
-                path.display()
-            )
-        })?;
-        Ok((tokenizer, json))
+        load_tokenizer(json, path)
     };
     let wired = ctx.input("tokenizer");
     match (&params.from, wired, &params.train) {
@@ -310,6 +304,53 @@ fn tokenizer(
             Ok((tokenizer, json))
         }
     }
+}
+
+/// A user's tokenizer.json (read from `path`) as `tokenizers` loads it.
+fn load_tokenizer(json: String, path: &Path) -> Result<(Tokenizer, String), String> {
+    let tokenizer = Tokenizer::from_bytes(json.as_bytes()).map_err(|e| {
+        format!(
+            "{}: not a tokenizer.json `tokenizers` can load: {e}",
+            path.display()
+        )
+    })?;
+    Ok((tokenizer, json))
+}
+
+/// What `run` does with a tokenizer.json before it reads the corpus (load it, choose the
+/// encoder, find the end-of-text, unknown and special tokens, write tokenizer_config.json),
+/// then `texts` encoded as the corpus would be: their ids and the vocabulary size the stage
+/// records, or the stage's error.
+#[doc(hidden)]
+pub fn load_and_encode(
+    json: String,
+    eos_token: &str,
+    texts: &[&str],
+) -> Result<(Vec<u32>, usize), String> {
+    let path = Path::new("tokenizer.json");
+    let (tokenizer, json) = load_tokenizer(json, path)?;
+    let encoder = Encoder::new(&tokenizer)?;
+    let unknown = unknown_id(&json);
+    let _ = special_tokens(&json);
+    let params: TokenizeParams = serde_json::from_value(serde_json::json!({
+        "from": "tokenizer.json", "eos_token": eos_token
+    }))
+    .map_err(|e| e.to_string())?;
+    let _ = tokenizer_config(&params, &tokenizer, unknown);
+    let mut ids = Vec::new();
+    for text in texts {
+        encoder.encode(text, &mut ids)?;
+    }
+    let eos = tokenizer
+        .token_to_id(eos_token)
+        .ok_or_else(|| format!("no `{eos_token}` token"))?;
+    ids.push(eos);
+    Ok((ids, vocab_size(&tokenizer)))
+}
+
+/// The vocabulary size recorded in meta.json: what the model's embedding needs.
+fn vocab_size(tokenizer: &Tokenizer) -> usize {
+    tokenizer.get_vocab_size(true)
 }
 
 /// The unknown token's id, if the model has one (Unigram names it by id, the others by text).
