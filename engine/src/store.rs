@@ -157,11 +157,42 @@ impl Store {
             lock.lock_shared()?;
         }
         let root = std::path::absolute(root)?;
-        Ok(Store {
+        let store = Store {
             root,
             _lock: lock,
             exclusive,
-        })
+        };
+        store.sweep();
+        Ok(store)
+    }
+
+    /// Removes what killed processes left half-written: temp files of [`write_atomic`] and temp
+    /// dirs in `tmp/` whose process is gone. A run that is killed between writing a file and
+    /// renaming it leaves such a file, and nothing else would ever remove it (gc aside).
+    ///
+    /// A temp dir of a stage key is removed only with that key's lock held, so never while a
+    /// run builds it. Best effort: errors are ignored (another run may sweep at the same time).
+    fn sweep(&self) {
+        for dir in ["", "artifacts", "records", "runs", "statcache"] {
+            sweep_temp_files(&self.root.join(dir), None);
+        }
+        let Ok(entries) = fs::read_dir(self.root.join("tmp")) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some((owner, pid)) = temp_owner(&name) else {
+                continue;
+            };
+            if process_alive(pid) {
+                continue;
+            }
+            if owner == "trash" {
+                let _ = remove_tree(&entry.path());
+            } else if let Ok(Some(_lock)) = self.try_lock_key(&StageKey(owner.to_string())) {
+                let _ = remove_tree(&entry.path());
+            }
+        }
     }
 
     pub fn root(&self) -> &Path {
@@ -581,6 +612,47 @@ pub struct Garbage {
     pub bytes: u64,
 }
 
+/// `KEY.PID.N` (a stage's output dir in `tmp/`, or `trash.PID.N`) → (KEY, PID).
+fn temp_owner(name: &str) -> Option<(&str, u32)> {
+    let mut parts = name.rsplitn(3, '.');
+    let n = parts.next()?;
+    let pid = parts.next()?.parse().ok()?;
+    let owner = parts.next()?;
+    n.parse::<u64>().ok().map(|_| (owner, pid))
+}
+
+/// Whether process `pid` exists on this machine. Where that cannot be told (no `/proc`), every
+/// process is taken to be alive, so nothing is swept.
+fn process_alive(pid: u32) -> bool {
+    pid == std::process::id()
+        || !Path::new("/proc/self").exists()
+        || Path::new("/proc").join(pid.to_string()).exists()
+}
+
+/// Removes the temp files [`write_atomic`] left in `dir` (`.NAME.PID.N.tmp`) whose process is
+/// gone; with `name`, only those of that file. Best effort.
+pub fn sweep_temp_files(dir: &Path, name: Option<&str>) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let file = entry.file_name();
+        let Some(temp) = file
+            .to_str()
+            .and_then(|f| f.strip_prefix('.'))
+            .and_then(|f| f.strip_suffix(".tmp"))
+        else {
+            continue;
+        };
+        let Some((target, pid)) = temp_owner(temp) else {
+            continue;
+        };
+        if name.is_none_or(|n| n == target) && !process_alive(pid) {
+            let _ = fs::remove_file(entry.path());
+        }
+    }
+}
+
 /// Writes a file so that readers see the old content or the new, never a part.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
@@ -759,6 +831,47 @@ mod tests {
         let left: Vec<StageKey> = store.records().unwrap().into_iter().map(|r| r.key).collect();
         assert_eq!(left, [StageKey("k3".into())]);
         assert_eq!(fs::read_dir(root.path().join("tmp")).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn opening_the_store_sweeps_what_dead_processes_left() {
+        let root = tempfile::tempdir().unwrap();
+        let store = Store::open(root.path()).unwrap();
+        let key = StageKey("k".into());
+        let id = store.publish(&output(&store, &key, &[("a", "1")])).unwrap();
+        // No process has pid u32::MAX - 1 (Linux caps pids far lower).
+        let dead = u32::MAX - 1;
+        let mine = std::process::id();
+        let records = root.path().join("records");
+        for (dir, name) in [
+            (&records, format!(".{}.json.{dead}.3.tmp", "x")),
+            (&records, format!(".{}.json.{mine}.4.tmp", "y")),
+            (&root.path().join("artifacts"), format!(".{id}.json.{dead}.0.tmp")),
+        ] {
+            fs::write(dir.join(name), "{").unwrap();
+        }
+        let tmp = root.path().join("tmp");
+        for name in [format!("k.{dead}.1"), format!("trash.{dead}.2"), format!("k.{mine}.5")] {
+            fs::create_dir(tmp.join(&name)).unwrap();
+            fs::write(tmp.join(&name).join("f"), "x").unwrap();
+        }
+        // A key being built by a live run is left alone, even with a dead process's name.
+        fs::create_dir(tmp.join(format!("busy.{dead}.6"))).unwrap();
+        let busy = store.lock_key(&StageKey("busy".into())).unwrap();
+        drop(store);
+        let _store = Store::open(root.path()).unwrap();
+        let names = |dir: &Path| -> Vec<String> {
+            let mut names: Vec<String> = fs::read_dir(dir)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            names.sort();
+            names
+        };
+        assert_eq!(names(&records), [format!(".y.json.{mine}.4.tmp")]);
+        assert_eq!(names(&root.path().join("artifacts")), [id.0.clone(), format!("{id}.json")]);
+        assert_eq!(names(&tmp), [format!("busy.{dead}.6"), format!("k.{mine}.5")]);
+        drop(busy);
     }
 
     #[test]
