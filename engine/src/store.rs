@@ -176,6 +176,18 @@ impl Store {
         for dir in ["", "artifacts", "records", "runs", "statcache"] {
             sweep_temp_files(&self.root.join(dir), None);
         }
+        // A stage's work dir goes once its record is written: one left beside a record was
+        // left by a run killed in between (a forced rebuild of the key holds its lock).
+        if let Ok(entries) = fs::read_dir(self.root.join("work")) {
+            for entry in entries.flatten() {
+                let key = StageKey(entry.file_name().to_string_lossy().into_owned());
+                if self.record_path(&key).exists() {
+                    if let Ok(Some(_lock)) = self.try_lock_key(&key) {
+                        let _ = remove_tree(&entry.path());
+                    }
+                }
+            }
+        }
         let Ok(entries) = fs::read_dir(self.root.join("tmp")) else {
             return;
         };
@@ -858,6 +870,27 @@ mod tests {
         // A key being built by a live run is left alone, even with a dead process's name.
         fs::create_dir(tmp.join(format!("busy.{dead}.6"))).unwrap();
         let busy = store.lock_key(&StageKey("busy".into())).unwrap();
+        // Work dirs: of a key with a record (a run killed before removing it), of a key without
+        // one (checkpoints to resume from), of a key with a record being rebuilt (forced).
+        let record = |key: &str| RunRecord {
+            key: StageKey(key.into()),
+            artifact: id.clone(),
+            kind: "command".into(),
+            version: 1,
+            params: serde_json::json!({}),
+            inputs: BTreeMap::new(),
+            deps: BTreeMap::new(),
+            stage: "s".into(),
+            finished_at: 0,
+            duration_s: 0.0,
+            metrics: BTreeMap::new(),
+        };
+        for key in ["done", "resumable", "busy"] {
+            fs::create_dir_all(store.work_dir(&StageKey(key.into())).join("ckpt")).unwrap();
+            if key != "resumable" {
+                store.save_record(&record(key)).unwrap();
+            }
+        }
         drop(store);
         let _store = Store::open(root.path()).unwrap();
         let names = |dir: &Path| -> Vec<String> {
@@ -868,7 +901,11 @@ mod tests {
             names.sort();
             names
         };
-        assert_eq!(names(&records), [format!(".y.json.{mine}.4.tmp")]);
+        assert_eq!(
+            names(&records),
+            [format!(".y.json.{mine}.4.tmp"), "busy.json".into(), "done.json".into()]
+        );
+        assert_eq!(names(&root.path().join("work")), ["busy", "resumable"]);
         assert_eq!(names(&root.path().join("artifacts")), [id.0.clone(), format!("{id}.json")]);
         assert_eq!(names(&tmp), [format!("busy.{dead}.6"), format!("k.{mine}.5")]);
         drop(busy);
