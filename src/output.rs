@@ -345,7 +345,9 @@ pub fn print_verified(root: &Path, found: &[Verified], repair: bool) {
         found.len()
     );
     if corrupt > removed {
-        println!("run `smelt verify --repair` to remove the corrupt ones; the next run rebuilds them");
+        println!(
+            "run `smelt verify --repair` to remove the corrupt ones; the next run rebuilds them"
+        );
     } else if repair && removed > 0 {
         println!("removed {removed} corrupt artifact(s)");
     }

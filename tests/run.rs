@@ -336,7 +336,11 @@ fn status_show_and_dag_describe_the_pipeline() {
 fn decision(p: &Project, stage: &str) -> String {
     let plan = p.smelt(&["plan", "p.yaml", "--format", "json"]).ok();
     let plan: serde_json::Value = serde_json::from_str(&plan.stdout).unwrap();
-    let found = plan["stages"].as_array().unwrap().iter().find(|s| s["stage"] == stage);
+    let found = plan["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["stage"] == stage);
     found.unwrap()["decision"].as_str().unwrap().to_string()
 }
 
@@ -373,14 +377,20 @@ fn verify_reads_every_byte_and_repair_makes_the_next_run_rebuild() {
     assert_eq!(check.code, 1, "{}", check.stdout);
     assert_has(&check.stdout, &format!("✗ corrupt  c {}", &id[..12]));
     assert_has(&check.stdout, "changed: out");
-    assert_has(&check.stdout, "4 artifact(s) checked: 3 intact, 1 corrupt, 0 missing");
+    assert_has(
+        &check.stdout,
+        "4 artifact(s) checked: 3 intact, 1 corrupt, 0 missing",
+    );
     // Through the pipeline file, as JSON: the same finding.
     let check = p.smelt(&["verify", "p.yaml", "--format", "json"]);
     assert_eq!(check.code, 1);
     let report: serde_json::Value = serde_json::from_str(&check.stdout).unwrap();
     let artifacts = report[0]["artifacts"].as_array().unwrap();
     assert_eq!(artifacts.len(), 4);
-    let bad: Vec<_> = artifacts.iter().filter(|a| a["state"] != "intact").collect();
+    let bad: Vec<_> = artifacts
+        .iter()
+        .filter(|a| a["state"] != "intact")
+        .collect();
     assert_eq!(bad.len(), 1);
     assert_eq!(bad[0]["artifact"], id.as_str());
     assert_eq!(bad[0]["stages"], serde_json::json!(["c"]));

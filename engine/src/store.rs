@@ -317,7 +317,8 @@ impl Store {
             .filter(|p| !before.contains_key(*p))
             .map(|p| p.to_string())
             .collect();
-        let listed = damage.changed.is_empty() && damage.missing.is_empty() && damage.extra.is_empty();
+        let listed =
+            damage.changed.is_empty() && damage.missing.is_empty() && damage.extra.is_empty();
         match (tree.hash.to_hex().as_str() == id.0, listed) {
             (true, true) => Checked::Intact,
             (true, false) => {
@@ -763,7 +764,8 @@ mod tests {
         fs::set_permissions(&file, fs::Permissions::from_mode(0o644)).unwrap();
         fs::write(&file, text).unwrap();
         let path = store.manifest_path(id);
-        let mut manifest: Vec<FileEntry> = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
+        let mut manifest: Vec<FileEntry> =
+            serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
         let entry = manifest.iter_mut().find(|f| f.path == "a").unwrap();
         entry.stat = Stat::of(&fs::metadata(&file).unwrap());
         write_atomic(&path, &serde_json::to_vec(&manifest).unwrap()).unwrap();
@@ -795,7 +797,11 @@ mod tests {
         };
         assert_eq!(
             (damage.changed, damage.missing, damage.extra),
-            (vec!["a".to_string()], vec!["b".to_string()], vec!["c".to_string()])
+            (
+                vec!["a".to_string()],
+                vec!["b".to_string()],
+                vec!["c".to_string()]
+            )
         );
         // Without its manifest it cannot be checked: corrupt. Without its directory: missing.
         fs::remove_file(store.manifest_path(&id)).unwrap();
@@ -840,7 +846,12 @@ mod tests {
         assert_eq!(store.verify_contents(&id), Checked::Missing);
         assert!(!store.manifest_path(&id).exists());
         assert_eq!(store.artifact_ids().unwrap().len(), 1);
-        let left: Vec<StageKey> = store.records().unwrap().into_iter().map(|r| r.key).collect();
+        let left: Vec<StageKey> = store
+            .records()
+            .unwrap()
+            .into_iter()
+            .map(|r| r.key)
+            .collect();
         assert_eq!(left, [StageKey("k3".into())]);
         assert_eq!(fs::read_dir(root.path().join("tmp")).unwrap().count(), 0);
     }
@@ -858,12 +869,19 @@ mod tests {
         for (dir, name) in [
             (&records, format!(".{}.json.{dead}.3.tmp", "x")),
             (&records, format!(".{}.json.{mine}.4.tmp", "y")),
-            (&root.path().join("artifacts"), format!(".{id}.json.{dead}.0.tmp")),
+            (
+                &root.path().join("artifacts"),
+                format!(".{id}.json.{dead}.0.tmp"),
+            ),
         ] {
             fs::write(dir.join(name), "{").unwrap();
         }
         let tmp = root.path().join("tmp");
-        for name in [format!("k.{dead}.1"), format!("trash.{dead}.2"), format!("k.{mine}.5")] {
+        for name in [
+            format!("k.{dead}.1"),
+            format!("trash.{dead}.2"),
+            format!("k.{mine}.5"),
+        ] {
             fs::create_dir(tmp.join(&name)).unwrap();
             fs::write(tmp.join(&name).join("f"), "x").unwrap();
         }
@@ -903,11 +921,21 @@ mod tests {
         };
         assert_eq!(
             names(&records),
-            [format!(".y.json.{mine}.4.tmp"), "busy.json".into(), "done.json".into()]
+            [
+                format!(".y.json.{mine}.4.tmp"),
+                "busy.json".into(),
+                "done.json".into()
+            ]
         );
         assert_eq!(names(&root.path().join("work")), ["busy", "resumable"]);
-        assert_eq!(names(&root.path().join("artifacts")), [id.0.clone(), format!("{id}.json")]);
-        assert_eq!(names(&tmp), [format!("busy.{dead}.6"), format!("k.{mine}.5")]);
+        assert_eq!(
+            names(&root.path().join("artifacts")),
+            [id.0.clone(), format!("{id}.json")]
+        );
+        assert_eq!(
+            names(&tmp),
+            [format!("busy.{dead}.6"), format!("k.{mine}.5")]
+        );
         drop(busy);
     }
 

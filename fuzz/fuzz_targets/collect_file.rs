@@ -15,7 +15,10 @@ fuzz_target!(|data: &[u8]| {
     let chunks = (flags & 3) % 3 == 0 && (flags >> 2) & 3 == 3;
     if let Ok(texts) = smelt_stages::fuzzing::collect_file(bytes, *flags, limit) {
         for text in texts {
-            assert!(chunks || text.len() as u64 <= limit, "a document over the limit");
+            assert!(
+                chunks || text.len() as u64 <= limit,
+                "a document over the limit"
+            );
             assert!(!text.trim().is_empty(), "an empty document");
         }
     }

@@ -20,7 +20,10 @@ fuzz_target!(|data: &[u8]| {
                 let _ = pipeline.dag();
             }
             Err(LoadError::Invalid(report)) => {
-                assert!(!report.problems.is_empty(), "an invalid file without a problem");
+                assert!(
+                    !report.problems.is_empty(),
+                    "an invalid file without a problem"
+                );
                 let _ = report.render_human(false);
                 let _ = report.render_human(true);
                 let _ = report.render_github();

@@ -51,8 +51,7 @@ pub fn collect_file(bytes: &[u8], flags: u8, limit: u64) -> Result<Vec<String>, 
 pub fn shard_records(mut bytes: &[u8], target: usize) -> (usize, usize) {
     let name = "shard.jsonl".into();
     let (mut carry, mut lines, mut records) = (Vec::new(), 0, 0);
-    while let Ok(Some(block)) = LineBlock::read(&mut bytes, &mut carry, lines + 1, target, &name)
-    {
+    while let Ok(Some(block)) = LineBlock::read(&mut bytes, &mut carry, lines + 1, target, &name) {
         for i in 0..block.lines.len() {
             records += usize::from(block.record(i).is_ok());
         }

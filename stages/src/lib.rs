@@ -7,9 +7,9 @@ pub mod collect;
 pub mod command;
 pub mod dpo;
 pub mod evaluate;
+pub mod finetune;
 #[doc(hidden)]
 pub mod fuzzing;
-pub mod finetune;
 pub mod metrics;
 pub mod model;
 pub mod plot;

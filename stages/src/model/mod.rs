@@ -164,7 +164,11 @@ impl GptConfig {
     /// `usize`.
     pub fn checked_weights(&self) -> Option<usize> {
         let d = self.d_model;
-        let blocks = self.layers.checked_mul(d)?.checked_mul(d)?.checked_mul(12)?;
+        let blocks = self
+            .layers
+            .checked_mul(d)?
+            .checked_mul(d)?
+            .checked_mul(12)?;
         let tables = self.vocab_size.checked_add(self.seq_len)?.checked_mul(d)?;
         blocks.checked_add(tables)
     }

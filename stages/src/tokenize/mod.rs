@@ -348,9 +348,14 @@ pub fn load_and_encode(
     Ok((ids, vocab_size(&tokenizer)))
 }
 
-/// The vocabulary size recorded in meta.json: what the model's embedding needs.
+/// The vocabulary size recorded in meta.json: what the model's embedding needs, one more than
+/// the largest id. A loaded tokenizer.json may leave holes in its ids (`tokenizers` only warns),
+/// and then it holds fewer tokens than that: counting them would give ids beyond the
+/// embedding, and u16 token files for ids over 65535.
 fn vocab_size(tokenizer: &Tokenizer) -> usize {
-    tokenizer.get_vocab_size(true)
+    let largest = tokenizer.get_vocab(true).into_values().max();
+    let size = largest.map_or(0, |id| id as usize + 1);
+    size.max(tokenizer.get_vocab_size(true))
 }
 
 /// The unknown token's id, if the model has one (Unigram names it by id, the others by text).
@@ -1104,6 +1109,52 @@ mod tests {
             outputs.push((all, meta));
         }
         assert_eq!(outputs[0], outputs[1]);
+    }
+
+    /// A character-level tokenizer.json whose ids have holes: 4 tokens, ids up to 70000.
+    fn vocabulary_with_holes(pre_tokenizer: serde_json::Value) -> String {
+        serde_json::json!({
+            "version": "1.0", "truncation": null, "padding": null,
+            "added_tokens": [{ "id": 0, "content": "<|endoftext|>", "single_word": false,
+                "lstrip": false, "rstrip": false, "normalized": false, "special": true }],
+            "normalizer": null, "pre_tokenizer": pre_tokenizer, "post_processor": null,
+            "decoder": null,
+            "model": { "type": "BPE", "dropout": null, "unk_token": "<unk>",
+                "continuing_subword_prefix": null, "end_of_word_suffix": null, "fuse_unk": false,
+                "byte_fallback": false, "vocab": { "<|endoftext|>": 0, "<unk>": 1, "a": 2,
+                "b": 70000 }, "merges": [] }
+        })
+        .to_string()
+    }
+
+    #[test]
+    fn a_vocabulary_with_holes_is_sized_by_its_largest_id() {
+        // Found by fuzz/ (tokenizer_json): meta.json said 4 tokens while "b" was 70000, so the
+        // ids were stored as u16 (70000 became 4464) and beyond the model's embedding.
+        for pre_tokenizer in [
+            serde_json::Value::Null,
+            serde_json::json!({ "type": "Whitespace" }),
+        ] {
+            let json = vocabulary_with_holes(pre_tokenizer);
+            let (ids, size) = load_and_encode(json.clone(), "<|endoftext|>", &["ab a"]).unwrap();
+            assert_eq!(size, 70001);
+            assert!(ids.contains(&70000), "{ids:?}");
+            let dir = corpus(&[Record::text("d".into(), "ab ba".into(), "s")], &[]);
+            std::fs::write(dir.path().join("holes.json"), json).unwrap();
+            let meta = run(
+                serde_json::json!({ "from": "holes.json" }),
+                dir.path(),
+                "out",
+                None,
+            )
+            .unwrap();
+            assert_eq!((meta.vocab_size, meta.dtype), (70001, Dtype::U32));
+            let tokens: Vec<u32> = stream(&dir.path().join("out"), &meta, "train")
+                .into_iter()
+                .flat_map(|(tokens, _)| tokens)
+                .collect();
+            assert!(tokens.contains(&70000), "{tokens:?}");
+        }
     }
 
     #[test]
