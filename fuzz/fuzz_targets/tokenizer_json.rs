@@ -13,18 +13,30 @@ const TEXTS: [&str; 4] = [
     "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
 ];
 
-fuzz_target!(|data: &[u8]| {
-    let Ok(json) = std::str::from_utf8(data) else {
-        return;
-    };
-    if let Ok((ids, vocab_size)) =
-        smelt_stages::fuzzing::tokenizer_json(json.to_string(), "<|endoftext|>", &TEXTS)
-    {
-        for id in ids {
-            assert!(
-                (id as usize) < vocab_size,
-                "id {id} is outside the vocabulary of {vocab_size}"
-            );
+fuzz_target!(
+    init: {
+        // libfuzzer-sys aborts at any panic, before it unwinds; smelt catches those of
+        // `tokenizers` while loading (and reports an error): let them unwind.
+        let abort_at_panic = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !smelt_stages::fuzzing::panic_is_caught() {
+                abort_at_panic(info);
+            }
+        }));
+    },
+    |data: &[u8]| {
+        let Ok(json) = std::str::from_utf8(data) else {
+            return;
+        };
+        if let Ok((ids, vocab_size)) =
+            smelt_stages::fuzzing::tokenizer_json(json.to_string(), "<|endoftext|>", &TEXTS)
+        {
+            for id in ids {
+                assert!(
+                    (id as usize) < vocab_size,
+                    "id {id} is outside the vocabulary of {vocab_size}"
+                );
+            }
         }
     }
-});
+);

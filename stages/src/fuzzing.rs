@@ -9,6 +9,12 @@ use crate::collect::files::{self, Format, InvalidUtf8, ParseOptions, SplitOn};
 use crate::model::{io, AdamWConfig, DeviceKind, Trainer};
 use crate::records::LineBlock;
 
+/// Whether a panic on this thread now would be caught and reported as an error by smelt (see
+/// `catch_panic`): a fuzz target's panic hook lets those unwind instead of aborting.
+pub fn panic_is_caught() -> bool {
+    crate::CATCHING_PANIC.get()
+}
+
 /// `collect` reading a file: `format`, `split_on` and the UTF-8 policy come from the bits of
 /// `flags`, the document limit is `limit` bytes. Returns the texts of the documents.
 pub fn collect_file(bytes: &[u8], flags: u8, limit: u64) -> Result<Vec<String>, String> {

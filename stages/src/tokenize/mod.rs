@@ -308,12 +308,19 @@ fn tokenizer(
 
 /// A user's tokenizer.json (read from `path`) as `tokenizers` loads it.
 fn load_tokenizer(json: String, path: &Path) -> Result<(Tokenizer, String), String> {
-    let tokenizer = Tokenizer::from_bytes(json.as_bytes()).map_err(|e| {
+    let fail = |e: String| {
         format!(
             "{}: not a tokenizer.json `tokenizers` can load: {e}",
             path.display()
         )
-    })?;
+    };
+    // Syntax first, for a plain message (and `tokenizers` panics on some syntax errors).
+    serde_json::from_str::<serde::de::IgnoredAny>(&json).map_err(|e| fail(e.to_string()))?;
+    // Found by fuzz/ (tokenizer_json): `tokenizers` 0.22 also panics on some valid JSON (an
+    // `expect` in its normalizer and decoder deserializers).
+    let tokenizer = crate::catch_panic(|| Tokenizer::from_bytes(json.as_bytes()))
+        .map_err(|panic| fail(panic))?
+        .map_err(|e| fail(e.to_string()))?;
     Ok((tokenizer, json))
 }
 
@@ -1154,6 +1161,28 @@ mod tests {
                 .flat_map(|(tokens, _)| tokens)
                 .collect();
             assert!(tokens.contains(&70000), "{tokens:?}");
+        }
+    }
+
+    #[test]
+    fn a_tokenizer_json_tokenizers_panics_on_is_an_error() {
+        // Found by fuzz/ (tokenizer_json): `tokenizers` panics ("Helper", "Precompiled") on a
+        // syntax error inside `decoder`, and on a `Precompiled` normalizer it cannot decode.
+        let good: serde_json::Value =
+            serde_json::from_str(&vocabulary_with_holes(serde_json::Value::Null)).unwrap();
+        let text = good.to_string();
+        let mut broken_decoder = text.replace("\"decoder\":null", "\"decoder\":{\"type\" 1}");
+        assert_ne!(broken_decoder, text);
+        broken_decoder.truncate(broken_decoder.len() - 1);
+        let mut precompiled = good.clone();
+        precompiled["normalizer"] =
+            serde_json::json!({ "type": "Precompiled", "precompiled_charsmap": "!!" });
+        for json in [broken_decoder, precompiled.to_string()] {
+            let err = load_and_encode(json, "<|endoftext|>", &["a"]).unwrap_err();
+            assert!(
+                err.contains("not a tokenizer.json `tokenizers` can load"),
+                "{err}"
+            );
         }
     }
 
