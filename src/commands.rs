@@ -1,5 +1,6 @@
 //! One function per subcommand: load, call the engine, hand the result to `output`.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -8,10 +9,11 @@ use smelt_engine::execute::update_lockfile;
 use smelt_engine::hash::StatCache;
 use smelt_engine::lockfile::Lockfile;
 use smelt_engine::plan::{check_inputs, StagePlan};
+use smelt_engine::store::ArtifactCheck;
 use smelt_engine::validate::data_report;
 use smelt_engine::{
-    load_pipeline, Checked, Decision, Executor, FileReport, InputCheck, LoadError, Outcome,
-    Override, ParamProblem, Pipeline, Plan, Planner, Registry, Selection, Store,
+    load_pipeline, ArtifactId, Checked, Decision, Executor, FileReport, InputCheck, LoadError,
+    Outcome, Override, ParamProblem, Pipeline, Plan, Planner, Registry, Selection, StageKey, Store,
 };
 
 use crate::output;
@@ -591,6 +593,149 @@ pub fn gc(
             .map_err(|e| Failure::Usage(format!("cannot delete: {e}")))?;
     }
     Ok(())
+}
+
+/// The artifacts to check in one store, each with the stages known to have built it.
+type Targets = BTreeMap<ArtifactId, BTreeSet<String>>;
+
+/// One artifact as `smelt verify` found it.
+pub struct Verified {
+    pub id: ArtifactId,
+    pub stages: Vec<String>,
+    pub checked: ArtifactCheck,
+    /// The run records removed with it (`--repair`); `None` when it was not removed.
+    pub removed: Option<Vec<StageKey>>,
+}
+
+/// `smelt verify`: re-hashes artifacts against their manifests. Without files, every artifact
+/// of the store; with pipeline files, those their lockfiles name and their current plans would
+/// use. `repair` removes the corrupt ones (and their records) so the next run rebuilds them.
+pub fn verify(
+    files: &[PathBuf],
+    repair: bool,
+    format: Format,
+    overrides: &[Override],
+    store: Option<PathBuf>,
+) -> Result<(), Failure> {
+    let mut stores: BTreeMap<PathBuf, Option<Targets>> = BTreeMap::new();
+    if files.is_empty() {
+        let root = store.clone().unwrap_or_else(|| PathBuf::from(".smelt"));
+        if !root.join("artifacts").is_dir() {
+            return Err(Failure::Usage(format!(
+                "{} is not a smelt store",
+                root.display()
+            )));
+        }
+        stores.insert(root, None);
+    }
+    for file in files {
+        let session = Session::open(file, overrides, store.clone())?;
+        let plan = session.plan(&Selection::default())?;
+        let targets = stores
+            .entry(session.store.root().to_path_buf())
+            .or_insert_with(|| Some(Targets::new()))
+            .get_or_insert_with(Targets::new);
+        for (stage, locked) in &session.lockfile.stages {
+            targets
+                .entry(locked.artifact.clone())
+                .or_default()
+                .insert(stage.clone());
+        }
+        for stage in &plan.stages {
+            let record = stage.key.as_ref().and_then(|k| session.store.record(k));
+            if let Some(record) = record {
+                targets
+                    .entry(record.artifact)
+                    .or_default()
+                    .insert(stage.stage.clone());
+            }
+        }
+    }
+    let mut corrupt_left = false;
+    let mut json = Vec::new();
+    for (root, targets) in stores {
+        let found = verify_store(&root, targets, repair)?;
+        corrupt_left |= found
+            .iter()
+            .any(|v| matches!(v.checked, ArtifactCheck::Corrupt(_)) && v.removed.is_none());
+        match format {
+            Format::Text => output::print_verified(&root, &found, repair),
+            Format::Json => json.push(output::verified_json(&root, &found)),
+        }
+    }
+    if format == Format::Json {
+        println!("{}", serde_json::to_string_pretty(&json).expect("json"));
+    }
+    if corrupt_left {
+        Err(Failure::Failed)
+    } else {
+        Ok(())
+    }
+}
+
+/// Checks `targets` (every artifact when `None`) of the store at `root`, and removes the
+/// corrupt ones when `repair`.
+///
+/// Checking holds the store shared, like a run: reading every byte may take a while, and runs
+/// may go on meanwhile. Removing holds it exclusively, like gc, so that no run reads or
+/// publishes an artifact while it goes; each corrupt one is checked again under that lock (a
+/// run may have rebuilt it in between).
+fn verify_store(
+    root: &Path,
+    targets: Option<Targets>,
+    repair: bool,
+) -> Result<Vec<Verified>, Failure> {
+    let cannot = |e: std::io::Error| Failure::Usage(format!("{}: {e}", root.display()));
+    let mut found = {
+        let store = open_store(root)?;
+        let records = store.records().map_err(cannot)?;
+        let mut targets = match targets {
+            Some(targets) => targets,
+            None => {
+                let mut all = Targets::new();
+                for id in store.artifact_ids().map_err(cannot)? {
+                    all.entry(id).or_default();
+                }
+                // Records whose artifact is gone are reported too.
+                for record in &records {
+                    all.entry(record.artifact.clone()).or_default();
+                }
+                all
+            }
+        };
+        for record in records {
+            if let Some(stages) = targets.get_mut(&record.artifact) {
+                stages.insert(record.stage);
+            }
+        }
+        targets
+            .into_iter()
+            .map(|(id, stages)| Verified {
+                checked: store.verify_contents(&id),
+                id,
+                stages: stages.into_iter().collect(),
+                removed: None,
+            })
+            .collect::<Vec<_>>()
+    };
+    let corrupt = found
+        .iter()
+        .any(|v| matches!(v.checked, ArtifactCheck::Corrupt(_)));
+    if repair && corrupt {
+        let store = Store::open_exclusive(root).map_err(|e| Failure::Usage(e.to_string()))?;
+        for verified in &mut found {
+            if matches!(verified.checked, ArtifactCheck::Corrupt(_)) {
+                verified.checked = store.verify_contents(&verified.id);
+                if matches!(verified.checked, ArtifactCheck::Corrupt(_)) {
+                    let keys = store.remove_artifact(&verified.id).map_err(|e| {
+                        Failure::Usage(format!("cannot remove {}: {e}", verified.id))
+                    })?;
+                    verified.removed = Some(keys);
+                }
+            }
+        }
+    }
+    Ok(found)
 }
 
 pub fn stages(markdown: bool) -> Result<(), Failure> {

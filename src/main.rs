@@ -107,6 +107,21 @@ enum Command {
         #[arg(long)]
         work: bool,
     },
+    /// Re-hash artifacts (every byte, no stat trusted) against their manifests and report the
+    /// corrupt ones: exit 1 while any is left
+    Verify {
+        /// Pipeline files: check the artifacts their lockfiles name and their current plans
+        /// use [default: every artifact of the store, ./.smelt]
+        files: Vec<PathBuf>,
+        /// Remove the corrupt artifacts and the run records that point at them, so the next
+        /// run rebuilds them (refused while a run is using the store)
+        #[arg(long)]
+        repair: bool,
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+        #[command(flatten)]
+        overrides: Overrides,
+    },
     /// The stage kinds a pipeline can use
     Stages {
         /// Every kind's inputs and params (types, defaults, meaning) as Markdown tables, from the
@@ -330,6 +345,12 @@ fn main() -> ExitCode {
             dry_run,
             work,
         } => commands::gc(&files, dry_run, work, store),
+        Command::Verify {
+            files,
+            repair,
+            format,
+            overrides,
+        } => commands::verify(&files, repair, format, &overrides.set, store),
         Command::Stages { markdown } => commands::stages(markdown),
         Command::Init { name, force } => commands::init(name.as_deref(), force),
         Command::Generate(args) => commands::generate(&args, store),

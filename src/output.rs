@@ -1,4 +1,5 @@
-//! Everything the CLI prints: plans, run progress and summaries, status, DAGs, gc lists.
+//! Everything the CLI prints: plans, run progress and summaries, status, DAGs, gc lists,
+//! verification reports.
 
 use std::io::IsTerminal;
 use std::path::Path;
@@ -9,12 +10,13 @@ use smelt_engine::execute::CachedBy;
 use smelt_engine::graph::Dag;
 use smelt_engine::lockfile::Lockfile;
 use smelt_engine::plan::{describe, StagePlan};
-use smelt_engine::store::{Garbage, RunRecord};
+use smelt_engine::store::{ArtifactCheck, Garbage, RunRecord};
 use smelt_engine::{
     ArtifactId, Checked, Decision, Divergence, InputCheck, Observer, Outcome, Pipeline, Plan,
     Ports, Progress, Registry, StageResult,
 };
 
+use crate::commands::Verified;
 use crate::DagFormat;
 
 pub fn color_stderr() -> bool {
@@ -367,6 +369,88 @@ pub fn print_garbage(garbage: &Garbage, dry_run: bool) {
         garbage.paths.len(),
         garbage.bytes as f64 / 1e6
     );
+}
+
+/// Who built an artifact, for people: `clean 3f2a9c1b0d4e`, or the short id alone.
+fn artifact_label(verified: &Verified) -> String {
+    if verified.stages.is_empty() {
+        verified.id.short().to_string()
+    } else {
+        format!("{} {}", verified.stages.join(", "), verified.id.short())
+    }
+}
+
+pub fn print_verified(root: &Path, found: &[Verified], repair: bool) {
+    let (mut intact, mut corrupt, mut missing) = (0, 0, 0);
+    for verified in found {
+        let label = artifact_label(verified);
+        match &verified.checked {
+            ArtifactCheck::Intact => intact += 1,
+            ArtifactCheck::Missing => {
+                missing += 1;
+                println!("  missing  {label}: not in the store (the next run builds it)");
+            }
+            ArtifactCheck::Corrupt(damage) => {
+                corrupt += 1;
+                println!("✗ corrupt  {label}  ({})", verified.id);
+                for (what, paths) in [
+                    ("changed", &damage.changed),
+                    ("missing", &damage.missing),
+                    ("extra", &damage.extra),
+                ] {
+                    for path in paths {
+                        println!("    {what}: {path}");
+                    }
+                }
+                if let Some(problem) = &damage.problem {
+                    println!("    {problem}");
+                }
+                if let Some(keys) = &verified.removed {
+                    println!(
+                        "    removed, with {} run record(s): the next run rebuilds it",
+                        keys.len()
+                    );
+                }
+            }
+        }
+    }
+    let removed = found.iter().filter(|v| v.removed.is_some()).count();
+    println!(
+        "{}: {} artifact(s) checked: {intact} intact, {corrupt} corrupt, {missing} missing",
+        root.display(),
+        found.len()
+    );
+    if corrupt > removed {
+        println!(
+            "run `smelt verify --repair` to remove the corrupt ones; the next run rebuilds them"
+        );
+    } else if repair && removed > 0 {
+        println!("removed {removed} corrupt artifact(s)");
+    }
+}
+
+pub fn verified_json(root: &Path, found: &[Verified]) -> serde_json::Value {
+    let artifacts: Vec<serde_json::Value> = found
+        .iter()
+        .map(|v| {
+            let mut entry = serde_json::json!({
+                "artifact": v.id,
+                "stages": v.stages,
+                "state": match v.checked {
+                    ArtifactCheck::Intact => "intact",
+                    ArtifactCheck::Missing => "missing",
+                    ArtifactCheck::Corrupt(_) => "corrupt",
+                },
+            });
+            if let ArtifactCheck::Corrupt(damage) = &v.checked {
+                entry["damage"] = serde_json::to_value(damage).expect("json");
+                entry["removed"] = v.removed.is_some().into();
+                entry["removed_records"] = serde_json::to_value(&v.removed).expect("json");
+            }
+            entry
+        })
+        .collect();
+    serde_json::json!({ "store": root.display().to_string(), "artifacts": artifacts })
 }
 
 pub fn print_stages(registry: &Registry) {

@@ -355,6 +355,107 @@ fn status_show_and_dag_describe_the_pipeline() {
     assert_has(&text.stdout, "d  (command)  ← in: b, c");
 }
 
+/// The decision `smelt plan` makes for `stage`.
+fn decision(p: &Project, stage: &str) -> String {
+    let plan = p.smelt(&["plan", "p.yaml", "--format", "json"]).ok();
+    let plan: serde_json::Value = serde_json::from_str(&plan.stdout).unwrap();
+    let found = plan["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["stage"] == stage);
+    found.unwrap()["decision"].as_str().unwrap().to_string()
+}
+
+#[test]
+fn verify_reads_every_byte_and_repair_makes_the_next_run_rebuild() {
+    use std::os::unix::fs::MetadataExt;
+    let p = diamond();
+    p.smelt(&["run", "p.yaml"]).ok();
+    p.executed();
+    p.smelt(&["verify"]).ok();
+    // Rot c's file the way a disk does: new bytes, and a stat the manifest agrees with.
+    let dir = p.artifact("c");
+    let id = dir.file_name().unwrap().to_string_lossy().into_owned();
+    let file = dir.join("out");
+    let mut perms = std::fs::metadata(&file).unwrap().permissions();
+    #[allow(clippy::permissions_set_readonly_false)]
+    perms.set_readonly(false);
+    std::fs::set_permissions(&file, perms).unwrap();
+    std::fs::write(&file, "C\nB\n").unwrap();
+    let manifest = dir.with_file_name(format!("{id}.json"));
+    let mut entries: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
+    let meta = std::fs::metadata(&file).unwrap();
+    entries[0]["stat"] = serde_json::json!({
+        "size": meta.len(),
+        "mtime_ns": meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
+        "ctime_ns": meta.ctime() * 1_000_000_000 + meta.ctime_nsec(),
+        "inode": meta.ino(),
+    });
+    std::fs::write(&manifest, entries.to_string()).unwrap();
+    assert_eq!(decision(&p, "c"), "cached", "planning trusts the stat");
+
+    let check = p.smelt(&["verify"]);
+    assert_eq!(check.code, 1, "{}", check.stdout);
+    assert_has(&check.stdout, &format!("✗ corrupt  c {}", &id[..12]));
+    assert_has(&check.stdout, "changed: out");
+    assert_has(
+        &check.stdout,
+        "4 artifact(s) checked: 3 intact, 1 corrupt, 0 missing",
+    );
+    // Through the pipeline file, as JSON: the same finding.
+    let check = p.smelt(&["verify", "p.yaml", "--format", "json"]);
+    assert_eq!(check.code, 1);
+    let report: serde_json::Value = serde_json::from_str(&check.stdout).unwrap();
+    let artifacts = report[0]["artifacts"].as_array().unwrap();
+    assert_eq!(artifacts.len(), 4);
+    let bad: Vec<_> = artifacts
+        .iter()
+        .filter(|a| a["state"] != "intact")
+        .collect();
+    assert_eq!(bad.len(), 1);
+    assert_eq!(bad[0]["artifact"], id.as_str());
+    assert_eq!(bad[0]["stages"], serde_json::json!(["c"]));
+    assert_eq!(bad[0]["damage"]["changed"], serde_json::json!(["out"]));
+    assert_eq!(bad[0]["removed"], false);
+
+    let repair = p.smelt(&["verify", "--repair"]).ok();
+    assert_has(&repair.stdout, "removed, with 1 run record(s)");
+    assert!(!dir.exists() && !manifest.exists());
+    p.smelt(&["verify"]).ok();
+    assert_eq!(decision(&p, "c"), "run");
+    p.smelt(&["run", "p.yaml"]).ok();
+    assert_eq!(p.executed(), ["c"], "d is cut off: c is rebuilt as it was");
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "C\nA\n");
+    p.smelt(&["verify"]).ok();
+}
+
+#[test]
+fn verify_repair_waits_for_no_run_and_a_missing_store_is_a_usage_error() {
+    let p = diamond();
+    assert_eq!(p.smelt(&["verify"]).code, 2);
+    p.smelt(&["run", "p.yaml"]).ok();
+    // A run holds the store: repair refuses rather than delete under it.
+    let store = std::fs::File::open(p.path(".smelt/store.lock")).unwrap();
+    store.lock_shared().unwrap();
+    p.smelt(&["verify"]).ok();
+    let dir = p.artifact("a");
+    let file = dir.join("out");
+    let mut perms = std::fs::metadata(&file).unwrap().permissions();
+    #[allow(clippy::permissions_set_readonly_false)]
+    perms.set_readonly(false);
+    std::fs::set_permissions(&file, perms).unwrap();
+    std::fs::write(&file, "tampered").unwrap();
+    let repair = p.smelt(&["verify", "--repair"]);
+    assert_eq!(repair.code, 2, "{}", repair.stdout);
+    assert_has(&repair.stderr, "another smelt run is using this store");
+    assert!(dir.exists());
+    drop(store);
+    p.smelt(&["verify", "--repair"]).ok();
+    assert!(!dir.exists());
+}
+
 #[test]
 fn gc_deletes_only_what_no_lockfile_names() {
     let p = diamond();

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::store::{write_atomic, ArtifactId, StageKey};
+use crate::store::{sweep_temp_files, write_atomic, ArtifactId, StageKey};
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Lockfile {
@@ -49,6 +49,15 @@ impl Lockfile {
 
     pub fn write(&self, path: &Path) -> io::Result<()> {
         let yaml = serde_yaml::to_string(self).map_err(io::Error::other)?;
+        // A run killed while writing it leaves a temp file beside the pipeline: remove it.
+        if let (Some(dir), Some(name)) = (path.parent(), path.file_name()) {
+            let dir = if dir.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                dir
+            };
+            sweep_temp_files(dir, name.to_str());
+        }
         write_atomic(path, format!("{HEADER}{yaml}").as_bytes())
     }
 }

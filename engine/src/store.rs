@@ -91,10 +91,35 @@ pub enum Integrity {
     Corrupt(String),
 }
 
+/// What re-hashing every file of an artifact found (`smelt verify`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ArtifactCheck {
+    Intact,
+    /// Neither its directory nor its files are in the store (a record or a lockfile names it,
+    /// or only its manifest is left): nothing to repair, the next run builds it.
+    Missing,
+    Corrupt(Damage),
+}
+
+/// How an artifact's files differ from its manifest.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Damage {
+    /// Files whose bytes no longer have the hash the manifest records.
+    pub changed: Vec<String>,
+    /// Files the manifest lists that are gone.
+    pub missing: Vec<String>,
+    /// Files the manifest does not list.
+    pub extra: Vec<String>,
+    /// Anything else: no manifest or an unreadable one, a file that cannot be read, files that
+    /// match the manifest but do not hash to the id (the manifest was changed too).
+    pub problem: Option<String>,
+}
+
 /// An open store; holds a shared lock on it for its lifetime so gc cannot run underneath.
 pub struct Store {
     root: PathBuf,
     _lock: File,
+    exclusive: bool,
 }
 
 /// Exclusive ownership of one stage key while it is built; released on drop (or process death).
@@ -138,7 +163,54 @@ impl Store {
             lock.lock_shared()?;
         }
         let root = std::path::absolute(root)?;
-        Ok(Store { root, _lock: lock })
+        let store = Store {
+            root,
+            _lock: lock,
+            exclusive,
+        };
+        store.sweep();
+        Ok(store)
+    }
+
+    /// Removes what killed processes left half-written: temp files of [`write_atomic`] and temp
+    /// dirs in `tmp/` whose process is gone. A run that is killed between writing a file and
+    /// renaming it leaves such a file, and nothing else would ever remove it (gc aside).
+    ///
+    /// A temp dir of a stage key is removed only with that key's lock held, so never while a
+    /// run builds it. Best effort: errors are ignored (another run may sweep at the same time).
+    fn sweep(&self) {
+        for dir in ["", "artifacts", "records", "runs", "statcache"] {
+            sweep_temp_files(&self.root.join(dir), None);
+        }
+        // A stage's work dir goes once its record is written: one left beside a record was
+        // left by a run killed in between (a forced rebuild of the key holds its lock).
+        if let Ok(entries) = fs::read_dir(self.root.join("work")) {
+            for entry in entries.flatten() {
+                let key = StageKey(entry.file_name().to_string_lossy().into_owned());
+                if self.record_path(&key).exists() {
+                    if let Ok(Some(_lock)) = self.try_lock_key(&key) {
+                        let _ = remove_tree(&entry.path());
+                    }
+                }
+            }
+        }
+        let Ok(entries) = fs::read_dir(self.root.join("tmp")) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some((owner, pid)) = temp_owner(&name) else {
+                continue;
+            };
+            if process_alive(pid) {
+                continue;
+            }
+            if owner == "trash" {
+                let _ = remove_tree(&entry.path());
+            } else if let Ok(Some(_lock)) = self.try_lock_key(&StageKey(owner.to_string())) {
+                let _ = remove_tree(&entry.path());
+            }
+        }
     }
 
     pub fn root(&self) -> &Path {
@@ -223,6 +295,127 @@ impl Store {
             Ok(tree) => Integrity::Corrupt(first_difference(&manifest, &tree.files)),
             Err(e) => Integrity::Corrupt(format!("it cannot be read: {e}")),
         }
+    }
+
+    /// Checks an artifact by reading every one of its files (no stat is trusted): what
+    /// `smelt verify` reports. Slower than [`Store::verify`], but it also finds bytes that
+    /// changed under an unchanged stat (a failing disk, a restored backup).
+    pub fn verify_contents(&self, id: &ArtifactId) -> ArtifactCheck {
+        let dir = self.artifact_dir(id);
+        if !dir.is_dir() {
+            return ArtifactCheck::Missing;
+        }
+        let corrupt = |problem: String| {
+            ArtifactCheck::Corrupt(Damage {
+                problem: Some(problem),
+                ..Damage::default()
+            })
+        };
+        let manifest = match fs::read(self.manifest_path(id)) {
+            Ok(bytes) => match serde_json::from_slice::<Vec<FileEntry>>(&bytes) {
+                Ok(manifest) => manifest,
+                Err(e) => return corrupt(format!("its manifest is unreadable: {e}")),
+            },
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return corrupt("its manifest is missing".into())
+            }
+            Err(e) => return corrupt(format!("its manifest cannot be read: {e}")),
+        };
+        let tree = match hash_tree(&dir) {
+            Ok(tree) => tree,
+            Err(e) => return corrupt(format!("it cannot be read: {e}")),
+        };
+        let before: BTreeMap<&str, &FileEntry> =
+            manifest.iter().map(|f| (f.path.as_str(), f)).collect();
+        let now: BTreeMap<&str, &FileEntry> =
+            tree.files.iter().map(|f| (f.path.as_str(), f)).collect();
+        let mut damage = Damage::default();
+        for (path, entry) in &before {
+            match now.get(path) {
+                None => damage.missing.push(path.to_string()),
+                Some(found) if found.hash != entry.hash => damage.changed.push(path.to_string()),
+                Some(_) => {}
+            }
+        }
+        damage.extra = now
+            .keys()
+            .filter(|p| !before.contains_key(*p))
+            .map(|p| p.to_string())
+            .collect();
+        let listed =
+            damage.changed.is_empty() && damage.missing.is_empty() && damage.extra.is_empty();
+        match (tree.hash.to_hex().as_str() == id.0, listed) {
+            (true, true) => ArtifactCheck::Intact,
+            (true, false) => {
+                damage.problem = Some("its manifest does not describe its files".into());
+                ArtifactCheck::Corrupt(damage)
+            }
+            (false, true) => corrupt(
+                "its files match its manifest but do not hash to its id: the manifest was \
+                 changed too"
+                    .into(),
+            ),
+            (false, false) => ArtifactCheck::Corrupt(damage),
+        }
+    }
+
+    /// Every artifact in the store: its directories, and manifests left without one.
+    pub fn artifact_ids(&self) -> io::Result<Vec<ArtifactId>> {
+        let mut ids = BTreeSet::new();
+        for entry in fs::read_dir(self.root.join("artifacts"))? {
+            let name = entry?.file_name().to_string_lossy().into_owned();
+            // `.<id>.json.*.tmp`: a manifest being written (or left by a killed run).
+            if name.starts_with('.') {
+                continue;
+            }
+            ids.insert(ArtifactId(
+                name.strip_suffix(".json").unwrap_or(&name).to_string(),
+            ));
+        }
+        Ok(ids.into_iter().collect())
+    }
+
+    /// Every run record, by key (unreadable ones are skipped).
+    pub fn records(&self) -> io::Result<Vec<RunRecord>> {
+        let mut records = Vec::new();
+        for entry in fs::read_dir(self.root.join("records"))? {
+            let path = entry?.path();
+            if path.extension().is_some_and(|e| e == "json") {
+                if let Some(record) = fs::read(&path)
+                    .ok()
+                    .and_then(|bytes| serde_json::from_slice::<RunRecord>(&bytes).ok())
+                {
+                    records.push(record);
+                }
+            }
+        }
+        records.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(records)
+    }
+
+    /// Removes an artifact, its manifest and the run records that point at it, so that the
+    /// next run rebuilds it; returns the keys of those records. Needs the store opened
+    /// exclusively: no run may be reading the artifact or publishing it meanwhile.
+    ///
+    /// Records go first, then the directory (moved out of `artifacts/` at once, then
+    /// deleted), then the manifest: stopped anywhere, the store is still consistent (a record
+    /// without its artifact, or a manifest without its directory, reads as missing).
+    pub fn remove_artifact(&self, id: &ArtifactId) -> io::Result<Vec<StageKey>> {
+        if !self.exclusive {
+            return Err(io::Error::other(
+                "removing an artifact needs the store to itself (Store::open_exclusive)",
+            ));
+        }
+        let mut keys = Vec::new();
+        for record in self.records()? {
+            if record.artifact == *id {
+                remove_tree(&self.record_path(&record.key))?;
+                keys.push(record.key);
+            }
+        }
+        self.discard(&self.artifact_dir(id))?;
+        remove_tree(&self.manifest_path(id))?;
+        Ok(keys)
     }
 
     /// Blocks until this process owns `key` (another run may be building it).
@@ -457,6 +650,47 @@ pub struct Garbage {
     pub bytes: u64,
 }
 
+/// `KEY.PID.N` (a stage's output dir in `tmp/`, or `trash.PID.N`) → (KEY, PID).
+fn temp_owner(name: &str) -> Option<(&str, u32)> {
+    let mut parts = name.rsplitn(3, '.');
+    let n = parts.next()?;
+    let pid = parts.next()?.parse().ok()?;
+    let owner = parts.next()?;
+    n.parse::<u64>().ok().map(|_| (owner, pid))
+}
+
+/// Whether process `pid` exists on this machine. Where that cannot be told (no `/proc`), every
+/// process is taken to be alive, so nothing is swept.
+fn process_alive(pid: u32) -> bool {
+    pid == std::process::id()
+        || !Path::new("/proc/self").exists()
+        || Path::new("/proc").join(pid.to_string()).exists()
+}
+
+/// Removes the temp files [`write_atomic`] left in `dir` (`.NAME.PID.N.tmp`) whose process is
+/// gone; with `name`, only those of that file. Best effort.
+pub fn sweep_temp_files(dir: &Path, name: Option<&str>) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let file = entry.file_name();
+        let Some(temp) = file
+            .to_str()
+            .and_then(|f| f.strip_prefix('.'))
+            .and_then(|f| f.strip_suffix(".tmp"))
+        else {
+            continue;
+        };
+        let Some((target, pid)) = temp_owner(temp) else {
+            continue;
+        };
+        if name.is_none_or(|n| n == target) && !process_alive(pid) {
+            let _ = fs::remove_file(entry.path());
+        }
+    }
+}
+
 /// Writes a file so that readers see the old content or the new, never a part.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
@@ -546,6 +780,190 @@ mod tests {
         // Republishing repairs it.
         store.publish(&output(&store, &key, &[("a", "1")])).unwrap();
         assert_eq!(store.verify(&id), Integrity::Intact);
+    }
+
+    /// Changes file `a` of an artifact and records its new stat in the manifest, as if its
+    /// bytes had rotted on disk: the stat no longer tells.
+    fn rot(store: &Store, id: &ArtifactId, text: &str) {
+        let file = store.artifact_dir(id).join("a");
+        fs::set_permissions(&file, fs::Permissions::from_mode(0o644)).unwrap();
+        fs::write(&file, text).unwrap();
+        let path = store.manifest_path(id);
+        let mut manifest: Vec<FileEntry> =
+            serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
+        let entry = manifest.iter_mut().find(|f| f.path == "a").unwrap();
+        entry.stat = Stat::of(&fs::metadata(&file).unwrap());
+        write_atomic(&path, &serde_json::to_vec(&manifest).unwrap()).unwrap();
+    }
+
+    #[test]
+    fn verify_contents_reads_every_file() {
+        let root = tempfile::tempdir().unwrap();
+        let store = Store::open(root.path()).unwrap();
+        let key = StageKey("k".into());
+        let files = [("a", "1"), ("b", "2")];
+        let id = store.publish(&output(&store, &key, &files)).unwrap();
+        assert_eq!(store.verify_contents(&id), ArtifactCheck::Intact);
+        rot(&store, &id, "x");
+        // The stat matches the manifest, so the quick check trusts the recorded hash.
+        assert_eq!(store.verify(&id), Integrity::Intact);
+        let ArtifactCheck::Corrupt(damage) = store.verify_contents(&id) else {
+            panic!("rot not found");
+        };
+        assert_eq!(damage.changed, ["a"]);
+        assert!(damage.missing.is_empty() && damage.extra.is_empty());
+        // A deleted file and an added one are named as such.
+        let dir = store.artifact_dir(&id);
+        set_writable(&dir, true, true).unwrap();
+        fs::remove_file(dir.join("b")).unwrap();
+        fs::write(dir.join("c"), "3").unwrap();
+        let ArtifactCheck::Corrupt(damage) = store.verify_contents(&id) else {
+            panic!("damage not found");
+        };
+        assert_eq!(
+            (damage.changed, damage.missing, damage.extra),
+            (
+                vec!["a".to_string()],
+                vec!["b".to_string()],
+                vec!["c".to_string()]
+            )
+        );
+        // Without its manifest it cannot be checked: corrupt. Without its directory: missing.
+        fs::remove_file(store.manifest_path(&id)).unwrap();
+        assert!(
+            matches!(store.verify_contents(&id), ArtifactCheck::Corrupt(d) if d.problem.is_some())
+        );
+        remove_tree(&dir).unwrap();
+        assert_eq!(store.verify_contents(&id), ArtifactCheck::Missing);
+    }
+
+    #[test]
+    fn removing_an_artifact_takes_its_records_and_needs_the_store_to_itself() {
+        let root = tempfile::tempdir().unwrap();
+        let key = StageKey("k".into());
+        let id = {
+            let store = Store::open(root.path()).unwrap();
+            let id = store.publish(&output(&store, &key, &[("a", "1")])).unwrap();
+            let other = store.publish(&output(&store, &key, &[("a", "2")])).unwrap();
+            for (key, artifact) in [("k1", &id), ("k2", &id), ("k3", &other)] {
+                store
+                    .save_record(&RunRecord {
+                        key: StageKey(key.into()),
+                        artifact: artifact.clone(),
+                        kind: "command".into(),
+                        version: 1,
+                        params: serde_json::json!({}),
+                        inputs: BTreeMap::new(),
+                        deps: BTreeMap::new(),
+                        stage: "s".into(),
+                        finished_at: 0,
+                        duration_s: 0.0,
+                        metrics: BTreeMap::new(),
+                    })
+                    .unwrap();
+            }
+            assert!(store.remove_artifact(&id).is_err());
+            assert_eq!(store.artifact_ids().unwrap().len(), 2);
+            id
+        };
+        let store = Store::open_exclusive(root.path()).unwrap();
+        rot(&store, &id, "x");
+        let removed = store.remove_artifact(&id).unwrap();
+        assert_eq!(removed, [StageKey("k1".into()), StageKey("k2".into())]);
+        assert_eq!(store.verify_contents(&id), ArtifactCheck::Missing);
+        assert!(!store.manifest_path(&id).exists());
+        assert_eq!(store.artifact_ids().unwrap().len(), 1);
+        let left: Vec<StageKey> = store
+            .records()
+            .unwrap()
+            .into_iter()
+            .map(|r| r.key)
+            .collect();
+        assert_eq!(left, [StageKey("k3".into())]);
+        assert_eq!(fs::read_dir(root.path().join("tmp")).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn opening_the_store_sweeps_what_dead_processes_left() {
+        let root = tempfile::tempdir().unwrap();
+        let store = Store::open(root.path()).unwrap();
+        let key = StageKey("k".into());
+        let id = store.publish(&output(&store, &key, &[("a", "1")])).unwrap();
+        // No process has pid u32::MAX - 1 (Linux caps pids far lower).
+        let dead = u32::MAX - 1;
+        let mine = std::process::id();
+        let records = root.path().join("records");
+        for (dir, name) in [
+            (&records, format!(".{}.json.{dead}.3.tmp", "x")),
+            (&records, format!(".{}.json.{mine}.4.tmp", "y")),
+            (
+                &root.path().join("artifacts"),
+                format!(".{id}.json.{dead}.0.tmp"),
+            ),
+        ] {
+            fs::write(dir.join(name), "{").unwrap();
+        }
+        let tmp = root.path().join("tmp");
+        for name in [
+            format!("k.{dead}.1"),
+            format!("trash.{dead}.2"),
+            format!("k.{mine}.5"),
+        ] {
+            fs::create_dir(tmp.join(&name)).unwrap();
+            fs::write(tmp.join(&name).join("f"), "x").unwrap();
+        }
+        // A key being built by a live run is left alone, even with a dead process's name.
+        fs::create_dir(tmp.join(format!("busy.{dead}.6"))).unwrap();
+        let busy = store.lock_key(&StageKey("busy".into())).unwrap();
+        // Work dirs: of a key with a record (a run killed before removing it), of a key without
+        // one (checkpoints to resume from), of a key with a record being rebuilt (forced).
+        let record = |key: &str| RunRecord {
+            key: StageKey(key.into()),
+            artifact: id.clone(),
+            kind: "command".into(),
+            version: 1,
+            params: serde_json::json!({}),
+            inputs: BTreeMap::new(),
+            deps: BTreeMap::new(),
+            stage: "s".into(),
+            finished_at: 0,
+            duration_s: 0.0,
+            metrics: BTreeMap::new(),
+        };
+        for key in ["done", "resumable", "busy"] {
+            fs::create_dir_all(store.work_dir(&StageKey(key.into())).join("ckpt")).unwrap();
+            if key != "resumable" {
+                store.save_record(&record(key)).unwrap();
+            }
+        }
+        drop(store);
+        let _store = Store::open(root.path()).unwrap();
+        let names = |dir: &Path| -> Vec<String> {
+            let mut names: Vec<String> = fs::read_dir(dir)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            names.sort();
+            names
+        };
+        assert_eq!(
+            names(&records),
+            [
+                format!(".y.json.{mine}.4.tmp"),
+                "busy.json".into(),
+                "done.json".into()
+            ]
+        );
+        assert_eq!(names(&root.path().join("work")), ["busy", "resumable"]);
+        assert_eq!(
+            names(&root.path().join("artifacts")),
+            [id.0.clone(), format!("{id}.json")]
+        );
+        assert_eq!(
+            names(&tmp),
+            [format!("busy.{dead}.6"), format!("k.{mine}.5")]
+        );
+        drop(busy);
     }
 
     #[test]

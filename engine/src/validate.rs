@@ -37,8 +37,19 @@ pub fn load_pipeline(
     let bytes = std::fs::read(path)
         .map_err(|e| LoadError::Usage(format!("cannot read {}: {e}", path.display())))?;
     let absolute = std::path::absolute(path).map_err(|e| LoadError::Usage(e.to_string()))?;
+    check_bytes(path, &absolute, bytes, overrides, registry)
+}
+
+/// [`check`] on the bytes of a file, which may not be UTF-8.
+pub fn check_bytes(
+    path: &Path,
+    absolute: &Path,
+    bytes: Vec<u8>,
+    overrides: &[Override],
+    registry: &Registry,
+) -> Result<Pipeline, LoadError> {
     match String::from_utf8(bytes) {
-        Ok(text) => check(path, &absolute, Arc::new(text), overrides, registry),
+        Ok(text) => check(path, absolute, Arc::new(text), overrides, registry),
         Err(e) => {
             let at = e.utf8_error().valid_up_to();
             let text = Arc::new(String::from_utf8_lossy(e.as_bytes()).into_owned());

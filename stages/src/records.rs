@@ -123,7 +123,7 @@ impl LineBlock {
 
     /// Reads the next block of about `target` bytes from `input`, whole lines only: `carry`
     /// holds the unfinished last line of the previous block. `None` at the end of the input.
-    fn read(
+    pub(crate) fn read(
         input: &mut impl Read,
         carry: &mut Vec<u8>,
         first_line: usize,

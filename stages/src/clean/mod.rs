@@ -107,8 +107,6 @@ struct Stats {
     near_duplicates: u64,
     /// Kept documents that near-duplicates were folded into.
     near_duplicate_clusters: u64,
-    /// Whether the filters' scores came from an earlier run (only thresholds changed).
-    scores_from_memo: bool,
     train: SplitSummary,
     validation: SplitSummary,
 }
@@ -167,7 +165,7 @@ impl Kept {
 impl Stage for Clean {
     type Params = CleanParams;
     const KIND: &'static str = "clean";
-    const VERSION: u32 = 3;
+    const VERSION: u32 = 4;
     const SUMMARY: &'static str =
         "Normalise, filter (Gopher, C4, language, PII, regex) and deduplicate documents";
 
@@ -211,7 +209,9 @@ impl Stage for Clean {
         let mut index = dedup::Index::new(&params.dedup);
         let mut stats = Stats::default();
         let mut tape = ScoreTape::open(ctx, params, input)?;
-        stats.scores_from_memo = tape.replaying();
+        // A fact about this run (the memo was there), not about the output: a run record's
+        // metric, never part of the artifact.
+        let scores_from_memo = tape.replaying();
         let cleaner = Cleaner {
             params,
             normalization,
@@ -277,6 +277,7 @@ impl Stage for Clean {
                 stats.exact_duplicates.into(),
             ),
             ("near_duplicates".to_string(), stats.near_duplicates.into()),
+            ("scores_from_memo".to_string(), scores_from_memo.into()),
         ]))
     }
 }
@@ -553,8 +554,11 @@ mod tests {
     ) -> Result<serde_json::Value, String> {
         let params: CleanParams = serde_json::from_value(params).map_err(|e| e.to_string())?;
         let ctx = context("clean", &[("corpus", input)], out);
-        Clean.run(&params, &ctx).map_err(|e| e.to_string())?;
-        Ok(serde_json::from_slice(&std::fs::read(out.join("stats.json")).unwrap()).unwrap())
+        let metrics = Clean.run(&params, &ctx).map_err(|e| e.to_string())?;
+        let mut stats: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(out.join("stats.json")).unwrap()).unwrap();
+        stats["metrics"] = serde_json::to_value(metrics).unwrap();
+        Ok(stats)
     }
 
     fn output(out: &Path, split: &str) -> Vec<Record> {
@@ -743,16 +747,20 @@ mod tests {
             })
         };
         let first = run(with(50), &input, &dir.path().join("a")).unwrap();
-        assert_eq!(first["scores_from_memo"], false);
+        assert_eq!(first["metrics"]["scores_from_memo"], false);
         let replayed = run(with(60), &input, &dir.path().join("b")).unwrap();
-        assert_eq!(replayed["scores_from_memo"], true);
+        assert_eq!(replayed["metrics"]["scores_from_memo"], true);
         assert_ne!(
             first["documents_out"], replayed["documents_out"],
             "the new threshold matters"
         );
         std::fs::remove_dir_all(dir.path().join("memo")).unwrap();
         let fresh = run(with(60), &input, &dir.path().join("c")).unwrap();
-        assert_eq!(fresh["scores_from_memo"], false);
+        assert_eq!(fresh["metrics"]["scores_from_memo"], false);
+        // Whether the memo was there is the run's business: the artifact is the same (a run
+        // killed after writing the memo, then rerun, must give the uninterrupted run's id).
+        let stats = |d: &str| std::fs::read(dir.path().join(d).join("stats.json")).unwrap();
+        assert_eq!(stats("b"), stats("c"));
         let read = |d: &str| {
             shards(&dir.path().join(d), "train")
                 .unwrap()

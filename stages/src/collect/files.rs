@@ -77,6 +77,19 @@ pub fn read_file(
     let fail = |e: io::Error| format!("{name}: {e}");
     let file = File::open(path).map_err(fail)?;
     let size = file.metadata().map_err(fail)?.len();
+    let format = options.format.unwrap_or_else(|| infer_format(path));
+    read(file, size, format, name, options, emit)
+}
+
+/// [`read_file`] on any input of `size` bytes in `format` (`options.format` is not consulted).
+pub fn read(
+    input: impl Read,
+    size: u64,
+    format: Format,
+    name: &str,
+    options: &ParseOptions,
+    emit: &mut dyn FnMut(Record) -> io::Result<()>,
+) -> Result<Skips, String> {
     let mut reader = Reader {
         name,
         options,
@@ -87,8 +100,7 @@ pub fn read_file(
         reader.skip("empty_file");
         return Ok(reader.skips);
     }
-    let format = options.format.unwrap_or_else(|| infer_format(path));
-    let input = BufReader::with_capacity(1 << 16, file);
+    let input = BufReader::with_capacity(1 << 16, input);
     match (format, options.split_on) {
         (Format::Text, SplitOn::File) => reader.whole_file(input, size)?,
         (Format::Text, SplitOn::Chunk) => reader.chunks(input)?,
@@ -188,15 +200,22 @@ impl Reader<'_> {
         self.emit(Record::text(id, text, &source))
     }
 
-    fn whole_file(&mut self, mut input: impl Read, size: u64) -> Result<(), String> {
+    fn whole_file(&mut self, input: impl Read, size: u64) -> Result<(), String> {
         if size > self.options.max_document_bytes {
             self.skip("too_long");
             return Ok(());
         }
+        let limit = self.options.max_document_bytes;
         let mut bytes = Vec::with_capacity(size as usize);
+        // The file may have grown since it was measured: never hold more than the limit.
         input
+            .take(limit.saturating_add(1))
             .read_to_end(&mut bytes)
             .map_err(|e| format!("{}: {e}", self.name))?;
+        if bytes.len() as u64 > limit {
+            self.skip("too_long");
+            return Ok(());
+        }
         if let Some(text) = self.decode(bytes, self.name)? {
             self.text_document(self.name.to_string(), text)?;
         }

@@ -5,7 +5,7 @@
 //! `text`, `source`, and `messages` or `prompt`/`chosen`/`rejected` for chat and preference
 //! data), and `manifest.json` with counts, bytes, per-source skips and the shard names.
 
-mod files;
+pub(crate) mod files;
 pub(crate) mod synthetic;
 mod url;
 

@@ -120,7 +120,12 @@ pub fn write_safetensors(
 /// Reads every tensor of a safetensors file as f32 (F32, F16 and BF16 are accepted).
 pub fn read_safetensors(path: &Path) -> Result<Tensors, String> {
     let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let file = ::safetensors::SafeTensors::deserialize(&bytes)
+    parse_safetensors(&bytes, path)
+}
+
+/// [`read_safetensors`] on the file's bytes; `path` names it in errors.
+pub fn parse_safetensors(bytes: &[u8], path: &Path) -> Result<Tensors, String> {
+    let file = ::safetensors::SafeTensors::deserialize(bytes)
         .map_err(|e| format!("{}: not a safetensors file: {e:?}", path.display()))?;
     let mut tensors = HashMap::new();
     for (name, view) in file.tensors() {
@@ -181,8 +186,13 @@ pub fn hf_config(config: &GptConfig, eos_id: u32) -> serde_json::Value {
 pub fn read_hf_config(dir: &Path) -> Result<(GptConfig, Option<u32>), String> {
     let path = dir.join("config.json");
     let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    parse_hf_config(&text, &path)
+}
+
+/// [`read_hf_config`] on the text of `path`.
+pub fn parse_hf_config(text: &str, path: &Path) -> Result<(GptConfig, Option<u32>), String> {
     let value: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        serde_json::from_str(text).map_err(|e| format!("{}: {e}", path.display()))?;
     let number = |key: &str| {
         value[key]
             .as_u64()

@@ -157,6 +157,19 @@ impl GptConfig {
         12 * self.layers * d * d + (self.vocab_size + self.seq_len) * d
     }
 
+    /// [`weights`](Self::weights), or `None` when the sizes are too large to count in a
+    /// `usize`.
+    pub fn checked_weights(&self) -> Option<usize> {
+        let d = self.d_model;
+        let blocks = self
+            .layers
+            .checked_mul(d)?
+            .checked_mul(d)?
+            .checked_mul(12)?;
+        let tables = self.vocab_size.checked_add(self.seq_len)?.checked_mul(d)?;
+        blocks.checked_add(tables)
+    }
+
     /// Training FLOPs per token: 6 per parameter (forward and backward) plus attention's
     /// scores and weighted sums over the full context, as nanoGPT and PaLM count them.
     pub fn flops_per_token(&self, parameters: usize) -> f64 {
@@ -250,12 +263,40 @@ impl Trainer {
         optimizer: AdamWConfig,
     ) -> Result<(Self, Option<u32>), String> {
         let (config, eos) = io::read_hf_config(dir)?;
+        let path = dir.join("model.safetensors");
+        let tensors = io::read_safetensors(&path)?;
+        Self::from_tensors(config, &tensors, device, optimizer)
+            .map(|trainer| (trainer, eos))
+            .map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    /// A model of `config`'s sizes holding `tensors` (by HF name).
+    ///
+    /// The sizes come from a user's config.json, and the model is allocated before its
+    /// weights are checked one by one: so they are first checked against the number of values
+    /// the tensors hold, which bounds what a wrong (or hostile) config can make it allocate by
+    /// the size of the weights file.
+    pub fn from_tensors(
+        config: GptConfig,
+        tensors: &io::Tensors,
+        device: DeviceKind,
+        optimizer: AdamWConfig,
+    ) -> Result<Self, String> {
+        config.check()?;
+        let held: usize = tensors.values().map(|(_, values)| values.len()).sum();
+        match config.checked_weights() {
+            Some(needed) if needed <= held => {}
+            needed => {
+                let needed = needed.map_or_else(|| "more".into(), |n| n.to_string());
+                return Err(format!(
+                    "config.json describes a model of {needed} weights, but the file holds \
+                     {held} values"
+                ));
+            }
+        }
         let mut trainer = Trainer::new(config, device, 0, optimizer)?;
-        let tensors = io::read_safetensors(&dir.join("model.safetensors"))?;
-        trainer
-            .set_weights(&tensors)
-            .map_err(|e| format!("{}: {e}", dir.join("model.safetensors").display()))?;
-        Ok((trainer, eos))
+        trainer.set_weights(tensors)?;
+        Ok(trainer)
     }
 }
 

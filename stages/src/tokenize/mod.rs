@@ -247,7 +247,7 @@ impl Stage for Tokenize {
                 params.eos_token
             )
         })?;
-        let vocab_size = tokenizer.get_vocab_size(true);
+        let vocab_size = vocab_size(&tokenizer);
         let unknown = unknown_id(&json);
         let mut encoding = Encoding {
             params,
@@ -321,13 +321,7 @@ fn tokenizer(
 ) -> Result<(Tokenizer, String), String> {
     let load = |path: &Path| -> Result<(Tokenizer, String), String> {
         let json = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        let tokenizer = Tokenizer::from_bytes(json.as_bytes()).map_err(|e| {
-            format!(
-                "{}: not a tokenizer.json `tokenizers` can load: {e}",
-                path.display()
-            )
-        })?;
-        Ok((tokenizer, json))
+        load_tokenizer(json, path)
     };
     let wired = ctx.input("tokenizer");
     if let Some(problem) = params.source_problem(wired.is_some()) {
@@ -344,6 +338,65 @@ fn tokenizer(
             Ok((tokenizer, json))
         }
     }
+}
+
+/// A user's tokenizer.json (read from `path`) as `tokenizers` loads it.
+fn load_tokenizer(json: String, path: &Path) -> Result<(Tokenizer, String), String> {
+    let fail = |e: String| {
+        format!(
+            "{}: not a tokenizer.json `tokenizers` can load: {e}",
+            path.display()
+        )
+    };
+    // Syntax first, for a plain message (and `tokenizers` panics on some syntax errors).
+    serde_json::from_str::<serde::de::IgnoredAny>(&json).map_err(|e| fail(e.to_string()))?;
+    // Found by fuzz/ (tokenizer_json): `tokenizers` 0.22 also panics on some valid JSON (an
+    // `expect` in its normalizer and decoder deserializers).
+    let tokenizer = crate::catch_panic(|| Tokenizer::from_bytes(json.as_bytes()))
+        .map_err(|panic| fail(panic))?
+        .map_err(|e| fail(e.to_string()))?;
+    Ok((tokenizer, json))
+}
+
+/// What `run` does with a tokenizer.json before it reads the corpus (load it, choose the
+/// encoder, find the end-of-text, unknown and special tokens, write tokenizer_config.json),
+/// then `texts` encoded as the corpus would be: their ids and the vocabulary size the stage
+/// records, or the stage's error.
+#[doc(hidden)]
+pub fn load_and_encode(
+    json: String,
+    eos_token: &str,
+    texts: &[&str],
+) -> Result<(Vec<u32>, usize), String> {
+    let path = Path::new("tokenizer.json");
+    let (tokenizer, json) = load_tokenizer(json, path)?;
+    let encoder = Encoder::new(&tokenizer)?;
+    let unknown = unknown_id(&json);
+    let _ = special_tokens(&json);
+    let params: TokenizeParams = serde_json::from_value(serde_json::json!({
+        "from": "tokenizer.json", "eos_token": eos_token
+    }))
+    .map_err(|e| e.to_string())?;
+    let _ = tokenizer_config(&params, &tokenizer, unknown);
+    let mut ids = Vec::new();
+    for text in texts {
+        encoder.encode(text, &mut ids)?;
+    }
+    let eos = tokenizer
+        .token_to_id(eos_token)
+        .ok_or_else(|| format!("no `{eos_token}` token"))?;
+    ids.push(eos);
+    Ok((ids, vocab_size(&tokenizer)))
+}
+
+/// The vocabulary size recorded in meta.json: what the model's embedding needs, one more than
+/// the largest id. A loaded tokenizer.json may leave holes in its ids (`tokenizers` only warns),
+/// and then it holds fewer tokens than that: counting them would give ids beyond the
+/// embedding, and u16 token files for ids over 65535.
+fn vocab_size(tokenizer: &Tokenizer) -> usize {
+    let largest = tokenizer.get_vocab(true).into_values().max();
+    let size = largest.map_or(0, |id| id as usize + 1);
+    size.max(tokenizer.get_vocab_size(true))
 }
 
 /// The unknown token's id, if the model has one (Unigram names it by id, the others by text).
@@ -1082,6 +1135,74 @@ mod tests {
             outputs.push(files(&out));
         }
         assert_eq!(outputs[0], outputs[1]);
+    }
+
+    /// A character-level tokenizer.json whose ids have holes: 4 tokens, ids up to 70000.
+    fn vocabulary_with_holes(pre_tokenizer: serde_json::Value) -> String {
+        serde_json::json!({
+            "version": "1.0", "truncation": null, "padding": null,
+            "added_tokens": [{ "id": 0, "content": "<|endoftext|>", "single_word": false,
+                "lstrip": false, "rstrip": false, "normalized": false, "special": true }],
+            "normalizer": null, "pre_tokenizer": pre_tokenizer, "post_processor": null,
+            "decoder": null,
+            "model": { "type": "BPE", "dropout": null, "unk_token": "<unk>",
+                "continuing_subword_prefix": null, "end_of_word_suffix": null, "fuse_unk": false,
+                "byte_fallback": false, "vocab": { "<|endoftext|>": 0, "<unk>": 1, "a": 2,
+                "b": 70000 }, "merges": [] }
+        })
+        .to_string()
+    }
+
+    #[test]
+    fn a_vocabulary_with_holes_is_sized_by_its_largest_id() {
+        // Found by fuzz/ (tokenizer_json): meta.json said 4 tokens while "b" was 70000, so the
+        // ids were stored as u16 (70000 became 4464) and beyond the model's embedding.
+        for pre_tokenizer in [
+            serde_json::Value::Null,
+            serde_json::json!({ "type": "Whitespace" }),
+        ] {
+            let json = vocabulary_with_holes(pre_tokenizer);
+            let (ids, size) = load_and_encode(json.clone(), "<|endoftext|>", &["ab a"]).unwrap();
+            assert_eq!(size, 70001);
+            assert!(ids.contains(&70000), "{ids:?}");
+            let dir = corpus(&[Record::text("d".into(), "ab ba".into(), "s")], &[]);
+            std::fs::write(dir.path().join("holes.json"), json).unwrap();
+            let meta = run(
+                serde_json::json!({ "from": "holes.json" }),
+                dir.path(),
+                "out",
+                None,
+            )
+            .unwrap();
+            assert_eq!((meta.vocab_size, meta.dtype), (70001, Dtype::U32));
+            let tokens: Vec<u32> = stream(&dir.path().join("out"), &meta, "train")
+                .into_iter()
+                .flat_map(|(tokens, _)| tokens)
+                .collect();
+            assert!(tokens.contains(&70000), "{tokens:?}");
+        }
+    }
+
+    #[test]
+    fn a_tokenizer_json_tokenizers_panics_on_is_an_error() {
+        // Found by fuzz/ (tokenizer_json): `tokenizers` panics ("Helper", "Precompiled") on a
+        // syntax error inside `decoder`, and on a `Precompiled` normalizer it cannot decode.
+        let good: serde_json::Value =
+            serde_json::from_str(&vocabulary_with_holes(serde_json::Value::Null)).unwrap();
+        let text = good.to_string();
+        let mut broken_decoder = text.replace("\"decoder\":null", "\"decoder\":{\"type\" 1}");
+        assert_ne!(broken_decoder, text);
+        broken_decoder.truncate(broken_decoder.len() - 1);
+        let mut precompiled = good.clone();
+        precompiled["normalizer"] =
+            serde_json::json!({ "type": "Precompiled", "precompiled_charsmap": "!!" });
+        for json in [broken_decoder, precompiled.to_string()] {
+            let err = load_and_encode(json, "<|endoftext|>", &["a"]).unwrap_err();
+            assert!(
+                err.contains("not a tokenizer.json `tokenizers` can load"),
+                "{err}"
+            );
+        }
     }
 
     #[test]

@@ -1,0 +1,172 @@
+#!/usr/bin/env python3
+"""Writes the seed corpora of the fuzz targets into fuzz/corpus/<target>/ (committed; rerun
+only to change them). Every seed is small: the whole corpus stays well under 200 KB.
+
+    python3 fuzz/make_seeds.py [--tokenizers DIR]
+
+--tokenizers: a folder of tokenizer.json files to take as seeds of `tokenizer_json` (made by
+`smelt run fuzz/seed-tokenizers.yaml`: one per kind of vocabulary the tokenize stage trains,
+each small). Without it, those seeds are left as they are.
+"""
+
+import argparse
+import json
+import shutil
+import struct
+from pathlib import Path
+
+FUZZ = Path(__file__).resolve().parent
+ROOT = FUZZ.parent
+CORPUS = FUZZ / "corpus"
+
+
+def write(target: str, name: str, data: bytes) -> None:
+    folder = CORPUS / target
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_bytes(data)
+
+
+def pipelines() -> None:
+    for path in sorted((ROOT / "pipelines").glob("*.yaml")):
+        write("pipeline", path.name, path.read_bytes())
+    write("pipeline", "starter.yaml", (ROOT / "src/templates/starter.yaml").read_bytes())
+    head = "smelt: 1\nname: t\n"
+    mistakes = {
+        "unknown-kind.yaml": head + "stages:\n  a:\n    uses: comand\n",
+        "misspelt-param.yaml": head
+        + "stages:\n  a:\n    uses: command\n    with: { run: x, dpes: [], evn: {} }\n",
+        "cycle.yaml": head
+        + "stages:\n"
+        + "".join(
+            f"  {n}:\n    uses: command\n    inputs: {{ x: {i} }}\n    with: {{ run: x }}\n"
+            for n, i in [("a", "c"), ("b", "a"), ("c", "b")]
+        ),
+        "duplicate-key.yaml": head + "stages:\n  a:\n    uses: command\n    with: { run: x, run: y }\n",
+        "vars.yaml": head
+        + "vars: { seed: 1, n: 3 }\nstages:\n  a:\n    uses: command\n"
+        + "    with: { run: \"echo ${vars.sede} ${vars.n}\" }\n",
+        "many-problems.yaml": head
+        + "stages:\n  a:\n    uses: comand\n  b:\n    uses: command\n    inputs: { x: zz }\n"
+        + "    with: { run: x, bogus: 1 }\n  c:\n    use: command\n",
+        "alias.yaml": "smelt: 1\na0: &a0 [x, x, x]\na1: &a1 [*a0, *a0, *a0]\nstages: {}\n",
+        "types.yaml": head
+        + "stages:\n  t:\n    uses: tokenize\n    inputs: { corpus: c }\n"
+        + "    with: { train: { model: wordpiece, vocab_size: -1 }, max_length: 1.5e3 }\n"
+        + "  c:\n    uses: collect\n    with: { sources: [ { files: { glob: '*.txt', split_on: chunk } } ] }\n",
+        "unicode.yaml": head + "stages:\n  \u00e9t\u00e9:\n    uses: command\n    with: { run: \"\u6f22\u5b57 \U0001f980\" }\n",
+        "not-utf8.yaml": None,
+    }
+    for name, text in mistakes.items():
+        data = text.encode() if text is not None else b"smelt: 1\nname: \xff\xfe\n"
+        write("pipeline", name, data)
+
+
+def collect_files() -> None:
+    # Byte 0: bits 0-1 format (0 text, 1 jsonl, 2 csv), bits 2-3 split_on (file, paragraph,
+    # line, chunk), bit 4 skip invalid UTF-8, bit 5 field `content`; byte 1: limit / 16.
+    def seed(name, flags, limit, data: bytes):
+        write("collect_file", name, bytes([flags, limit]) + data)
+
+    jsonl = b"\n".join(
+        json.dumps(r).encode()
+        for r in [
+            {"text": "A plain document.", "id": "doc-1"},
+            {"text": "caf\u00e9 \u6f22\u5b57\n\ttabs"},
+            {"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]},
+            {"prompt": "2+2?", "chosen": "4", "rejected": "5"},
+            {"text": ""},
+            {"text": 3},
+            {"other": "no text field"},
+            [1, 2],
+        ]
+    )
+    seed("jsonl", 1, 64, jsonl + b"\n\n   \n{\"text\": \"last line, no newline\"}")
+    seed("jsonl-crlf", 1 | 16, 8, b'{"text": "one"}\r\n{"text": "t\xffwo"}\r\n')
+    seed("jsonl-content", 1 | 32, 255, b'{"content": "the field"}\n{"text": "not it"}\n')
+    csv = (
+        b"\xef\xbb\xbfid,text,source\n"
+        b"1,A cell,here\n"
+        b'2,"Quoted, with a comma and ""quotes""",there\n'
+        b'3,"Across\nlines",x\n'
+        b"4,short row\n"
+    )
+    seed("csv", 2, 64, csv)
+    seed("csv-content", 2 | 32, 2, b"content,other\nsome text,1\n,2\n" + b"x" * 40 + b",3\n")
+    text = b"First paragraph,\non two lines.\n\n\nSecond one.\n  \nThird \xe2\x80\x94 dash.\n"
+    for split, name in enumerate(["file", "paragraph", "line", "chunk"]):
+        seed(f"text-{name}", split << 2, 255, text)
+    seed("text-long-lines", 2 << 2 | 16, 1, b"short\n" + b"y" * 100 + b"\n\xff\xfe bad\nend")
+
+
+def shard_records() -> None:
+    lines = [
+        {"id": "a:1", "text": "hello", "source": "a"},
+        {
+            "id": "c:1",
+            "text": "user: hi",
+            "source": "chat",
+            "messages": [{"role": "user", "content": "hi"}],
+        },
+        {"id": "p:1", "text": "q", "source": "p", "prompt": "q", "chosen": "y", "rejected": "n"},
+    ]
+    body = b"\n".join(json.dumps(r).encode() for r in lines)
+    write("shard_records", "records", bytes([7]) + body + b"\n")
+    write("shard_records", "unterminated", bytes([200]) + body + b"\n{\"id\": 1}")
+    write("shard_records", "bad-lines", bytes([1]) + b"\n\nnot json\n{}\n\xff\n")
+
+
+def tokenizers(folder: Path) -> None:
+    target = CORPUS / "tokenizer_json"
+    if target.exists():
+        shutil.rmtree(target)
+    for path in sorted(folder.glob("*.json")):
+        write("tokenizer_json", path.name, path.read_bytes())
+
+
+def safetensors(tensors: dict) -> bytes:
+    header, data = {}, b""
+    for name, (dtype, shape, raw) in tensors.items():
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [len(data), len(data) + len(raw)]}
+        data += raw
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + data
+
+
+def model_dirs() -> None:
+    # config.json, a NUL byte, model.safetensors.
+    for fixture in ["gpt2-smelt-export", "gpt2-tiny-untied"]:
+        folder = ROOT / "tests/fixtures" / fixture
+        config = json.loads((folder / "config.json").read_text())
+        compact = json.dumps(config, separators=(",", ":")).encode()
+        write("model_dir", fixture, compact + b"\0" + (folder / "model.safetensors").read_bytes())
+    config = {"model_type": "gpt2", "vocab_size": 2, "n_positions": 1, "n_embd": 1, "n_layer": 1, "n_head": 1}
+    odd = safetensors(
+        {
+            "wte.weight": ("F16", [2, 1], b"\x00\x3c\x00\xbc"),
+            "wpe.weight": ("BF16", [1, 1], b"\x80\x3f"),
+            "h.0.ln_1.weight": ("I64", [1], b"\x01" + b"\x00" * 7),
+        }
+    )
+    write("model_dir", "tiny-other-dtypes", json.dumps(config).encode() + b"\0" + odd)
+    huge = dict(config, n_embd=1 << 40, n_head=1 << 20, vocab_size=1 << 30)
+    write("model_dir", "sizes-beyond-the-file", json.dumps(huge).encode() + b"\0" + odd)
+    write("model_dir", "no-weights", json.dumps(config).encode())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tokenizers", type=Path)
+    args = parser.parse_args()
+    pipelines()
+    collect_files()
+    shard_records()
+    model_dirs()
+    if args.tokenizers:
+        tokenizers(args.tokenizers)
+    total = sum(p.stat().st_size for p in CORPUS.rglob("*") if p.is_file())
+    print(f"{CORPUS}: {sum(1 for p in CORPUS.rglob('*') if p.is_file())} seeds, {total} bytes")
+
+
+if __name__ == "__main__":
+    main()
