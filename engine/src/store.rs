@@ -752,6 +752,25 @@ fn tree_size(path: &Path) -> u64 {
 mod tests {
     use super::*;
 
+    /// A run record of a `command` stage keyed `key` that built `artifact`.
+    fn test_record(key: &str, artifact: &ArtifactId) -> RunRecord {
+        RunRecord {
+            key: StageKey(key.into()),
+            artifact: artifact.clone(),
+            kind: "command".into(),
+            version: 1,
+            params: serde_json::json!({}),
+            inputs: BTreeMap::new(),
+            deps: BTreeMap::new(),
+            stage: "s".into(),
+            finished_at: 0,
+            duration_s: 0.0,
+            host: String::new(),
+            threads: 1,
+            metrics: BTreeMap::new(),
+        }
+    }
+
     fn output(store: &Store, key: &StageKey, files: &[(&str, &str)]) -> PathBuf {
         let lock = store.lock_key(key).unwrap();
         let dir = store.new_output_dir(key, &lock).unwrap();
@@ -846,21 +865,7 @@ mod tests {
             let id = store.publish(&output(&store, &key, &[("a", "1")])).unwrap();
             let other = store.publish(&output(&store, &key, &[("a", "2")])).unwrap();
             for (key, artifact) in [("k1", &id), ("k2", &id), ("k3", &other)] {
-                store
-                    .save_record(&RunRecord {
-                        key: StageKey(key.into()),
-                        artifact: artifact.clone(),
-                        kind: "command".into(),
-                        version: 1,
-                        params: serde_json::json!({}),
-                        inputs: BTreeMap::new(),
-                        deps: BTreeMap::new(),
-                        stage: "s".into(),
-                        finished_at: 0,
-                        duration_s: 0.0,
-                        metrics: BTreeMap::new(),
-                    })
-                    .unwrap();
+                store.save_record(&test_record(key, artifact)).unwrap();
             }
             assert!(store.remove_artifact(&id).is_err());
             assert_eq!(store.artifact_ids().unwrap().len(), 2);
@@ -917,19 +922,7 @@ mod tests {
         let busy = store.lock_key(&StageKey("busy".into())).unwrap();
         // Work dirs: of a key with a record (a run killed before removing it), of a key without
         // one (checkpoints to resume from), of a key with a record being rebuilt (forced).
-        let record = |key: &str| RunRecord {
-            key: StageKey(key.into()),
-            artifact: id.clone(),
-            kind: "command".into(),
-            version: 1,
-            params: serde_json::json!({}),
-            inputs: BTreeMap::new(),
-            deps: BTreeMap::new(),
-            stage: "s".into(),
-            finished_at: 0,
-            duration_s: 0.0,
-            metrics: BTreeMap::new(),
-        };
+        let record = |key: &str| test_record(key, &id);
         for key in ["done", "resumable", "busy"] {
             fs::create_dir_all(store.work_dir(&StageKey(key.into())).join("ckpt")).unwrap();
             if key != "resumable" {
