@@ -319,7 +319,7 @@ fn load_tokenizer(json: String, path: &Path) -> Result<(Tokenizer, String), Stri
     // Found by fuzz/ (tokenizer_json): `tokenizers` 0.22 also panics on some valid JSON (an
     // `expect` in its normalizer and decoder deserializers).
     let tokenizer = crate::catch_panic(|| Tokenizer::from_bytes(json.as_bytes()))
-        .map_err(|panic| fail(panic))?
+        .map_err(&fail)?
         .map_err(|e| fail(e.to_string()))?;
     Ok((tokenizer, json))
 }
