@@ -963,6 +963,26 @@ mod tests {
         );
     }
 
+    #[test]
+    fn a_config_larger_than_its_weights_is_refused_before_allocating() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut model = Trainer::new(tiny(true), DeviceKind::Cpu, 4, adamw()).unwrap();
+        model.save_hf(dir.path(), 0).unwrap();
+        let path = dir.path().join("config.json");
+        let mut config: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        // About 4 TB of weights, or more than a usize counts: refused, nothing allocated.
+        for (embd, heads) in [(1u64 << 20, 1u64 << 10), (1 << 62, 1 << 10)] {
+            config["n_embd"] = embd.into();
+            config["n_head"] = heads.into();
+            std::fs::write(&path, config.to_string()).unwrap();
+            let err = Trainer::load(dir.path(), DeviceKind::Cpu, adamw())
+                .err()
+                .unwrap();
+            assert!(err.contains("config.json describes a model of"), "{err}");
+        }
+    }
+
     /// A fixture's token ids (2 rows of 8, flattened) and the logits transformers computed.
     fn fixture_logits(dir: &Path) -> (Vec<u32>, Vec<f32>) {
         let fixture: serde_json::Value =
