@@ -54,7 +54,9 @@ fn no_rpo() -> NonNegative<f32> {
 }
 
 /// Bump when the reference scores' meaning changes (it keys their memo).
-const REFERENCE_VERSION: u32 = 1;
+/// 2: the memo holds the f32 bytes (serde_json's default float parsing may be off by an ulp,
+/// which gave a run that read the memo other metrics than one that computed the scores).
+const REFERENCE_VERSION: u32 = 2;
 
 impl Stage for Dpo {
     type Params = DpoParams;
@@ -188,6 +190,35 @@ struct ReferenceScores {
     validation: Vec<f32>,
 }
 
+impl ReferenceScores {
+    /// The memo's bytes: the train scores' count (u64), then every score, little-endian, so
+    /// that reading them back gives the very bits a run computed.
+    fn to_bytes(&self) -> Vec<u8> {
+        let mut bytes = (self.train.len() as u64).to_le_bytes().to_vec();
+        for score in self.train.iter().chain(&self.validation) {
+            bytes.extend_from_slice(&score.to_le_bytes());
+        }
+        bytes
+    }
+
+    fn from_bytes(bytes: &[u8]) -> Option<ReferenceScores> {
+        let (count, rest) = bytes.split_first_chunk::<8>()?;
+        let train = usize::try_from(u64::from_le_bytes(*count)).ok()?;
+        if rest.len() % 4 != 0 || rest.len() / 4 < train {
+            return None;
+        }
+        let mut scores: Vec<f32> = rest
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        let validation = scores.split_off(train);
+        Some(ReferenceScores {
+            train: scores,
+            validation,
+        })
+    }
+}
+
 /// Scores every pair with the untrained input model (before adapters change anything: a fresh
 /// adapter is the identity), from the memo when this model and data were scored before.
 fn reference_scores(
@@ -217,7 +248,7 @@ fn reference_scores(
     let memo = ctx.memo_file(&key);
     if let Some(scores) = std::fs::read(&memo)
         .ok()
-        .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+        .and_then(|bytes| ReferenceScores::from_bytes(&bytes))
     {
         return Ok(scores);
     }
@@ -243,12 +274,9 @@ fn reference_scores(
     };
     std::fs::create_dir_all(&ctx.memo_dir).map_err(|e| e.to_string())?;
     let tmp = memo.with_extension("tmp");
-    std::fs::write(
-        &tmp,
-        serde_json::to_vec(&scores).map_err(|e| e.to_string())?,
-    )
-    .and_then(|()| std::fs::rename(&tmp, &memo))
-    .map_err(|e| format!("{}: {e}", memo.display()))?;
+    std::fs::write(&tmp, scores.to_bytes())
+        .and_then(|()| std::fs::rename(&tmp, &memo))
+        .map_err(|e| format!("{}: {e}", memo.display()))?;
     Ok(scores)
 }
 
@@ -456,10 +484,15 @@ mod tests {
         let memos: Vec<_> = std::fs::read_dir(p.join("memo")).unwrap().collect();
         assert_eq!(memos.len(), 1);
         let memo = memos[0].as_ref().unwrap().path();
-        let mut scores: ReferenceScores =
-            serde_json::from_slice(&std::fs::read(&memo).unwrap()).unwrap();
+        let mut scores = ReferenceScores::from_bytes(&std::fs::read(&memo).unwrap()).unwrap();
+        assert_eq!(
+            ReferenceScores::from_bytes(&scores.to_bytes())
+                .unwrap()
+                .train,
+            scores.train
+        );
         scores.train[0] = -1234.5;
-        std::fs::write(&memo, serde_json::to_vec(&scores).unwrap()).unwrap();
+        std::fs::write(&memo, scores.to_bytes()).unwrap();
         run(
             p,
             "b",
