@@ -579,6 +579,20 @@ pub fn write_model_dir(
 mod tests {
     use super::*;
 
+    /// Resuming keeps the log's lines up to the checkpoint byte for byte: this `lr` is one that
+    /// serde_json's parser reads an ulp off (it came back as 0.002998396213543542 in a kill
+    /// soak), and a line cut short by a kill is dropped.
+    #[test]
+    fn a_resumed_log_keeps_its_lines_as_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("metrics.jsonl");
+        let kept = "{\"step\":30,\"loss\":1.6939138,\"lr\":0.0029983962135435426}\n";
+        let text = format!("{kept}{{\"step\":40,\"loss\":1.5}}\n{{\"step\":50,\"lo");
+        std::fs::write(&path, text).unwrap();
+        cut_back(&path, 30).unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), kept);
+    }
+
     #[test]
     fn the_schedule_floor_defaults_to_a_tenth_of_the_rate() {
         let low: TrainParams = serde_json::from_value(serde_json::json!({ "lr": 5e-5 })).unwrap();
