@@ -252,17 +252,28 @@ pub fn plan(
         Format::Text => output::print_plan(&plan, &session.pipeline),
         Format::Json => println!("{}", serde_json::to_string_pretty(&plan).expect("json")),
     }
-    let (_, report) = session.check_inputs(&plan, file, |s| s.decision == Decision::Run);
-    if !report.is_empty() {
-        eprint!("{}", report.render_human(output::color_stderr()));
-        eprintln!(
-            "{}: {} problem(s) the run would stop at",
-            file.display(),
-            report.problems.len()
-        );
-        return Err(Failure::Failed);
+    refuse_input_problems(&session, &plan, file, " the run would stop at")
+}
+
+/// Fails, printing them, when stages the plan runs have params that do not fit inputs already
+/// built; `consequence` ends the summary line.
+fn refuse_input_problems(
+    session: &Session,
+    plan: &Plan,
+    file: &Path,
+    consequence: &str,
+) -> Result<(), Failure> {
+    let (_, report) = session.check_inputs(plan, file, |s| s.decision == Decision::Run);
+    if report.is_empty() {
+        return Ok(());
     }
-    Ok(())
+    eprint!("{}", report.render_human(output::color_stderr()));
+    eprintln!(
+        "{}: {} problem(s){consequence}",
+        file.display(),
+        report.problems.len()
+    );
+    Err(Failure::Failed)
 }
 
 pub fn run(
@@ -277,16 +288,7 @@ pub fn run(
     let session = Session::open(file, overrides, store)?;
     let plan = session.plan(&selection(select))?;
     // Params that do not fit inputs already built stop the run before any stage starts.
-    let (_, report) = session.check_inputs(&plan, file, |s| s.decision == Decision::Run);
-    if !report.is_empty() {
-        eprint!("{}", report.render_human(output::color_stderr()));
-        eprintln!(
-            "{}: {} problem(s); nothing was run",
-            file.display(),
-            report.problems.len()
-        );
-        return Err(Failure::Failed);
-    }
+    refuse_input_problems(&session, &plan, file, "; nothing was run")?;
     let printer = Arc::new(output::RunPrinter::new());
     let jobs = jobs.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     output::print_run_header(&session.pipeline, &plan);
