@@ -61,8 +61,11 @@ fn misspelt_param_points_at_the_key_with_did_you_mean() {
         "{HEAD}stages:\n  a:\n    uses: command\n    with:\n      run: x\n      dpes: [f]\n"
     ));
     assert_eq!((code.as_str(), line, col), ("smelt::unknown-param", 8, 7));
-    assert!(msg.contains("`dpes`"), "{msg}");
-    assert_eq!(help, "did you mean `deps`?");
+    assert_eq!(
+        msg,
+        "unknown key `dpes` in `with` of `command` stage `a` (did you mean `deps`?)"
+    );
+    assert_eq!(help, "`with` takes: deps, env, run");
 }
 
 #[test]
@@ -72,13 +75,21 @@ fn every_misspelt_param_of_a_mapping_is_reported() {
     ));
     let found: Vec<_> = all
         .iter()
-        .map(|p| (p.0.as_str(), p.2, p.4.as_str()))
+        .map(|p| (p.0.as_str(), p.2, p.3.as_str()))
         .collect();
     assert_eq!(
         found,
         [
-            ("smelt::unknown-param", 21, "did you mean `deps`?"),
-            ("smelt::unknown-param", 31, "did you mean `env`?")
+            (
+                "smelt::unknown-param",
+                21,
+                "unknown key `dpes` in `with` of `command` stage `a` (did you mean `deps`?)"
+            ),
+            (
+                "smelt::unknown-param",
+                31,
+                "unknown key `evn` in `with` of `command` stage `a` (did you mean `env`?)"
+            )
         ]
     );
 }
@@ -259,7 +270,8 @@ fn human_format_draws_the_source() {
     let run = p.smelt(&["validate", "p.yaml"]);
     assert_eq!(run.code, 1);
     assert_has(&run.stderr, "[p.yaml:6:21]");
-    assert_has(&run.stderr, "help: did you mean `deps`?");
+    assert_has(&run.stderr, "(did you mean `deps`?)");
+    assert_has(&run.stderr, "help: `with` takes: deps, env, run");
 }
 
 #[test]
@@ -501,9 +513,11 @@ fn misspelt_key_inside_an_optional_block() {
     assert_eq!((code.as_str(), line, col), ("smelt::unknown-param", 11, 39));
     assert_eq!(
         msg,
-        "`tokenize` has no param `train.vocab_sise` (stage `tok`)"
+        "unknown key `vocab_sise` in `with.train` of `tokenize` stage `tok` (did you mean \
+         `vocab_size`?)"
     );
-    assert_eq!(help, "did you mean `vocab_size`?");
+    assert!(help.starts_with("`with.train` takes: "), "{help}");
+    assert!(help.contains("vocab_size"), "{help}");
     // A value of the wrong kind for the block says what the block is.
     let (code, line, _, msg, _) = one(&format!(
         "{HEAD}stages:\n  c:\n    uses: command\n    with: {{ run: x }}\n  tok:\n    uses: tokenize\n    inputs: {{ corpus: c }}\n    with:\n      train: 512\n"
@@ -681,7 +695,7 @@ fn the_other_stage_kinds_refuse_bad_params_at_their_values() {
         ("smelt::invalid-value", 12, 47, "`with.split.validation` of stage `c2` must be below 1; found 1.5"),
         ("smelt::invalid-param", 18, 29, "regex filter: `(` is not a valid regex (unclosed group) (stage `k`)"),
         ("smelt::invalid-param", 19, 34, "unknown language code `english` (use ISO 639-3, e.g. eng) (stage `k`)"),
-        ("smelt::unknown-param", 24, 27, "`clean` has no param `dedup.minhash.treshold` (stage `k2`)"),
+        ("smelt::unknown-param", 24, 27, "unknown key `treshold` in `with.dedup.minhash` of `clean` stage `k2` (did you mean `threshold`?)"),
         ("smelt::invalid-value", 24, 56, "`with.dedup.minhash.permutations` of stage `k2` must be at least 1; found 0"),
         ("smelt::invalid-param", 28, 30, "give either `train` or `from`, not both (stage `t`)"),
         ("smelt::invalid-param", 33, 44, "`exact_match.pattern`: `[` is not a valid regex (unclosed character class) (stage `e`)"),
@@ -692,4 +706,211 @@ fn the_other_stage_kinds_refuse_bad_params_at_their_values() {
         .map(|(c, l, col, m)| (c.to_string(), *l, *col, m.to_string()))
         .collect();
     assert_eq!(found, expected);
+}
+
+#[test]
+fn params_that_do_not_go_together_are_reported_with_the_values_out_of_range() {
+    // Out of range (`dropout`), unknown (`bias_`) and not divisible (`d_model` by `heads`),
+    // `min_lr` above `lr` and a warmup longer than the run: all in one pass.
+    let found: Vec<_> = problems(&pretrain(
+        "{ layers: 2, heads: 3, d_model: 16, seq_len: 8, dropout: 1.5, bias_: true }",
+        "{ steps: 10, warmup: 20, lr: 0.001, min_lr: 0.01 }",
+        "{}",
+    ))
+    .into_iter()
+    .map(|p| (p.0, p.1, p.2))
+    .collect();
+    let expected = [
+        ("smelt::invalid-param", 11, 46),
+        ("smelt::invalid-value", 11, 71),
+        ("smelt::unknown-param", 11, 76),
+        ("smelt::invalid-param", 12, 35),
+        ("smelt::invalid-param", 12, 58),
+    ];
+    let expected: Vec<_> = expected
+        .iter()
+        .map(|(c, l, col)| (c.to_string(), *l, *col))
+        .collect();
+    assert_eq!(found, expected);
+    // A check on a value already refused is not reported twice: `heads: 0` is out of range,
+    // so `d_model` is not also said to be indivisible by it.
+    let (code, line, col, _, _) = one(&pretrain(
+        "{ layers: 2, heads: 0, d_model: 16, seq_len: 8 }",
+        TRAIN,
+        "{}",
+    ));
+    assert_eq!((code.as_str(), line, col), ("smelt::invalid-value", 11, 34));
+}
+
+/// A corpus `c` and a tokenize stage `t` with `with` written on line 10.
+fn tokenize(with: &str) -> String {
+    format!(
+        "{HEAD}stages:\n  c:\n    uses: collect\n    with:\n      sources: [ {{ synthetic: {{ generator: stories, documents: 20 }} }} ]\n  t:\n    uses: tokenize\n    inputs: {{ corpus: c }}\n    with: {with}\n"
+    )
+}
+
+#[test]
+fn an_eos_token_the_vocabulary_would_not_have() {
+    let (code, line, col, msg, help) = one(&tokenize(
+        "{ train: { model: bpe, special_tokens: [\"<s>\"] } }",
+    ));
+    assert_eq!((code.as_str(), line, col), ("smelt::invalid-param", 11, 50));
+    assert_eq!(
+        msg,
+        "`eos_token` `<|endoftext|>` is not one of `train.special_tokens`, so the trained \
+         vocabulary would not have it (stage `t`)"
+    );
+    assert_eq!(help, "add it to `train.special_tokens`, or name one of those");
+    // Named among them, it is fine; so is one character of a `char` vocabulary.
+    let p = Project::new(&tokenize(
+        "{ train: { model: bpe, special_tokens: [\"<s>\"] }, eos_token: \"<s>\" }",
+    ));
+    p.smelt(&["validate", "p.yaml"]).ok();
+    let p = Project::new(&tokenize(
+        "{ train: { model: char, special_tokens: [] }, eos_token: \"\\n\" }",
+    ));
+    p.smelt(&["validate", "p.yaml"]).ok();
+}
+
+#[test]
+fn a_tokenizer_file_is_checked_by_validate() {
+    let p = Project::new(&tokenize("{ from: tok.json, eos_token: \"</s>\" }"));
+    // Not there: validate leaves it to the plan, which blocks the stage.
+    p.smelt(&["validate", "p.yaml"]).ok();
+    // Not a tokenizer.json: refused at `from`, before anything runs.
+    p.write("tok.json", "{ \"version\": ");
+    let (code, line, col, msg, _) = problems_of(&p).remove(0);
+    assert_eq!((code.as_str(), line, col), ("smelt::file-check", 11, 19));
+    assert_has(&msg, "tok.json: not a tokenizer.json `tokenizers` can load");
+    // A tokenizer without the end-of-text token: refused at `eos_token`, naming its specials.
+    let tokenizer = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null,
+        "added_tokens": [{ "id": 0, "content": "<unk>", "single_word": false, "lstrip": false,
+                           "rstrip": false, "normalized": false, "special": true }],
+        "normalizer": null, "pre_tokenizer": null, "post_processor": null, "decoder": null,
+        "model": { "type": "WordLevel", "vocab": { "<unk>": 0, "a": 1 }, "unk_token": "<unk>" }
+    });
+    p.write("tok.json", &tokenizer.to_string());
+    let (code, line, col, msg, help) = problems_of(&p).remove(0);
+    assert_eq!((code.as_str(), line, col), ("smelt::file-check", 11, 40));
+    assert_eq!(
+        msg,
+        "the tokenizer has no `</s>` token to end documents with (stage `t`)"
+    );
+    assert_eq!(help, "set `eos_token` to one of its special tokens: `<unk>`");
+    let run = p.smelt(&["run", "p.yaml"]);
+    assert_eq!(run.code, 1);
+    assert_has(&run.stderr, "nothing was run");
+}
+
+/// The problems `validate --format json` reports for the project's p.yaml.
+fn problems_of(p: &Project) -> Vec<(String, u64, u64, String, String)> {
+    let run = p.smelt(&["validate", "--format", "json", "p.yaml"]);
+    assert_eq!(run.code, 1, "{}{}", run.stdout, run.stderr);
+    let files: Value = serde_json::from_str(&run.stdout).unwrap();
+    files[0]["problems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["code"].as_str().unwrap().to_string(),
+                p["line"].as_u64().unwrap(),
+                p["column"].as_u64().unwrap(),
+                p["message"].as_str().unwrap().to_string(),
+                p["help"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn question_files_are_checked_by_validate() {
+    let p = Project::new(&format!(
+        "{HEAD}stages:\n  m:\n    uses: command\n    with: {{ run: x }}\n  e:\n    uses: evaluate\n    inputs: {{ models: [m] }}\n    with:\n      metrics:\n        - multiple_choice: {{ file: mc.jsonl }}\n        - bleu: {{ file: refs.jsonl }}\n"
+    ));
+    p.write(
+        "mc.jsonl",
+        "{\"question\": \"2+2\", \"choices\": [\"4\", \"5\"], \"answer\": 0}\n\n{\"question\": \"q\", \"choices\": [\"a\", \"b\"], \"answer\": 2}\n",
+    );
+    p.write("refs.jsonl", "{\"prompt\": \"hi\"}\n");
+    let found: Vec<_> = problems_of(&p)
+        .into_iter()
+        .map(|p| (p.0, p.1, p.2, p.3))
+        .collect();
+    let expected = [
+        ("smelt::file-check", 12, 36, "mc.jsonl:3: `answer` must be the index of a choice (stage `e`)"),
+        ("smelt::file-check", 13, 25, "refs.jsonl:1: needs `prompt` and `reference` strings (stage `e`)"),
+    ];
+    let expected: Vec<_> = expected
+        .iter()
+        .map(|(c, l, col, m)| (c.to_string(), *l, *col, m.to_string()))
+        .collect();
+    assert_eq!(found, expected);
+    p.write("refs.jsonl", "\n");
+    p.write("mc.jsonl", "{\"question\": \"2+2\", \"choices\": [\"4\", \"5\"], \"answer\": 1}\n");
+    let found = problems_of(&p);
+    assert_eq!(found.len(), 1, "{found:#?}");
+    assert_eq!(found[0].3, "refs.jsonl: no questions (stage `e`)");
+}
+
+#[test]
+fn a_base_model_config_is_checked_by_validate() {
+    let p = Project::new(&format!(
+        "{HEAD}stages:\n  d:\n    uses: command\n    with: {{ run: x }}\n  sft:\n    uses: finetune\n    inputs: {{ data: d }}\n    with:\n      base: models/m\n      train: {{ steps: 20, warmup: 2 }}\n"
+    ));
+    p.write("models/m/config.json", "{\"model_type\": \"bert\"}");
+    let (code, line, col, msg, _) = problems_of(&p).remove(0);
+    assert_eq!((code.as_str(), line, col), ("smelt::file-check", 11, 13));
+    assert_has(&msg, "models/m/config.json: `model_type` is \"bert\"");
+}
+
+#[test]
+fn vocabularies_below_the_corpus_alphabet_are_refused_before_they_train() {
+    for model in ["bpe", "wordpiece", "unigram"] {
+        let p = Project::new(&tokenize(&format!(
+            "{{ train: {{ model: {model}, vocab_size: 12 }} }}"
+        )));
+        p.smelt(&["run", "p.yaml", "--until", "c"]).ok();
+        let (code, line, col, msg, _) = problems_of_data(&p).remove(0);
+        let col_of_size = 43 + model.len() as u64;
+        assert_eq!((code.as_str(), line, col), ("smelt::data-check", 11, col_of_size));
+        assert_has(&msg, "`train.vocab_size` 12 is below what the corpus needs: its ");
+        // The run refuses it before the stage starts, and the stage itself agrees.
+        let run = p.smelt(&["run", "p.yaml"]);
+        assert_eq!(run.code, 1, "{model}");
+        assert_has(&run.stderr, "nothing was run");
+    }
+}
+
+/// The problems `validate --data --format json` reports for the project's p.yaml.
+fn problems_of_data(p: &Project) -> Vec<(String, u64, u64, String, String)> {
+    let run = p.smelt(&["validate", "--data", "--format", "json", "p.yaml"]);
+    assert_eq!(run.code, 1, "{}{}", run.stdout, run.stderr);
+    let files: Value = serde_json::from_str(&run.stdout).unwrap();
+    files[0]["problems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["code"].as_str().unwrap().to_string(),
+                p["line"].as_u64().unwrap(),
+                p["column"].as_u64().unwrap(),
+                p["message"].as_str().unwrap().to_string(),
+                p["help"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn a_missing_split_points_at_the_input() {
+    // No validation split: the pretrain's check points at `tokens: tok`, the input at fault.
+    let yaml = data_pipeline(16).replace("      split: { validation: 0.2 }\n", "");
+    let p = Project::new(&yaml);
+    p.smelt(&["run", "p.yaml", "--until", "tok"]).ok();
+    let (code, line, col, msg, _) = problems_of_data(&p).remove(0);
+    assert_eq!((code.as_str(), line, col), ("smelt::data-check", 14, 23));
+    assert_has(&msg, "the tokens input has no validation documents");
 }

@@ -48,6 +48,8 @@ pub struct StageSpec {
     pub inputs: BTreeMap<String, Vec<String>>,
     /// The `with:` block as written (after `${vars}` and `--set`), to point at a param.
     pub with: Node,
+    /// The `inputs:` block as written, to point at a port.
+    pub wiring: Option<Node>,
 }
 
 impl StageSpec {

@@ -117,6 +117,9 @@ pub struct ParamProblem {
     /// value to point at, then the others involved, used in turn when a value is not written
     /// in the file (a default).
     pub at: Vec<String>,
+    /// The input it is about, pointed at before `at`: a port and the position of the upstream
+    /// stage in it (`models: [base, sft]`: 1 is `sft`).
+    pub input: Option<(String, usize)>,
     /// What is wrong, naming the params (`` `train.warmup` (200) is longer than … ``).
     pub message: String,
     pub help: Option<String>,
@@ -126,9 +129,30 @@ impl ParamProblem {
     pub fn new(at: &str, message: impl Into<String>) -> Self {
         ParamProblem {
             at: vec![at.to_string()],
+            input: None,
             message: message.into(),
             help: None,
         }
+    }
+
+    /// A problem with what is wired to `port` (the `index`th stage listed there), rather than
+    /// with a param.
+    pub fn input(port: &str, index: usize, message: impl Into<String>) -> Self {
+        ParamProblem {
+            at: Vec::new(),
+            input: Some((port.to_string(), index)),
+            message: message.into(),
+            help: None,
+        }
+    }
+
+    /// Whether the value at `path` (in `with:`) is one of those involved, or inside one, or
+    /// holds one. A problem about no value in particular involves them all.
+    pub fn involves(&self, path: &[String]) -> bool {
+        self.at.iter().any(|at| {
+            let at: Vec<&str> = at.split('.').filter(|s| !s.is_empty()).collect();
+            at.iter().zip(path).all(|(a, p)| a == p)
+        })
     }
 
     /// Another value involved, pointed at when the first is not written in the file.
@@ -199,6 +223,14 @@ pub trait Stage: Send + Sync + 'static {
         Vec::new()
     }
 
+    /// Checks of the files next to the pipeline that the params name (a question file, a
+    /// tokenizer.json, a base model's config): they need nothing built, so `smelt validate`
+    /// runs them on every valid stage. A file that is not there is left to the plan, which
+    /// blocks the stage with the reason.
+    fn check_files(&self, _params: &Self::Params, _pipeline_dir: &Path) -> Vec<ParamProblem> {
+        Vec::new()
+    }
+
     /// What [`Stage::check_inputs`] checks, in a few words, for `smelt validate --data`; `None`
     /// for a kind that checks nothing against its inputs.
     fn input_checks(&self) -> Option<&'static str> {
@@ -239,6 +271,8 @@ pub trait DynStage: Send + Sync {
     ) -> Result<Vec<PathBuf>, String>;
     /// [`Stage::check`] on resolved params.
     fn check(&self, params: &serde_json::Value, wired: &[&str]) -> Vec<ParamProblem>;
+    /// [`Stage::check_files`] on resolved params.
+    fn check_files(&self, params: &serde_json::Value, pipeline_dir: &Path) -> Vec<ParamProblem>;
     fn input_checks(&self) -> Option<&'static str>;
     /// [`Stage::check_inputs`] on resolved params.
     fn check_inputs(
@@ -288,6 +322,13 @@ impl<S: Stage> DynStage for S {
     fn check(&self, params: &serde_json::Value, wired: &[&str]) -> Vec<ParamProblem> {
         match typed::<S>(params) {
             Ok(params) => Stage::check(self, &params, wired),
+            Err(e) => vec![ParamProblem::new("", e)],
+        }
+    }
+
+    fn check_files(&self, params: &serde_json::Value, pipeline_dir: &Path) -> Vec<ParamProblem> {
+        match typed::<S>(params) {
+            Ok(params) => Stage::check_files(self, &params, pipeline_dir),
             Err(e) => vec![ParamProblem::new("", e)],
         }
     }

@@ -94,6 +94,7 @@ pub fn check(
     apply_overrides(&mut root, overrides).map_err(LoadError::Usage)?;
     let mut checker = Checker {
         registry,
+        dir: absolute.parent().map(Path::to_path_buf).unwrap_or_default(),
         problems: Vec::new(),
         vars: None,
         text,
@@ -109,6 +110,8 @@ pub fn check(
 
 struct Checker<'a> {
     registry: &'a Registry,
+    /// The pipeline file's directory, where the files that params name are.
+    dir: PathBuf,
     problems: Vec<Problem>,
     vars: Option<&'a Node>,
     text: Arc<String>,
@@ -122,6 +125,16 @@ struct Draft {
     spec: StageSpec,
     /// Span of each upstream reference, for pointing at cycles.
     input_spans: BTreeMap<String, Span>,
+}
+
+/// A stage's params resolved from its `with:` block.
+struct Params {
+    resolved: serde_json::Value,
+    /// The block as interpolated, to point at values.
+    with: Node,
+    /// The values left out of `resolved` because they do not fit the schema (their problems
+    /// are reported); empty when the block is valid.
+    dropped: Vec<Vec<String>>,
 }
 
 impl<'a> Checker<'a> {
@@ -340,13 +353,37 @@ impl<'a> Checker<'a> {
         };
         let params = kind.and_then(|k| self.params(name, k, node));
         let inputs = self.inputs(name, kind, node, key.span, all);
+        // What the types cannot say: params against each other and the wired ports. Checked
+        // on the params that are valid when others are not, so a file's problems come at once.
+        if let (Some(kind), Some(params), Some((inputs, _))) = (kind, &params, &inputs) {
+            let wired: Vec<&str> = inputs.keys().map(String::as_str).collect();
+            for problem in kind.check(&params.resolved, &wired) {
+                if !params.dropped.iter().any(|d| problem.involves(d)) {
+                    let at = Written {
+                        with: &params.with,
+                        wiring: node.get("inputs"),
+                    };
+                    let problem = param_problem(name, at, &problem, ProblemKind::Params);
+                    self.problem(problem);
+                }
+            }
+        }
         let (inputs, input_spans) = inputs?;
-        let (params, with) = params?;
+        let Params {
+            resolved: params,
+            with,
+            dropped,
+        } = params?;
+        if !dropped.is_empty() {
+            return None;
+        }
         let kind = kind?;
-        // What the types cannot say: params against each other and the wired ports.
-        let wired: Vec<&str> = inputs.keys().map(String::as_str).collect();
-        for problem in kind.check(&params, &wired) {
-            self.problem(param_problem(name, &with, &problem, ProblemKind::Params));
+        let written = Written {
+            with: &with,
+            wiring: node.get("inputs"),
+        };
+        for problem in kind.check_files(&params, &self.dir) {
+            self.problem(param_problem(name, written, &problem, ProblemKind::Files));
         }
         Some(Draft {
             spec: StageSpec {
@@ -355,6 +392,7 @@ impl<'a> Checker<'a> {
                 params,
                 inputs,
                 with,
+                wiring: node.get("inputs").cloned(),
             },
             input_spans,
         })
@@ -381,14 +419,11 @@ impl<'a> Checker<'a> {
         }
     }
 
-    /// Interpolates, schema-checks and resolves a stage's `with:` block; returns the resolved
-    /// params and the block as interpolated.
-    fn params(
-        &mut self,
-        stage: &str,
-        kind: &dyn DynStage,
-        node: &Node,
-    ) -> Option<(serde_json::Value, Node)> {
+    /// Interpolates, schema-checks and resolves a stage's `with:` block. When it does not fit
+    /// the schema, its problems are reported and the params are resolved once more without the
+    /// values at fault (defaults in their place), so the kind's own checks can still run on the
+    /// rest; `None` when even that fails.
+    fn params(&mut self, stage: &str, kind: &dyn DynStage, node: &Node) -> Option<Params> {
         let empty = Node::new(Value::Map(Vec::new()), node.span);
         let with = match node.get("with") {
             None => &empty,
@@ -402,7 +437,13 @@ impl<'a> Checker<'a> {
         // are valid. Only when they do not is the schema compiled (it costs a few milliseconds)
         // to find every problem, each with its place.
         let serde_error = match kind.resolve_params(&json) {
-            Ok(params) => return Some((params, with)),
+            Ok(resolved) => {
+                return Some(Params {
+                    resolved,
+                    with,
+                    dropped: Vec::new(),
+                })
+            }
             Err(e) => e,
         };
         let schema = kind.params_schema();
@@ -418,8 +459,15 @@ impl<'a> Checker<'a> {
         if self.problems.len() == before {
             let message = format!("invalid params for `{stage}`: {serde_error}");
             self.problem(Problem::new("smelt::params", message, with.span));
+            return None;
         }
-        None
+        let (rest, dropped) = without_invalid_values(&schema, json);
+        let resolved = kind.resolve_params(&rest).ok()?;
+        Some(Params {
+            resolved,
+            with,
+            dropped,
+        })
     }
 
     /// Replaces `${vars.x}` in strings: a string that is only a reference takes the variable's
@@ -643,13 +691,23 @@ pub enum ProblemKind {
     Params,
     /// [`crate::Stage::check_inputs`]: params against the input artifacts.
     Data,
+    /// [`crate::Stage::check_files`]: the files next to the pipeline that params name.
+    Files,
 }
 
-/// A kind's own problem with a stage's params, pointing at the first of its values written in
-/// `with` (a default is not written: then the next value involved, or the nearest block).
+/// Where a stage's params and inputs are written, to point at them.
+#[derive(Clone, Copy)]
+pub struct Written<'a> {
+    pub with: &'a Node,
+    pub wiring: Option<&'a Node>,
+}
+
+/// A kind's own problem with a stage's params, pointing at the input it is about, else the
+/// first of its values written in `with` (a default is not written: then the next value
+/// involved, or the nearest block).
 pub fn param_problem(
     stage: &str,
-    with: &Node,
+    written: Written<'_>,
     problem: &ParamProblem,
     kind: ProblemKind,
 ) -> Problem {
@@ -663,14 +721,22 @@ pub fn param_problem(
                 .collect()
         })
         .collect();
-    let span = paths
-        .iter()
-        .find_map(|p| with.lookup(p))
+    let with = written.with;
+    let wired = problem.input.as_ref().and_then(|(port, index)| {
+        let listed = written.wiring?.get(port)?;
+        match &listed.value {
+            Value::Seq(items) => items.get(*index).or(Some(listed)),
+            _ => Some(listed),
+        }
+    });
+    let span = wired
+        .or_else(|| paths.iter().find_map(|p| with.lookup(p)))
         .unwrap_or_else(|| with.at_path(paths.first().map_or(&[][..], Vec::as_slice)))
         .span;
     let (code, label) = match kind {
         ProblemKind::Params => ("smelt::invalid-param", "refused"),
         ProblemKind::Data => ("smelt::data-check", "does not fit the input data"),
+        ProblemKind::Files => ("smelt::file-check", "refused"),
     };
     let message = format!("{} (stage `{stage}`)", problem.message);
     let found = Problem::new(code, message, span).label(label);
@@ -689,10 +755,14 @@ pub fn data_report(
 ) -> FileReport {
     let mut report = FileReport::new(shown_as, pipeline.text.clone());
     for (stage, problem) in problems {
-        let with = &pipeline.stages[stage].with;
+        let spec = &pipeline.stages[stage];
+        let written = Written {
+            with: &spec.with,
+            wiring: spec.wiring.as_ref(),
+        };
         report
             .problems
-            .push(param_problem(stage, with, problem, ProblemKind::Data));
+            .push(param_problem(stage, written, problem, ProblemKind::Data));
     }
     report.problems.sort_by_key(|p| p.span.map(|s| s.offset));
     report
@@ -914,6 +984,75 @@ enum Variant<'s> {
     NotTagged,
 }
 
+/// `params` without the values the schema refuses (unknown keys, wrong types, values out of
+/// range), and the paths of those values. Removing a value can expose another error (a required
+/// key now missing), so it repeats a few times.
+fn without_invalid_values(
+    schema: &serde_json::Value,
+    mut params: serde_json::Value,
+) -> (serde_json::Value, Vec<Vec<String>>) {
+    let validator = jsonschema::validator_for(schema).expect("generated schemas compile");
+    let mut dropped = Vec::new();
+    for _ in 0..4 {
+        let mut faults = Vec::new();
+        for error in validator.iter_errors(&params) {
+            let path = pointer_segments(error.instance_path.as_str());
+            match &error.kind {
+                ValidationErrorKind::AdditionalProperties { unexpected } => {
+                    faults.extend(unexpected.iter().map(|name| {
+                        let mut key = path.clone();
+                        key.push(name.clone());
+                        key
+                    }));
+                }
+                _ => faults.push(path),
+            }
+        }
+        // A fault at the root, or one already dropped, cannot be taken out any further.
+        if faults.is_empty() || faults.iter().any(|f| f.is_empty() || dropped.contains(f)) {
+            break;
+        }
+        for fault in faults {
+            remove_at(&mut params, &fault);
+            dropped.push(fault);
+        }
+    }
+    (params, dropped)
+}
+
+/// Removes the value at `path` (object keys; list items are replaced by `null`, keeping the
+/// other items' indices).
+fn remove_at(value: &mut serde_json::Value, path: &[String]) {
+    let Some((last, parents)) = path.split_last() else {
+        return;
+    };
+    let mut at = value;
+    for segment in parents {
+        let next = match at {
+            serde_json::Value::Object(map) => map.get_mut(segment),
+            serde_json::Value::Array(items) => {
+                segment.parse::<usize>().ok().and_then(|i| items.get_mut(i))
+            }
+            _ => None,
+        };
+        let Some(next) = next else {
+            return;
+        };
+        at = next;
+    }
+    match at {
+        serde_json::Value::Object(map) => {
+            map.remove(last);
+        }
+        serde_json::Value::Array(items) => {
+            if let Some(item) = last.parse::<usize>().ok().and_then(|i| items.get_mut(i)) {
+                *item = serde_json::Value::Null;
+            }
+        }
+        _ => {}
+    }
+}
+
 fn valid_stage_name(name: &str) -> bool {
     let mut chars = name.chars();
     chars
@@ -946,17 +1085,23 @@ fn unknown_param(
         .key_span_at(&key_path)
         .unwrap_or(with.at_path(path).span);
     let known = property_names(schema, path);
-    let dotted = key_path.join(".");
+    let block = std::iter::once("with")
+        .chain(path.iter().map(String::as_str))
+        .collect::<Vec<_>>()
+        .join(".");
+    let guess = crate::diagnostics::closest(name, known.iter().map(String::as_str))
+        .map(|best| format!(" (did you mean `{best}`?)"))
+        .unwrap_or_default();
     let problem = Problem::new(
         "smelt::unknown-param",
-        format!("`{kind}` has no param `{dotted}` (stage `{stage}`)"),
+        format!("unknown key `{name}` in `{block}` of `{kind}` stage `{stage}`{guess}"),
         span,
     )
-    .label("unknown param")
-    .did_you_mean(name, known.iter().map(String::as_str));
-    match (&problem.help, known.is_empty()) {
-        (None, false) => problem.help(format!("params here: {}", known.join(", "))),
-        _ => problem,
+    .label("unknown key");
+    if known.is_empty() {
+        problem
+    } else {
+        problem.help(format!("`{block}` takes: {}", known.join(", ")))
     }
 }
 

@@ -95,6 +95,10 @@ impl Stage for Dpo {
         params.adapt.problems(wired)
     }
 
+    fn check_files(&self, params: &DpoParams, pipeline_dir: &Path) -> Vec<ParamProblem> {
+        params.adapt.file_problems(pipeline_dir)
+    }
+
     fn input_checks(&self) -> Option<&'static str> {
         Some("the data has preference pairs to train and evaluate on, in the base model's vocabulary")
     }

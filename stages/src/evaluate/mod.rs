@@ -8,6 +8,7 @@
 //! also come from JSONL files next to the pipeline. Every result carries its signature: what
 //! was measured, how, on which model and tokenizer.
 
+mod files;
 mod perplexity;
 pub mod report;
 
@@ -263,6 +264,28 @@ impl Stage for Evaluate {
         problems
     }
 
+    fn check_files(&self, params: &EvaluateParams, pipeline_dir: &Path) -> Vec<ParamProblem> {
+        let mut problems = Vec::new();
+        for (i, metric) in params.metrics.iter().enumerate() {
+            let Some(file) = metric.file().filter(|f| pipeline_dir.join(f).is_file()) else {
+                continue;
+            };
+            let read = match metric {
+                Metric::MultipleChoice { .. } => {
+                    files::choice_questions(pipeline_dir, file).map(|_| ())
+                }
+                _ => files::references(pipeline_dir, file).map(|_| ()),
+            };
+            if let Err(e) = read {
+                problems.push(ParamProblem::new(
+                    &format!("metrics.{i}.{}.file", metric.name()),
+                    e,
+                ));
+            }
+        }
+        problems
+    }
+
     fn input_checks(&self) -> Option<&'static str> {
         Some("every model was trained with the `tokenizer` input's vocabulary")
     }
@@ -278,7 +301,7 @@ impl Stage for Evaluate {
         };
         let expected = match crate::tokenize::Meta::read(tokens) {
             Ok(meta) => meta.tokenizer_hash,
-            Err(e) => return vec![ParamProblem::new("", e)],
+            Err(e) => return vec![ParamProblem::input("tokenizer", 0, e)],
         };
         let models = inputs.get("models").into_iter().flatten();
         models
@@ -293,7 +316,7 @@ impl Stage for Evaluate {
                     ),
                     Err(e) => format!("model {index}: {e}"),
                 };
-                Some(ParamProblem::new("", problem))
+                Some(ParamProblem::input("models", index, problem))
             })
             .collect()
     }
@@ -611,49 +634,22 @@ impl Measure<'_> {
     }
 
     fn multiple_choice(&mut self, file: &str) -> Result<(), String> {
-        let path = self.pipeline_dir.join(file);
-        let text =
-            std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-        let (mut correct, mut correct_norm, mut n) = (0, 0, 0);
-        for (line_number, line) in text
-            .lines()
-            .enumerate()
-            .filter(|(_, l)| !l.trim().is_empty())
-        {
-            let at = format!("{file}:{}", line_number + 1);
-            let item: serde_json::Value =
-                serde_json::from_str(line).map_err(|e| format!("{at}: not JSON: {e}"))?;
-            let question = item["question"]
-                .as_str()
-                .ok_or_else(|| format!("{at}: no `question` string"))?;
-            let choices: Vec<&str> = item["choices"]
-                .as_array()
-                .map(|c| c.iter().filter_map(|x| x.as_str()).collect())
-                .unwrap_or_default();
-            if choices.len() < 2 {
-                return Err(format!("{at}: `choices` needs at least two strings"));
-            }
-            let answer = item["answer"]
-                .as_u64()
-                .map(|a| a as usize)
-                .filter(|&a| a < choices.len())
-                .ok_or_else(|| format!("{at}: `answer` must be the index of a choice"))?;
-            let context = self.model.encode(question)?;
+        let questions = files::choice_questions(&self.pipeline_dir, file)?;
+        let (mut correct, mut correct_norm) = (0, 0);
+        for item in &questions {
+            let context = self.model.encode(&item.question)?;
             let mut scores = Vec::new();
-            for choice in &choices {
+            for choice in &item.choices {
                 // As lm-evaluation-harness: the choice follows the question after a space.
                 let continuation = self.model.encode(&format!(" {choice}"))?;
                 let log_prob = self.model.continuation_log_prob(&context, &continuation);
                 scores.push((log_prob, choice.len() + 1));
             }
             let (pick, pick_norm) = choose(&scores);
-            correct += usize::from(pick == answer);
-            correct_norm += usize::from(pick_norm == answer);
-            n += 1;
+            correct += usize::from(pick == item.answer);
+            correct_norm += usize::from(pick_norm == item.answer);
         }
-        if n == 0 {
-            return Err(format!("{file}: no questions"));
-        }
+        let n = questions.len();
         let signature = serde_json::json!({ "examples": n, "file": file, "delimiter": " " });
         self.push(
             "multiple_choice.acc",
@@ -678,32 +674,16 @@ impl Measure<'_> {
         max_tokens: usize,
     ) -> Result<(), String> {
         let pairs: Vec<(Vec<crate::records::Message>, String)> = match file {
-            Some(file) => {
-                let path = self.pipeline_dir.join(file);
-                let text = std::fs::read_to_string(&path)
-                    .map_err(|e| format!("{}: {e}", path.display()))?;
-                text.lines()
-                    .enumerate()
-                    .filter(|(_, l)| !l.trim().is_empty())
-                    .map(|(i, line)| {
-                        let item: serde_json::Value = serde_json::from_str(line)
-                            .map_err(|e| format!("{file}:{}: not JSON: {e}", i + 1))?;
-                        let (Some(prompt), Some(reference)) =
-                            (item["prompt"].as_str(), item["reference"].as_str())
-                        else {
-                            return Err(format!(
-                                "{file}:{}: needs `prompt` and `reference` strings",
-                                i + 1
-                            ));
-                        };
-                        let user = crate::records::Message {
-                            role: "user".into(),
-                            content: prompt.into(),
-                        };
-                        Ok((vec![user], reference.to_string()))
-                    })
-                    .collect::<Result<_, _>>()?
-            }
+            Some(file) => files::references(&self.pipeline_dir, file)?
+                .into_iter()
+                .map(|item| {
+                    let user = crate::records::Message {
+                        role: "user".into(),
+                        content: item.prompt,
+                    };
+                    (vec![user], item.reference)
+                })
+                .collect(),
             None => self.data.conversations.clone(),
         };
         if pairs.is_empty() {

@@ -170,7 +170,11 @@ impl AdaptParams {
         pipeline_dir: &Path,
         streams: &str,
     ) -> Vec<ParamProblem> {
-        let at = if self.base.is_some() { "base" } else { "" };
+        // The base model is the `base` param or the `model` input.
+        let at_base = |message: String| match self.base {
+            Some(_) => ParamProblem::new("base", message),
+            None => ParamProblem::input("model", 0, message),
+        };
         let Some(data) = inputs.get("data").and_then(|dirs| dirs.first()) else {
             return Vec::new();
         };
@@ -181,7 +185,7 @@ impl AdaptParams {
         };
         let (vocab, meta) = match read() {
             Ok(read) => read,
-            Err(e) => return vec![ParamProblem::new(at, e)],
+            Err(e) => return vec![at_base(e)],
         };
         let mut problems: Vec<ParamProblem> = ["train", "validation"]
             .iter()
@@ -192,7 +196,7 @@ impl AdaptParams {
                 } else {
                     ""
                 };
-                Some(ParamProblem::new("", format!("{missing}{why}")))
+                Some(ParamProblem::input("data", 0, format!("{missing}{why}")))
             })
             .collect();
         if vocab != meta.vocab_size {
@@ -201,11 +205,27 @@ impl AdaptParams {
                  with {} ({})",
                 meta.vocab_size, meta.tokenizer
             );
-            problems.push(ParamProblem::new(at, message).help(
+            problems.push(at_base(message).help(
                 "tokenize the data with the model's tokenizer (wire it as the `tokenizer` input)",
             ));
         }
         problems
+    }
+
+    /// The `base` directory's config.json is one this model layer loads (`finetune` and `dpo`
+    /// [`smelt_engine::Stage::check_files`]).
+    pub fn file_problems(&self, pipeline_dir: &Path) -> Vec<ParamProblem> {
+        let Some(base) = &self.base else {
+            return Vec::new();
+        };
+        let shown = Path::new(base).join("config.json");
+        let Ok(text) = std::fs::read_to_string(pipeline_dir.join(&shown)) else {
+            return Vec::new();
+        };
+        match io::parse_hf_config(&text, &shown) {
+            Ok(_) => Vec::new(),
+            Err(e) => vec![ParamProblem::new("base", e)],
+        }
     }
 
     pub fn external_deps(&self, pipeline_dir: &Path) -> Result<Vec<PathBuf>, String> {
@@ -345,6 +365,10 @@ impl Stage for Finetune {
 
     fn check(&self, params: &FinetuneParams, wired: &[&str]) -> Vec<ParamProblem> {
         params.adapt.problems(wired)
+    }
+
+    fn check_files(&self, params: &FinetuneParams, pipeline_dir: &Path) -> Vec<ParamProblem> {
+        params.adapt.file_problems(pipeline_dir)
     }
 
     fn input_checks(&self) -> Option<&'static str> {

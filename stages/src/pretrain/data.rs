@@ -24,7 +24,7 @@ pub fn windows_fit(meta: &Meta, seq: usize) -> Vec<ParamProblem> {
                     "; pretraining evaluates on it, so give `collect` a validation split",
                 );
             }
-            problems.push(ParamProblem::new("", message));
+            problems.push(ParamProblem::input("tokens", 0, message));
             continue;
         };
         if stream.tokens <= seq as u64 {

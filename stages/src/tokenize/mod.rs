@@ -206,14 +206,50 @@ impl Stage for Tokenize {
             .into_iter()
             .collect();
         if params.from.is_none() && !wired.contains(&"tokenizer") {
-            problems.extend(params.train.clone().unwrap_or_default().problems());
+            let train = params.train.clone().unwrap_or_default();
+            problems.extend(train.problems());
+            if !train.may_have(&params.eos_token) {
+                let problem = ParamProblem::new(
+                    "eos_token",
+                    format!(
+                        "`eos_token` `{}` is not one of `train.special_tokens`, so the trained \
+                         vocabulary would not have it",
+                        params.eos_token
+                    ),
+                );
+                problems.push(
+                    problem
+                        .or_at("train.special_tokens")
+                        .help("add it to `train.special_tokens`, or name one of those"),
+                );
+            }
         }
         problems.extend(params.chat_template.problems());
         problems
     }
 
+    fn check_files(&self, params: &TokenizeParams, pipeline_dir: &Path) -> Vec<ParamProblem> {
+        let Some(from) = params.from.as_deref() else {
+            return Vec::new();
+        };
+        let path = pipeline_dir.join(from);
+        if !path.is_file() {
+            return Vec::new();
+        }
+        let loaded = std::fs::read_to_string(&path)
+            .map_err(|e| format!("{from}: {e}"))
+            .and_then(|json| load_tokenizer(json, Path::new(from)));
+        match loaded {
+            Ok((tokenizer, _)) => eos_problem(params, &tokenizer, "from").into_iter().collect(),
+            Err(e) => vec![ParamProblem::new("from", e)],
+        }
+    }
+
     fn input_checks(&self) -> Option<&'static str> {
-        Some("a `char` vocabulary's `train.vocab_size` holds every character of the corpus")
+        Some(
+            "`train.vocab_size` holds the corpus's characters; the `tokenizer` input has the \
+             `eos_token`",
+        )
     }
 
     fn check_inputs(
@@ -222,6 +258,22 @@ impl Stage for Tokenize {
         inputs: &InputDirs,
         _pipeline_dir: &Path,
     ) -> Vec<ParamProblem> {
+        if let Some(dir) = inputs.get("tokenizer").and_then(|d| d.first()) {
+            let path = dir.join("tokenizer.json");
+            let loaded = std::fs::read_to_string(&path)
+                .map_err(|e| format!("{}: {e}", path.display()))
+                .and_then(|json| load_tokenizer(json, &path));
+            return match loaded {
+                Ok((tokenizer, _)) => eos_problem(params, &tokenizer, "eos_token")
+                    .map(|p| ParamProblem {
+                        input: Some(("tokenizer".into(), 0)),
+                        ..p
+                    })
+                    .into_iter()
+                    .collect(),
+                Err(e) => vec![ParamProblem::input("tokenizer", 0, e)],
+            };
+        }
         let (Some(train), Some(dir)) =
             (&params.train, inputs.get("corpus").and_then(|d| d.first()))
         else {
@@ -241,12 +293,10 @@ impl Stage for Tokenize {
         let (tokenizer, json) = tokenizer(params, ctx, &corpus)?;
         let train_seconds = started.elapsed().as_secs_f64();
         let encoder = Encoder::new(&tokenizer)?;
-        let eos_id = tokenizer.token_to_id(&params.eos_token).ok_or_else(|| {
-            format!(
-                "the tokenizer has no `{}` token: set `eos_token` to one it has",
-                params.eos_token
-            )
-        })?;
+        if let Some(problem) = eos_problem(params, &tokenizer, "eos_token") {
+            return Err(problem.to_string().into());
+        }
+        let eos_id = tokenizer.token_to_id(&params.eos_token).ok_or("no eos token")?;
         let vocab_size = vocab_size(&tokenizer);
         let unknown = unknown_id(&json);
         let mut encoding = Encoding {
@@ -338,6 +388,28 @@ fn tokenizer(
             Ok((tokenizer, json))
         }
     }
+}
+
+/// Why `tokenizer` cannot end documents with the `eos_token`: it has no such token. `or_at`:
+/// the param pointed at when `eos_token` is not written.
+fn eos_problem(params: &TokenizeParams, tokenizer: &Tokenizer, or_at: &str) -> Option<ParamProblem> {
+    if tokenizer.token_to_id(&params.eos_token).is_some() {
+        return None;
+    }
+    let mut specials: Vec<(u32, String)> = tokenizer
+        .get_added_tokens_decoder()
+        .into_iter()
+        .filter(|(_, token)| token.special)
+        .map(|(id, token)| (id, token.content))
+        .collect();
+    specials.sort();
+    let names: Vec<String> = specials.iter().take(8).map(|(_, t)| format!("`{t}`")).collect();
+    let help = match names.is_empty() {
+        true => "set `eos_token` to a token it has".to_string(),
+        false => format!("set `eos_token` to one of its special tokens: {}", names.join(", ")),
+    };
+    let message = format!("the tokenizer has no `{}` token to end documents with", params.eos_token);
+    Some(ParamProblem::new("eos_token", message).or_at(or_at).help(help))
 }
 
 /// A user's tokenizer.json (read from `path`) as `tokenizers` loads it.

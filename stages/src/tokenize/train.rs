@@ -102,19 +102,26 @@ impl TrainParams {
         Vec::new()
     }
 
-    /// For a `char` vocabulary of a given size, whether the characters of `corpus` fit.
+    /// Whether the vocabulary's size holds what every vocabulary trained on `corpus` starts
+    /// with: its characters (as the kind's pre-tokenizer leaves them) plus the special tokens.
+    /// Byte-level BPE starts with 256 bytes whatever the corpus ([`TrainParams::problems`]).
     pub fn alphabet_problems(&self, corpus: &Corpus) -> Vec<ParamProblem> {
-        let Some(vocab_size) = self.vocab_size.filter(|_| self.model == ModelKind::Char) else {
-            return Vec::new();
+        let vocab_size = match (self.model, self.vocab_size) {
+            (ModelKind::ByteLevelBpe, _) | (ModelKind::Char, None) => return Vec::new(),
+            (_, size) => size.map_or(DEFAULT_VOCAB, NonZeroUsize::get),
         };
-        let characters = match alphabet(self, corpus) {
-            Ok(characters) => characters.len(),
-            Err(e) => return vec![ParamProblem::new("", e)],
+        let characters = match self.starting_alphabet(corpus) {
+            Ok(characters) => characters,
+            Err(e) => return vec![ParamProblem::input("corpus", 0, e)],
         };
         let needed = characters + specials(self).len();
-        if needed <= vocab_size.get() {
+        if needed <= vocab_size {
             return Vec::new();
         }
+        let leave_out = match self.model {
+            ModelKind::Char => ", or leave it out: a `char` vocabulary takes every character seen",
+            _ => "",
+        };
         vec![ParamProblem::new(
             "train.vocab_size",
             format!(
@@ -123,10 +130,39 @@ impl TrainParams {
                 specials(self).len()
             ),
         )
-        .help(format!(
-            "make it at least {needed}, or leave it out: a `char` vocabulary takes every \
-             character seen"
-        ))]
+        .or_at("train.model")
+        .help(format!("make it at least {needed}{leave_out}"))]
+    }
+
+    /// How many characters a vocabulary of this kind holds before it learns anything: those
+    /// `char` keeps (seen `min_frequency` times); for BPE and Unigram, every character after
+    /// the Metaspace pre-tokenizer (spaces become `▁`, which also starts every text); for
+    /// WordPiece every character but whitespace, which its pre-tokenizer drops (its `##`
+    /// continuations come on top, so this is a lower bound there).
+    fn starting_alphabet(&self, corpus: &Corpus) -> Result<usize, String> {
+        if self.model == ModelKind::Char {
+            return Ok(alphabet(self, corpus)?.len());
+        }
+        let model = self.model;
+        let counts = corpus.count(move |text, seen: &mut HashMap<char, u64>| {
+            for c in text.chars() {
+                let c = match (model, c) {
+                    (ModelKind::Wordpiece, c) if c.is_whitespace() => continue,
+                    (ModelKind::Bpe | ModelKind::Unigram, ' ') => '▁',
+                    (_, c) => c,
+                };
+                *seen.entry(c).or_default() += 1;
+            }
+        })?;
+        let metaspace = matches!(self.model, ModelKind::Bpe | ModelKind::Unigram);
+        Ok(counts.len() + usize::from(metaspace && !counts.contains_key(&'▁')))
+    }
+
+    /// Whether a vocabulary trained with these params has `token`: the special tokens (and
+    /// the unknown token) always; a `char` vocabulary, a single character if the corpus has it.
+    pub fn may_have(&self, token: &str) -> bool {
+        specials(self).iter().any(|t| t == token)
+            || (self.model == ModelKind::Char && token.chars().count() == 1)
     }
 }
 
