@@ -7,8 +7,9 @@ use std::path::Path;
 
 use dfdx::prelude::*;
 
-use super::gpt::{Gpt, ParamVisitor};
 use super::kernels::Kernels;
+use super::layers::{ParamVisitor, Visit};
+use super::llama::{LlamaConfig, RopeScaling};
 use super::GptConfig;
 
 /// Named f32 tensors, ready for safetensors.
@@ -17,9 +18,9 @@ pub type Named = Vec<(String, Vec<usize>, Vec<f32>)>;
 /// Tensors read back, by name: shape and values.
 pub type Tensors = HashMap<String, (Vec<usize>, Vec<f32>)>;
 
-/// Every parameter of `model` (trainable or not) by HF name, on the host. The untied head is
-/// stored `(vocab, d)`, as transformers' `nn.Linear` holds it.
-pub fn weights<D: Kernels>(model: &mut Gpt<D>) -> Named {
+/// Every parameter of `model` (trainable or not) by HF name, on the host, laid out as HF
+/// stores it (an `nn.Linear` weight `(out, in)`).
+pub fn weights<D: Kernels, M: Visit<D>>(model: &mut M) -> Named {
     struct Read(Named);
     impl<D: Device<f32>> ParamVisitor<D> for Read {
         fn visit<S: Shape>(&mut self, name: &str, t: &mut Tensor<S, f32, D>, _: bool) {
@@ -30,7 +31,7 @@ pub fn weights<D: Kernels>(model: &mut Gpt<D>) -> Named {
     let mut read = Read(Vec::new());
     model.visit(&mut read);
     for (name, shape, data) in &mut read.0 {
-        if name == "lm_head.weight" {
+        if M::hf_transposed(name) {
             *data = transpose(data, shape[0], shape[1]);
             shape.reverse();
         }
@@ -38,24 +39,31 @@ pub fn weights<D: Kernels>(model: &mut Gpt<D>) -> Named {
     read.0
 }
 
-/// Loads `tensors` (by name) into `model`, checking every shape; names may lack the
-/// `transformer.` prefix (as in the original GPT-2 files).
-pub fn set_weights<D: Kernels>(model: &mut Gpt<D>, tensors: &Tensors) -> Result<(), String> {
+/// Loads `tensors` (by name, laid out as HF stores them) into `model`, checking every shape;
+/// names may lack the `transformer.` prefix (as in the original GPT-2 files).
+pub fn set_weights<D: Kernels, M: Visit<D>>(model: &mut M, tensors: &Tensors) -> Result<(), String> {
     struct Write<'a> {
         tensors: &'a Tensors,
         problems: Vec<String>,
+        transposed: fn(&str) -> bool,
+        /// The names found, as the file has them.
+        used: std::collections::HashSet<String>,
     }
     impl<D: Device<f32>> ParamVisitor<D> for Write<'_> {
         fn visit<S: Shape>(&mut self, name: &str, t: &mut Tensor<S, f32, D>, _: bool) {
             let short = name.strip_prefix("transformer.").unwrap_or(name);
-            let Some((shape, data)) = self.tensors.get(name).or_else(|| self.tensors.get(short))
-            else {
+            let found = [name, short]
+                .into_iter()
+                .find_map(|n| Some((n, self.tensors.get(n)?)));
+            let Some((found, (shape, data))) = found else {
                 self.problems.push(format!("`{name}` is missing"));
                 return;
             };
+            self.used.insert(found.to_string());
             let mut expected: Vec<usize> = t.shape().concrete().into_iter().collect();
             let mut data = data.clone();
-            if name == "lm_head.weight" {
+            let transposed = (self.transposed)(name);
+            if transposed {
                 expected.reverse();
             }
             if *shape != expected {
@@ -64,7 +72,7 @@ pub fn set_weights<D: Kernels>(model: &mut Gpt<D>, tensors: &Tensors) -> Result<
                 ));
                 return;
             }
-            if name == "lm_head.weight" {
+            if transposed {
                 data = transpose(&data, expected[0], expected[1]);
             }
             t.copy_from(&data);
@@ -73,13 +81,38 @@ pub fn set_weights<D: Kernels>(model: &mut Gpt<D>, tensors: &Tensors) -> Result<
     let mut write = Write {
         tensors,
         problems: Vec::new(),
+        transposed: M::hf_transposed,
+        used: Default::default(),
     };
     model.visit(&mut write);
+    // A tensor the model has no place for means the file is not the model its config says.
+    let mut unused: Vec<&String> = tensors
+        .keys()
+        .filter(|name| !is_buffer(name) && !write.used.contains(name.as_str()))
+        .collect();
+    unused.sort();
+    if let Some(name) = unused.first() {
+        write.problems.push(format!(
+            "`{name}` is not a tensor of this model{}",
+            match unused.len() {
+                1 => String::new(),
+                n => format!(" (nor are {} others)", n - 1),
+            }
+        ));
+    }
     if write.problems.is_empty() {
         Ok(())
     } else {
         Err(write.problems.join("; "))
     }
+}
+
+/// Tensors some files hold that are not weights: GPT-2's causal-mask buffers, old rotary
+/// frequency tables.
+fn is_buffer(name: &str) -> bool {
+    [".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq"]
+        .iter()
+        .any(|suffix| name.ends_with(suffix))
 }
 
 pub fn transpose(data: &[f32], rows: usize, cols: usize) -> Vec<f32> {
@@ -153,6 +186,102 @@ pub fn parse_safetensors(bytes: &[u8], path: &Path) -> Result<Tensors, String> {
         tensors.insert(name, (view.shape().to_vec(), values));
     }
     Ok(tensors)
+}
+
+/// A Llama-family config.json (`model_type` llama, mistral, qwen2), in the form transformers 4
+/// writes (`rope_theta`, `rope_scaling`) or 5 (`rope_parameters`); `path` names it in errors.
+pub fn parse_llama_config(value: &serde_json::Value, path: &Path) -> Result<LlamaConfig, String> {
+    let at = |key: &str| format!("{}: `{key}`", path.display());
+    let number = |key: &str| -> Result<usize, String> {
+        value[key]
+            .as_u64()
+            .and_then(|n| usize::try_from(n).ok())
+            .ok_or_else(|| format!("{} is missing or not a whole number", at(key)))
+    };
+    let flag = |key: &str| value[key].as_bool().unwrap_or(false);
+    let model_type = value["model_type"].as_str().unwrap_or_default();
+    let (hidden_size, heads) = (number("hidden_size")?, number("num_attention_heads")?);
+    let kv_heads = match value.get("num_key_value_heads") {
+        Some(v) if !v.is_null() => number("num_key_value_heads")?,
+        _ => heads,
+    };
+    let head_dim = match value.get("head_dim") {
+        Some(v) if !v.is_null() => number("head_dim")?,
+        _ => hidden_size / heads.max(1),
+    };
+    if heads == 0 || kv_heads == 0 || heads % kv_heads != 0 || head_dim % 2 != 0 {
+        return Err(format!(
+            "{}: {heads} attention heads, {kv_heads} key/value heads and a head_dim of \
+             {head_dim}: the heads must be a multiple of the key/value heads, head_dim even",
+            path.display()
+        ));
+    }
+    // transformers 5 keeps the rope settings in `rope_parameters`; 4 at the top level.
+    let rope = match value.get("rope_parameters") {
+        Some(p) if p.is_object() => p.clone(),
+        _ => {
+            let mut p = value["rope_scaling"].clone();
+            if !p.is_object() {
+                p = serde_json::json!({});
+            }
+            p["rope_theta"] = value.get("rope_theta").cloned().unwrap_or(10000.0.into());
+            p
+        }
+    };
+    let rope_number = |key: &str| {
+        rope[key]
+            .as_f64()
+            .ok_or_else(|| format!("{}: the rope settings have no `{key}`", path.display()))
+    };
+    let rope_type = rope["rope_type"]
+        .as_str()
+        .or(rope["type"].as_str())
+        .unwrap_or("default");
+    let rope_scaling = match rope_type {
+        "default" => None,
+        "linear" => Some(RopeScaling::Linear {
+            factor: rope_number("factor")?,
+        }),
+        "llama3" => Some(RopeScaling::Llama3 {
+            factor: rope_number("factor")?,
+            low_freq_factor: rope_number("low_freq_factor")?,
+            high_freq_factor: rope_number("high_freq_factor")?,
+            original_max_position_embeddings: rope_number("original_max_position_embeddings")?,
+        }),
+        other => {
+            return Err(format!(
+                "{}: rope scaling `{other}` is not supported (default, linear and llama3 are)",
+                path.display()
+            ))
+        }
+    };
+    // Qwen2 slides its window only with `use_sliding_window`, from `max_window_layers` on.
+    let qwen2 = model_type == "qwen2";
+    let sliding_window = value["sliding_window"]
+        .as_u64()
+        .map(|w| w as usize)
+        .filter(|_| !qwen2 || flag("use_sliding_window"));
+    let first_window_layer = if qwen2 { number("max_window_layers").unwrap_or(0) } else { 0 };
+    Ok(LlamaConfig {
+        vocab_size: number("vocab_size")?,
+        hidden_size,
+        intermediate_size: number("intermediate_size")?,
+        layers: number("num_hidden_layers")?,
+        heads,
+        kv_heads,
+        head_dim,
+        rms_norm_eps: value["rms_norm_eps"].as_f64().unwrap_or(1e-6) as f32,
+        rope_theta: rope_number("rope_theta")?,
+        rope_scaling,
+        // Qwen2's q/k/v always have biases; its config does not say so.
+        attention_bias: flag("attention_bias") || qwen2,
+        output_bias: flag("attention_bias") && !qwen2,
+        mlp_bias: flag("mlp_bias"),
+        tie_word_embeddings: flag("tie_word_embeddings"),
+        max_position_embeddings: number("max_position_embeddings")?,
+        sliding_window,
+        first_window_layer,
+    })
 }
 
 /// `config.json` for transformers' `GPT2LMHeadModel`.

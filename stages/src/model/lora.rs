@@ -9,7 +9,7 @@ use rand_chacha::ChaCha8Rng;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::gpt::{A2, P2};
+use super::layers::{A2, P2};
 
 /// The linear layers of a GPT-2 block that can carry an adapter, by their HF names.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]

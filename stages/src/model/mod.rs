@@ -15,6 +15,8 @@
 
 mod gpt;
 pub mod io;
+mod layers;
+mod llama;
 mod kernels;
 mod lora;
 mod optim;
@@ -31,7 +33,8 @@ use dfdx::prelude::*;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use gpt::{mean_nll, Dropout, Gpt};
+use gpt::Gpt;
+use layers::{mean_nll, Dropout};
 use kernels::Kernels;
 pub use kernels::{uses_amx, Precision};
 pub use lora::{LoraConfig, LoraTarget};

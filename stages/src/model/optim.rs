@@ -8,7 +8,8 @@
 use dfdx::prelude::*;
 use rayon::prelude::*;
 
-use super::gpt::{Gpt, ParamVisitor};
+use super::gpt::Gpt;
+use super::layers::ParamVisitor;
 use super::kernels::adamw::{self, AdamStep};
 #[cfg(feature = "cuda")]
 use super::kernels::cuda;

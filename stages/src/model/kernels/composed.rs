@@ -4,7 +4,7 @@
 use dfdx::prelude::*;
 
 use super::{Dense, Epilogue, LAYER_NORM_EPS};
-use crate::model::gpt::{A2, P1, P2};
+use crate::model::layers::{A2, P1, P2};
 use crate::model::optim::Buffers;
 
 pub fn linear<D: Buffers, T: Tape<f32, D>>(

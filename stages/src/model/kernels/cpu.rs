@@ -13,7 +13,7 @@ use rayon::prelude::*;
 
 use super::tiles::{self, Operand};
 use super::{bf16, Dense, Epilogue, Kernels, Precision, LAYER_NORM_EPS};
-use crate::model::gpt::{A2, P1, P2};
+use crate::model::layers::{A2, P1, P2};
 
 /// A gradient buffer held by address: an op reads its output's gradient while it writes its
 /// inputs', two entries of one map (and the optimizer holds a parameter's buffers from several

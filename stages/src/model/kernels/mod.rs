@@ -34,7 +34,7 @@ use dfdx::prelude::*;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::gpt::{A2, P1, P2};
+use super::layers::{A2, P1, P2};
 use super::optim::Buffers;
 
 /// LayerNorm's ε (GPT-2's).

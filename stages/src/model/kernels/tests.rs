@@ -6,7 +6,7 @@ use dfdx::prelude::*;
 
 use super::composed;
 use super::{autocast, Dense, Epilogue, Kernels, Precision};
-use crate::model::gpt::{A2, P1, P2};
+use crate::model::layers::{A2, P1, P2};
 
 type Taped = OwnedTape<f32, Cpu>;
 

@@ -1,0 +1,561 @@
+//! The Llama family — Llama 2/3, Mistral, Qwen2, SmolLM2 — as transformers' modeling_llama.py
+//! computes it, on dfdx tensors with sizes from the model's config.json.
+//!
+//! ```text
+//! h = embed_tokens[ids]
+//! for each layer:
+//!     a = rms_norm(h) ; q, k, v = a·Wq (+bq), a·Wk (+bk), a·Wv (+bv)
+//!     q, k = rope(q), rope(k)                    # rotate_half pairs j with j + head_dim/2
+//!     h = h + softmax(q·kᵀ/√head_dim + causal mask)·v ·Wo   # kv head g serves q heads g·r…g·r+r−1
+//!     m = rms_norm(h) ; h = h + (silu(m·Wgate) ⊙ m·Wup)·Wdown
+//! logits = rms_norm(h)·Wlm                        # Wlm = embed_tokensᵀ when tied
+//! ```
+//!
+//! Linear weights are held `(in, out)` like GPT-2's and every other linear layer here; HF stores
+//! `nn.Linear` weights `(out, in)`, so loading and saving transpose them ([`Visit::hf_transposed`]).
+
+use dfdx::prelude::*;
+
+use super::kernels::{autocast, Dense, Epilogue, Kernels, Precision};
+use super::layers::{Dropout, Linear, ParamVisitor, Visit, A2, P1, P2};
+
+/// The sizes and options of a Llama-family model: transformers' `LlamaConfig` fields (Mistral's
+/// and Qwen2's are the same names with other defaults).
+#[derive(Clone, Debug, PartialEq)]
+pub struct LlamaConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub rms_norm_eps: f32,
+    pub rope_theta: f64,
+    pub rope_scaling: Option<RopeScaling>,
+    /// q, k and v have biases (Llama's `attention_bias`, always in Qwen2).
+    pub attention_bias: bool,
+    /// o_proj has a bias (Llama's `attention_bias`; never in Qwen2).
+    pub output_bias: bool,
+    pub mlp_bias: bool,
+    pub tie_word_embeddings: bool,
+    pub max_position_embeddings: usize,
+    /// Each position attends to at most this many positions, itself included (Mistral v0.1,
+    /// Qwen2 with `use_sliding_window`), in the layers from `first_window_layer` on.
+    pub sliding_window: Option<usize>,
+    pub first_window_layer: usize,
+}
+
+/// How the rotary frequencies are stretched for contexts longer than the pretraining one.
+#[derive(Clone, Debug, PartialEq)]
+pub enum RopeScaling {
+    /// Every frequency divided by `factor` (positions interpolated).
+    Linear { factor: f64 },
+    /// Llama 3.1's: long wavelengths divided by `factor`, short ones kept, a smooth ramp between.
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position_embeddings: f64,
+    },
+}
+
+impl LlamaConfig {
+    /// The rotary inverse frequencies, one per pair of a head's dimensions.
+    pub fn inv_freq(&self) -> Vec<f64> {
+        let d = self.head_dim as f64;
+        let base: Vec<f64> = (0..self.head_dim / 2)
+            .map(|i| 1.0 / self.rope_theta.powf(2.0 * i as f64 / d))
+            .collect();
+        match &self.rope_scaling {
+            None => base,
+            Some(RopeScaling::Linear { factor }) => base.iter().map(|f| f / factor).collect(),
+            Some(RopeScaling::Llama3 {
+                factor,
+                low_freq_factor: low,
+                high_freq_factor: high,
+                original_max_position_embeddings: old,
+            }) => base
+                .iter()
+                .map(|&f| {
+                    let wavelen = 2.0 * std::f64::consts::PI / f;
+                    if wavelen < old / high {
+                        f
+                    } else if wavelen > old / low {
+                        f / factor
+                    } else {
+                        let smooth = (old / wavelen - low) / (high - low);
+                        (1.0 - smooth) * f / factor + smooth * f
+                    }
+                })
+                .collect(),
+        }
+    }
+}
+
+/// RMSNorm: `x / sqrt(mean(x²) + ε) · weight`, no centring and no bias.
+pub struct RmsNorm<D: Device<f32>> {
+    pub weight: P1<D>,
+}
+
+impl<D: Kernels> RmsNorm<D> {
+    fn new(dev: &D, d: usize) -> Self {
+        RmsNorm {
+            weight: dev.ones_like(&(d,)),
+        }
+    }
+
+    fn forward<T: Tape<f32, D>>(&self, x: A2<D, T>, eps: f32) -> A2<D, T> {
+        let shape = *x.shape();
+        let inverse_rms = (x.with_empty_tape().square().mean::<(usize,), Axis<1>>() + eps)
+            .sqrt()
+            .recip()
+            .broadcast_like::<_, Axis<1>>(&shape);
+        x * inverse_rms * self.weight.retaped::<T>().broadcast_like::<_, Axis<0>>(&shape)
+    }
+}
+
+/// The rotary position tables of one forward pass (`seq` positions): `cos` and `sin` per
+/// position and dimension of a head, and rotate_half as a signed permutation matrix.
+struct Rope<D: Device<f32>> {
+    cos: P2<D>,
+    sin: P2<D>,
+    rotate_half: P2<D>,
+}
+
+impl<D: Kernels> Rope<D> {
+    fn new(dev: &D, config: &LlamaConfig, seq: usize) -> Self {
+        let d = config.head_dim;
+        let inv_freq = config.inv_freq();
+        let (mut cos, mut sin) = (Vec::with_capacity(seq * d), Vec::with_capacity(seq * d));
+        for t in 0..seq {
+            for j in 0..d {
+                // HF's `emb = cat(freqs, freqs)`: dimension j and j + d/2 share a frequency.
+                let angle = t as f64 * inv_freq[j % (d / 2)];
+                cos.push(angle.cos() as f32);
+                sin.push(angle.sin() as f32);
+            }
+        }
+        // rotate_half(x) = cat(−x[d/2:], x[:d/2]) = x·R.
+        let mut rotate = vec![0.0f32; d * d];
+        for j in 0..d / 2 {
+            rotate[(j + d / 2) * d + j] = -1.0;
+            rotate[j * d + j + d / 2] = 1.0;
+        }
+        Rope {
+            cos: dev.tensor_from_vec(cos, (seq, d)),
+            sin: dev.tensor_from_vec(sin, (seq, d)),
+            rotate_half: dev.tensor_from_vec(rotate, (d, d)),
+        }
+    }
+
+    /// `x·cos + rotate_half(x)·sin` for `x` as `(batch, seq, heads, head_dim)`.
+    fn apply<T: Tape<f32, D>>(&self, x: A4<D, T>) -> A4<D, T> {
+        let shape = *x.shape();
+        let (batch, seq, heads, d) = shape;
+        let rotated = x
+            .with_empty_tape()
+            .reshape_like(&(batch * seq * heads, d))
+            .matmul(self.rotate_half.clone())
+            .reshape_like(&shape);
+        let cos = self.cos.clone().broadcast_like::<_, Axes2<0, 2>>(&shape);
+        let sin = self.sin.clone().broadcast_like::<_, Axes2<0, 2>>(&shape);
+        x * cos + rotated * sin
+    }
+}
+
+/// What every layer of one forward pass shares.
+struct Context<'a, D: Device<f32>> {
+    config: &'a LlamaConfig,
+    rope: &'a Rope<D>,
+    batch: usize,
+    /// This layer's sliding window.
+    window: Option<usize>,
+}
+
+impl<D: Device<f32>> Clone for Context<'_, D> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<D: Device<f32>> Copy for Context<'_, D> {}
+
+/// Activations `(batch, seq, heads, head_dim)` and the like.
+type A4<D, T> = Tensor<(usize, usize, usize, usize), f32, D, T>;
+
+pub struct Attention<D: Device<f32>> {
+    pub q_proj: Linear<D>,
+    pub k_proj: Linear<D>,
+    pub v_proj: Linear<D>,
+    pub o_proj: Linear<D>,
+}
+
+impl<D: Kernels> Attention<D> {
+    fn new(dev: &D, config: &LlamaConfig) -> Self {
+        let (h, d) = (config.hidden_size, config.head_dim);
+        let (q, kv) = (config.heads * d, config.kv_heads * d);
+        let projection = |inputs, outputs, bias: bool| match bias {
+            true => Linear::new(dev, inputs, outputs, 0.02),
+            false => Linear::without_bias(dev, inputs, outputs, 0.02),
+        };
+        Attention {
+            q_proj: projection(h, q, config.attention_bias),
+            k_proj: projection(h, kv, config.attention_bias),
+            v_proj: projection(h, kv, config.attention_bias),
+            o_proj: projection(q, h, config.output_bias),
+        }
+    }
+
+    /// `residual + attention(x)`; `x` is the normalised `(batch·seq, hidden)` residual stream.
+    fn forward<T: Tape<f32, D>>(
+        &self,
+        x: A2<D, T>,
+        residual: A2<D, T>,
+        context: &Context<D>,
+        dropout: &mut Dropout,
+    ) -> A2<D, T> {
+        let Context {
+            config,
+            rope,
+            batch,
+            window,
+        } = *context;
+        let (n, _) = *x.shape();
+        let seq = n / batch;
+        let (heads, kv_heads, d) = (config.heads, config.kv_heads, config.head_dim);
+        let q = self.q_proj.forward(x.with_empty_tape(), Epilogue::Plain, dropout);
+        let k = self.k_proj.forward(x.with_empty_tape(), Epilogue::Plain, dropout);
+        let v = self.v_proj.forward(x, Epilogue::Plain, dropout);
+        let q = rope
+            .apply(q.reshape_like(&(batch, seq, heads, d)))
+            .permute::<_, Axes4<0, 2, 1, 3>>();
+        let k = rope.apply(k.reshape_like(&(batch, seq, kv_heads, d)));
+        let v = v.reshape_like(&(batch, seq, kv_heads, d));
+        // Grouped-query attention: each k/v head is repeated for the `heads / kv_heads` query
+        // heads it serves, as transformers' repeat_kv does.
+        let repeat = |t: A4<D, T>| -> A4<D, T> {
+            let groups = heads / kv_heads;
+            t.permute::<_, Axes4<0, 2, 1, 3>>()
+                .broadcast_like::<_, Axis<2>>(&(batch, kv_heads, groups, seq, d))
+                .reshape_like(&(batch, heads, seq, d))
+        };
+        let k = repeat(k).permute::<_, Axes4<0, 1, 3, 2>>();
+        let v = repeat(v);
+        let mask = causal_mask(q.device(), seq, window)
+            .broadcast_like::<_, Axes2<0, 1>>(&(batch, heads, seq, seq));
+        let scale = 1.0 / (d as f32).sqrt();
+        let weights = (q.matmul(k) * scale + mask).softmax::<Axis<3>>();
+        let y = weights
+            .matmul(v)
+            .permute::<_, Axes4<0, 2, 1, 3>>()
+            .reshape_like(&(n, heads * d));
+        self.o_proj.forward(y, Epilogue::AddTo(residual), dropout)
+    }
+
+    fn linears(&mut self) -> [(&'static str, &mut Linear<D>); 4] {
+        [
+            ("q_proj", &mut self.q_proj),
+            ("k_proj", &mut self.k_proj),
+            ("v_proj", &mut self.v_proj),
+            ("o_proj", &mut self.o_proj),
+        ]
+    }
+}
+
+/// `(seq, seq)`: 0 where query i may see key j (j ≤ i, and i − j < window), −∞ elsewhere.
+fn causal_mask<D: Kernels>(dev: &D, seq: usize, window: Option<usize>) -> P2<D> {
+    let window = window.unwrap_or(usize::MAX);
+    let mask: Vec<f32> = (0..seq)
+        .flat_map(|i| {
+            (0..seq).map(move |j| match j <= i && i - j < window {
+                true => 0.0,
+                false => f32::NEG_INFINITY,
+            })
+        })
+        .collect();
+    dev.tensor_from_vec(mask, (seq, seq))
+}
+
+/// SwiGLU: `down(silu(gate(x)) ⊙ up(x))`.
+pub struct Mlp<D: Device<f32>> {
+    pub gate_proj: Linear<D>,
+    pub up_proj: Linear<D>,
+    pub down_proj: Linear<D>,
+}
+
+impl<D: Kernels> Mlp<D> {
+    fn new(dev: &D, config: &LlamaConfig) -> Self {
+        let (h, i) = (config.hidden_size, config.intermediate_size);
+        let linear = |inputs, outputs| match config.mlp_bias {
+            true => Linear::new(dev, inputs, outputs, 0.02),
+            false => Linear::without_bias(dev, inputs, outputs, 0.02),
+        };
+        Mlp {
+            gate_proj: linear(h, i),
+            up_proj: linear(h, i),
+            down_proj: linear(i, h),
+        }
+    }
+
+    /// `residual + mlp(x)`.
+    fn forward<T: Tape<f32, D>>(
+        &self,
+        x: A2<D, T>,
+        residual: A2<D, T>,
+        dropout: &mut Dropout,
+    ) -> A2<D, T> {
+        let gate = self.gate_proj.forward(x.with_empty_tape(), Epilogue::Plain, dropout);
+        let up = self.up_proj.forward(x, Epilogue::Plain, dropout);
+        let silu = gate.with_empty_tape().sigmoid() * gate;
+        self.down_proj
+            .forward(silu * up, Epilogue::AddTo(residual), dropout)
+    }
+
+    fn linears(&mut self) -> [(&'static str, &mut Linear<D>); 3] {
+        [
+            ("gate_proj", &mut self.gate_proj),
+            ("up_proj", &mut self.up_proj),
+            ("down_proj", &mut self.down_proj),
+        ]
+    }
+}
+
+pub struct DecoderLayer<D: Device<f32>> {
+    pub input_layernorm: RmsNorm<D>,
+    pub self_attn: Attention<D>,
+    pub post_attention_layernorm: RmsNorm<D>,
+    pub mlp: Mlp<D>,
+}
+
+impl<D: Kernels> DecoderLayer<D> {
+    fn new(dev: &D, config: &LlamaConfig) -> Self {
+        DecoderLayer {
+            input_layernorm: RmsNorm::new(dev, config.hidden_size),
+            self_attn: Attention::new(dev, config),
+            post_attention_layernorm: RmsNorm::new(dev, config.hidden_size),
+            mlp: Mlp::new(dev, config),
+        }
+    }
+
+    fn forward<T: Tape<f32, D>>(
+        &self,
+        x: A2<D, T>,
+        context: &Context<D>,
+        dropout: &mut Dropout,
+    ) -> A2<D, T> {
+        let eps = context.config.rms_norm_eps;
+        // Each branch starts from an empty tape and merges back into the trunk's at its add.
+        let a = self.input_layernorm.forward(x.with_empty_tape(), eps);
+        let x = self.self_attn.forward(a, x, context, dropout);
+        let m = self.post_attention_layernorm.forward(x.with_empty_tape(), eps);
+        self.mlp.forward(m, x, dropout)
+    }
+
+    /// The layer's linear layers by HF module name (`self_attn.q_proj`, `mlp.down_proj`, …).
+    pub fn linears(&mut self) -> Vec<(String, &mut Linear<D>)> {
+        let attention = self.self_attn.linears().into_iter();
+        let mlp = self.mlp.linears().into_iter();
+        attention
+            .map(|(name, l)| (format!("self_attn.{name}"), l))
+            .chain(mlp.map(|(name, l)| (format!("mlp.{name}"), l)))
+            .collect()
+    }
+
+    fn visit<V: ParamVisitor<D>>(&mut self, name: &str, train: bool, v: &mut V) {
+        v.visit(
+            &format!("{name}.input_layernorm.weight"),
+            &mut self.input_layernorm.weight,
+            train,
+        );
+        v.visit(
+            &format!("{name}.post_attention_layernorm.weight"),
+            &mut self.post_attention_layernorm.weight,
+            train,
+        );
+        for (module, linear) in self.linears() {
+            linear.visit(&format!("{name}.{module}"), true, v);
+        }
+    }
+}
+
+pub struct Llama<D: Device<f32>> {
+    pub config: LlamaConfig,
+    /// `(vocab, hidden)`; also the output head when tied.
+    pub embed_tokens: P2<D>,
+    pub layers: Vec<DecoderLayer<D>>,
+    pub norm: RmsNorm<D>,
+    /// The output head `(hidden, vocab)` when untied (HF: `lm_head.weight`, `(vocab, hidden)`).
+    pub lm_head: Option<P2<D>>,
+    /// Every base weight is held fixed (adapters train instead).
+    pub frozen: bool,
+    pub precision: Precision,
+}
+
+impl<D: Kernels> Llama<D> {
+    /// A model with fresh weights (normal, σ = 0.02, as transformers initialises it).
+    pub fn new(dev: &D, config: LlamaConfig) -> Self {
+        let (vocab, h) = (config.vocab_size, config.hidden_size);
+        Llama {
+            embed_tokens: dev.sample_normal_like(&(vocab, h)) * 0.02,
+            layers: (0..config.layers)
+                .map(|_| DecoderLayer::new(dev, &config))
+                .collect(),
+            norm: RmsNorm::new(dev, h),
+            lm_head: (!config.tie_word_embeddings)
+                .then(|| dev.sample_normal_like(&(h, vocab)) * 0.02),
+            frozen: false,
+            precision: Precision::F32,
+            config,
+        }
+    }
+
+    /// Logits `(batch·seq, vocab)` for token ids `(batch, seq)`; the tape rides on the ids.
+    pub fn forward<T: Tape<f32, D>>(
+        &self,
+        ids: Tensor<(usize, usize), usize, D, T>,
+        dropout: &mut Dropout,
+    ) -> A2<D, T> {
+        let _precision = autocast(self.precision);
+        D::linear(self.trunk(ids, dropout), &self.head(), Epilogue::Plain)
+    }
+
+    /// The log-probability `(batch·seq,)` of each target id after `ids`.
+    pub fn target_log_probs<T: Tape<f32, D>>(
+        &self,
+        ids: Tensor<(usize, usize), usize, D, T>,
+        targets: Tensor<(usize,), usize, D>,
+        dropout: &mut Dropout,
+    ) -> Tensor<(usize,), f32, D, T> {
+        let _precision = autocast(self.precision);
+        D::head_log_probs(self.trunk(ids, dropout), &self.head(), targets)
+    }
+
+    /// The final hidden states `(batch·seq, hidden)`, after `norm`.
+    fn trunk<T: Tape<f32, D>>(
+        &self,
+        ids: Tensor<(usize, usize), usize, D, T>,
+        dropout: &mut Dropout,
+    ) -> A2<D, T> {
+        let (batch, seq) = *ids.shape();
+        let h = self.config.hidden_size;
+        let (ids, tape) = ids.split_tape();
+        let tokens: Tensor<(usize, usize, usize), f32, D, T> =
+            self.embed_tokens.clone().put_tape(tape).gather(ids);
+        let mut x = dropout.apply(tokens.reshape_like(&(batch * seq, h)));
+        let rope = Rope::new(x.device(), &self.config, seq);
+        for (i, layer) in self.layers.iter().enumerate() {
+            let window = self
+                .config
+                .sliding_window
+                .filter(|_| i >= self.config.first_window_layer);
+            let context = Context {
+                config: &self.config,
+                rope: &rope,
+                batch,
+                window,
+            };
+            x = layer.forward(x, &context, dropout);
+        }
+        self.norm.forward(x, self.config.rms_norm_eps)
+    }
+
+    /// The output head: the embedding itself when tied, so both uses add to one gradient.
+    fn head(&self) -> Dense<'_, D> {
+        let (weight, transposed) = match &self.lm_head {
+            None => (&self.embed_tokens, true),
+            Some(head) => (head, false),
+        };
+        Dense {
+            weight,
+            transposed,
+            bias: None,
+            train: !self.frozen,
+        }
+    }
+}
+
+impl<D: Kernels> Visit<D> for Llama<D> {
+    fn visit<V: ParamVisitor<D>>(&mut self, v: &mut V) {
+        let train = !self.frozen;
+        v.visit("model.embed_tokens.weight", &mut self.embed_tokens, train);
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            layer.visit(&format!("model.layers.{i}"), train, v);
+        }
+        v.visit("model.norm.weight", &mut self.norm.weight, train);
+        if let Some(head) = &mut self.lm_head {
+            v.visit("lm_head.weight", head, train);
+        }
+    }
+
+    fn hf_transposed(name: &str) -> bool {
+        name == "lm_head.weight" || name.ends_with("_proj.weight")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::model::io;
+
+    fn fixture(name: &str) -> std::path::PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures")
+            .join(name)
+    }
+
+    /// The model of a fixture directory, on the CPU.
+    fn load(dir: &Path) -> Llama<Cpu> {
+        let path = dir.join("config.json");
+        let value: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        let config = io::parse_llama_config(&value, &path).unwrap();
+        let dev = Cpu::seed_from_u64(0);
+        let mut model = Llama::new(&dev, config);
+        let tensors = io::read_safetensors(&dir.join("model.safetensors")).unwrap();
+        io::set_weights(&mut model, &tensors).unwrap();
+        model
+    }
+
+    /// The ids and the logits transformers computed for them.
+    fn reference(dir: &Path) -> (Vec<usize>, Vec<f32>, (usize, usize)) {
+        let fixture: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.join("logits.json")).unwrap()).unwrap();
+        let rows = fixture["ids"].as_array().unwrap();
+        let shape = (rows.len(), rows[0].as_array().unwrap().len());
+        let ids = rows
+            .iter()
+            .flat_map(|r| r.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as usize))
+            .collect();
+        let logits = fixture["logits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|s| s.as_array().unwrap())
+            .flat_map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32))
+            .collect();
+        (ids, logits, shape)
+    }
+
+    /// Tiny models of each family member saved by transformers, with the logits it computed
+    /// (tests/fixtures/make_llama_fixture.py).
+    #[test]
+    fn transformers_models_give_transformers_logits() {
+        for name in ["llama-gqa-tied", "llama3-rope-bias", "qwen2", "mistral-window"] {
+            let dir = fixture(name);
+            let model = load(&dir);
+            let (ids, expected, shape) = reference(&dir);
+            let ids = model.embed_tokens.device().tensor_from_vec(ids, shape);
+            let logits = model.forward(ids, &mut Dropout::off()).as_vec();
+            let worst = logits
+                .iter()
+                .zip(&expected)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0, f32::max);
+            assert_eq!(logits.len(), expected.len(), "{name}");
+            assert!(worst < 2e-5, "{name}: logits differ by up to {worst}");
+        }
+    }
+}
