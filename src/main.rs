@@ -210,7 +210,7 @@ pub enum TextMetric {
 
 #[derive(Args)]
 pub struct GenerateArgs {
-    /// An HF GPT-2 model directory (a pretrain stage's artifact, say)
+    /// An HF model directory: GPT-2 (a pretrain stage's artifact, say) or the Llama family
     #[arg(required_unless_present = "pipeline", conflicts_with = "pipeline")]
     pub model_dir: Option<PathBuf>,
     /// A pipeline file whose `--stage` output to use instead of a directory

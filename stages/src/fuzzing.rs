@@ -6,7 +6,7 @@
 use std::path::Path;
 
 use crate::collect::files::{self, Format, InvalidUtf8, ParseOptions, SplitOn};
-use crate::model::{io, AdamWConfig, DeviceKind, Trainer};
+use crate::model::{io, AdamWConfig, DeviceKind, ModelConfig, Trainer};
 use crate::records::LineBlock;
 
 /// Whether a panic on this thread now would be caught and reported as an error by smelt (see
@@ -79,7 +79,7 @@ pub fn tokenizer_json(
 /// model.safetensors, then the model on the CPU. Returns the tensors' names.
 pub fn model_dir(config: &str, safetensors: &[u8]) -> Result<Vec<String>, String> {
     let tensors = io::parse_safetensors(safetensors, Path::new("model.safetensors"))?;
-    let (config, _eos) = io::parse_hf_config(config, Path::new("config.json"))?;
+    let (config, _eos) = ModelConfig::parse(config, Path::new("config.json"))?;
     let optimizer = AdamWConfig {
         betas: [0.9, 0.999],
         eps: 1e-8,

@@ -206,6 +206,13 @@ pub fn non_empty_schema<T: JsonSchema>(generator: &mut SchemaGenerator) -> Schem
     json_schema!({ "type": "array", "items": items, "minItems": 1 })
 }
 
+/// Deserializes an optional list that, when given, must name at least one item.
+pub fn some_non_empty<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
+    deserializer: D,
+) -> Result<Option<Vec<T>>, D::Error> {
+    non_empty(deserializer).map(Some)
+}
+
 /// Deserializes a list that must name at least one item.
 pub fn non_empty<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
     deserializer: D,

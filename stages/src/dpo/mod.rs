@@ -137,7 +137,7 @@ fn dpo(params: &DpoParams, ctx: &StageContext, stop_after: Option<u64>) -> Resul
     let meta = Meta::read(tokens_dir)?;
     let mut metrics = Metrics::new();
     let mut model = load_base(&params.adapt, ctx, &mut metrics)?;
-    let context = model.config().seq_len;
+    let context = params.adapt.context(&model.config());
     let mut skipped = Skipped::default();
     let train = examples::pairs(tokens_dir, &meta, "train", context, &mut skipped)?;
     let validation = examples::pairs(tokens_dir, &meta, "validation", context, &mut skipped)

@@ -530,7 +530,7 @@ impl Measure<'_> {
         if self.data.texts.is_empty() {
             return Err("perplexity: the data has no text documents".into());
         }
-        let context = self.model.config.seq_len;
+        let context = self.model.config.context();
         let stride = stride.map_or(context / 2, NonZeroUsize::get).max(1);
         let start = self
             .model

@@ -17,8 +17,10 @@ use smelt_engine::{
     InputDirs, Metrics, ParamProblem, Port, Ports, Stage, StageContext, StageError,
 };
 
-use crate::model::{io, peft, Backend, DeviceKind, LoraConfig, LoraTarget, QuantKind, Trainer};
-use crate::params::{non_empty, non_empty_schema, Fraction, Positive};
+use crate::model::{
+    peft, Backend, DeviceKind, LoraConfig, LoraTarget, ModelConfig, QuantKind, Trainer,
+};
+use crate::params::{non_empty_schema, some_non_empty, Fraction, Positive};
 use crate::tokenize::Meta;
 use crate::training::{self, EvalParams, Extras, Objective, Outcome, Settings, TrainParams};
 use examples::{draw, Example, Padded, Skipped};
@@ -38,8 +40,9 @@ pub struct FinetuneParams {
 /// Where the base model comes from, how it is adapted and trained (shared with `dpo`).
 #[derive(Debug, Serialize, Deserialize, JsonSchema)]
 pub struct AdaptParams {
-    /// An HF GPT-2 model directory, relative to the pipeline file, used when no `model` input
-    /// is wired (its files are hashed into the stage key).
+    /// An HF model directory (GPT-2, or the Llama family: Llama, Mistral, Qwen2, SmolLM2),
+    /// relative to the pipeline file, used when no `model` input is wired (its files are
+    /// hashed into the stage key).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub base: Option<String>,
     #[serde(default)]
@@ -59,6 +62,11 @@ pub struct AdaptParams {
     /// The hardware's peak FLOP/s, for MFU in metrics.jsonl.
     #[serde(default = "training::default_peak_flops")]
     pub peak_flops: Positive,
+    /// The longest example in tokens, prompt and answer together (longer prompts are skipped
+    /// and counted, longer answers cut). Default: the base model's context, which for a Llama
+    /// is its `max_position_embeddings` (often thousands: set this on a CPU).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_length: Option<std::num::NonZeroUsize>,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -85,10 +93,17 @@ pub struct LoraParams {
     /// Dropout on the adapters' inputs.
     #[serde(default = "default_lora_dropout")]
     pub dropout: Fraction<f32>,
-    /// Linear layers that get an adapter, in every block (at least one).
-    #[serde(default = "default_targets", deserialize_with = "non_empty")]
+    /// Linear layers that get an adapter, in every block (at least one): GPT-2's `attn.c_attn`,
+    /// `attn.c_proj`, `mlp.c_fc`, `mlp.c_proj`, or a Llama's `q_proj`, `k_proj`, `v_proj`,
+    /// `o_proj`, `gate_proj`, `up_proj`, `down_proj`. Default: the attention's (GPT-2:
+    /// `attn.c_attn`, `attn.c_proj`; Llama: `q_proj`, `k_proj`, `v_proj`, `o_proj`).
+    #[serde(
+        default,
+        deserialize_with = "some_non_empty",
+        skip_serializing_if = "Option::is_none"
+    )]
     #[schemars(schema_with = "non_empty_schema::<LoraTarget>")]
-    pub targets: Vec<LoraTarget>,
+    pub targets: Option<Vec<LoraTarget>>,
 }
 
 #[derive(Debug, Serialize, Deserialize, JsonSchema)]
@@ -110,9 +125,6 @@ fn default_alpha() -> f32 {
 fn default_lora_dropout() -> Fraction<f32> {
     Fraction::of(0.05)
 }
-fn default_targets() -> Vec<LoraTarget> {
-    vec![LoraTarget::AttnCAttn, LoraTarget::AttnCProj]
-}
 fn default_block() -> NonZeroUsize {
     NonZeroUsize::new(64).expect("not zero")
 }
@@ -130,13 +142,39 @@ impl Default for QuantizeParams {
 }
 
 impl AdaptParams {
-    fn lora_config(&self) -> LoraConfig {
+    /// The adapters for a base model of `config`'s architecture.
+    fn lora_config(&self, config: &ModelConfig) -> LoraConfig {
+        let targets = match (&self.lora.targets, config) {
+            (Some(targets), _) => targets.clone(),
+            (None, ModelConfig::Gpt(_)) => vec![LoraTarget::AttnCAttn, LoraTarget::AttnCProj],
+            (None, ModelConfig::Llama(_)) => LoraTarget::LLAMA[..4].to_vec(),
+        };
         LoraConfig {
             r: self.lora.r.get(),
             alpha: self.lora.alpha,
             dropout: self.lora.dropout.get(),
-            targets: self.lora.targets.clone(),
+            targets,
         }
+    }
+
+    /// Why the base model (of `config`) cannot take the adapters asked for, if it cannot.
+    fn target_problem(&self, config: &ModelConfig) -> Option<String> {
+        let known = config.lora_targets();
+        let targets = self.lora.targets.as_ref().filter(|_| self.method != Method::Full)?;
+        let wrong = targets.iter().find(|t| !known.contains(t))?;
+        let names: Vec<&str> = known.iter().map(|t| t.name()).collect();
+        Some(format!(
+            "the base is a {} model, which has no `{}` layers to adapt: its targets are {}",
+            config.family(),
+            wrong.name(),
+            names.join(", ")
+        ))
+    }
+
+    /// The context examples are fitted to: `max_length`, at most the model's.
+    pub fn context(&self, config: &ModelConfig) -> usize {
+        let model = config.context();
+        self.max_length.map_or(model, |n| n.get().min(model))
     }
 
     /// What the params must satisfy together and with the wiring (`finetune` and `dpo`).
@@ -178,12 +216,12 @@ impl AdaptParams {
         let Some(data) = inputs.get("data").and_then(|dirs| dirs.first()) else {
             return Vec::new();
         };
-        let read = || -> Result<(usize, Meta), String> {
+        let read = || -> Result<(ModelConfig, Meta), String> {
             let dir = self.base_dir(inputs, pipeline_dir)?;
-            let (config, _) = io::read_hf_config(&dir)?;
-            Ok((config.vocab_size, Meta::read(data)?))
+            let (config, _) = ModelConfig::read(&dir)?;
+            Ok((config, Meta::read(data)?))
         };
-        let (vocab, meta) = match read() {
+        let (config, meta) = match read() {
             Ok(read) => read,
             Err(e) => return vec![at_base(e)],
         };
@@ -199,7 +237,17 @@ impl AdaptParams {
                 Some(ParamProblem::input("data", 0, format!("{missing}{why}")))
             })
             .collect();
-        if vocab != meta.vocab_size {
+        if let Some(problem) = self.target_problem(&config) {
+            problems.push(ParamProblem::new("lora.targets", problem).or_at("method"));
+        }
+        // Llama-family embeddings are often padded past the tokenizer's last id (Qwen2's
+        // 151936 rows for 151665 tokens); GPT-2's are exactly the vocabulary.
+        let vocab = config.vocab_size();
+        let fits = match config {
+            ModelConfig::Gpt(_) => vocab == meta.vocab_size,
+            ModelConfig::Llama(_) => meta.vocab_size <= vocab,
+        };
+        if !fits {
             let message = format!(
                 "the base model has a vocabulary of {vocab} tokens but the data was tokenized \
                  with {} ({})",
@@ -222,8 +270,12 @@ impl AdaptParams {
         let Ok(text) = std::fs::read_to_string(pipeline_dir.join(&shown)) else {
             return Vec::new();
         };
-        match io::parse_hf_config(&text, &shown) {
-            Ok(_) => Vec::new(),
+        match ModelConfig::parse(&text, &shown) {
+            Ok((config, _)) => self
+                .target_problem(&config)
+                .map(|problem| ParamProblem::new("lora.targets", problem).or_at("base"))
+                .into_iter()
+                .collect(),
             Err(e) => vec![ParamProblem::new("base", e)],
         }
     }
@@ -253,7 +305,7 @@ fn base_problem(model: bool, base: bool) -> Option<ParamProblem> {
         (false, false) => Some(ParamProblem::new(
             "",
             "no base model: wire a `model` input (a pretrain, finetune or dpo stage) or set \
-             `base` to an HF GPT-2 directory",
+             `base` to an HF model directory",
         )),
         _ => None,
     }
@@ -270,7 +322,8 @@ pub fn load_base(
     let dir = method.base_dir(&ctx.inputs, &ctx.pipeline_dir)?;
     let (mut model, _) = Trainer::load(&dir, method.device, method.train.optimizer())?;
     if method.method != Method::Full {
-        model.add_lora(&method.lora_config(), method.train.seed);
+        let lora = method.lora_config(&model.config());
+        model.add_lora(&lora, method.train.seed)?;
     }
     if method.method == Method::Qlora {
         let (bytes, f32_bytes) =
@@ -297,7 +350,7 @@ pub fn train_and_write(
         train: &adapt.train,
         eval: &adapt.eval,
         // Of the whole model, though frozen weights skip their gradient GEMMs.
-        flops_per_token: config.flops_per_token(config.weights()),
+        flops_per_token: config.flops_per_token(config.weights(), adapt.context(&config)),
         peak_flops: adapt.peak_flops.get(),
     };
     let outcome = training::run(model, objective, &settings, ctx, stop_after)?;
@@ -318,9 +371,10 @@ fn write_outputs(
     let out = &ctx.out_dir;
     if method.method != Method::Full {
         let base = method.base.clone().unwrap_or_else(|| "model".into());
+        let lora = method.lora_config(&model.config());
         peft::write_adapter(
             &out.join("adapter"),
-            &method.lora_config(),
+            &lora,
             &model.weights(),
             &base,
         )?;
@@ -399,26 +453,26 @@ fn finetune(
     let meta = Meta::read(tokens_dir)?;
     let mut metrics = Metrics::new();
     let mut model = load_base(&params.adapt, ctx, &mut metrics)?;
-    let config = model.config();
+    let context = params.adapt.context(&model.config());
     let mut skipped = Skipped::default();
     let mut train =
-        examples::conversations(tokens_dir, &meta, "train", config.seq_len, &mut skipped)?;
+        examples::conversations(tokens_dir, &meta, "train", context, &mut skipped)?;
     let validation = examples::conversations(
         tokens_dir,
         &meta,
         "validation",
-        config.seq_len,
+        context,
         &mut skipped,
     )
     .map_err(|e| format!("{e}; fine-tuning evaluates on it"))?;
     if train.is_empty() || validation.is_empty() {
         return Err(format!(
             "no conversation fits a context of {} tokens ({} had prompts that fill it)",
-            config.seq_len, skipped.prompt_too_long
+            context, skipped.prompt_too_long
         ));
     }
     if params.packing {
-        train = examples::pack(train, config.seq_len);
+        train = examples::pack(train, context);
     }
     let mean_len = train.iter().map(Example::positions).sum::<usize>() as f64 / train.len() as f64;
     let mut objective = Sft {

@@ -8,8 +8,11 @@
 use dfdx::prelude::*;
 
 use super::kernels::{autocast, Dense, Epilogue, Kernels, Precision};
-use super::layers::{fusable, Dropout, Linear, ParamVisitor, Visit, A2, P1, P2};
-use super::lora::{Lora, LoraConfig, LoraTarget};
+use super::layers::{
+    add_adapters, count_trainable, fusable, quantize_frozen, Dropout, Linear, ParamVisitor, Visit,
+    A2, P1, P2,
+};
+use super::lora::{LoraConfig, LoraTarget};
 use super::quant::QuantKind;
 use super::GptConfig;
 
@@ -144,7 +147,7 @@ impl<D: Kernels> Block<D> {
         self.ln_1.visit(&format!("{name}.ln_1"), bias, train, v);
         self.ln_2.visit(&format!("{name}.ln_2"), bias, train, v);
         for (target, linear) in self.linears() {
-            linear.visit(&format!("{name}.{}", target.name()), bias, v);
+            linear.visit(&format!("{name}.{}", target.path()), bias, v);
         }
     }
 }
@@ -242,63 +245,32 @@ impl<D: Kernels> Gpt<D> {
         }
     }
 
-    pub fn visit<V: ParamVisitor<D>>(&mut self, v: &mut V) {
-        Visit::visit(self, v)
-    }
     /// Freezes every base weight and adds a LoRA adapter to each targeted linear layer.
     pub fn add_lora(&mut self, config: &LoraConfig, seed: u64) {
         let dev = self.wte.device().clone();
         self.frozen = true;
-        for (i, block) in self.h.iter_mut().enumerate() {
-            for (k, (target, linear)) in block.linears().into_iter().enumerate() {
-                linear.frozen = true;
-                if config.targets.contains(&target) {
-                    let (inputs, outputs) = *linear.weight.shape();
-                    let seed = seed
-                        .wrapping_add(((4 * i + k + 1) as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
-                    linear.lora = Some(Lora::new(&dev, inputs, outputs, config, seed));
-                }
-            }
-        }
+        add_adapters(&dev, self.linears(), config, seed);
+    }
+
+    /// Every block's linear layers, block by block.
+    fn linears(&mut self) -> impl Iterator<Item = (LoraTarget, &mut Linear<D>)> {
+        self.h.iter_mut().flat_map(|block| block.linears())
     }
 
     /// Stores the frozen linear weights block-quantized; returns (bytes now, bytes in f32).
     pub fn quantize_frozen(&mut self, kind: QuantKind, block: usize) -> (usize, usize) {
-        let mut sizes = (0, 0);
-        for layer in &mut self.h {
-            for (_, linear) in layer.linears() {
-                if linear.frozen && linear.quantized.is_none() {
-                    let (now, f32_bytes) = linear.quantize(kind, block);
-                    sizes = (sizes.0 + now, sizes.1 + f32_bytes);
-                }
-            }
-        }
-        sizes
+        quantize_frozen(self.linears().map(|(_, l)| l), kind, block)
     }
 
     /// Folds every adapter into its base weight: a plain, fully trainable model again.
     pub fn merge_lora(&mut self) {
-        for layer in &mut self.h {
-            for (_, linear) in layer.linears() {
-                linear.merge();
-            }
-        }
+        self.linears().for_each(|(_, linear)| linear.merge());
         self.frozen = false;
     }
 
     /// Trainable parameters.
     pub fn parameters(&mut self) -> usize {
-        struct Count(usize);
-        impl<D: Device<f32>> ParamVisitor<D> for Count {
-            fn visit<S: Shape>(&mut self, _: &str, t: &mut Tensor<S, f32, D>, trainable: bool) {
-                if trainable {
-                    self.0 += t.shape().num_elements();
-                }
-            }
-        }
-        let mut count = Count(0);
-        self.visit(&mut count);
-        count.0
+        count_trainable(self)
     }
 }
 
@@ -317,7 +289,7 @@ impl<D: Kernels> Visit<D> for Gpt<D> {
     }
 
     /// Conv1D weights are `(in, out)` in HF's files too; only the untied head is an `nn.Linear`.
-    fn hf_transposed(name: &str) -> bool {
-        name == "lm_head.weight"
+    fn hf_transposed(&self) -> fn(&str) -> bool {
+        |name| name == "lm_head.weight"
     }
 }

@@ -9,7 +9,7 @@ use dfdx::prelude::*;
 
 use super::kernels::Kernels;
 use super::layers::{ParamVisitor, Visit};
-use super::llama::{LlamaConfig, RopeScaling};
+use super::llama::{LlamaConfig, Member, RopeScaling};
 use super::GptConfig;
 
 /// Named f32 tensors, ready for safetensors.
@@ -30,8 +30,9 @@ pub fn weights<D: Kernels, M: Visit<D>>(model: &mut M) -> Named {
     }
     let mut read = Read(Vec::new());
     model.visit(&mut read);
+    let transposed = model.hf_transposed();
     for (name, shape, data) in &mut read.0 {
-        if M::hf_transposed(name) {
+        if transposed(name) {
             *data = transpose(data, shape[0], shape[1]);
             shape.reverse();
         }
@@ -81,7 +82,7 @@ pub fn set_weights<D: Kernels, M: Visit<D>>(model: &mut M, tensors: &Tensors) ->
     let mut write = Write {
         tensors,
         problems: Vec::new(),
-        transposed: M::hf_transposed,
+        transposed: model.hf_transposed(),
         used: Default::default(),
     };
     model.visit(&mut write);
@@ -123,6 +124,33 @@ pub fn transpose(data: &[f32], rows: usize, cols: usize) -> Vec<f32> {
         }
     }
     out
+}
+
+/// The weights of an HF model directory: model.safetensors, or every shard that
+/// model.safetensors.index.json maps a tensor to.
+pub fn read_model_weights(dir: &Path) -> Result<Tensors, String> {
+    let single = dir.join("model.safetensors");
+    let index = dir.join("model.safetensors.index.json");
+    if single.is_file() || !index.is_file() {
+        return read_safetensors(&single);
+    }
+    let text = std::fs::read_to_string(&index).map_err(|e| format!("{}: {e}", index.display()))?;
+    let value: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| format!("{}: {e}", index.display()))?;
+    let map = value["weight_map"]
+        .as_object()
+        .ok_or_else(|| format!("{}: no `weight_map`", index.display()))?;
+    let mut shards: Vec<&str> = map.values().filter_map(|v| v.as_str()).collect();
+    shards.sort_unstable();
+    shards.dedup();
+    let mut tensors = Tensors::new();
+    for shard in shards {
+        if shard.contains('/') || shard.contains('\\') {
+            return Err(format!("{}: shard `{shard}` is not a file name", index.display()));
+        }
+        tensors.extend(read_safetensors(&dir.join(shard))?);
+    }
+    Ok(tensors)
 }
 
 /// Writes f32 tensors as a safetensors file, atomically (temp file, then rename).
@@ -188,6 +216,71 @@ pub fn parse_safetensors(bytes: &[u8], path: &Path) -> Result<Tensors, String> {
     Ok(tensors)
 }
 
+/// The end-of-text id a config.json names: `eos_token_id`, or the first of a list (Llama 3
+/// lists several).
+pub fn eos_id(value: &serde_json::Value) -> Option<u32> {
+    let id = match &value["eos_token_id"] {
+        serde_json::Value::Array(ids) => ids.first()?.as_u64(),
+        id => id.as_u64(),
+    };
+    id.and_then(|id| u32::try_from(id).ok())
+}
+
+/// `config.json` for transformers' `LlamaForCausalLM`, in the keys transformers 4 writes (5
+/// reads them too): `rope_theta` and `rope_scaling` at the top level.
+pub fn llama_hf_config(config: &LlamaConfig, eos_id: u32) -> serde_json::Value {
+    let rope_scaling = match &config.rope_scaling {
+        None => serde_json::Value::Null,
+        Some(RopeScaling::Linear { factor }) => {
+            serde_json::json!({ "rope_type": "linear", "factor": factor })
+        }
+        Some(RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position_embeddings,
+        }) => serde_json::json!({
+            "rope_type": "llama3",
+            "factor": factor,
+            "low_freq_factor": low_freq_factor,
+            "high_freq_factor": high_freq_factor,
+            "original_max_position_embeddings": *original_max_position_embeddings as u64,
+        }),
+    };
+    let qwen2 = config.member == Member::Qwen2;
+    let (model_type, architecture) = config.member.names();
+    let mut value = serde_json::json!({
+        "architectures": [architecture],
+        "model_type": model_type,
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "num_hidden_layers": config.layers,
+        "num_attention_heads": config.heads,
+        "num_key_value_heads": config.kv_heads,
+        "head_dim": config.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": config.max_position_embeddings,
+        "rms_norm_eps": config.rms_norm_eps,
+        "rope_theta": config.rope_theta,
+        "rope_scaling": rope_scaling,
+        "attention_bias": config.attention_bias,
+        "mlp_bias": config.mlp_bias,
+        "tie_word_embeddings": config.tie_word_embeddings,
+        "bos_token_id": eos_id,
+        "eos_token_id": eos_id,
+        "torch_dtype": "float32",
+    });
+    if let Some(window) = config.sliding_window {
+        value["sliding_window"] = window.into();
+        if qwen2 {
+            value["use_sliding_window"] = true.into();
+            value["max_window_layers"] = config.first_window_layer.into();
+        }
+    }
+    value
+}
+
 /// A Llama-family config.json (`model_type` llama, mistral, qwen2), in the form transformers 4
 /// writes (`rope_theta`, `rope_scaling`) or 5 (`rope_parameters`); `path` names it in errors.
 pub fn parse_llama_config(value: &serde_json::Value, path: &Path) -> Result<LlamaConfig, String> {
@@ -199,7 +292,18 @@ pub fn parse_llama_config(value: &serde_json::Value, path: &Path) -> Result<Llam
             .ok_or_else(|| format!("{} is missing or not a whole number", at(key)))
     };
     let flag = |key: &str| value[key].as_bool().unwrap_or(false);
-    let model_type = value["model_type"].as_str().unwrap_or_default();
+    let member = match value["model_type"].as_str() {
+        Some("llama") => Member::Llama,
+        Some("mistral") => Member::Mistral,
+        Some("qwen2") => Member::Qwen2,
+        other => {
+            return Err(format!(
+                "{}: `model_type` {} is not one of the Llama family's (llama, mistral, qwen2)",
+                path.display(),
+                other.unwrap_or("(none)")
+            ))
+        }
+    };
     let (hidden_size, heads) = (number("hidden_size")?, number("num_attention_heads")?);
     let kv_heads = match value.get("num_key_value_heads") {
         Some(v) if !v.is_null() => number("num_key_value_heads")?,
@@ -256,13 +360,14 @@ pub fn parse_llama_config(value: &serde_json::Value, path: &Path) -> Result<Llam
         }
     };
     // Qwen2 slides its window only with `use_sliding_window`, from `max_window_layers` on.
-    let qwen2 = model_type == "qwen2";
+    let qwen2 = member == Member::Qwen2;
     let sliding_window = value["sliding_window"]
         .as_u64()
         .map(|w| w as usize)
         .filter(|_| !qwen2 || flag("use_sliding_window"));
     let first_window_layer = if qwen2 { number("max_window_layers").unwrap_or(0) } else { 0 };
     Ok(LlamaConfig {
+        member,
         vocab_size: number("vocab_size")?,
         hidden_size,
         intermediate_size: number("intermediate_size")?,

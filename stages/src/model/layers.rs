@@ -6,7 +6,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::kernels::{Dense, Epilogue, Kernels};
-use super::lora::Lora;
+use super::lora::{Lora, LoraConfig, LoraTarget};
 use super::quant::{QuantKind, Quantized};
 
 pub type P1<D> = Tensor<(usize,), f32, D>;
@@ -24,9 +24,9 @@ pub trait ParamVisitor<D: Device<f32>> {
 pub trait Visit<D: Device<f32>> {
     fn visit<V: ParamVisitor<D>>(&mut self, v: &mut V);
 
-    /// Whether HF stores the tensor `name` transposed from how the model holds it: an
+    /// Whether HF stores a tensor (by name) transposed from how the model holds it: an
     /// `nn.Linear` weight is `(out, in)`, the linear layers here hold `(in, out)`.
-    fn hf_transposed(name: &str) -> bool;
+    fn hf_transposed(&self) -> fn(&str) -> bool;
 }
 
 /// Dropout masks drawn from a seeded generator, so that a run resumed at step `n` draws the
@@ -235,4 +235,54 @@ pub fn mean_nll<D: Device<f32>, T: Tape<f32, D>>(
             (log_probs * mask).sum::<Rank0, _>() * (-1.0 / count)
         }
     }
+}
+
+/// Freezes every one of a model's block linear layers (listed block by block, in a fixed order)
+/// and adds an adapter to those `config` targets; the `j`th layer's adapter draws its `A` from
+/// `seed` and `j`, so adapters do not depend on which others exist.
+pub(super) fn add_adapters<'a, D: Kernels + 'a>(
+    dev: &D,
+    linears: impl Iterator<Item = (LoraTarget, &'a mut Linear<D>)>,
+    config: &LoraConfig,
+    seed: u64,
+) {
+    for (j, (target, linear)) in linears.enumerate() {
+        linear.frozen = true;
+        if config.targets.contains(&target) {
+            let (inputs, outputs) = *linear.weight.shape();
+            let seed = seed.wrapping_add(((j + 1) as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+            linear.lora = Some(Lora::new(dev, inputs, outputs, config, seed));
+        }
+    }
+}
+
+/// Stores the frozen ones of `linears` block-quantized; returns (bytes now, bytes in f32).
+pub(super) fn quantize_frozen<'a, D: Kernels + 'a>(
+    linears: impl Iterator<Item = &'a mut Linear<D>>,
+    kind: QuantKind,
+    block: usize,
+) -> (usize, usize) {
+    let mut sizes = (0, 0);
+    for linear in linears {
+        if linear.frozen && linear.quantized.is_none() {
+            let (now, f32_bytes) = linear.quantize(kind, block);
+            sizes = (sizes.0 + now, sizes.1 + f32_bytes);
+        }
+    }
+    sizes
+}
+
+/// The trainable parameters a visit reports.
+pub(super) fn count_trainable<D: Device<f32>, M: Visit<D>>(model: &mut M) -> usize {
+    struct Count(usize);
+    impl<D: Device<f32>> ParamVisitor<D> for Count {
+        fn visit<S: Shape>(&mut self, _: &str, t: &mut Tensor<S, f32, D>, trainable: bool) {
+            if trainable {
+                self.0 += t.shape().num_elements();
+            }
+        }
+    }
+    let mut count = Count(0);
+    model.visit(&mut count);
+    count.0
 }

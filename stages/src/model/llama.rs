@@ -17,12 +17,19 @@
 use dfdx::prelude::*;
 
 use super::kernels::{autocast, Dense, Epilogue, Kernels, Precision};
-use super::layers::{Dropout, Linear, ParamVisitor, Visit, A2, P1, P2};
+use super::layers::{
+    add_adapters, count_trainable, quantize_frozen, Dropout, Linear, ParamVisitor, Visit, A2, P1,
+    P2,
+};
+use super::lora::{LoraConfig, LoraTarget};
+use super::quant::QuantKind;
 
 /// The sizes and options of a Llama-family model: transformers' `LlamaConfig` fields (Mistral's
 /// and Qwen2's are the same names with other defaults).
 #[derive(Clone, Debug, PartialEq)]
 pub struct LlamaConfig {
+    /// Which transformers class the checkpoint is (kept, so a saved model loads as the same).
+    pub member: Member,
     pub vocab_size: usize,
     pub hidden_size: usize,
     pub intermediate_size: usize,
@@ -46,6 +53,25 @@ pub struct LlamaConfig {
     pub first_window_layer: usize,
 }
 
+/// The family members transformers has a class for; their configs share the fields above.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Member {
+    Llama,
+    Mistral,
+    Qwen2,
+}
+
+impl Member {
+    /// `model_type` and the class in config.json.
+    pub fn names(self) -> (&'static str, &'static str) {
+        match self {
+            Member::Llama => ("llama", "LlamaForCausalLM"),
+            Member::Mistral => ("mistral", "MistralForCausalLM"),
+            Member::Qwen2 => ("qwen2", "Qwen2ForCausalLM"),
+        }
+    }
+}
+
 /// How the rotary frequencies are stretched for contexts longer than the pretraining one.
 #[derive(Clone, Debug, PartialEq)]
 pub enum RopeScaling {
@@ -61,6 +87,47 @@ pub enum RopeScaling {
 }
 
 impl LlamaConfig {
+    pub fn check(&self) -> Result<(), String> {
+        let sizes = [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_hidden_layers", self.layers),
+            ("num_attention_heads", self.heads),
+            ("num_key_value_heads", self.kv_heads),
+            ("head_dim", self.head_dim),
+            ("max_position_embeddings", self.max_position_embeddings),
+        ];
+        if let Some((name, _)) = sizes.iter().find(|(_, n)| *n == 0) {
+            return Err(format!("`{name}` must be at least 1"));
+        }
+        if !self.heads.is_multiple_of(self.kv_heads) || !self.head_dim.is_multiple_of(2) {
+            return Err(format!(
+                "{} attention heads, {} key/value heads and a head_dim of {}: the heads must be \
+                 a multiple of the key/value heads, head_dim even",
+                self.heads, self.kv_heads, self.head_dim
+            ));
+        }
+        Ok(())
+    }
+
+    /// The weights of the embeddings and linear layers (norms and biases aside), or `None`
+    /// when too many to count in a usize.
+    pub fn checked_weights(&self) -> Option<usize> {
+        let h = self.hidden_size;
+        let q = self.heads.checked_mul(self.head_dim)?;
+        let kv = self.kv_heads.checked_mul(self.head_dim)?;
+        let attention = h.checked_mul(q.checked_mul(2)?.checked_add(kv.checked_mul(2)?)?)?;
+        let mlp = h.checked_mul(self.intermediate_size)?.checked_mul(3)?;
+        let layers = self.layers.checked_mul(attention.checked_add(mlp)?)?;
+        let tables = match self.tie_word_embeddings {
+            true => 1,
+            false => 2,
+        };
+        let embeddings = self.vocab_size.checked_mul(h)?.checked_mul(tables)?;
+        layers.checked_add(embeddings)
+    }
+
     /// The rotary inverse frequencies, one per pair of a head's dimensions.
     pub fn inv_freq(&self) -> Vec<f64> {
         let d = self.head_dim as f64;
@@ -253,14 +320,6 @@ impl<D: Kernels> Attention<D> {
         self.o_proj.forward(y, Epilogue::AddTo(residual), dropout)
     }
 
-    fn linears(&mut self) -> [(&'static str, &mut Linear<D>); 4] {
-        [
-            ("q_proj", &mut self.q_proj),
-            ("k_proj", &mut self.k_proj),
-            ("v_proj", &mut self.v_proj),
-            ("o_proj", &mut self.o_proj),
-        ]
-    }
 }
 
 /// `(seq, seq)`: 0 where query i may see key j (j ≤ i, and i − j < window), −∞ elsewhere.
@@ -312,13 +371,6 @@ impl<D: Kernels> Mlp<D> {
             .forward(silu * up, Epilogue::AddTo(residual), dropout)
     }
 
-    fn linears(&mut self) -> [(&'static str, &mut Linear<D>); 3] {
-        [
-            ("gate_proj", &mut self.gate_proj),
-            ("up_proj", &mut self.up_proj),
-            ("down_proj", &mut self.down_proj),
-        ]
-    }
 }
 
 pub struct DecoderLayer<D: Device<f32>> {
@@ -352,14 +404,18 @@ impl<D: Kernels> DecoderLayer<D> {
         self.mlp.forward(m, x, dropout)
     }
 
-    /// The layer's linear layers by HF module name (`self_attn.q_proj`, `mlp.down_proj`, …).
-    pub fn linears(&mut self) -> Vec<(String, &mut Linear<D>)> {
-        let attention = self.self_attn.linears().into_iter();
-        let mlp = self.mlp.linears().into_iter();
-        attention
-            .map(|(name, l)| (format!("self_attn.{name}"), l))
-            .chain(mlp.map(|(name, l)| (format!("mlp.{name}"), l)))
-            .collect()
+    /// The layer's linear layers, by the name an adapter targets.
+    fn linears(&mut self) -> [(LoraTarget, &mut Linear<D>); 7] {
+        let (attention, mlp) = (&mut self.self_attn, &mut self.mlp);
+        [
+            (LoraTarget::QProj, &mut attention.q_proj),
+            (LoraTarget::KProj, &mut attention.k_proj),
+            (LoraTarget::VProj, &mut attention.v_proj),
+            (LoraTarget::OProj, &mut attention.o_proj),
+            (LoraTarget::GateProj, &mut mlp.gate_proj),
+            (LoraTarget::UpProj, &mut mlp.up_proj),
+            (LoraTarget::DownProj, &mut mlp.down_proj),
+        ]
     }
 
     fn visit<V: ParamVisitor<D>>(&mut self, name: &str, train: bool, v: &mut V) {
@@ -373,8 +429,8 @@ impl<D: Kernels> DecoderLayer<D> {
             &mut self.post_attention_layernorm.weight,
             train,
         );
-        for (module, linear) in self.linears() {
-            linear.visit(&format!("{name}.{module}"), true, v);
+        for (target, linear) in self.linears() {
+            linear.visit(&format!("{name}.{}", target.path()), true, v);
         }
     }
 }
@@ -460,6 +516,34 @@ impl<D: Kernels> Llama<D> {
         self.norm.forward(x, self.config.rms_norm_eps)
     }
 
+    /// Freezes every base weight and adds a LoRA adapter to each targeted linear layer.
+    pub fn add_lora(&mut self, config: &LoraConfig, seed: u64) {
+        let dev = self.embed_tokens.device().clone();
+        self.frozen = true;
+        add_adapters(&dev, self.linears(), config, seed);
+    }
+
+    /// Every layer's linear layers, layer by layer.
+    fn linears(&mut self) -> impl Iterator<Item = (LoraTarget, &mut Linear<D>)> {
+        self.layers.iter_mut().flat_map(|layer| layer.linears())
+    }
+
+    /// Stores the frozen linear weights block-quantized; returns (bytes now, bytes in f32).
+    pub fn quantize_frozen(&mut self, kind: QuantKind, block: usize) -> (usize, usize) {
+        quantize_frozen(self.linears().map(|(_, l)| l), kind, block)
+    }
+
+    /// Folds every adapter into its base weight: a plain, fully trainable model again.
+    pub fn merge_lora(&mut self) {
+        self.linears().for_each(|(_, linear)| linear.merge());
+        self.frozen = false;
+    }
+
+    /// Trainable parameters.
+    pub fn parameters(&mut self) -> usize {
+        count_trainable(self)
+    }
+
     /// The output head: the embedding itself when tied, so both uses add to one gradient.
     fn head(&self) -> Dense<'_, D> {
         let (weight, transposed) = match &self.lm_head {
@@ -488,8 +572,8 @@ impl<D: Kernels> Visit<D> for Llama<D> {
         }
     }
 
-    fn hf_transposed(name: &str) -> bool {
-        name == "lm_head.weight" || name.ends_with("_proj.weight")
+    fn hf_transposed(&self) -> fn(&str) -> bool {
+        |name| name == "lm_head.weight" || name.ends_with("_proj.weight")
     }
 }
 

@@ -11,7 +11,9 @@ use serde::{Deserialize, Serialize};
 
 use super::layers::{A2, P2};
 
-/// The linear layers of a GPT-2 block that can carry an adapter, by their HF names.
+/// The linear layers of a block that can carry an adapter, by their HF names: GPT-2's
+/// (`attn.c_attn`, …) and the Llama family's module names, as PEFT's `target_modules` gives
+/// them (`q_proj`, …).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 pub enum LoraTarget {
     #[serde(rename = "attn.c_attn")]
@@ -22,15 +24,67 @@ pub enum LoraTarget {
     MlpCFc,
     #[serde(rename = "mlp.c_proj")]
     MlpCProj,
+    #[serde(rename = "q_proj")]
+    QProj,
+    #[serde(rename = "k_proj")]
+    KProj,
+    #[serde(rename = "v_proj")]
+    VProj,
+    #[serde(rename = "o_proj")]
+    OProj,
+    #[serde(rename = "gate_proj")]
+    GateProj,
+    #[serde(rename = "up_proj")]
+    UpProj,
+    #[serde(rename = "down_proj")]
+    DownProj,
 }
 
 impl LoraTarget {
+    /// GPT-2's, then the Llama family's.
+    pub const GPT: [LoraTarget; 4] = [
+        LoraTarget::AttnCAttn,
+        LoraTarget::AttnCProj,
+        LoraTarget::MlpCFc,
+        LoraTarget::MlpCProj,
+    ];
+    pub const LLAMA: [LoraTarget; 7] = [
+        LoraTarget::QProj,
+        LoraTarget::KProj,
+        LoraTarget::VProj,
+        LoraTarget::OProj,
+        LoraTarget::GateProj,
+        LoraTarget::UpProj,
+        LoraTarget::DownProj,
+    ];
+
+    /// The name as written in a pipeline and in PEFT's `target_modules`.
     pub fn name(self) -> &'static str {
         match self {
             LoraTarget::AttnCAttn => "attn.c_attn",
             LoraTarget::AttnCProj => "attn.c_proj",
             LoraTarget::MlpCFc => "mlp.c_fc",
             LoraTarget::MlpCProj => "mlp.c_proj",
+            LoraTarget::QProj => "q_proj",
+            LoraTarget::KProj => "k_proj",
+            LoraTarget::VProj => "v_proj",
+            LoraTarget::OProj => "o_proj",
+            LoraTarget::GateProj => "gate_proj",
+            LoraTarget::UpProj => "up_proj",
+            LoraTarget::DownProj => "down_proj",
+        }
+    }
+
+    /// The module's path inside a block (`attn.c_attn`, `self_attn.q_proj`, `mlp.up_proj`).
+    pub fn path(self) -> String {
+        match self {
+            LoraTarget::QProj | LoraTarget::KProj | LoraTarget::VProj | LoraTarget::OProj => {
+                format!("self_attn.{}", self.name())
+            }
+            LoraTarget::GateProj | LoraTarget::UpProj | LoraTarget::DownProj => {
+                format!("mlp.{}", self.name())
+            }
+            _ => self.name().to_string(),
         }
     }
 }

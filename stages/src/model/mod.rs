@@ -13,6 +13,7 @@
 //! - `preference.rs`: DPO, IPO and hinge losses;
 //! - `sample.rs`: generation.
 
+mod architecture;
 mod gpt;
 pub mod io;
 mod layers;
@@ -33,8 +34,10 @@ use dfdx::prelude::*;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use gpt::Gpt;
+use architecture::Model;
+pub use architecture::ModelConfig;
 use layers::{mean_nll, Dropout};
+pub use llama::{LlamaConfig, Member};
 use kernels::Kernels;
 pub use kernels::{uses_amx, Precision};
 pub use lora::{LoraConfig, LoraTarget};
@@ -233,11 +236,12 @@ macro_rules! on_device {
 impl Trainer {
     /// A freshly initialised model (deterministic for `seed`).
     pub fn new(
-        config: GptConfig,
+        config: impl Into<ModelConfig>,
         device: DeviceKind,
         seed: u64,
         optimizer: AdamWConfig,
     ) -> Result<Self, String> {
+        let config = config.into();
         config.check()?;
         let session = match device {
             DeviceKind::Cpu => Session::Cpu(Box::new(Engine::new(
@@ -259,18 +263,18 @@ impl Trainer {
         Ok(Trainer { session })
     }
 
-    /// A model read from an HF GPT-2 directory (config.json + model.safetensors).
+    /// A model read from an HF model directory: config.json (GPT-2 or the Llama family) and
+    /// model.safetensors, or the shards a model.safetensors.index.json lists.
     pub fn load(
         dir: &Path,
         device: DeviceKind,
         optimizer: AdamWConfig,
     ) -> Result<(Self, Option<u32>), String> {
-        let (config, eos) = io::read_hf_config(dir)?;
-        let path = dir.join("model.safetensors");
-        let tensors = io::read_safetensors(&path)?;
+        let (config, eos) = ModelConfig::read(dir)?;
+        let tensors = io::read_model_weights(dir)?;
         Self::from_tensors(config, &tensors, device, optimizer)
             .map(|trainer| (trainer, eos))
-            .map_err(|e| format!("{}: {e}", path.display()))
+            .map_err(|e| format!("{}: {e}", dir.display()))
     }
 
     /// A model of `config`'s sizes holding `tensors` (by HF name).
@@ -280,11 +284,12 @@ impl Trainer {
     /// the tensors hold, which bounds what a wrong (or hostile) config can make it allocate by
     /// the size of the weights file.
     pub fn from_tensors(
-        config: GptConfig,
+        config: impl Into<ModelConfig>,
         tensors: &io::Tensors,
         device: DeviceKind,
         optimizer: AdamWConfig,
     ) -> Result<Self, String> {
+        let config = config.into();
         config.check()?;
         let held: usize = tensors.values().map(|(_, values)| values.len()).sum();
         match config.checked_weights() {
@@ -306,7 +311,7 @@ impl Trainer {
 /// What training and evaluation stages need from a model backend. [`Trainer`] implements it on
 /// dfdx; stages hold a `Trainer` or a `&mut dyn Backend` and never see dfdx types.
 pub trait Backend {
-    fn config(&mut self) -> GptConfig;
+    fn config(&mut self) -> ModelConfig;
     /// The model is on the CPU (its kernels run on rayon's pool).
     fn on_cpu(&self) -> bool;
     /// Trainable parameters.
@@ -330,8 +335,9 @@ pub trait Backend {
     /// What the linear layers' matrix multiplies compute in from now on; bf16 is CPU only.
     fn set_precision(&mut self, precision: Precision) -> Result<(), String>;
 
-    /// Freezes the model and adds LoRA adapters (they start as the identity update).
-    fn add_lora(&mut self, config: &LoraConfig, seed: u64);
+    /// Freezes the model and adds LoRA adapters (they start as the identity update); an error
+    /// for a target the architecture does not have.
+    fn add_lora(&mut self, config: &LoraConfig, seed: u64) -> Result<(), String>;
     /// Stores the frozen linear weights quantized; returns (bytes now, bytes in f32).
     fn quantize_frozen(&mut self, kind: QuantKind, block: usize) -> (usize, usize);
     /// Folds the adapters into the weights.
@@ -349,9 +355,10 @@ pub trait Backend {
         dropout_seed: u64,
     ) -> PreferenceStats;
 
-    /// Writes `config.json` and `model.safetensors` in HF GPT-2 layout.
+    /// Writes `config.json` and `model.safetensors` in HF layout (GPT-2 or the model's member
+    /// of the Llama family).
     fn save_hf(&mut self, dir: &Path, eos_id: u32) -> Result<(), String> {
-        let config = io::hf_config(&self.config(), eos_id);
+        let config = self.config().hf_config(eos_id);
         std::fs::write(
             dir.join("config.json"),
             serde_json::to_vec_pretty(&config).map_err(|e| e.to_string())?,
@@ -367,8 +374,8 @@ pub trait Backend {
 }
 
 impl Backend for Trainer {
-    fn config(&mut self) -> GptConfig {
-        on_device!(self, e => e.model.config.clone())
+    fn config(&mut self) -> ModelConfig {
+        on_device!(self, e => e.model.config())
     }
 
     fn on_cpu(&self) -> bool {
@@ -404,7 +411,7 @@ impl Backend for Trainer {
                          inputs and run on the f32 GEMM, slower than f32 itself"
                     );
                 }
-                e.model.precision = precision;
+                e.model.set_precision(precision);
             }
             #[cfg(feature = "cuda")]
             Session::Cuda(_) if precision == Precision::Bf16 => {
@@ -439,11 +446,12 @@ impl Backend for Trainer {
         on_device!(self, e => e.optimizer.restore(&mut e.model, t, &find))
     }
 
-    fn add_lora(&mut self, config: &LoraConfig, seed: u64) {
+    fn add_lora(&mut self, config: &LoraConfig, seed: u64) -> Result<(), String> {
         on_device!(self, e => {
             e.weights_changed();
-            e.model.add_lora(config, seed);
+            e.model.add_lora(config, seed)?;
             e.lora_dropout = config.dropout;
+            Ok(())
         })
     }
 
@@ -491,7 +499,7 @@ fn chosen_tokens(batch: &Batch) -> f32 {
 /// The device-generic part of [`Trainer`].
 struct Engine<D: Kernels> {
     device: D,
-    model: Gpt<D>,
+    model: Model<D>,
     optimizer: AdamW<D>,
     /// The step's gradients so far; between steps, empty entries for the parameters (see
     /// `step`).
@@ -503,9 +511,9 @@ struct Engine<D: Kernels> {
 }
 
 impl<D: Kernels> Engine<D> {
-    fn new(device: D, config: GptConfig, optimizer: AdamWConfig) -> Self {
+    fn new(device: D, config: ModelConfig, optimizer: AdamWConfig) -> Self {
         Engine {
-            model: Gpt::new(&device, config),
+            model: Model::new(&device, config),
             optimizer: AdamW::new(optimizer),
             gradients: Gradients::leaky(),
             accumulated: false,
@@ -533,7 +541,7 @@ impl<D: Kernels> Engine<D> {
     }
 
     fn dropout(&self, seed: u64) -> Dropout {
-        Dropout::seeded(self.model.config.dropout, self.lora_dropout, seed)
+        Dropout::seeded(self.model.config().dropout(), self.lora_dropout, seed)
     }
 
     fn accumulate(&mut self, batch: &Batch, weight: f32, dropout_seed: u64) -> f32 {
@@ -689,6 +697,8 @@ impl<D: Kernels> Engine<D> {
 }
 
 #[cfg(test)]
+mod llama_tests;
+#[cfg(test)]
 mod tests {
     use super::*;
 
@@ -705,7 +715,7 @@ mod tests {
         }
     }
 
-    fn adamw() -> AdamWConfig {
+    pub(super) fn adamw() -> AdamWConfig {
         AdamWConfig {
             betas: [0.9, 0.95],
             eps: 1e-8,
@@ -713,18 +723,18 @@ mod tests {
         }
     }
 
-    fn batch_ids() -> (Vec<u32>, Vec<u32>) {
+    pub(super) fn batch_ids() -> (Vec<u32>, Vec<u32>) {
         let inputs = vec![1, 4, 2, 9, 3, 7, 0, 5, 5, 10, 2, 8];
         let targets = vec![4, 2, 9, 3, 7, 1, 5, 5, 10, 2, 8, 6];
         (inputs, targets)
     }
 
-    type Pick = fn(&mut Gpt<Cpu>) -> &mut Tensor<(usize, usize), f32, Cpu>;
+    pub(super) type Pick = fn(&mut Model<Cpu>) -> &mut Tensor<(usize, usize), f32, Cpu>;
 
     /// Checks the step's gradient of each picked matrix against central finite differences of
     /// the loss, at its `top` largest elements (elsewhere f32 noise dominates), the largest
     /// being above `floor`.
-    fn check_against_finite_differences(
+    pub(super) fn check_against_finite_differences(
         engine: &mut Engine<Cpu>,
         batch: &Batch,
         matrices: &[(&str, Pick)],
@@ -766,7 +776,7 @@ mod tests {
     #[test]
     fn gradients_match_finite_differences() {
         for tied in [true, false] {
-            let mut engine = Engine::new(Cpu::seed_from_u64(3), tiny(tied), adamw());
+            let mut engine = Engine::new(Cpu::seed_from_u64(3), tiny(tied).into(), adamw());
             let (inputs, targets) = batch_ids();
             let batch = Batch {
                 inputs: &inputs,
@@ -777,10 +787,10 @@ mod tests {
             };
             engine.accumulate(&batch, 1.0, 0);
             let matrices: [(&str, Pick); 4] = [
-                ("wte", |m| &mut m.wte),
-                ("wpe", |m| &mut m.wpe),
-                ("h.0.attn.c_attn", |m| &mut m.h[0].attn.c_attn.weight),
-                ("h.1.mlp.c_proj", |m| &mut m.h[1].mlp.c_proj.weight),
+                ("wte", |m| &mut m.gpt().wte),
+                ("wpe", |m| &mut m.gpt().wpe),
+                ("h.0.attn.c_attn", |m| &mut m.gpt().h[0].attn.c_attn.weight),
+                ("h.1.mlp.c_proj", |m| &mut m.gpt().h[1].mlp.c_proj.weight),
             ];
             let case = format!("tied {tied}");
             check_against_finite_differences(&mut engine, &batch, &matrices, (4, 0.0), &case);
@@ -792,13 +802,13 @@ mod tests {
     #[test]
     fn adapter_gradients_match_finite_differences() {
         for quantize in [false, true] {
-            let mut engine = Engine::new(Cpu::seed_from_u64(3), tiny(true), adamw());
-            engine.model.add_lora(&lora(&ALL_TARGETS), 5);
+            let mut engine = Engine::new(Cpu::seed_from_u64(3), tiny(true).into(), adamw());
+            engine.model.add_lora(&lora(&ALL_TARGETS), 5).unwrap();
             if quantize {
                 engine.model.quantize_frozen(QuantKind::Int8, 16);
             }
             // B = 0 would make A's gradient zero: start from a trained-looking adapter.
-            for block in &mut engine.model.h {
+            for block in &mut engine.model.gpt().h {
                 let lora = block.attn.c_attn.lora.as_mut().unwrap();
                 let b: Vec<f32> = (0..lora.b.shape().num_elements())
                     .map(|i| ((i * 7 % 11) as f32 - 5.0) * 0.05)
@@ -816,13 +826,13 @@ mod tests {
             engine.accumulate(&batch, 1.0, 0);
             let matrices: [(&str, Pick); 3] = [
                 ("h.0.attn.c_attn.lora_A", |m| {
-                    &mut m.h[0].attn.c_attn.lora.as_mut().unwrap().a
+                    &mut m.gpt().h[0].attn.c_attn.lora.as_mut().unwrap().a
                 }),
                 ("h.0.mlp.c_fc.lora_B", |m| {
-                    &mut m.h[0].mlp.c_fc.lora.as_mut().unwrap().b
+                    &mut m.gpt().h[0].mlp.c_fc.lora.as_mut().unwrap().b
                 }),
                 ("h.1.attn.c_proj.lora_B", |m| {
-                    &mut m.h[1].attn.c_proj.lora.as_mut().unwrap().b
+                    &mut m.gpt().h[1].attn.c_proj.lora.as_mut().unwrap().b
                 }),
             ];
             let case = format!("quantized {quantize}");
@@ -987,7 +997,7 @@ mod tests {
     }
 
     /// A fixture's token ids (2 rows of 8, flattened) and the logits transformers computed.
-    fn fixture_logits(dir: &Path) -> (Vec<u32>, Vec<f32>) {
+    pub(super) fn fixture_logits(dir: &Path) -> (Vec<u32>, Vec<f32>) {
         let fixture: serde_json::Value =
             serde_json::from_slice(&std::fs::read(dir.join("logits.json")).unwrap()).unwrap();
         let numbers = |v: &serde_json::Value| -> Vec<f64> {
@@ -1013,7 +1023,7 @@ mod tests {
         (ids, logits)
     }
 
-    fn worst_difference(a: &[f32], b: &[f32]) -> f32 {
+    pub(super) fn worst_difference(a: &[f32], b: &[f32]) -> f32 {
         assert_eq!(a.len(), b.len());
         a.iter()
             .zip(b)
@@ -1049,7 +1059,7 @@ mod tests {
 
     /// Three steps on two rows of 8 ids, input `i` being `i · a mod 16` and its target
     /// `i · b mod 16`.
-    fn train_three_steps(model: &mut Trainer, (a, b): (usize, usize)) {
+    pub(super) fn train_three_steps(model: &mut Trainer, (a, b): (usize, usize)) {
         let inputs: Vec<u32> = (0..16).map(|i| (i * a % 16) as u32).collect();
         let targets: Vec<u32> = (0..16).map(|i| (i * b % 16) as u32).collect();
         let batch = Batch {
@@ -1162,7 +1172,7 @@ mod tests {
         );
     }
 
-    fn lora(targets: &[LoraTarget]) -> LoraConfig {
+    pub(super) fn lora(targets: &[LoraTarget]) -> LoraConfig {
         LoraConfig {
             r: 2,
             alpha: 4.0,
@@ -1178,7 +1188,7 @@ mod tests {
         LoraTarget::MlpCProj,
     ];
 
-    fn train_steps(model: &mut Trainer, steps: usize) {
+    pub(super) fn train_steps(model: &mut Trainer, steps: usize) {
         let (inputs, targets) = batch_ids();
         let batch = Batch {
             inputs: &inputs,
@@ -1198,7 +1208,7 @@ mod tests {
         let mut model = Trainer::new(tiny(false), DeviceKind::Cpu, 5, adamw()).unwrap();
         let ids = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8];
         let before = model.logits(&ids, 2, 6);
-        model.add_lora(&lora(&ALL_TARGETS), 1);
+        model.add_lora(&lora(&ALL_TARGETS), 1).unwrap();
         assert_eq!(model.logits(&ids, 2, 6), before, "B = 0: the same logits");
         // r·(in + out) per adapted layer: c_attn 2·(8+24), c_proj 2·(8+8), c_fc 2·(8+32),
         // mlp.c_proj 2·(32+8); two layers.
@@ -1209,7 +1219,7 @@ mod tests {
     fn only_adapters_train_and_merging_keeps_the_function() {
         let mut model = Trainer::new(tiny(true), DeviceKind::Cpu, 6, adamw()).unwrap();
         let base = model.weights();
-        model.add_lora(&lora(&[LoraTarget::AttnCAttn, LoraTarget::MlpCFc]), 2);
+        model.add_lora(&lora(&[LoraTarget::AttnCAttn, LoraTarget::MlpCFc]), 2).unwrap();
         let ids = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8];
         let untrained = model.logits(&ids, 2, 6);
         train_steps(&mut model, 20);
@@ -1236,7 +1246,7 @@ mod tests {
             let mut model = Trainer::new(tiny(true), DeviceKind::Cpu, 7, adamw()).unwrap();
             let ids = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8];
             let dense = model.logits(&ids, 2, 6);
-            model.add_lora(&lora(&ALL_TARGETS), 3);
+            model.add_lora(&lora(&ALL_TARGETS), 3).unwrap();
             let (bytes, f32_bytes) = model.quantize_frozen(kind, 16);
             assert!(
                 bytes * 3 < f32_bytes,
@@ -1365,7 +1375,7 @@ mod tests {
             dropout: 0.0,
             targets: ALL_TARGETS.to_vec(),
         };
-        model.add_lora(&config, 4);
+        model.add_lora(&config, 4).unwrap();
         train_three_steps(&mut model, (3, 11));
         (model, config)
     }

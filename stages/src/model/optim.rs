@@ -8,8 +8,7 @@
 use dfdx::prelude::*;
 use rayon::prelude::*;
 
-use super::gpt::Gpt;
-use super::layers::ParamVisitor;
+use super::layers::{ParamVisitor, Visit};
 use super::kernels::adamw::{self, AdamStep};
 #[cfg(feature = "cuda")]
 use super::kernels::cuda;
@@ -270,7 +269,7 @@ impl<D: Kernels> AdamW<D> {
     /// with learning rate `lr`. Returns the norm before clipping.
     pub fn step(
         &mut self,
-        model: &mut Gpt<D>,
+        model: &mut impl Visit<D>,
         grads: &mut Gradients<f32, D>,
         lr: f64,
         max_norm: Option<f32>,
@@ -324,7 +323,7 @@ impl<D: Kernels> AdamW<D> {
     }
 
     /// The moments of every trainable parameter, by name with `.m` / `.v` suffixes.
-    pub fn moments(&mut self, model: &mut Gpt<D>) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+    pub fn moments(&mut self, model: &mut impl Visit<D>) -> Vec<(String, Vec<usize>, Vec<f32>)> {
         struct Read<'a, D: Device<f32>>(&'a mut AdamW<D>, Vec<(String, Vec<usize>, Vec<f32>)>);
         impl<D: Buffers> ParamVisitor<D> for Read<'_, D> {
             fn visit<S: Shape>(&mut self, name: &str, p: &mut Tensor<S, f32, D>, trainable: bool) {
@@ -349,7 +348,7 @@ impl<D: Kernels> AdamW<D> {
     /// Restores moments saved by [`AdamW::moments`]; `find` looks one up by name.
     pub fn restore(
         &mut self,
-        model: &mut Gpt<D>,
+        model: &mut impl Visit<D>,
         t: i32,
         find: &dyn Fn(&str) -> Option<Vec<f32>>,
     ) -> Result<(), String> {
@@ -396,7 +395,7 @@ impl<D: Kernels> AdamW<D> {
 }
 
 /// The global L2 norm of the trainable parameters' gradients.
-pub fn grad_norm<D: Kernels>(model: &mut Gpt<D>, grads: &mut Gradients<f32, D>) -> f32 {
+pub fn grad_norm<D: Kernels>(model: &mut impl Visit<D>, grads: &mut Gradients<f32, D>) -> f32 {
     struct Norm<'a, D: Device<f32>>(&'a mut Gradients<f32, D>, f64);
     impl<D: Buffers> ParamVisitor<D> for Norm<'_, D> {
         fn visit<S: Shape>(&mut self, _: &str, p: &mut Tensor<S, f32, D>, trainable: bool) {
@@ -424,7 +423,7 @@ pub enum Join {
 
 /// Joins `from`, times `by`, to `into` for every trainable parameter.
 pub fn join<D: Kernels>(
-    model: &mut Gpt<D>,
+    model: &mut impl Visit<D>,
     into: &mut Gradients<f32, D>,
     from: &mut Gradients<f32, D>,
     by: f32,
@@ -466,7 +465,7 @@ pub fn join<D: Kernels>(
 /// Frees the trainable parameters' buffers in `grads`, keeping empty ones in their place (for
 /// the next step's [`Join::Take`], which then allocates nothing). False where the device keeps
 /// them (see [`Buffers::release`]).
-pub fn release<D: Kernels>(model: &mut Gpt<D>, grads: &mut Gradients<f32, D>) -> bool {
+pub fn release<D: Kernels>(model: &mut impl Visit<D>, grads: &mut Gradients<f32, D>) -> bool {
     struct Release<'a, D: Device<f32>>(&'a mut Gradients<f32, D>, bool);
     impl<D: Buffers> ParamVisitor<D> for Release<'_, D> {
         fn visit<S: Shape>(&mut self, _: &str, p: &mut Tensor<S, f32, D>, trainable: bool) {

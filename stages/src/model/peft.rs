@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use super::io::{self, Named};
-use super::LoraConfig;
+use super::{LoraConfig, LoraTarget};
 
 const PREFIX: &str = "base_model.model.";
 
@@ -40,6 +40,8 @@ pub fn write_adapter(
 ) -> Result<(), String> {
     std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let targets: Vec<&str> = config.targets.iter().map(|t| t.name()).collect();
+    // GPT-2's Conv1D holds its weights `(in, out)`; the Llama family's nn.Linear `(out, in)`.
+    let conv1d = config.targets.iter().any(|t| LoraTarget::GPT.contains(t));
     let json = serde_json::json!({
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -48,7 +50,7 @@ pub fn write_adapter(
         "lora_alpha": config.alpha,
         "lora_dropout": config.dropout,
         "target_modules": targets,
-        "fan_in_fan_out": true,
+        "fan_in_fan_out": conv1d,
         "bias": "none",
         "inference_mode": true,
         "init_lora_weights": true,

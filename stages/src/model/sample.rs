@@ -7,7 +7,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tokenizers::Tokenizer;
 
-use super::{AdamWConfig, Backend, DeviceKind, GptConfig, Trainer};
+use super::{AdamWConfig, Backend, DeviceKind, ModelConfig, Trainer};
 use crate::tokenize::Encoder;
 
 /// How to sample.
@@ -36,7 +36,7 @@ pub struct LoadedModel {
     model: Trainer,
     pub tokenizer: Tokenizer,
     encoder: Encoder,
-    pub config: GptConfig,
+    pub config: ModelConfig,
     pub eos: Option<u32>,
 }
 
@@ -52,12 +52,12 @@ impl LoadedModel {
         let tokenizer =
             Tokenizer::from_file(&path).map_err(|e| format!("{}: {e}", path.display()))?;
         let config = model.config();
-        if tokenizer.get_vocab_size(true) > config.vocab_size {
+        if tokenizer.get_vocab_size(true) > config.vocab_size() {
             return Err(format!(
                 "{}: the tokenizer has {} tokens, the model only {}",
                 dir.display(),
                 tokenizer.get_vocab_size(true),
-                config.vocab_size
+                config.vocab_size()
             ));
         }
         let encoder = Encoder::new(&tokenizer)?;
@@ -95,7 +95,7 @@ impl LoadedModel {
     /// Sum of `log p(continuation | context)` (the context is cut from the left to fit).
     pub fn continuation_log_prob(&mut self, context: &[u32], continuation: &[u32]) -> f64 {
         let ids: Vec<u32> = context.iter().chain(continuation).copied().collect();
-        let ids = &ids[ids.len().saturating_sub(self.config.seq_len + 1)..];
+        let ids = &ids[ids.len().saturating_sub(self.config.context() + 1)..];
         let scored = self.log_probs(ids);
         let n = continuation.len().min(scored.len());
         scored[scored.len() - n..]
@@ -111,9 +111,9 @@ impl LoadedModel {
         let mut rng = ChaCha8Rng::seed_from_u64(sampling.seed);
         let start = ids.len();
         for _ in 0..sampling.max_tokens {
-            let window = &ids[ids.len().saturating_sub(self.config.seq_len)..];
+            let window = &ids[ids.len().saturating_sub(self.config.context())..];
             let logits = self.model.logits(window, 1, window.len());
-            let last = &logits[(window.len() - 1) * self.config.vocab_size..];
+            let last = &logits[(window.len() - 1) * self.config.vocab_size()..];
             let next = pick(last, sampling, &mut rng);
             if Some(next) == self.eos || stop.contains(&next) {
                 break;
@@ -145,7 +145,7 @@ pub fn log_probs(model: &mut Trainer, ids: &[u32]) -> Vec<f32> {
     if ids.len() < 2 {
         return Vec::new();
     }
-    let vocab = model.config().vocab_size;
+    let vocab = model.config().vocab_size();
     let inputs = &ids[..ids.len() - 1];
     let logits = model.logits(inputs, 1, inputs.len());
     (0..inputs.len())

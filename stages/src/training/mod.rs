@@ -566,7 +566,7 @@ pub fn write_model_dir(
     let generation = serde_json::json!({
         "bos_token_id": eos_id,
         "eos_token_id": eos_id,
-        "max_length": model.config().seq_len,
+        "max_length": model.config().context(),
     });
     std::fs::write(
         out.join("generation_config.json"),
