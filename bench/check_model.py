@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Checks a smelt model directory (a pretrain stage's artifact) with transformers.
 
-Loads it with `GPT2LMHeadModel.from_pretrained` and `AutoTokenizer.from_pretrained`, then, for
+Loads it with `AutoModelForCausalLM.from_pretrained` and `AutoTokenizer.from_pretrained`, then, for
 each prompt, compares transformers' greedy continuation with `smelt generate --temperature 0`
 (token for token, so the logits' argmax agree at every step), and reports transformers' loss on
 the prompt next to the model's config.
@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, GPT2LMHeadModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 SMELT = str(Path(__file__).resolve().parent.parent / "target" / "release" / "smelt")
 
@@ -28,7 +28,7 @@ def main():
     parser.add_argument("--tokens", type=int, default=40, help="keep prompt + tokens within the context")
     parser.add_argument("--prompt", nargs="*", default=["ROMEO:", "First Citizen:\nWe are", "The king"])
     args = parser.parse_args()
-    model = GPT2LMHeadModel.from_pretrained(args.model).eval()
+    model = AutoModelForCausalLM.from_pretrained(args.model).eval()
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     report = {"parameters": sum(p.numel() for p in model.parameters()), "prompts": []}
     for prompt in args.prompt:

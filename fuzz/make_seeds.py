@@ -135,7 +135,7 @@ def safetensors(tensors: dict) -> bytes:
 
 def model_dirs() -> None:
     # config.json, a NUL byte, model.safetensors.
-    for fixture in ["gpt2-smelt-export", "gpt2-tiny-untied"]:
+    for fixture in ["gpt2-smelt-export", "gpt2-tiny-untied", "llama3-rope-bias", "mistral-window"]:
         folder = ROOT / "tests/fixtures" / fixture
         config = json.loads((folder / "config.json").read_text())
         compact = json.dumps(config, separators=(",", ":")).encode()
@@ -152,6 +152,10 @@ def model_dirs() -> None:
     huge = dict(config, n_embd=1 << 40, n_head=1 << 20, vocab_size=1 << 30)
     write("model_dir", "sizes-beyond-the-file", json.dumps(huge).encode() + b"\0" + odd)
     write("model_dir", "no-weights", json.dumps(config).encode())
+    llama = {"model_type": "llama", "vocab_size": 1 << 30, "hidden_size": 1 << 20, "intermediate_size": 1 << 20,
+             "num_hidden_layers": 1 << 10, "num_attention_heads": 1 << 10, "num_key_value_heads": 1 << 5,
+             "max_position_embeddings": 1 << 30, "rope_parameters": {"rope_type": "llama3", "rope_theta": 1e4}}
+    write("model_dir", "llama-beyond-the-file", json.dumps(llama).encode() + b"\0" + odd)
 
 
 def main() -> None:

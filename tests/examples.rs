@@ -305,6 +305,60 @@ fn shakespeare_char_resumes_after_a_kill_and_generates() {
     assert_eq!(sample, generate("1"), "the same seed, the same text");
 }
 
+/// The Llama example, shortened: a Llama pretrained, fine-tuned with QLoRA on every projection,
+/// aligned with LoRA DPO and evaluated; its model directories say what transformers loads them
+/// as, its adapters what peft needs.
+#[test]
+fn the_llama_example_writes_llama_checkpoints_and_peft_adapters() {
+    let (work, _) = example_copy("llama.yaml");
+    let sets = tiny("llama.yaml", Path::new(""));
+    let mut args: Vec<&str> = vec!["run", "llama.yaml"];
+    args.extend(sets.iter().map(String::as_str));
+    assert_has(&smelt(&args, work.path()).ok().stdout, "6 ran");
+    let artifact = |stage: &str| {
+        let mut args: Vec<&str> = vec!["show", "llama.yaml", stage, "--path"];
+        args.extend(sets.iter().map(String::as_str));
+        std::path::PathBuf::from(smelt(&args, work.path()).ok().stdout.trim())
+    };
+    let json = |path: std::path::PathBuf| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+    };
+    for stage in ["base", "sft", "aligned"] {
+        let config = json(artifact(stage).join("config.json"));
+        assert_eq!(config["architectures"][0], "LlamaForCausalLM", "{stage}");
+        assert_eq!(
+            (
+                config["num_attention_heads"].as_u64(),
+                config["num_key_value_heads"].as_u64()
+            ),
+            (Some(4), Some(2)),
+            "{stage}"
+        );
+    }
+    let adapter = json(artifact("sft").join("adapter/adapter_config.json"));
+    assert_eq!(
+        adapter["target_modules"],
+        serde_json::json!([
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj"
+        ])
+    );
+    assert_eq!(adapter["fan_in_fan_out"], false);
+    let dpo_adapter = json(artifact("aligned").join("adapter/adapter_config.json"));
+    assert_eq!(
+        dpo_adapter["target_modules"],
+        serde_json::json!(["q_proj", "k_proj", "v_proj", "o_proj"]),
+        "the Llama default targets"
+    );
+    let report = json(artifact("eval").join("metrics.json"));
+    assert_eq!(report["models"].as_array().unwrap().len(), 3);
+}
+
 /// The finetune-lora example, shortened: pretrain → LoRA SFT → LoRA DPO → evaluate, with a
 /// PEFT adapter and a merged model from each fine-tune; a change to DPO's beta reruns DPO and
 /// the evaluation only.
@@ -373,7 +427,7 @@ fn tiny(example: &str, text: &Path) -> Vec<String> {
             "vars.sft_steps=20",
             "vars.dpo_steps=10",
         ],
-        "finetune-lora.yaml" => &[
+        "finetune-lora.yaml" | "llama.yaml" => &[
             "vars.examples=300",
             "vars.pretrain_steps=40",
             "vars.sft_steps=20",

@@ -2,6 +2,8 @@
 
 mod common;
 
+use std::path::Path;
+
 use common::{assert_has, Project};
 use serde_json::Value;
 
@@ -760,7 +762,10 @@ fn an_eos_token_the_vocabulary_would_not_have() {
         "`eos_token` `<|endoftext|>` is not one of `train.special_tokens`, so the trained \
          vocabulary would not have it (stage `t`)"
     );
-    assert_eq!(help, "add it to `train.special_tokens`, or name one of those");
+    assert_eq!(
+        help,
+        "add it to `train.special_tokens`, or name one of those"
+    );
     // Named among them, it is fine; so is one character of a `char` vocabulary.
     let p = Project::new(&tokenize(
         "{ train: { model: bpe, special_tokens: [\"<s>\"] }, eos_token: \"<s>\" }",
@@ -797,7 +802,10 @@ fn a_tokenizer_file_is_checked_by_validate() {
         msg,
         "the tokenizer has no `</s>` token to end documents with (stage `t`)"
     );
-    assert_eq!(help, "set `eos_token` to one of its special tokens: `<unk>`");
+    assert_eq!(
+        help,
+        "set `eos_token` to one of its special tokens: `<unk>`"
+    );
     let run = p.smelt(&["run", "p.yaml"]);
     assert_eq!(run.code, 1);
     assert_has(&run.stderr, "nothing was run");
@@ -839,8 +847,18 @@ fn question_files_are_checked_by_validate() {
         .map(|p| (p.0, p.1, p.2, p.3))
         .collect();
     let expected = [
-        ("smelt::file-check", 12, 36, "mc.jsonl:3: `answer` must be the index of a choice (stage `e`)"),
-        ("smelt::file-check", 13, 25, "refs.jsonl:1: needs `prompt` and `reference` strings (stage `e`)"),
+        (
+            "smelt::file-check",
+            12,
+            36,
+            "mc.jsonl:3: `answer` must be the index of a choice (stage `e`)",
+        ),
+        (
+            "smelt::file-check",
+            13,
+            25,
+            "refs.jsonl:1: needs `prompt` and `reference` strings (stage `e`)",
+        ),
     ];
     let expected: Vec<_> = expected
         .iter()
@@ -848,7 +866,10 @@ fn question_files_are_checked_by_validate() {
         .collect();
     assert_eq!(found, expected);
     p.write("refs.jsonl", "\n");
-    p.write("mc.jsonl", "{\"question\": \"2+2\", \"choices\": [\"4\", \"5\"], \"answer\": 1}\n");
+    p.write(
+        "mc.jsonl",
+        "{\"question\": \"2+2\", \"choices\": [\"4\", \"5\"], \"answer\": 1}\n",
+    );
     let found = problems_of(&p);
     assert_eq!(found.len(), 1, "{found:#?}");
     assert_eq!(found[0].3, "refs.jsonl: no questions (stage `e`)");
@@ -874,8 +895,14 @@ fn vocabularies_below_the_corpus_alphabet_are_refused_before_they_train() {
         p.smelt(&["run", "p.yaml", "--until", "c"]).ok();
         let (code, line, col, msg, _) = problems_of_data(&p).remove(0);
         let col_of_size = 43 + model.len() as u64;
-        assert_eq!((code.as_str(), line, col), ("smelt::data-check", 11, col_of_size));
-        assert_has(&msg, "`train.vocab_size` 12 is below what the corpus needs: its ");
+        assert_eq!(
+            (code.as_str(), line, col),
+            ("smelt::data-check", 11, col_of_size)
+        );
+        assert_has(
+            &msg,
+            "`train.vocab_size` 12 is below what the corpus needs: its ",
+        );
         // The run refuses it before the stage starts, and the stage itself agrees.
         let run = p.smelt(&["run", "p.yaml"]);
         assert_eq!(run.code, 1, "{model}");
@@ -913,4 +940,66 @@ fn a_missing_split_points_at_the_input() {
     let (code, line, col, msg, _) = problems_of_data(&p).remove(0);
     assert_eq!((code.as_str(), line, col), ("smelt::data-check", 14, 23));
     assert_has(&msg, "the tokens input has no validation documents");
+}
+
+#[test]
+fn llama_params_are_checked_for_their_architecture() {
+    let found: Vec<_> = problems(&pretrain(
+        "{ architecture: llama, layers: 2, heads: 4, kv_heads: 3, d_model: 24, seq_len: 8, dropout: 0.1 }",
+        TRAIN,
+        "{}",
+    ))
+    .into_iter()
+    .map(|p| (p.1, p.2, p.3))
+    .collect();
+    let expected = [
+        (
+            11,
+            68,
+            "`kv_heads` (3) must divide `heads` (4): each serves as many query heads (stage `m`)",
+        ),
+        (
+            11,
+            105,
+            "the Llama architecture has no dropout: leave `dropout` out (stage `m`)",
+        ),
+    ];
+    let expected: Vec<_> = expected
+        .iter()
+        .map(|(l, c, m)| (*l, *c, m.to_string()))
+        .collect();
+    assert_eq!(found, expected);
+    let (code, line, col, msg, help) = one(&pretrain(
+        "{ layers: 2, heads: 4, kv_heads: 2, d_model: 24, seq_len: 8 }",
+        TRAIN,
+        "{}",
+    ));
+    assert_eq!((code.as_str(), line, col), ("smelt::invalid-param", 11, 47));
+    assert_eq!(
+        msg,
+        "`kv_heads` is a Llama param: a GPT-2 has none (stage `m`)"
+    );
+    assert_eq!(help, "add `architecture: llama`, or leave it out");
+}
+
+#[test]
+fn adapters_a_base_model_does_not_have_are_refused_by_validate() {
+    let p = Project::new(&format!(
+        "{HEAD}stages:\n  d:\n    uses: command\n    with: {{ run: x }}\n  sft:\n    uses: finetune\n    inputs: {{ data: d }}\n    with:\n      base: models/m\n      lora: {{ targets: [attn.c_attn] }}\n      train: {{ steps: 20, warmup: 2 }}\n"
+    ));
+    let config = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama-gqa-tied/config.json"),
+    )
+    .unwrap();
+    p.write("models/m/config.json", &config);
+    let (code, line, col, msg, _) = problems_of(&p).remove(0);
+    assert_eq!((code.as_str(), line, col), ("smelt::file-check", 12, 24));
+    assert_eq!(
+        msg,
+        "the base is a Llama-family model, which has no `attn.c_attn` layers to adapt: its \
+         targets are q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj (stage `sft`)"
+    );
+    // Its own projections are fine.
+    p.edit("targets: [attn.c_attn]", "targets: [q_proj, down_proj]");
+    p.smelt(&["validate", "p.yaml"]).ok();
 }

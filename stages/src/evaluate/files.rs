@@ -26,7 +26,11 @@ pub fn choice_questions(dir: &Path, file: &str) -> Result<Vec<ChoiceQuestion>, S
             .ok_or_else(|| format!("{at}: no `question` string"))?;
         let choices: Vec<String> = item["choices"]
             .as_array()
-            .map(|c| c.iter().filter_map(|x| x.as_str().map(String::from)).collect())
+            .map(|c| {
+                c.iter()
+                    .filter_map(|x| x.as_str().map(String::from))
+                    .collect()
+            })
             .unwrap_or_default();
         if choices.len() < 2 {
             return Err(format!("{at}: `choices` needs at least two strings"));

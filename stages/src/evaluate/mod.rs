@@ -634,7 +634,7 @@ impl Measure<'_> {
     }
 
     fn multiple_choice(&mut self, file: &str) -> Result<(), String> {
-        let questions = files::choice_questions(&self.pipeline_dir, file)?;
+        let questions = files::choice_questions(self.pipeline_dir, file)?;
         let (mut correct, mut correct_norm) = (0, 0);
         for item in &questions {
             let context = self.model.encode(&item.question)?;
@@ -674,7 +674,7 @@ impl Measure<'_> {
         max_tokens: usize,
     ) -> Result<(), String> {
         let pairs: Vec<(Vec<crate::records::Message>, String)> = match file {
-            Some(file) => files::references(&self.pipeline_dir, file)?
+            Some(file) => files::references(self.pipeline_dir, file)?
                 .into_iter()
                 .map(|item| {
                     let user = crate::records::Message {

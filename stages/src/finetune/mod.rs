@@ -160,7 +160,11 @@ impl AdaptParams {
     /// Why the base model (of `config`) cannot take the adapters asked for, if it cannot.
     fn target_problem(&self, config: &ModelConfig) -> Option<String> {
         let known = config.lora_targets();
-        let targets = self.lora.targets.as_ref().filter(|_| self.method != Method::Full)?;
+        let targets = self
+            .lora
+            .targets
+            .as_ref()
+            .filter(|_| self.method != Method::Full)?;
         let wrong = targets.iter().find(|t| !known.contains(t))?;
         let names: Vec<&str> = known.iter().map(|t| t.name()).collect();
         Some(format!(
@@ -372,12 +376,7 @@ fn write_outputs(
     if method.method != Method::Full {
         let base = method.base.clone().unwrap_or_else(|| "model".into());
         let lora = method.lora_config(&model.config());
-        peft::write_adapter(
-            &out.join("adapter"),
-            &lora,
-            &model.weights(),
-            &base,
-        )?;
+        peft::write_adapter(&out.join("adapter"), &lora, &model.weights(), &base)?;
         model.merge_lora();
     }
     training::write_model_dir(model, out, tokens_dir, meta.eos_id)?;
@@ -455,16 +454,10 @@ fn finetune(
     let mut model = load_base(&params.adapt, ctx, &mut metrics)?;
     let context = params.adapt.context(&model.config());
     let mut skipped = Skipped::default();
-    let mut train =
-        examples::conversations(tokens_dir, &meta, "train", context, &mut skipped)?;
-    let validation = examples::conversations(
-        tokens_dir,
-        &meta,
-        "validation",
-        context,
-        &mut skipped,
-    )
-    .map_err(|e| format!("{e}; fine-tuning evaluates on it"))?;
+    let mut train = examples::conversations(tokens_dir, &meta, "train", context, &mut skipped)?;
+    let validation =
+        examples::conversations(tokens_dir, &meta, "validation", context, &mut skipped)
+            .map_err(|e| format!("{e}; fine-tuning evaluates on it"))?;
     if train.is_empty() || validation.is_empty() {
         return Err(format!(
             "no conversation fits a context of {} tokens ({} had prompts that fill it)",

@@ -119,7 +119,8 @@ impl ModelConfig {
     /// (llama, mistral, qwen2), and its end-of-text id when it names one.
     pub fn read(dir: &Path) -> Result<(ModelConfig, Option<u32>), String> {
         let path = dir.join("config.json");
-        let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let text =
+            std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
         ModelConfig::parse(&text, &path)
     }
 

@@ -42,7 +42,10 @@ pub fn weights<D: Kernels, M: Visit<D>>(model: &mut M) -> Named {
 
 /// Loads `tensors` (by name, laid out as HF stores them) into `model`, checking every shape;
 /// names may lack the `transformer.` prefix (as in the original GPT-2 files).
-pub fn set_weights<D: Kernels, M: Visit<D>>(model: &mut M, tensors: &Tensors) -> Result<(), String> {
+pub fn set_weights<D: Kernels, M: Visit<D>>(
+    model: &mut M,
+    tensors: &Tensors,
+) -> Result<(), String> {
     struct Write<'a> {
         tensors: &'a Tensors,
         problems: Vec<String>,
@@ -146,7 +149,10 @@ pub fn read_model_weights(dir: &Path) -> Result<Tensors, String> {
     let mut tensors = Tensors::new();
     for shard in shards {
         if shard.contains('/') || shard.contains('\\') {
-            return Err(format!("{}: shard `{shard}` is not a file name", index.display()));
+            return Err(format!(
+                "{}: shard `{shard}` is not a file name",
+                index.display()
+            ));
         }
         tensors.extend(read_safetensors(&dir.join(shard))?);
     }
@@ -365,7 +371,11 @@ pub fn parse_llama_config(value: &serde_json::Value, path: &Path) -> Result<Llam
         .as_u64()
         .map(|w| w as usize)
         .filter(|_| !qwen2 || flag("use_sliding_window"));
-    let first_window_layer = if qwen2 { number("max_window_layers").unwrap_or(0) } else { 0 };
+    let first_window_layer = if qwen2 {
+        number("max_window_layers").unwrap_or(0)
+    } else {
+        0
+    };
     Ok(LlamaConfig {
         member,
         vocab_size: number("vocab_size")?,

@@ -178,7 +178,11 @@ impl<D: Kernels> RmsNorm<D> {
             .sqrt()
             .recip()
             .broadcast_like::<_, Axis<1>>(&shape);
-        x * inverse_rms * self.weight.retaped::<T>().broadcast_like::<_, Axis<0>>(&shape)
+        x * inverse_rms
+            * self
+                .weight
+                .retaped::<T>()
+                .broadcast_like::<_, Axis<0>>(&shape)
     }
 }
 
@@ -291,8 +295,12 @@ impl<D: Kernels> Attention<D> {
         let (n, _) = *x.shape();
         let seq = n / batch;
         let (heads, kv_heads, d) = (config.heads, config.kv_heads, config.head_dim);
-        let q = self.q_proj.forward(x.with_empty_tape(), Epilogue::Plain, dropout);
-        let k = self.k_proj.forward(x.with_empty_tape(), Epilogue::Plain, dropout);
+        let q = self
+            .q_proj
+            .forward(x.with_empty_tape(), Epilogue::Plain, dropout);
+        let k = self
+            .k_proj
+            .forward(x.with_empty_tape(), Epilogue::Plain, dropout);
         let v = self.v_proj.forward(x, Epilogue::Plain, dropout);
         let q = rope
             .apply(q.reshape_like(&(batch, seq, heads, d)))
@@ -319,7 +327,6 @@ impl<D: Kernels> Attention<D> {
             .reshape_like(&(n, heads * d));
         self.o_proj.forward(y, Epilogue::AddTo(residual), dropout)
     }
-
 }
 
 /// `(seq, seq)`: 0 where query i may see key j (j ≤ i, and i − j < window), −∞ elsewhere.
@@ -364,13 +371,14 @@ impl<D: Kernels> Mlp<D> {
         residual: A2<D, T>,
         dropout: &mut Dropout,
     ) -> A2<D, T> {
-        let gate = self.gate_proj.forward(x.with_empty_tape(), Epilogue::Plain, dropout);
+        let gate = self
+            .gate_proj
+            .forward(x.with_empty_tape(), Epilogue::Plain, dropout);
         let up = self.up_proj.forward(x, Epilogue::Plain, dropout);
         let silu = gate.with_empty_tape().sigmoid() * gate;
         self.down_proj
             .forward(silu * up, Epilogue::AddTo(residual), dropout)
     }
-
 }
 
 pub struct DecoderLayer<D: Device<f32>> {
@@ -400,7 +408,9 @@ impl<D: Kernels> DecoderLayer<D> {
         // Each branch starts from an empty tape and merges back into the trunk's at its add.
         let a = self.input_layernorm.forward(x.with_empty_tape(), eps);
         let x = self.self_attn.forward(a, x, context, dropout);
-        let m = self.post_attention_layernorm.forward(x.with_empty_tape(), eps);
+        let m = self
+            .post_attention_layernorm
+            .forward(x.with_empty_tape(), eps);
         self.mlp.forward(m, x, dropout)
     }
 
@@ -611,14 +621,24 @@ mod tests {
         let shape = (rows.len(), rows[0].as_array().unwrap().len());
         let ids = rows
             .iter()
-            .flat_map(|r| r.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as usize))
+            .flat_map(|r| {
+                r.as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_u64().unwrap() as usize)
+            })
             .collect();
         let logits = fixture["logits"]
             .as_array()
             .unwrap()
             .iter()
             .flat_map(|s| s.as_array().unwrap())
-            .flat_map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32))
+            .flat_map(|r| {
+                r.as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_f64().unwrap() as f32)
+            })
             .collect();
         (ids, logits, shape)
     }
@@ -627,7 +647,12 @@ mod tests {
     /// (tests/fixtures/make_llama_fixture.py).
     #[test]
     fn transformers_models_give_transformers_logits() {
-        for name in ["llama-gqa-tied", "llama3-rope-bias", "qwen2", "mistral-window"] {
+        for name in [
+            "llama-gqa-tied",
+            "llama3-rope-bias",
+            "qwen2",
+            "mistral-window",
+        ] {
             let dir = fixture(name);
             let model = load(&dir);
             let (ids, expected, shape) = reference(&dir);

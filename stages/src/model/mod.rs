@@ -14,11 +14,12 @@
 //! - `sample.rs`: generation.
 
 mod architecture;
+pub mod gguf;
 mod gpt;
 pub mod io;
+mod kernels;
 mod layers;
 mod llama;
-mod kernels;
 mod lora;
 mod optim;
 pub mod peft;
@@ -36,10 +37,10 @@ use serde::{Deserialize, Serialize};
 
 use architecture::Model;
 pub use architecture::ModelConfig;
-use layers::{mean_nll, Dropout};
-pub use llama::{LlamaConfig, Member};
 use kernels::Kernels;
 pub use kernels::{uses_amx, Precision};
+use layers::{mean_nll, Dropout};
+pub use llama::{LlamaConfig, Member};
 pub use lora::{LoraConfig, LoraTarget};
 use optim::AdamW;
 pub use optim::AdamWConfig;
@@ -263,13 +264,27 @@ impl Trainer {
         Ok(Trainer { session })
     }
 
-    /// A model read from an HF model directory: config.json (GPT-2 or the Llama family) and
-    /// model.safetensors, or the shards a model.safetensors.index.json lists.
+    /// A model read from an HF model directory — config.json (GPT-2 or the Llama family) and
+    /// model.safetensors, or the shards a model.safetensors.index.json lists — or from a GGUF
+    /// file (`*.gguf`).
     pub fn load(
         dir: &Path,
         device: DeviceKind,
         optimizer: AdamWConfig,
     ) -> Result<(Self, Option<u32>), String> {
+        if gguf::is_gguf(dir) {
+            let file = gguf::Gguf::read(dir)?;
+            let config = file
+                .llama_config()
+                .map_err(|e| format!("{}: {e}", dir.display()))?;
+            let tensors = file
+                .hf_tensors(&config)
+                .map_err(|e| format!("{}: {e}", dir.display()))?;
+            let eos = file.eos_id();
+            return Self::from_tensors(config, &tensors, device, optimizer)
+                .map(|trainer| (trainer, eos))
+                .map_err(|e| format!("{}: {e}", dir.display()));
+        }
         let (config, eos) = ModelConfig::read(dir)?;
         let tensors = io::read_model_weights(dir)?;
         Self::from_tensors(config, &tensors, device, optimizer)
@@ -1219,7 +1234,9 @@ mod tests {
     fn only_adapters_train_and_merging_keeps_the_function() {
         let mut model = Trainer::new(tiny(true), DeviceKind::Cpu, 6, adamw()).unwrap();
         let base = model.weights();
-        model.add_lora(&lora(&[LoraTarget::AttnCAttn, LoraTarget::MlpCFc]), 2).unwrap();
+        model
+            .add_lora(&lora(&[LoraTarget::AttnCAttn, LoraTarget::MlpCFc]), 2)
+            .unwrap();
         let ids = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8];
         let untrained = model.logits(&ids, 2, 6);
         train_steps(&mut model, 20);

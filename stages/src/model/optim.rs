@@ -8,11 +8,11 @@
 use dfdx::prelude::*;
 use rayon::prelude::*;
 
-use super::layers::{ParamVisitor, Visit};
 use super::kernels::adamw::{self, AdamStep};
 #[cfg(feature = "cuda")]
 use super::kernels::cuda;
 use super::kernels::{GradBuffer, Kernels};
+use super::layers::{ParamVisitor, Visit};
 
 /// In-place arithmetic on gradient buffers, which dfdx exposes only as the device's storage
 /// type: one impl per device.

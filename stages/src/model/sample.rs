@@ -33,7 +33,7 @@ impl Sampling {
 
 /// A model directory (config.json, model.safetensors, tokenizer.json), loaded.
 pub struct LoadedModel {
-    model: Trainer,
+    pub(super) model: Trainer,
     pub tokenizer: Tokenizer,
     encoder: Encoder,
     pub config: ModelConfig,
@@ -48,9 +48,14 @@ impl LoadedModel {
             weight_decay: 0.0,
         };
         let (mut model, eos) = Trainer::load(dir, DeviceKind::Cpu, optimizer)?;
-        let path = dir.join("tokenizer.json");
-        let tokenizer =
-            Tokenizer::from_file(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let tokenizer = if super::gguf::is_gguf(dir) {
+            let json = super::gguf::Gguf::read(dir)?.tokenizer_json()?;
+            Tokenizer::from_bytes(json.to_string().as_bytes())
+                .map_err(|e| format!("{}: its tokenizer: {e}", dir.display()))?
+        } else {
+            let path = dir.join("tokenizer.json");
+            Tokenizer::from_file(&path).map_err(|e| format!("{}: {e}", path.display()))?
+        };
         let config = model.config();
         if tokenizer.get_vocab_size(true) > config.vocab_size() {
             return Err(format!(

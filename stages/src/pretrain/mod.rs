@@ -1,5 +1,5 @@
-//! `pretrain`: trains a GPT-2 from scratch on a `tokenize` artifact and writes a Hugging Face
-//! model directory. The loop (schedules, checkpoints, exact resume) is `training`'s; this
+//! `pretrain`: trains a GPT-2 or a Llama from scratch on a `tokenize` artifact and writes a
+//! Hugging Face model directory. The loop (schedules, checkpoints, exact resume) is `training`'s; this
 //! module supplies next-token prediction on random windows of the token stream.
 
 mod data;
@@ -13,7 +13,9 @@ use smelt_engine::{
     InputDirs, Metrics, ParamProblem, Port, Ports, Stage, StageContext, StageError,
 };
 
-use crate::model::{heads_problem, Backend, Batch, DeviceKind, GptConfig, Trainer};
+use crate::model::{
+    heads_problem, Backend, Batch, DeviceKind, GptConfig, LlamaConfig, Member, ModelConfig, Trainer,
+};
 use crate::params::{Fraction, Positive};
 use crate::tokenize::Meta;
 use crate::training::{self, mix, EvalParams, Extras, Objective, Settings, TrainParams};
@@ -43,6 +45,20 @@ pub struct PretrainParams {
 #[derive(Debug, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ModelParams {
+    /// `gpt2`, or `llama`: RMSNorm, rotary positions, a SwiGLU MLP, grouped-query attention
+    /// and no biases, saved as a checkpoint transformers loads as `LlamaForCausalLM`.
+    #[serde(default, skip_serializing_if = "Architecture::is_gpt2")]
+    pub architecture: Architecture,
+    /// Llama: key/value heads; they divide `heads`. Default: `heads` (no grouping).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kv_heads: Option<NonZeroUsize>,
+    /// Llama: the SwiGLU MLP's width. Default: 8/3 of `d_model`, rounded up to a multiple of
+    /// 8 (Llama's rule).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub intermediate_size: Option<NonZeroUsize>,
+    /// Llama: the rotary base. Default 10000.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_theta: Option<Positive>,
     pub layers: NonZeroUsize,
     /// Attention heads; they divide `d_model`.
     pub heads: NonZeroUsize,
@@ -51,12 +67,27 @@ pub struct ModelParams {
     pub seq_len: NonZeroUsize,
     #[serde(default = "no_dropout")]
     pub dropout: Fraction<f32>,
-    /// Biases in linear layers and LayerNorms.
+    /// GPT-2: biases in linear layers and LayerNorms (a Llama has none).
     #[serde(default = "yes")]
     pub bias: bool,
     /// Share the token embedding with the output head.
     #[serde(default = "yes")]
     pub tied_head: bool,
+}
+
+/// The model's architecture.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Architecture {
+    #[default]
+    Gpt2,
+    Llama,
+}
+
+impl Architecture {
+    fn is_gpt2(&self) -> bool {
+        *self == Architecture::Gpt2
+    }
 }
 
 fn yes() -> bool {
@@ -68,8 +99,34 @@ fn no_dropout() -> Fraction<f32> {
 }
 
 impl PretrainParams {
-    fn config(&self, vocab_size: usize) -> GptConfig {
+    fn config(&self, vocab_size: usize) -> ModelConfig {
         let m = &self.model;
+        if m.architecture == Architecture::Llama {
+            let d = m.d_model.get();
+            return LlamaConfig {
+                member: Member::Llama,
+                vocab_size,
+                hidden_size: d,
+                intermediate_size: m
+                    .intermediate_size
+                    .map_or((8 * d).div_ceil(3).next_multiple_of(8), NonZeroUsize::get),
+                layers: m.layers.get(),
+                heads: m.heads.get(),
+                kv_heads: m.kv_heads.unwrap_or(m.heads).get(),
+                head_dim: d / m.heads.get(),
+                rms_norm_eps: 1e-5,
+                rope_theta: m.rope_theta.map_or(10000.0, |t| t.get()),
+                rope_scaling: None,
+                attention_bias: false,
+                output_bias: false,
+                mlp_bias: false,
+                tie_word_embeddings: m.tied_head,
+                max_position_embeddings: m.seq_len.get(),
+                sliding_window: None,
+                first_window_layer: 0,
+            }
+            .into();
+        }
         GptConfig {
             vocab_size,
             seq_len: m.seq_len.get(),
@@ -80,6 +137,52 @@ impl PretrainParams {
             bias: m.bias,
             tied_head: m.tied_head,
         }
+        .into()
+    }
+}
+
+impl ModelParams {
+    /// What the Llama-only params must satisfy, and that they are not given to a GPT-2.
+    fn architecture_problems(&self) -> Vec<ParamProblem> {
+        let llama_only = [
+            ("model.kv_heads", self.kv_heads.is_some()),
+            ("model.intermediate_size", self.intermediate_size.is_some()),
+            ("model.rope_theta", self.rope_theta.is_some()),
+        ];
+        if self.architecture == Architecture::Gpt2 {
+            return llama_only
+                .iter()
+                .filter(|(_, given)| *given)
+                .map(|(at, _)| {
+                    let name = at.trim_start_matches("model.");
+                    ParamProblem::new(at, format!("`{name}` is a Llama param: a GPT-2 has none"))
+                        .help("add `architecture: llama`, or leave it out")
+                })
+                .collect();
+        }
+        let mut problems = Vec::new();
+        let (heads, d) = (self.heads.get(), self.d_model.get());
+        if let Some(kv) = self.kv_heads.filter(|kv| !heads.is_multiple_of(kv.get())) {
+            let message = format!(
+                "`kv_heads` ({kv}) must divide `heads` ({heads}): each serves as many query heads"
+            );
+            problems.push(ParamProblem::new("model.kv_heads", message).or_at("model.heads"));
+        }
+        if heads > 0 && d.is_multiple_of(heads) && !(d / heads).is_multiple_of(2) {
+            let message = format!(
+                "a head's width, `d_model` / `heads` = {}, must be even: rotary positions turn \
+                 its dimensions in pairs",
+                d / heads
+            );
+            problems.push(ParamProblem::new("model.d_model", message).or_at("model.heads"));
+        }
+        if self.dropout.get() > 0.0 {
+            problems.push(ParamProblem::new(
+                "model.dropout",
+                "the Llama architecture has no dropout: leave `dropout` out",
+            ));
+        }
+        problems
     }
 }
 
@@ -89,7 +192,7 @@ impl Stage for Pretrain {
     // 2: no timings in metrics.jsonl (they are in the run record).
     const VERSION: u32 = 2;
     const SUMMARY: &'static str =
-        "Train a GPT-2 from scratch; outputs a Hugging Face model directory";
+        "Train a GPT-2 or a Llama from scratch; outputs a Hugging Face model directory";
 
     fn ports(&self) -> Ports {
         Ports::Declared(vec![Port {
@@ -106,6 +209,7 @@ impl Stage for Pretrain {
         if let Some(message) = heads_problem(m.d_model.get(), m.heads.get()) {
             problems.push(ParamProblem::new("model.d_model", message).or_at("model.heads"));
         }
+        problems.extend(m.architecture_problems());
         problems
     }
 
@@ -145,7 +249,7 @@ fn train(
     let tokens_dir = ctx.input("tokens").ok_or("no `tokens` input")?;
     let meta = Meta::read(tokens_dir)?;
     let config = params.config(meta.vocab_size);
-    let seq = config.seq_len;
+    let seq = params.model.seq_len.get();
     let train = Tokens::read(tokens_dir, &meta, "train")?;
     let validation = Tokens::read(tokens_dir, &meta, "validation")?;
     let mut model = Trainer::new(config.clone(), params.device, t.seed, t.optimizer())?;
@@ -163,7 +267,7 @@ fn train(
     let settings = Settings {
         train: t,
         eval: &params.eval,
-        flops_per_token: config.flops_per_token(parameters),
+        flops_per_token: config.flops_per_token(parameters, seq),
         peak_flops: params.peak_flops.get(),
     };
     let outcome = training::run(&mut model, &mut objective, &settings, ctx, stop_after)?;

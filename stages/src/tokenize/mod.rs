@@ -240,7 +240,9 @@ impl Stage for Tokenize {
             .map_err(|e| format!("{from}: {e}"))
             .and_then(|json| load_tokenizer(json, Path::new(from)));
         match loaded {
-            Ok((tokenizer, _)) => eos_problem(params, &tokenizer, "from").into_iter().collect(),
+            Ok((tokenizer, _)) => eos_problem(params, &tokenizer, "from")
+                .into_iter()
+                .collect(),
             Err(e) => vec![ParamProblem::new("from", e)],
         }
     }
@@ -296,7 +298,9 @@ impl Stage for Tokenize {
         if let Some(problem) = eos_problem(params, &tokenizer, "eos_token") {
             return Err(problem.to_string().into());
         }
-        let eos_id = tokenizer.token_to_id(&params.eos_token).ok_or("no eos token")?;
+        let eos_id = tokenizer
+            .token_to_id(&params.eos_token)
+            .ok_or("no eos token")?;
         let vocab_size = vocab_size(&tokenizer);
         let unknown = unknown_id(&json);
         let mut encoding = Encoding {
@@ -392,7 +396,11 @@ fn tokenizer(
 
 /// Why `tokenizer` cannot end documents with the `eos_token`: it has no such token. `or_at`:
 /// the param pointed at when `eos_token` is not written.
-fn eos_problem(params: &TokenizeParams, tokenizer: &Tokenizer, or_at: &str) -> Option<ParamProblem> {
+fn eos_problem(
+    params: &TokenizeParams,
+    tokenizer: &Tokenizer,
+    or_at: &str,
+) -> Option<ParamProblem> {
     if tokenizer.token_to_id(&params.eos_token).is_some() {
         return None;
     }
@@ -403,13 +411,27 @@ fn eos_problem(params: &TokenizeParams, tokenizer: &Tokenizer, or_at: &str) -> O
         .map(|(id, token)| (id, token.content))
         .collect();
     specials.sort();
-    let names: Vec<String> = specials.iter().take(8).map(|(_, t)| format!("`{t}`")).collect();
+    let names: Vec<String> = specials
+        .iter()
+        .take(8)
+        .map(|(_, t)| format!("`{t}`"))
+        .collect();
     let help = match names.is_empty() {
         true => "set `eos_token` to a token it has".to_string(),
-        false => format!("set `eos_token` to one of its special tokens: {}", names.join(", ")),
+        false => format!(
+            "set `eos_token` to one of its special tokens: {}",
+            names.join(", ")
+        ),
     };
-    let message = format!("the tokenizer has no `{}` token to end documents with", params.eos_token);
-    Some(ParamProblem::new("eos_token", message).or_at(or_at).help(help))
+    let message = format!(
+        "the tokenizer has no `{}` token to end documents with",
+        params.eos_token
+    );
+    Some(
+        ParamProblem::new("eos_token", message)
+            .or_at(or_at)
+            .help(help),
+    )
 }
 
 /// A user's tokenizer.json (read from `path`) as `tokenizers` loads it.

@@ -1,0 +1,576 @@
+//! GGUF, llama.cpp's model file (ggml's docs/gguf.md): a header, metadata as typed key/value
+//! pairs, tensor descriptions, then the aligned tensor data. A Llama-family GGUF becomes what an
+//! HF directory gives: a config, tensors by HF name laid out as HF stores them (dequantized to
+//! f32, q/k rows put back in HF's rotary order), and a tokenizer.json.
+//!
+//! Readable tensor types: F32, F16, BF16, and the 32-value blocks Q8_0, Q4_0 and Q4_1 (an f16
+//! scale, for Q4_1 also an f16 minimum, then the quants: byte j's low nibble is value j, its high
+//! nibble value j + 16).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use super::io::Tensors;
+use super::llama::{LlamaConfig, Member};
+
+/// Whether `path` names a GGUF file (rather than an HF directory).
+pub fn is_gguf(path: &Path) -> bool {
+    path.extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+        && path.is_file()
+}
+
+/// A metadata value.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Value {
+    Int(i64),
+    /// u64 values above i64's range.
+    Big(u64),
+    Float(f64),
+    Bool(bool),
+    Str(String),
+    Array(Vec<Value>),
+}
+
+impl Value {
+    fn as_u64(&self) -> Option<u64> {
+        match *self {
+            Value::Int(i) => u64::try_from(i).ok(),
+            Value::Big(u) => Some(u),
+            _ => None,
+        }
+    }
+
+    fn as_f64(&self) -> Option<f64> {
+        match *self {
+            Value::Float(f) => Some(f),
+            Value::Int(i) => Some(i as f64),
+            _ => None,
+        }
+    }
+
+    fn as_str(&self) -> Option<&str> {
+        match self {
+            Value::Str(s) => Some(s),
+            _ => None,
+        }
+    }
+}
+
+/// One tensor's description: its name, its shape as HF writes it (outermost first: ggml's
+/// dimensions reversed), its ggml type, and where its bytes start in the data section.
+#[derive(Clone, Debug)]
+pub struct TensorInfo {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub kind: u32,
+    offset: usize,
+}
+
+/// A GGUF file read into memory.
+pub struct Gguf {
+    pub version: u32,
+    pub metadata: BTreeMap<String, Value>,
+    pub tensors: Vec<TensorInfo>,
+    bytes: Vec<u8>,
+    data_start: usize,
+}
+
+/// The ggml type ids this reader dequantizes, and their names.
+const F32: u32 = 0;
+const F16: u32 = 1;
+const Q4_0: u32 = 2;
+const Q4_1: u32 = 3;
+const Q8_0: u32 = 8;
+const BF16: u32 = 30;
+
+/// A ggml type's name, for messages.
+pub fn type_name(kind: u32) -> String {
+    match kind {
+        F32 => "F32".into(),
+        F16 => "F16".into(),
+        Q4_0 => "Q4_0".into(),
+        Q4_1 => "Q4_1".into(),
+        6 => "Q5_0".into(),
+        7 => "Q5_1".into(),
+        Q8_0 => "Q8_0".into(),
+        10..=15 => format!("Q{}_K", kind - 8),
+        BF16 => "BF16".into(),
+        other => format!("ggml type {other}"),
+    }
+}
+
+/// Bytes of `values` values of type `kind`, if this reader knows the type.
+fn data_size(kind: u32, values: usize) -> Option<usize> {
+    let blocks = || values.is_multiple_of(32).then_some(values / 32);
+    match kind {
+        F32 => values.checked_mul(4),
+        F16 | BF16 => values.checked_mul(2),
+        Q8_0 => blocks()?.checked_mul(34),
+        Q4_0 => blocks()?.checked_mul(18),
+        Q4_1 => blocks()?.checked_mul(20),
+        _ => None,
+    }
+}
+
+/// Reads the little-endian fields of a GGUF file, refusing to read past its end.
+struct Cursor<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl Cursor<'_> {
+    fn take(&mut self, n: usize) -> Result<&[u8], String> {
+        let end = self
+            .at
+            .checked_add(n)
+            .filter(|&end| end <= self.bytes.len());
+        let end = end.ok_or_else(|| format!("the file ends inside a field at byte {}", self.at))?;
+        let taken = &self.bytes[self.at..end];
+        self.at = end;
+        Ok(taken)
+    }
+
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], String> {
+        Ok(self.take(N)?.try_into().expect("N bytes"))
+    }
+
+    fn u32(&mut self) -> Result<u32, String> {
+        Ok(u32::from_le_bytes(self.array()?))
+    }
+
+    fn u64(&mut self) -> Result<u64, String> {
+        Ok(u64::from_le_bytes(self.array()?))
+    }
+
+    /// A count of things each at least `least` bytes long, checked against what is left.
+    fn count(&mut self, least: usize) -> Result<usize, String> {
+        let n = self.u64()?;
+        let left = (self.bytes.len() - self.at) / least.max(1);
+        usize::try_from(n)
+            .ok()
+            .filter(|&n| n <= left)
+            .ok_or_else(|| {
+                format!(
+                    "a count of {n} at byte {} is more than the file holds",
+                    self.at
+                )
+            })
+    }
+
+    fn string(&mut self) -> Result<String, String> {
+        let len = self.count(1)?;
+        let at = self.at;
+        String::from_utf8(self.take(len)?.to_vec())
+            .map_err(|_| format!("the string at byte {at} is not UTF-8"))
+    }
+
+    fn value(&mut self, kind: u32, depth: usize) -> Result<Value, String> {
+        Ok(match kind {
+            0 => Value::Int(self.array::<1>()?[0] as i64),
+            1 => Value::Int(i8::from_le_bytes(self.array()?) as i64),
+            2 => Value::Int(u16::from_le_bytes(self.array()?) as i64),
+            3 => Value::Int(i16::from_le_bytes(self.array()?) as i64),
+            4 => Value::Int(self.u32()? as i64),
+            5 => Value::Int(i32::from_le_bytes(self.array()?) as i64),
+            6 => Value::Float(f32::from_le_bytes(self.array()?) as f64),
+            7 => Value::Bool(self.array::<1>()?[0] != 0),
+            8 => Value::Str(self.string()?),
+            9 if depth < 4 => {
+                let item = self.u32()?;
+                let n = self.count(1)?;
+                let items = (0..n).map(|_| self.value(item, depth + 1));
+                Value::Array(items.collect::<Result<_, _>>()?)
+            }
+            10 => {
+                let u = self.u64()?;
+                i64::try_from(u).map_or(Value::Big(u), Value::Int)
+            }
+            11 => Value::Int(i64::from_le_bytes(self.array()?)),
+            12 => Value::Float(f64::from_le_bytes(self.array()?)),
+            other => return Err(format!("unknown metadata type {other} at byte {}", self.at)),
+        })
+    }
+}
+
+impl Gguf {
+    pub fn read(path: &Path) -> Result<Gguf, String> {
+        let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        Gguf::parse(bytes).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    pub fn parse(bytes: Vec<u8>) -> Result<Gguf, String> {
+        let mut cursor = Cursor {
+            bytes: &bytes,
+            at: 0,
+        };
+        if cursor.take(4).ok() != Some(b"GGUF") {
+            return Err("not a GGUF file (no `GGUF` magic)".into());
+        }
+        let version = cursor.u32()?;
+        if !(2..=3).contains(&version) {
+            return Err(format!("GGUF version {version}: versions 2 and 3 are read"));
+        }
+        let tensor_count = cursor.count(24)?;
+        let kv_count = cursor.count(12)?;
+        let mut metadata = BTreeMap::new();
+        for _ in 0..kv_count {
+            let key = cursor.string()?;
+            let kind = cursor.u32()?;
+            metadata.insert(key, cursor.value(kind, 0)?);
+        }
+        let mut tensors = Vec::with_capacity(tensor_count);
+        for _ in 0..tensor_count {
+            let name = cursor.string()?;
+            let dims = cursor.u32()? as usize;
+            if dims > 4 {
+                return Err(format!("tensor `{name}` has {dims} dimensions (at most 4)"));
+            }
+            let mut shape = (0..dims)
+                .map(|_| {
+                    cursor
+                        .u64()
+                        .map(|d| usize::try_from(d).unwrap_or(usize::MAX))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            shape.reverse();
+            let kind = cursor.u32()?;
+            let offset = usize::try_from(cursor.u64()?).unwrap_or(usize::MAX);
+            tensors.push(TensorInfo {
+                name,
+                shape,
+                kind,
+                offset,
+            });
+        }
+        let alignment = match metadata.get("general.alignment") {
+            None => 32,
+            Some(v) => v
+                .as_u64()
+                .and_then(|a| usize::try_from(a).ok())
+                .filter(|a| a.is_power_of_two())
+                .ok_or("`general.alignment` is not a power of two")?,
+        };
+        let data_start = cursor.at.next_multiple_of(alignment);
+        Ok(Gguf {
+            version,
+            metadata,
+            tensors,
+            bytes,
+            data_start,
+        })
+    }
+
+    fn number(&self, key: &str) -> Result<usize, String> {
+        self.metadata
+            .get(key)
+            .and_then(Value::as_u64)
+            .and_then(|n| usize::try_from(n).ok())
+            .ok_or_else(|| format!("no whole number `{key}` in the metadata"))
+    }
+
+    fn text(&self, key: &str) -> Option<&str> {
+        self.metadata.get(key).and_then(Value::as_str)
+    }
+
+    /// The values of a tensor as f32, in its HF layout (row-major, outermost dimension first).
+    pub fn dequantize(&self, tensor: &TensorInfo) -> Result<Vec<f32>, String> {
+        let values = tensor
+            .shape
+            .iter()
+            .try_fold(1usize, |n, &d| n.checked_mul(d))
+            .ok_or_else(|| format!("tensor `{}` is too large", tensor.name))?;
+        let unsupported = || {
+            format!(
+                "tensor `{}` is {}: this reader dequantizes F32, F16, BF16, Q8_0, Q4_0 and Q4_1",
+                tensor.name,
+                type_name(tensor.kind)
+            )
+        };
+        let size = data_size(tensor.kind, values).ok_or_else(unsupported)?;
+        let start = self.data_start.checked_add(tensor.offset);
+        let bytes = start
+            .and_then(|s| self.bytes.get(s..s.checked_add(size)?))
+            .ok_or_else(|| format!("tensor `{}` lies beyond the end of the file", tensor.name))?;
+        let half = |b: &[u8]| half::f16::from_le_bytes([b[0], b[1]]).to_f32();
+        Ok(match tensor.kind {
+            F32 => bytes
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
+            F16 => bytes.chunks_exact(2).map(half).collect(),
+            BF16 => bytes
+                .chunks_exact(2)
+                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            Q8_0 => bytes
+                .chunks_exact(34)
+                .flat_map(|block| {
+                    let d = half(block);
+                    block[2..].iter().map(move |&q| q as i8 as f32 * d)
+                })
+                .collect(),
+            Q4_0 | Q4_1 => {
+                let (scales, offset_of) = if tensor.kind == Q4_0 {
+                    (2, None)
+                } else {
+                    (4, Some(2))
+                };
+                let block_size = scales + 16;
+                let mut out = Vec::with_capacity(values);
+                for block in bytes.chunks_exact(block_size) {
+                    let d = half(block);
+                    let (m, zero) = match offset_of {
+                        Some(at) => (half(&block[at..]), 0.0),
+                        None => (0.0, 8.0),
+                    };
+                    let quants = &block[scales..];
+                    let value = |q: u8| (q as f32 - zero) * d + m;
+                    out.extend(quants.iter().map(|&q| value(q & 0x0F)));
+                    out.extend(quants.iter().map(|&q| value(q >> 4)));
+                }
+                out
+            }
+            _ => return Err(unsupported()),
+        })
+    }
+
+    /// The model's config, from the `<arch>.*` metadata (architectures `llama` and `qwen2`).
+    pub fn llama_config(&self) -> Result<LlamaConfig, String> {
+        let arch = self.text("general.architecture").unwrap_or("(none)");
+        let member = match arch {
+            "llama" => Member::Llama,
+            "qwen2" => Member::Qwen2,
+            other => {
+                return Err(format!(
+                    "`general.architecture` is `{other}`: GGUF files of `llama` and `qwen2` load"
+                ))
+            }
+        };
+        let key = |name: &str| format!("{arch}.{name}");
+        let heads = self.number(&key("attention.head_count"))?;
+        let hidden_size = self.number(&key("embedding_length"))?;
+        let embedding = self.tensor("token_embd.weight")?;
+        let vocab_size = match self.number(&key("vocab_size")) {
+            Ok(n) => n,
+            Err(_) => embedding.shape.first().copied().unwrap_or(0),
+        };
+        let float = |name: &str, default: f64| {
+            self.metadata
+                .get(&key(name))
+                .and_then(Value::as_f64)
+                .unwrap_or(default)
+        };
+        let head_dim = match self.number(&key("rope.dimension_count")) {
+            Ok(d) => d,
+            Err(_) => hidden_size / heads.max(1),
+        };
+        Ok(LlamaConfig {
+            member,
+            vocab_size,
+            hidden_size,
+            intermediate_size: self.number(&key("feed_forward_length"))?,
+            layers: self.number(&key("block_count"))?,
+            heads,
+            kv_heads: self
+                .number(&key("attention.head_count_kv"))
+                .unwrap_or(heads),
+            head_dim,
+            rms_norm_eps: float("attention.layer_norm_rms_epsilon", 1e-5) as f32,
+            rope_theta: float("rope.freq_base", 10000.0),
+            rope_scaling: None,
+            attention_bias: self.has("blk.0.attn_q.bias"),
+            output_bias: self.has("blk.0.attn_output.bias"),
+            mlp_bias: self.has("blk.0.ffn_up.bias"),
+            tie_word_embeddings: !self.has("output.weight"),
+            max_position_embeddings: self.number(&key("context_length"))?,
+            sliding_window: None,
+            first_window_layer: 0,
+        })
+    }
+
+    fn has(&self, name: &str) -> bool {
+        self.tensors.iter().any(|t| t.name == name)
+    }
+
+    fn tensor(&self, name: &str) -> Result<&TensorInfo, String> {
+        self.tensors
+            .iter()
+            .find(|t| t.name == name)
+            .ok_or_else(|| format!("no tensor `{name}`"))
+    }
+
+    /// Every tensor by its HF name, dequantized, in HF's layout: llama.cpp's `llama`
+    /// architecture runs rotary positions on adjacent pairs, so its converter permuted the q
+    /// and k rows of each head; they are put back in HF's order (`rotate_half` pairs j with
+    /// j + head_dim/2). Without that, the model runs and answers nonsense.
+    pub fn hf_tensors(&self, config: &LlamaConfig) -> Result<Tensors, String> {
+        let mut tensors = Tensors::new();
+        for tensor in &self.tensors {
+            let name = hf_name(&tensor.name)
+                .ok_or_else(|| format!("tensor `{}` has no HF counterpart", tensor.name))?;
+            let mut values = self.dequantize(tensor)?;
+            let heads = match tensor.name.rsplit('.').nth(1) {
+                Some("attn_q") => Some(config.heads),
+                Some("attn_k") => Some(config.kv_heads),
+                _ => None,
+            };
+            if let Some(heads) = heads.filter(|_| config.member == Member::Llama) {
+                values = unpermute_rows(&values, &tensor.shape, heads).ok_or_else(|| {
+                    format!("tensor `{}` does not split into {heads} heads", tensor.name)
+                })?;
+            }
+            tensors.insert(name, (tensor.shape.clone(), values));
+        }
+        Ok(tensors)
+    }
+
+    /// The tokenizer as a tokenizer.json `tokenizers` loads: byte-level BPE from
+    /// `tokenizer.ggml.tokens` and `.merges`, control tokens as special added tokens, and the
+    /// pre-tokenizer llama.cpp names in `tokenizer.ggml.pre`.
+    pub fn tokenizer_json(&self) -> Result<serde_json::Value, String> {
+        let model = self.text("tokenizer.ggml.model").unwrap_or("(none)");
+        if model != "gpt2" {
+            return Err(format!(
+                "`tokenizer.ggml.model` is `{model}`: byte-level BPE (`gpt2`) tokenizers load"
+            ));
+        }
+        let strings = |key: &str| -> Result<Vec<&str>, String> {
+            match self.metadata.get(key) {
+                Some(Value::Array(items)) => items
+                    .iter()
+                    .map(|v| {
+                        v.as_str()
+                            .ok_or_else(|| format!("`{key}` holds a non-string"))
+                    })
+                    .collect(),
+                _ => Err(format!("no `{key}` list in the metadata")),
+            }
+        };
+        let tokens = strings("tokenizer.ggml.tokens")?;
+        let merges = strings("tokenizer.ggml.merges")?;
+        let types: Vec<i64> = match self.metadata.get("tokenizer.ggml.token_type") {
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(|v| match v {
+                    Value::Int(i) => *i,
+                    _ => 1,
+                })
+                .collect(),
+            _ => Vec::new(),
+        };
+        let digits = match self.text("tokenizer.ggml.pre").unwrap_or("default") {
+            "smollm" => true,
+            "default" | "gpt2" => false,
+            other => {
+                return Err(format!(
+                    "the `{other}` pre-tokenizer (`tokenizer.ggml.pre`) is not supported: \
+                     `smollm`, `gpt2` and `default` are"
+                ))
+            }
+        };
+        let vocab: serde_json::Map<String, serde_json::Value> = tokens
+            .iter()
+            .enumerate()
+            .map(|(id, token)| (token.to_string(), id.into()))
+            .collect();
+        // Token type 3 is a control token: added, special, never split.
+        let added: Vec<serde_json::Value> = types
+            .iter()
+            .enumerate()
+            .filter(|&(_, &kind)| kind == 3)
+            .filter_map(|(id, _)| Some((id, *tokens.get(id)?)))
+            .map(|(id, content)| {
+                serde_json::json!({ "id": id, "content": content, "single_word": false,
+                    "lstrip": false, "rstrip": false, "normalized": false, "special": true })
+            })
+            .collect();
+        let byte_level = serde_json::json!({ "type": "ByteLevel", "add_prefix_space": false,
+            "trim_offsets": true, "use_regex": true });
+        let pre_tokenizer = match digits {
+            true => serde_json::json!({ "type": "Sequence", "pretokenizers": [
+                { "type": "Digits", "individual_digits": true }, byte_level ] }),
+            false => byte_level.clone(),
+        };
+        Ok(serde_json::json!({
+            "version": "1.0",
+            "truncation": null,
+            "padding": null,
+            "added_tokens": added,
+            "normalizer": null,
+            "pre_tokenizer": pre_tokenizer,
+            "post_processor": byte_level,
+            "decoder": byte_level,
+            "model": {
+                "type": "BPE", "dropout": null, "unk_token": null,
+                "continuing_subword_prefix": null, "end_of_word_suffix": null,
+                "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+                "vocab": vocab, "merges": merges,
+            },
+        }))
+    }
+
+    /// `tokenizer.chat_template`, when the file carries one.
+    pub fn chat_template(&self) -> Option<&str> {
+        self.text("tokenizer.chat_template")
+    }
+
+    /// `tokenizer.ggml.eos_token_id`.
+    pub fn eos_id(&self) -> Option<u32> {
+        self.number("tokenizer.ggml.eos_token_id")
+            .ok()
+            .and_then(|id| u32::try_from(id).ok())
+    }
+}
+
+/// The HF name of a llama.cpp tensor name.
+fn hf_name(gguf: &str) -> Option<String> {
+    let fixed = match gguf {
+        "token_embd.weight" => Some("model.embed_tokens.weight"),
+        "output_norm.weight" => Some("model.norm.weight"),
+        "output.weight" => Some("lm_head.weight"),
+        _ => None,
+    };
+    if let Some(name) = fixed {
+        return Some(name.to_string());
+    }
+    let rest = gguf.strip_prefix("blk.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let (module, kind) = rest.rsplit_once('.')?;
+    let module = match module {
+        "attn_norm" => "input_layernorm",
+        "ffn_norm" => "post_attention_layernorm",
+        "attn_q" => "self_attn.q_proj",
+        "attn_k" => "self_attn.k_proj",
+        "attn_v" => "self_attn.v_proj",
+        "attn_output" => "self_attn.o_proj",
+        "ffn_gate" => "mlp.gate_proj",
+        "ffn_up" => "mlp.up_proj",
+        "ffn_down" => "mlp.down_proj",
+        _ => return None,
+    };
+    Some(format!("model.layers.{layer}.{module}.{kind}"))
+}
+
+/// llama.cpp's q/k row order back to HF's: in each head's `d` rows, GGUF row `2j + p` is HF row
+/// `p·d/2 + j`. Works on a weight `(rows, cols)` and on a bias `(rows,)`.
+pub fn unpermute_rows(values: &[f32], shape: &[usize], heads: usize) -> Option<Vec<f32>> {
+    let rows = *shape.first()?;
+    let cols = values.len() / rows.max(1);
+    if heads == 0 || !rows.is_multiple_of(heads) || !(rows / heads).is_multiple_of(2) {
+        return None;
+    }
+    let (d, half) = (rows / heads, rows / heads / 2);
+    let mut out = vec![0.0; values.len()];
+    for h in 0..heads {
+        for j in 0..half {
+            for p in 0..2 {
+                let from = (h * d + 2 * j + p) * cols;
+                let to = (h * d + p * half + j) * cols;
+                out[to..to + cols].copy_from_slice(&values[from..from + cols]);
+            }
+        }
+    }
+    Some(out)
+}
