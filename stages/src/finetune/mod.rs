@@ -18,7 +18,7 @@ use smelt_engine::{
 };
 
 use crate::model::{
-    peft, Backend, DeviceKind, LoraConfig, LoraTarget, ModelConfig, QuantKind, Trainer,
+    gguf, peft, Backend, DeviceKind, LoraConfig, LoraTarget, ModelConfig, QuantKind, Trainer,
 };
 use crate::params::{non_empty_schema, some_non_empty, Fraction, Positive};
 use crate::tokenize::Meta;
@@ -40,9 +40,9 @@ pub struct FinetuneParams {
 /// Where the base model comes from, how it is adapted and trained (shared with `dpo`).
 #[derive(Debug, Serialize, Deserialize, JsonSchema)]
 pub struct AdaptParams {
-    /// An HF model directory (GPT-2, or the Llama family: Llama, Mistral, Qwen2, SmolLM2),
-    /// relative to the pipeline file, used when no `model` input is wired (its files are
-    /// hashed into the stage key).
+    /// An HF model directory (GPT-2, or the Llama family: Llama, Mistral, Qwen2, SmolLM2) or
+    /// a Llama-family GGUF file, relative to the pipeline file, used when no `model` input is
+    /// wired (its files are hashed into the stage key).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub base: Option<String>,
     #[serde(default)]
@@ -270,11 +270,17 @@ impl AdaptParams {
         let Some(base) = &self.base else {
             return Vec::new();
         };
-        let shown = Path::new(base).join("config.json");
-        let Ok(text) = std::fs::read_to_string(pipeline_dir.join(&shown)) else {
-            return Vec::new();
+        let path = pipeline_dir.join(base);
+        let read = if gguf::is_gguf(&path) {
+            ModelConfig::read(&path)
+        } else {
+            let shown = Path::new(base).join("config.json");
+            let Ok(text) = std::fs::read_to_string(pipeline_dir.join(&shown)) else {
+                return Vec::new();
+            };
+            ModelConfig::parse(&text, &shown)
         };
-        match ModelConfig::parse(&text, &shown) {
+        match read {
             Ok((config, _)) => self
                 .target_problem(&config)
                 .map(|problem| ParamProblem::new("lora.targets", problem).or_at("base"))
@@ -289,12 +295,18 @@ impl AdaptParams {
             return Ok(Vec::new());
         };
         let dir = pipeline_dir.join(base);
-        for file in ["config.json", "model.safetensors"] {
-            if !dir.join(file).is_file() {
-                return Err(format!("`base`: no {file} in {base}"));
-            }
+        if gguf::is_gguf(&dir) {
+            return Ok(vec![PathBuf::from(base)]);
         }
-        Ok(vec![dir])
+        let weights = ["model.safetensors", "model.safetensors.index.json"];
+        if !dir.join("config.json").is_file() {
+            return Err(format!("`base`: no config.json in {base}"));
+        }
+        if !weights.iter().any(|file| dir.join(file).is_file()) {
+            return Err(format!("`base`: no model.safetensors in {base}"));
+        }
+        // As written, relative to the pipeline: a key holds no absolute path.
+        Ok(vec![PathBuf::from(base)])
     }
 }
 

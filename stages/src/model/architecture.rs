@@ -115,9 +115,17 @@ impl ModelConfig {
         }
     }
 
-    /// The config.json of an HF model directory: GPT-2 (`model_type` gpt2) or the Llama family
-    /// (llama, mistral, qwen2), and its end-of-text id when it names one.
+    /// The config.json of an HF model directory — GPT-2 (`model_type` gpt2) or the Llama
+    /// family (llama, mistral, qwen2) — or a GGUF file's metadata, and its end-of-text id when
+    /// it names one.
     pub fn read(dir: &Path) -> Result<(ModelConfig, Option<u32>), String> {
+        if super::gguf::is_gguf(dir) {
+            let file = super::gguf::Gguf::read(dir)?;
+            let config = file
+                .llama_config()
+                .map_err(|e| format!("{}: {e}", dir.display()))?;
+            return Ok((config.into(), file.eos_id()));
+        }
         let path = dir.join("config.json");
         let text =
             std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;

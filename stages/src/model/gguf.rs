@@ -376,7 +376,7 @@ impl Gguf {
                 .number(&key("attention.head_count_kv"))
                 .unwrap_or(heads),
             head_dim,
-            rms_norm_eps: float("attention.layer_norm_rms_epsilon", 1e-5) as f32,
+            rms_norm_eps: float("attention.layer_norm_rms_epsilon", 1e-5),
             rope_theta: float("rope.freq_base", 10000.0),
             rope_scaling: None,
             attention_bias: self.has("blk.0.attn_q.bias"),

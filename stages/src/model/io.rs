@@ -385,7 +385,7 @@ pub fn parse_llama_config(value: &serde_json::Value, path: &Path) -> Result<Llam
         heads,
         kv_heads,
         head_dim,
-        rms_norm_eps: value["rms_norm_eps"].as_f64().unwrap_or(1e-6) as f32,
+        rms_norm_eps: value["rms_norm_eps"].as_f64().unwrap_or(1e-6),
         rope_theta: rope_number("rope_theta")?,
         rope_scaling,
         // Qwen2's q/k/v always have biases; its config does not say so.
@@ -445,7 +445,7 @@ pub fn parse_hf_config(text: &str, path: &Path) -> Result<(GptConfig, Option<u32
     };
     if value["model_type"] != "gpt2" {
         return Err(format!(
-            "{}: `model_type` is {}, only gpt2 is supported",
+            "{}: `model_type` is {}: gpt2, llama, mistral and qwen2 load",
             path.display(),
             value["model_type"]
         ));

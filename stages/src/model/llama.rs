@@ -37,7 +37,7 @@ pub struct LlamaConfig {
     pub heads: usize,
     pub kv_heads: usize,
     pub head_dim: usize,
-    pub rms_norm_eps: f32,
+    pub rms_norm_eps: f64,
     pub rope_theta: f64,
     pub rope_scaling: Option<RopeScaling>,
     /// q, k and v have biases (Llama's `attention_bias`, always in Qwen2).
@@ -404,7 +404,7 @@ impl<D: Kernels> DecoderLayer<D> {
         context: &Context<D>,
         dropout: &mut Dropout,
     ) -> A2<D, T> {
-        let eps = context.config.rms_norm_eps;
+        let eps = context.config.rms_norm_eps as f32;
         // Each branch starts from an empty tape and merges back into the trunk's at its add.
         let a = self.input_layernorm.forward(x.with_empty_tape(), eps);
         let x = self.self_attn.forward(a, x, context, dropout);
@@ -523,7 +523,7 @@ impl<D: Kernels> Llama<D> {
             };
             x = layer.forward(x, &context, dropout);
         }
-        self.norm.forward(x, self.config.rms_norm_eps)
+        self.norm.forward(x, self.config.rms_norm_eps as f32)
     }
 
     /// Freezes every base weight and adds a LoRA adapter to each targeted linear layer.

@@ -322,7 +322,10 @@ fn smollm2_gguf_reads_as_the_notes_describe_it() {
         (49152, 8192)
     );
     assert!(config.tie_word_embeddings);
-    assert_eq!((config.rope_theta, config.rms_norm_eps), (100000.0, 1e-5));
+    assert_eq!(
+        (config.rope_theta, config.rms_norm_eps as f32),
+        (100000.0, 1e-5)
+    );
     assert_eq!(file.eos_id(), Some(2));
 }
 
@@ -407,4 +410,128 @@ fn unpermuting_inverts_llama_cpp_s_permutation() {
     // A head of 4 rows [r0 r1 r2 r3] is stored by llama.cpp as [r0 r2 r1 r3].
     let stored = permute_rows(&values[..8], &[4, 2], 1);
     assert_eq!(stored, [0.0, 1.0, 4.0, 5.0, 2.0, 3.0, 6.0, 7.0]);
+}
+
+/// transformers 4 writes the rope settings at the top level (`rope_theta`, `rope_scaling` with
+/// `type` or `rope_type`); 5 nests them in `rope_parameters`. Both describe the same model.
+#[test]
+fn a_transformers_4_config_loads_as_its_transformers_5_form() {
+    let dir = fixtures().join("llama3-rope-bias");
+    let mut config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
+    let mut rope = config["rope_parameters"].take();
+    config.as_object_mut().unwrap().remove("rope_parameters");
+    config["rope_theta"] = rope["rope_theta"].take();
+    let scaling = rope.as_object_mut().unwrap();
+    scaling.remove("rope_theta");
+    scaling.remove("rope_type");
+    scaling.insert("type".into(), "llama3".into());
+    config["rope_scaling"] = rope;
+    config["torch_dtype"] = config["dtype"].take();
+    let v4 = tempfile::tempdir().unwrap();
+    std::fs::write(v4.path().join("config.json"), config.to_string()).unwrap();
+    std::fs::copy(
+        dir.join("model.safetensors"),
+        v4.path().join("model.safetensors"),
+    )
+    .unwrap();
+    let (mut old, _) = Trainer::load(v4.path(), DeviceKind::Cpu, adamw()).unwrap();
+    let (mut new, _) = Trainer::load(&dir, DeviceKind::Cpu, adamw()).unwrap();
+    assert_eq!(old.config(), new.config());
+    let ids: Vec<u32> = (0..16).map(|i| i % 16).collect();
+    assert_eq!(old.logits(&ids, 2, 8), new.logits(&ids, 2, 8));
+}
+
+#[test]
+fn unknown_model_types_and_rope_types_are_named_with_what_loads() {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |config: serde_json::Value| {
+        std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
+        Trainer::load(dir.path(), DeviceKind::Cpu, adamw())
+            .err()
+            .unwrap()
+    };
+    let base: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(fixtures().join("llama-gqa-tied/config.json")).unwrap(),
+    )
+    .unwrap();
+    let mut yarn = base.clone();
+    yarn["rope_parameters"]["rope_type"] = "yarn".into();
+    assert!(write(yarn).ends_with(
+        "config.json: rope scaling `yarn` is not supported (default, linear and llama3 are)"
+    ),);
+    let mut falcon = base;
+    falcon["model_type"] = "falcon".into();
+    let err = write(falcon);
+    assert!(err.contains("`model_type` is \"falcon\""), "{err}");
+}
+
+/// SmolLM2 with a rank-2 adapter on q_proj, trained three steps: its adapter and the model.
+fn adapted_smollm2() -> (Trainer, LoraConfig) {
+    let (mut model, _) = Trainer::load(&smollm2(), DeviceKind::Cpu, adamw()).unwrap();
+    let config = LoraConfig {
+        r: 2,
+        ..lora(&[LoraTarget::QProj])
+    };
+    model.add_lora(&config, 6).unwrap();
+    train_three_steps(&mut model, (3, 11));
+    (model, config)
+}
+
+/// Writes target/smollm2-lora/adapter (not committed: 270 KB) for make_smollm2_fixture.py,
+/// which loads it with peft on transformers' own reading of the GGUF file and commits the
+/// logits and the adapter's hash.
+#[test]
+#[ignore]
+fn write_smollm2_lora_adapter() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/smollm2-lora");
+    let (mut model, config) = adapted_smollm2();
+    peft::write_adapter(&dir.join("adapter"), &config, &model.weights(), "smollm2").unwrap();
+}
+
+/// transformers reads the GGUF file itself (`from_pretrained(…, gguf_file=…)`): smelt computes
+/// its logits, and a LoRA adapter smelt trains on it loads with peft on transformers' model and
+/// computes smelt's logits (tests/fixtures/make_smollm2_fixture.py).
+#[test]
+fn smollm2_gguf_gives_transformers_logits_and_peft_loads_its_adapter() {
+    let fixture: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fixtures().join("smollm2/logits.json")).unwrap())
+            .unwrap();
+    let floats = |v: &serde_json::Value| -> Vec<f32> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap() as f32)
+            .collect()
+    };
+    let ids: Vec<u32> = floats(&fixture["ids"]).iter().map(|&x| x as u32).collect();
+    let rows = ids.len();
+    // The logits of every position's first 8 vocabulary entries (a full row is 49152 wide).
+    let head = |logits: &[f32]| -> Vec<f32> {
+        logits
+            .chunks(49152)
+            .flat_map(|row| row[..8].to_vec())
+            .collect()
+    };
+    let (mut base, _) = Trainer::load(&smollm2(), DeviceKind::Cpu, adamw()).unwrap();
+    let worst = worst_difference(
+        &head(&base.logits(&ids, 1, rows)),
+        &floats(&fixture["base"]),
+    );
+    assert!(worst < 2e-3, "transformers' logits differ by up to {worst}");
+    let (mut model, config) = adapted_smollm2();
+    let out = tempfile::tempdir().unwrap();
+    peft::write_adapter(out.path(), &config, &model.weights(), "smollm2").unwrap();
+    let written = std::fs::read(out.path().join("adapter_model.safetensors")).unwrap();
+    assert_eq!(
+        blake3::hash(&written).to_hex().as_str(),
+        fixture["adapter_blake3"].as_str().unwrap(),
+        "the adapter peft loaded is not the one smelt writes: after a change to the numerics, \
+         rerun tests/fixtures/make_smollm2_fixture.py"
+    );
+    let worst = worst_difference(
+        &head(&model.logits(&ids, 1, rows)),
+        &floats(&fixture["peft"]),
+    );
+    assert!(worst < 2e-3, "peft's logits differ by up to {worst}");
 }

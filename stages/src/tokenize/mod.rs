@@ -52,8 +52,8 @@ pub struct TokenizeParams {
     /// Train a vocabulary on the corpus's training split.
     #[serde(default)]
     pub train: Option<TrainParams>,
-    /// An HF `tokenizer.json` to use instead, relative to the pipeline file (its content is
-    /// part of the stage key).
+    /// An HF `tokenizer.json` to use instead, or a GGUF model file (its tokenizer), relative
+    /// to the pipeline file (its content is part of the stage key).
     #[serde(default)]
     pub from: Option<String>,
     /// How conversations and preference pairs are rendered.
@@ -236,10 +236,7 @@ impl Stage for Tokenize {
         if !path.is_file() {
             return Vec::new();
         }
-        let loaded = std::fs::read_to_string(&path)
-            .map_err(|e| format!("{from}: {e}"))
-            .and_then(|json| load_tokenizer(json, Path::new(from)));
-        match loaded {
+        match read_tokenizer(&path, Path::new(from)) {
             Ok((tokenizer, _)) => eos_problem(params, &tokenizer, "from")
                 .into_iter()
                 .collect(),
@@ -373,10 +370,7 @@ fn tokenizer(
     ctx: &StageContext,
     corpus: &Corpus,
 ) -> Result<(Tokenizer, String), String> {
-    let load = |path: &Path| -> Result<(Tokenizer, String), String> {
-        let json = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        load_tokenizer(json, path)
-    };
+    let load = |path: &Path| read_tokenizer(path, path);
     let wired = ctx.input("tokenizer");
     if let Some(problem) = params.source_problem(wired.is_some()) {
         return Err(problem.to_string());
@@ -432,6 +426,21 @@ fn eos_problem(
             .or_at(or_at)
             .help(help),
     )
+}
+
+/// The tokenizer of `path`: a tokenizer.json, or the one a GGUF model file carries (its
+/// vocabulary and merges); `shown` names it in errors.
+fn read_tokenizer(path: &Path, shown: &Path) -> Result<(Tokenizer, String), String> {
+    let json = if crate::model::gguf::is_gguf(path) {
+        let file = crate::model::gguf::Gguf::read(path)?;
+        let json = file
+            .tokenizer_json()
+            .map_err(|e| format!("{}: {e}", shown.display()))?;
+        json.to_string()
+    } else {
+        std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", shown.display()))?
+    };
+    load_tokenizer(json, shown)
 }
 
 /// A user's tokenizer.json (read from `path`) as `tokenizers` loads it.
