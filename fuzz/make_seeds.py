@@ -158,6 +158,79 @@ def model_dirs() -> None:
     write("model_dir", "llama-beyond-the-file", json.dumps(llama).encode() + b"\0" + odd)
 
 
+def gguf_file(metadata: list, tensors: list) -> bytes:
+    """A GGUF v3 file: metadata (key, value: int, float, str or list of str), then tensors
+    (name, HF shape, ggml type, raw bytes), data aligned to 32 bytes."""
+    def string(s: str) -> bytes:
+        raw = s.encode()
+        return struct.pack("<Q", len(raw)) + raw
+
+    def value(v) -> bytes:
+        if isinstance(v, bool):
+            return struct.pack("<IB", 7, v)
+        if isinstance(v, int):
+            return struct.pack("<Iq", 11, v)
+        if isinstance(v, float):
+            return struct.pack("<Id", 12, v)
+        if isinstance(v, str):
+            return struct.pack("<I", 8) + string(v)
+        if all(isinstance(x, int) for x in v):
+            return struct.pack("<IIQ", 9, 5, len(v)) + b"".join(struct.pack("<i", x) for x in v)
+        return struct.pack("<IIQ", 9, 8, len(v)) + b"".join(string(x) for x in v)
+
+    out = b"GGUF" + struct.pack("<IQQ", 3, len(tensors), len(metadata))
+    for key, v in metadata:
+        out += string(key) + value(v)
+    offset, data = 0, b""
+    for name, shape, kind, raw in tensors:
+        out += string(name) + struct.pack("<I", len(shape)) + b"".join(struct.pack("<Q", d) for d in reversed(shape))
+        out += struct.pack("<IQ", kind, offset)
+        padded = raw + b"\0" * (-len(raw) % 32)
+        data += padded
+        offset += len(padded)
+    out += b"\0" * (-len(out) % 32)
+    return out + data
+
+
+def ggufs() -> None:
+    # A two-layer Llama of width 32 (one 32-value block per row), tied, GQA 2 on 1: Q8_0 and
+    # Q4_1 matrices, Q4_0 and F16 ones, F32 norms; a byte-level BPE tokenizer of 8 tokens.
+    h, inter, vocab = 32, 32, 8
+    def q8_0(rows, cols):
+        return b"".join(struct.pack("<e", 0.01) + bytes((r * 7 + j) % 256 for j in range(32)) for r in range(rows * cols // 32))
+    def q4_1(rows, cols):
+        return b"".join(struct.pack("<ee", 0.02, -0.1) + bytes((r + j) % 256 for j in range(16)) for r in range(rows * cols // 32))
+    def q4_0(rows, cols):
+        return b"".join(struct.pack("<e", 0.03) + bytes((r * 3 + j) % 256 for j in range(16)) for r in range(rows * cols // 32))
+    def f16(n):
+        return b"".join(struct.pack("<e", ((i % 7) - 3) * 0.01) for i in range(n))
+    ones = struct.pack("<32f", *[1.0] * 32)
+    tensors = [("token_embd.weight", [vocab, h], 8, q8_0(vocab, h)), ("output_norm.weight", [h], 0, ones)]
+    for layer in range(2):
+        b = f"blk.{layer}."
+        tensors += [
+            (b + "attn_norm.weight", [h], 0, ones), (b + "ffn_norm.weight", [h], 0, ones),
+            (b + "attn_q.weight", [h, h], 3, q4_1(h, h)), (b + "attn_k.weight", [16, h], 3, q4_1(16, h)),
+            (b + "attn_v.weight", [16, h], 2, q4_0(16, h)), (b + "attn_output.weight", [h, h], 1, f16(h * h)),
+            (b + "ffn_gate.weight", [inter, h], 3, q4_1(inter, h)), (b + "ffn_up.weight", [inter, h], 8, q8_0(inter, h)),
+            (b + "ffn_down.weight", [h, inter], 2, q4_0(h, inter)),
+        ]
+    tokens = ["<|endoftext|>", "a", "b", "Ġ", "ab", "Ġa", "1", "2"]
+    metadata = [
+        ("general.architecture", "llama"), ("llama.context_length", 16), ("llama.embedding_length", h),
+        ("llama.block_count", 2), ("llama.feed_forward_length", inter), ("llama.attention.head_count", 2),
+        ("llama.attention.head_count_kv", 1), ("llama.rope.freq_base", 10000.0),
+        ("llama.attention.layer_norm_rms_epsilon", 1e-5), ("tokenizer.ggml.model", "gpt2"),
+        ("tokenizer.ggml.pre", "smollm"), ("tokenizer.ggml.tokens", tokens),
+        ("tokenizer.ggml.token_type", [3, 1, 1, 1, 1, 1, 1, 1]), ("tokenizer.ggml.merges", ["a b", "Ġ a"]),
+        ("tokenizer.ggml.eos_token_id", 0),
+    ]
+    write("gguf", "tiny-llama", gguf_file(metadata, tensors))
+    write("gguf", "tiny-qwen2", gguf_file([("general.architecture", "qwen2")] + [
+        (k.replace("llama.", "qwen2."), v) for k, v in metadata[1:]], tensors))
+    write("gguf", "no-tensors", gguf_file(metadata, []))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tokenizers", type=Path)
@@ -166,6 +239,7 @@ def main() -> None:
     collect_files()
     shard_records()
     model_dirs()
+    ggufs()
     if args.tokenizers:
         tokenizers(args.tokenizers)
     total = sum(p.stat().st_size for p in CORPUS.rglob("*") if p.is_file())

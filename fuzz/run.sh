@@ -45,7 +45,7 @@ echo "fuzz: built in $((built - started))s; ${seconds}s per target"
 
 max_len() {
     case $1 in
-        model_dir) echo 32768 ;;  # a tiny model's weights are about 11 KB
+        model_dir | gguf) echo 32768 ;;  # a tiny model's weights are about 11 KB
         *) echo 16384 ;;
     esac
 }

@@ -15,6 +15,26 @@ pub fn panic_is_caught() -> bool {
     crate::CATCHING_PANIC.get()
 }
 
+/// A GGUF file as `base:` and `from:` read it: the config from its metadata, every tensor
+/// dequantized under its HF name, its tokenizer loaded by `tokenizers`, and the model built on
+/// the CPU with those weights. Returns the tensors' names.
+pub fn gguf(bytes: &[u8]) -> Result<Vec<String>, String> {
+    let file = crate::model::gguf::Gguf::parse(bytes.to_vec())?;
+    if let Ok(json) = file.tokenizer_json() {
+        let json = json.to_string();
+        let _ = crate::catch_panic(|| tokenizers::Tokenizer::from_bytes(json.as_bytes()));
+    }
+    let config = file.llama_config()?;
+    let tensors = file.hf_tensors(&config)?;
+    let optimizer = AdamWConfig {
+        betas: [0.9, 0.999],
+        eps: 1e-8,
+        weight_decay: 0.0,
+    };
+    Trainer::from_tensors(config, &tensors, DeviceKind::Cpu, optimizer)?;
+    Ok(tensors.into_keys().collect())
+}
+
 /// `collect` reading a file: `format`, `split_on` and the UTF-8 policy come from the bits of
 /// `flags`, the document limit is `limit` bytes. Returns the texts of the documents.
 pub fn collect_file(bytes: &[u8], flags: u8, limit: u64) -> Result<Vec<String>, String> {

@@ -574,3 +574,164 @@ pub fn unpermute_rows(values: &[f32], shape: &[usize], heads: usize) -> Option<V
     }
     Some(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A GGUF file: the given metadata and tensors (name, HF shape, ggml type, raw bytes).
+    pub fn build(
+        metadata: &[(&str, Value)],
+        tensors: &[(&str, &[usize], u32, Vec<u8>)],
+    ) -> Vec<u8> {
+        fn string(out: &mut Vec<u8>, s: &str) {
+            out.extend((s.len() as u64).to_le_bytes());
+            out.extend(s.as_bytes());
+        }
+        fn value(out: &mut Vec<u8>, v: &Value) {
+            match v {
+                Value::Int(i) => {
+                    out.extend(11u32.to_le_bytes());
+                    out.extend(i.to_le_bytes());
+                }
+                Value::Float(f) => {
+                    out.extend(12u32.to_le_bytes());
+                    out.extend(f.to_le_bytes());
+                }
+                Value::Str(s) => {
+                    out.extend(8u32.to_le_bytes());
+                    string(out, s);
+                }
+                Value::Array(items) => {
+                    out.extend(9u32.to_le_bytes());
+                    out.extend(8u32.to_le_bytes());
+                    out.extend((items.len() as u64).to_le_bytes());
+                    for item in items {
+                        string(out, item.as_str().expect("string arrays"));
+                    }
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        let mut out = b"GGUF".to_vec();
+        out.extend(3u32.to_le_bytes());
+        out.extend((tensors.len() as u64).to_le_bytes());
+        out.extend((metadata.len() as u64).to_le_bytes());
+        for (key, v) in metadata {
+            string(&mut out, key);
+            value(&mut out, v);
+        }
+        let mut offset = 0;
+        for (name, shape, kind, bytes) in tensors {
+            string(&mut out, name);
+            out.extend((shape.len() as u32).to_le_bytes());
+            for d in shape.iter().rev() {
+                out.extend((*d as u64).to_le_bytes());
+            }
+            out.extend(kind.to_le_bytes());
+            out.extend((offset as u64).to_le_bytes());
+            offset += bytes.len().next_multiple_of(32);
+        }
+        out.resize(out.len().next_multiple_of(32), 0);
+        for (_, _, _, bytes) in tensors {
+            out.extend(bytes);
+            out.resize(out.len().next_multiple_of(32), 0);
+        }
+        out
+    }
+
+    fn f16(x: f32) -> [u8; 2] {
+        half::f16::from_f32(x).to_le_bytes()
+    }
+
+    fn values_of(kind: u32, bytes: Vec<u8>, n: usize) -> Result<Vec<f32>, String> {
+        let file = Gguf::parse(build(&[], &[("t", &[n], kind, bytes)]))?;
+        file.dequantize(&file.tensors[0])
+    }
+
+    #[test]
+    fn every_block_type_dequantizes_as_ggml_defines_it() {
+        // Quants 0..16 in order: byte j holds value j (low nibble) and value j + 16 (high).
+        let nibbles: Vec<u8> = (0..16u8).map(|j| j | ((15 - j) << 4)).collect();
+        let low: Vec<f32> = (0..16).map(|j| j as f32).collect();
+        let high: Vec<f32> = (0..16).map(|j| (15 - j) as f32).collect();
+        let q4_0 = [&f16(0.5)[..], &nibbles].concat();
+        let expected: Vec<f32> = low.iter().chain(&high).map(|q| (q - 8.0) * 0.5).collect();
+        assert_eq!(values_of(Q4_0, q4_0, 32).unwrap(), expected);
+        let q4_1 = [&f16(0.25)[..], &f16(-1.0), &nibbles].concat();
+        let expected: Vec<f32> = low.iter().chain(&high).map(|q| q * 0.25 - 1.0).collect();
+        assert_eq!(values_of(Q4_1, q4_1, 32).unwrap(), expected);
+        let quants: Vec<u8> = (0..32).map(|i| (i as i8 - 16) as u8).collect();
+        let q8_0 = [&f16(2.0)[..], &quants].concat();
+        let expected: Vec<f32> = (0..32).map(|i| (i - 16) as f32 * 2.0).collect();
+        assert_eq!(values_of(Q8_0, q8_0, 32).unwrap(), expected);
+        let halves = [f16(1.5), f16(-0.25)].concat();
+        assert_eq!(values_of(F16, halves, 2).unwrap(), [1.5, -0.25]);
+        let brains = [
+            half::bf16::from_f32(3.0).to_le_bytes(),
+            half::bf16::from_f32(-2.0).to_le_bytes(),
+        ]
+        .concat();
+        assert_eq!(values_of(BF16, brains, 2).unwrap(), [3.0, -2.0]);
+    }
+
+    #[test]
+    fn bad_files_are_clear_errors() {
+        assert_eq!(
+            Gguf::parse(b"GGML\x03\0\0\0".to_vec()).err().unwrap(),
+            "not a GGUF file (no `GGUF` magic)"
+        );
+        let whole = build(&[("general.name", Value::Str("x".into()))], &[]);
+        let err = Gguf::parse(whole[..whole.len() - 20].to_vec())
+            .err()
+            .unwrap();
+        assert!(
+            err.contains("more than the file holds") || err.contains("ends inside"),
+            "{err}"
+        );
+        // A type it does not read is named with its tensor.
+        let err = values_of(6, vec![0; 22], 32).unwrap_err();
+        assert_eq!(
+            err,
+            "tensor `t` is Q5_0: this reader dequantizes F32, F16, BF16, Q8_0, Q4_0 and Q4_1"
+        );
+        // Data that would lie past the end of the file.
+        let mut file = Gguf::parse(build(&[], &[("t", &[8], F32, vec![0; 32])])).unwrap();
+        file.tensors[0].shape = vec![1 << 20];
+        let err = file.dequantize(&file.tensors[0].clone()).unwrap_err();
+        assert_eq!(err, "tensor `t` lies beyond the end of the file");
+        // A count far beyond the file's size is refused before anything is allocated for it.
+        let mut huge = b"GGUF".to_vec();
+        huge.extend(3u32.to_le_bytes());
+        huge.extend(u64::MAX.to_le_bytes());
+        huge.extend(0u64.to_le_bytes());
+        assert!(Gguf::parse(huge)
+            .err()
+            .unwrap()
+            .contains("more than the file holds"));
+    }
+
+    /// The fuzz seeds reach every step the stage takes: two tiny models (Q8_0, Q4_1, Q4_0,
+    /// F16 and F32 tensors; `llama` with its q/k permutation, `qwen2` without) load whole.
+    #[test]
+    fn the_fuzz_seeds_load_as_models() {
+        let seeds = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/gguf");
+        for seed in ["tiny-llama", "tiny-qwen2"] {
+            let bytes = std::fs::read(seeds.join(seed)).unwrap();
+            let names = crate::fuzzing::gguf(&bytes).unwrap();
+            assert_eq!(names.len(), 20, "{seed}");
+            let json = Gguf::parse(bytes)
+                .unwrap()
+                .tokenizer_json()
+                .unwrap()
+                .to_string();
+            let tokenizer = tokenizers::Tokenizer::from_bytes(json.as_bytes()).unwrap();
+            let ids = tokenizer
+                .encode("ab a12", false)
+                .unwrap()
+                .get_ids()
+                .to_vec();
+            assert_eq!(ids, [4, 5, 6, 7], "{seed}");
+        }
+    }
+}
