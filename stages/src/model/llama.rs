@@ -186,8 +186,8 @@ impl<D: Kernels> RmsNorm<D> {
     }
 }
 
-/// The rotary position tables of one forward pass (`seq` positions): `cos` and `sin` per
-/// position and dimension of a head, and rotate_half as a signed permutation matrix.
+/// The rotary position tables of one forward pass (`seq` positions from `start`): `cos` and
+/// `sin` per position and dimension of a head, and rotate_half as a signed permutation matrix.
 struct Rope<D: Device<f32>> {
     cos: P2<D>,
     sin: P2<D>,
@@ -195,11 +195,11 @@ struct Rope<D: Device<f32>> {
 }
 
 impl<D: Kernels> Rope<D> {
-    fn new(dev: &D, config: &LlamaConfig, seq: usize) -> Self {
+    fn new(dev: &D, config: &LlamaConfig, seq: usize, start: usize) -> Self {
         let d = config.head_dim;
         let inv_freq = config.inv_freq();
         let (mut cos, mut sin) = (Vec::with_capacity(seq * d), Vec::with_capacity(seq * d));
-        for t in 0..seq {
+        for t in start..start + seq {
             for j in 0..d {
                 // HF's `emb = cat(freqs, freqs)`: dimension j and j + d/2 share a frequency.
                 let angle = t as f64 * inv_freq[j % (d / 2)];
@@ -252,6 +252,57 @@ impl<D: Device<f32>> Clone for Context<'_, D> {
 
 impl<D: Device<f32>> Copy for Context<'_, D> {}
 
+/// The keys (after rotation) and values one layer has seen, `(batch, kv_heads, positions,
+/// head_dim)` on the host, so that generating a token runs the model on that token alone.
+#[derive(Clone, Debug, Default)]
+pub struct LayerCache {
+    keys: Vec<f32>,
+    values: Vec<f32>,
+    positions: usize,
+}
+
+/// A layer's keys and values: this pass's after the cache's, which then holds them all.
+fn extend_cache<D: Kernels, T: Tape<f32, D>>(
+    cache: Option<&mut LayerCache>,
+    (k, v): (A4<D, T>, A4<D, T>),
+) -> (A4<D, T>, A4<D, T>, usize) {
+    let Some(cache) = cache else {
+        return (k, v, 0);
+    };
+    let past = cache.positions;
+    let (batch, kv_heads, seq, d) = *k.shape();
+    let (k, v) = match past {
+        0 => (k, v),
+        _ => {
+            let dev = k.device().clone();
+            let shape = (batch, kv_heads, past, d);
+            let keys = dev.tensor_from_vec(std::mem::take(&mut cache.keys), shape);
+            let values = dev.tensor_from_vec(std::mem::take(&mut cache.values), shape);
+            (
+                (keys.retaped::<T>(), k).concat_along(Axis::<2>),
+                (values.retaped::<T>(), v).concat_along(Axis::<2>),
+            )
+        }
+    };
+    cache.keys = k.as_vec();
+    cache.values = v.as_vec();
+    cache.positions = past + seq;
+    (k, v, past)
+}
+
+/// Every layer's [`LayerCache`]: what generation keeps between steps.
+#[derive(Clone, Debug, Default)]
+pub struct KvCache {
+    layers: Vec<LayerCache>,
+}
+
+impl KvCache {
+    /// The positions seen so far.
+    pub fn positions(&self) -> usize {
+        self.layers.first().map_or(0, |l| l.positions)
+    }
+}
+
 /// Activations `(batch, seq, heads, head_dim)` and the like.
 type A4<D, T> = Tensor<(usize, usize, usize, usize), f32, D, T>;
 
@@ -279,11 +330,12 @@ impl<D: Kernels> Attention<D> {
     }
 
     /// `residual + attention(x)`; `x` is the normalised `(batch·seq, hidden)` residual stream.
+    /// With a cache, the keys and values of the positions before attend too.
     fn forward<T: Tape<f32, D>>(
         &self,
         x: A2<D, T>,
         residual: A2<D, T>,
-        context: &Context<D>,
+        (context, cache): (&Context<D>, Option<&mut LayerCache>),
         dropout: &mut Dropout,
     ) -> A2<D, T> {
         let Context {
@@ -305,20 +357,25 @@ impl<D: Kernels> Attention<D> {
         let q = rope
             .apply(q.reshape_like(&(batch, seq, heads, d)))
             .permute::<_, Axes4<0, 2, 1, 3>>();
-        let k = rope.apply(k.reshape_like(&(batch, seq, kv_heads, d)));
-        let v = v.reshape_like(&(batch, seq, kv_heads, d));
+        let k = rope
+            .apply(k.reshape_like(&(batch, seq, kv_heads, d)))
+            .permute::<_, Axes4<0, 2, 1, 3>>();
+        let v = v
+            .reshape_like(&(batch, seq, kv_heads, d))
+            .permute::<_, Axes4<0, 2, 1, 3>>();
+        let (k, v, past) = extend_cache(cache, (k, v));
+        let keys = past + seq;
         // Grouped-query attention: each k/v head is repeated for the `heads / kv_heads` query
         // heads it serves, as transformers' repeat_kv does.
         let repeat = |t: A4<D, T>| -> A4<D, T> {
             let groups = heads / kv_heads;
-            t.permute::<_, Axes4<0, 2, 1, 3>>()
-                .broadcast_like::<_, Axis<2>>(&(batch, kv_heads, groups, seq, d))
-                .reshape_like(&(batch, heads, seq, d))
+            t.broadcast_like::<_, Axis<2>>(&(batch, kv_heads, groups, keys, d))
+                .reshape_like(&(batch, heads, keys, d))
         };
         let k = repeat(k).permute::<_, Axes4<0, 1, 3, 2>>();
         let v = repeat(v);
-        let mask = causal_mask(q.device(), seq, window)
-            .broadcast_like::<_, Axes2<0, 1>>(&(batch, heads, seq, seq));
+        let mask = causal_mask(q.device(), (seq, keys), window)
+            .broadcast_like::<_, Axes2<0, 1>>(&(batch, heads, seq, keys));
         let scale = 1.0 / (d as f32).sqrt();
         let weights = (q.matmul(k) * scale + mask).softmax::<Axis<3>>();
         let y = weights
@@ -329,18 +386,24 @@ impl<D: Kernels> Attention<D> {
     }
 }
 
-/// `(seq, seq)`: 0 where query i may see key j (j ≤ i, and i − j < window), −∞ elsewhere.
-fn causal_mask<D: Kernels>(dev: &D, seq: usize, window: Option<usize>) -> P2<D> {
+/// `(queries, keys)`: 0 where a query may see a key, −∞ elsewhere. The queries are the last
+/// positions: query i is at position p = keys − queries + i, and sees key j when j ≤ p and
+/// p − j < window.
+fn causal_mask<D: Kernels>(
+    dev: &D,
+    (queries, keys): (usize, usize),
+    window: Option<usize>,
+) -> P2<D> {
     let window = window.unwrap_or(usize::MAX);
-    let mask: Vec<f32> = (0..seq)
-        .flat_map(|i| {
-            (0..seq).map(move |j| match j <= i && i - j < window {
+    let mask: Vec<f32> = (keys - queries..keys)
+        .flat_map(|p| {
+            (0..keys).map(move |j| match j <= p && p - j < window {
                 true => 0.0,
                 false => f32::NEG_INFINITY,
             })
         })
         .collect();
-    dev.tensor_from_vec(mask, (seq, seq))
+    dev.tensor_from_vec(mask, (queries, keys))
 }
 
 /// SwiGLU: `down(silu(gate(x)) ⊙ up(x))`.
@@ -401,10 +464,10 @@ impl<D: Kernels> DecoderLayer<D> {
     fn forward<T: Tape<f32, D>>(
         &self,
         x: A2<D, T>,
-        context: &Context<D>,
+        context: (&Context<D>, Option<&mut LayerCache>),
         dropout: &mut Dropout,
     ) -> A2<D, T> {
-        let eps = context.config.rms_norm_eps as f32;
+        let eps = context.0.config.rms_norm_eps as f32;
         // Each branch starts from an empty tape and merges back into the trunk's at its add.
         let a = self.input_layernorm.forward(x.with_empty_tape(), eps);
         let x = self.self_attn.forward(a, x, context, dropout);
@@ -483,7 +546,11 @@ impl<D: Kernels> Llama<D> {
         dropout: &mut Dropout,
     ) -> A2<D, T> {
         let _precision = autocast(self.precision);
-        D::linear(self.trunk(ids, dropout), &self.head(), Epilogue::Plain)
+        D::linear(
+            self.trunk(ids, dropout, None),
+            &self.head(),
+            Epilogue::Plain,
+        )
     }
 
     /// The log-probability `(batch·seq,)` of each target id after `ids`.
@@ -494,7 +561,16 @@ impl<D: Kernels> Llama<D> {
         dropout: &mut Dropout,
     ) -> Tensor<(usize,), f32, D, T> {
         let _precision = autocast(self.precision);
-        D::head_log_probs(self.trunk(ids, dropout), &self.head(), targets)
+        D::head_log_probs(self.trunk(ids, dropout, None), &self.head(), targets)
+    }
+
+    /// Logits `(batch·seq, vocab)` for ids `(batch, seq)` that follow the positions `cache`
+    /// holds (none at first); the cache then holds these too. Generation feeds the prompt,
+    /// then one token at a time: each step runs the model on that token alone.
+    pub fn decode(&self, ids: Tensor<(usize, usize), usize, D>, cache: &mut KvCache) -> P2<D> {
+        let _precision = autocast(self.precision);
+        let trunk = self.trunk(ids, &mut Dropout::off(), Some(cache));
+        D::linear(trunk, &self.head(), Epilogue::Plain)
     }
 
     /// The final hidden states `(batch·seq, hidden)`, after `norm`.
@@ -502,6 +578,7 @@ impl<D: Kernels> Llama<D> {
         &self,
         ids: Tensor<(usize, usize), usize, D, T>,
         dropout: &mut Dropout,
+        mut cache: Option<&mut KvCache>,
     ) -> A2<D, T> {
         let (batch, seq) = *ids.shape();
         let h = self.config.hidden_size;
@@ -509,7 +586,13 @@ impl<D: Kernels> Llama<D> {
         let tokens: Tensor<(usize, usize, usize), f32, D, T> =
             self.embed_tokens.clone().put_tape(tape).gather(ids);
         let mut x = dropout.apply(tokens.reshape_like(&(batch * seq, h)));
-        let rope = Rope::new(x.device(), &self.config, seq);
+        if let Some(cache) = cache.as_deref_mut() {
+            cache
+                .layers
+                .resize_with(self.layers.len(), LayerCache::default);
+        }
+        let start = cache.as_ref().map_or(0, |c| c.positions());
+        let rope = Rope::new(x.device(), &self.config, seq, start);
         for (i, layer) in self.layers.iter().enumerate() {
             let window = self
                 .config
@@ -521,7 +604,8 @@ impl<D: Kernels> Llama<D> {
                 batch,
                 window,
             };
-            x = layer.forward(x, &context, dropout);
+            let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            x = layer.forward(x, (&context, layer_cache), dropout);
         }
         self.norm.forward(x, self.config.rms_norm_eps as f32)
     }

@@ -535,3 +535,27 @@ fn smollm2_gguf_gives_transformers_logits_and_peft_loads_its_adapter() {
     );
     assert!(worst < 2e-3, "peft's logits differ by up to {worst}");
 }
+
+/// Generation runs the model on the prompt, then on one token at a time with the keys and
+/// values cached: each step's logits are those of a full pass over everything so far, with
+/// grouped-query attention and with Mistral's sliding window (3 positions) alike.
+#[test]
+fn cached_decoding_gives_the_logits_of_full_passes() {
+    let (mistral, _) =
+        Trainer::load(&fixtures().join("mistral-window"), DeviceKind::Cpu, adamw()).unwrap();
+    for (name, mut model) in [("llama", trained_llama()), ("mistral", mistral)] {
+        let vocab = model.config().vocab_size();
+        let ids: Vec<u32> = vec![3, 1, 4, 1, 5, 9, 2, 6];
+        let mut state = DecodeState::default();
+        let prompt = model.decode(&ids[..3], &mut state);
+        let full = model.logits(&ids[..3], 1, 3);
+        assert!(worst_difference(&prompt, &full) < 1e-5, "{name}: prompt");
+        for n in 4..=ids.len() {
+            let step = model.decode(&ids[n - 1..n], &mut state);
+            let full = model.logits(&ids[..n], 1, n);
+            let worst = worst_difference(&step, &full[(n - 1) * vocab..]);
+            assert!(worst < 1e-5, "{name}: position {n} differs by {worst}");
+        }
+        assert_eq!(state.positions(), ids.len());
+    }
+}

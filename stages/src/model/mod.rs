@@ -202,6 +202,22 @@ pub enum DeviceKind {
     Cuda,
 }
 
+/// What generation keeps between steps of one sequence: a Llama's keys and values (each step
+/// then runs on the new token alone); for GPT-2, whose kernels have no cache yet, the ids so
+/// far (each step runs on them all).
+#[derive(Default)]
+pub struct DecodeState {
+    cache: llama::KvCache,
+    ids: Vec<u32>,
+}
+
+impl DecodeState {
+    /// The positions seen so far.
+    pub fn positions(&self) -> usize {
+        self.cache.positions().max(self.ids.len())
+    }
+}
+
 /// A batch of token ids, `batch × seq`, row-major, with next-token targets of the same shape.
 pub struct Batch<'a> {
     pub inputs: &'a [u32],
@@ -341,6 +357,9 @@ pub trait Backend {
     fn loss(&mut self, batch: &Batch) -> f32;
     /// Logits `(batch·seq, vocab)` for ids `(batch, seq)`, row-major.
     fn logits(&mut self, ids: &[u32], batch: usize, seq: usize) -> Vec<f32>;
+    /// Logits `(ids.len(), vocab)` of `ids` following those `state` has seen (one sequence),
+    /// which it then holds too: generation feeds the prompt, then each new token.
+    fn decode(&mut self, ids: &[u32], state: &mut DecodeState) -> Vec<f32>;
     /// Every weight by HF name (trainable or not).
     fn weights(&mut self) -> io::Named;
     fn set_weights(&mut self, tensors: &io::Tensors) -> Result<(), String>;
@@ -439,6 +458,10 @@ impl Backend for Trainer {
             Session::Cuda(_) => {}
         }
         Ok(())
+    }
+
+    fn decode(&mut self, ids: &[u32], state: &mut DecodeState) -> Vec<f32> {
+        on_device!(self, e => e.decode(ids, state))
     }
 
     fn weights(&mut self) -> io::Named {
@@ -708,6 +731,19 @@ impl<D: Kernels> Engine<D> {
     fn logits(&mut self, ids: &[u32], batch: usize, seq: usize) -> Vec<f32> {
         let ids = self.ids(ids, batch, seq);
         self.model.forward(ids, &mut Dropout::off()).as_vec()
+    }
+
+    fn decode(&mut self, ids: &[u32], state: &mut DecodeState) -> Vec<f32> {
+        if let Model::Llama(model) = &self.model {
+            let ids = self.ids(ids, 1, ids.len());
+            return model.decode(ids, &mut state.cache).as_vec();
+        }
+        state.ids.extend_from_slice(ids);
+        let context = self.model.config().context();
+        let window = &state.ids[state.ids.len().saturating_sub(context)..];
+        let logits = self.logits(window, 1, window.len());
+        let new = ids.len().min(window.len()) * self.model.config().vocab_size();
+        logits[logits.len() - new..].to_vec()
     }
 }
 

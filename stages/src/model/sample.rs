@@ -7,7 +7,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tokenizers::Tokenizer;
 
-use super::{AdamWConfig, Backend, DeviceKind, ModelConfig, Trainer};
+use super::{AdamWConfig, Backend, DecodeState, DeviceKind, ModelConfig, Trainer};
 use crate::tokenize::Encoder;
 
 /// How to sample.
@@ -110,20 +110,30 @@ impl LoadedModel {
     }
 
     /// Continues `ids` until a token of `stop`, the end-of-text token or `max_tokens`; returns
-    /// the new ids.
+    /// the new ids. The model runs on the prompt once, then on each new token (its keys and
+    /// values cached); past the model's context it starts again on the last positions.
     pub fn continue_ids(&mut self, ids: &[u32], sampling: &Sampling, stop: &[u32]) -> Vec<u32> {
+        let (context, vocab) = (self.config.context(), self.config.vocab_size());
         let mut ids = ids.to_vec();
         let mut rng = ChaCha8Rng::seed_from_u64(sampling.seed);
         let start = ids.len();
+        let mut state = DecodeState::default();
+        let mut logits = self
+            .model
+            .decode(&ids[ids.len().saturating_sub(context)..], &mut state);
         for _ in 0..sampling.max_tokens {
-            let window = &ids[ids.len().saturating_sub(self.config.context())..];
-            let logits = self.model.logits(window, 1, window.len());
-            let last = &logits[(window.len() - 1) * self.config.vocab_size()..];
-            let next = pick(last, sampling, &mut rng);
+            let next = pick(&logits[logits.len() - vocab..], sampling, &mut rng);
             if Some(next) == self.eos || stop.contains(&next) {
                 break;
             }
             ids.push(next);
+            logits = if state.positions() < context {
+                self.model.decode(&[next], &mut state)
+            } else {
+                state = DecodeState::default();
+                let window = &ids[ids.len().saturating_sub(context)..];
+                self.model.decode(window, &mut state)
+            };
         }
         ids.split_off(start)
     }
