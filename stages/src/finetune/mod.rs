@@ -559,8 +559,14 @@ pub(crate) mod tests {
     use crate::tokenize::Tokenize;
 
     /// `dir/tokens` (stories, chat, preferences; a fifth held out, plus `extra` records in
-    /// train) and `dir/base`, a small model pretrained on it.
+    /// train) and `dir/base`, a small GPT-2 pretrained on it.
     pub fn setup(extra: Vec<Record>) -> tempfile::TempDir {
+        let gpt = serde_json::json!({ "layers": 1, "heads": 2, "d_model": 32, "seq_len": 96 });
+        setup_with(extra, gpt)
+    }
+
+    /// [`setup`] with a base of the pretrain stage's `model` params.
+    pub fn setup_with(extra: Vec<Record>, model: serde_json::Value) -> tempfile::TempDir {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path();
         let corpus = p.join("corpus");
@@ -580,7 +586,7 @@ pub(crate) mod tests {
             )
             .unwrap();
         let pretrain: crate::pretrain::PretrainParams = serde_json::from_value(serde_json::json!({
-            "model": { "layers": 1, "heads": 2, "d_model": 32, "seq_len": 96 },
+            "model": model,
             "train": { "steps": 20, "batch_size": 8, "warmup": 2, "lr": 3e-3 },
             "eval": { "every": 100, "batches": 1 }
         }))
@@ -677,6 +683,27 @@ pub(crate) mod tests {
             let read = |out: &str| std::fs::read(dir.path().join(out).join(file)).unwrap();
             assert_eq!(read("whole"), read("resumed"), "{file}, bit for bit");
         }
+    }
+
+    /// The same on a Llama (pretrained by smelt) with QLoRA on two of its projections.
+    #[test]
+    fn an_interrupted_llama_qlora_finetune_resumes_exactly() {
+        let llama = serde_json::json!({ "architecture": "llama", "layers": 1, "heads": 2,
+            "kv_heads": 1, "d_model": 32, "seq_len": 96 });
+        let dir = setup_with(Vec::new(), llama);
+        let p = lora_params(serde_json::json!({ "method": "qlora",
+            "lora": { "r": 4, "alpha": 8, "dropout": 0.1, "targets": ["q_proj", "down_proj"] } }));
+        let whole = run(dir.path(), "whole", &p, None).unwrap();
+        assert!(whole["frozen_linear_bytes"].as_u64().unwrap() > 0, "{whole:?}");
+        run(dir.path(), "resumed", &p, Some(3)).unwrap_err();
+        let metrics = run(dir.path(), "resumed", &p, None).unwrap();
+        assert_eq!(metrics["resumed_from_step"], 3);
+        for file in ["model.safetensors", "adapter/adapter_model.safetensors"] {
+            let read = |out: &str| std::fs::read(dir.path().join(out).join(file)).unwrap();
+            assert_eq!(read("whole"), read("resumed"), "{file}, bit for bit");
+        }
+        let config = io::read_safetensors(&dir.path().join("whole/model.safetensors")).unwrap();
+        assert!(config.contains_key("model.layers.0.self_attn.q_proj.weight"));
     }
 
     #[test]
