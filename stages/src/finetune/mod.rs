@@ -694,7 +694,10 @@ pub(crate) mod tests {
         let p = lora_params(serde_json::json!({ "method": "qlora",
             "lora": { "r": 4, "alpha": 8, "dropout": 0.1, "targets": ["q_proj", "down_proj"] } }));
         let whole = run(dir.path(), "whole", &p, None).unwrap();
-        assert!(whole["frozen_linear_bytes"].as_u64().unwrap() > 0, "{whole:?}");
+        assert!(
+            whole["frozen_linear_bytes"].as_u64().unwrap() > 0,
+            "{whole:?}"
+        );
         run(dir.path(), "resumed", &p, Some(3)).unwrap_err();
         let metrics = run(dir.path(), "resumed", &p, None).unwrap();
         assert_eq!(metrics["resumed_from_step"], 3);

@@ -559,3 +559,45 @@ fn cached_decoding_gives_the_logits_of_full_passes() {
         assert_eq!(state.positions(), ids.len());
     }
 }
+
+/// A checkpoint split in shards, as transformers writes large models: the index maps each
+/// tensor to its file. Split here by hand: the same model loads; a shard the index names but
+/// the directory lacks is named.
+#[test]
+fn sharded_checkpoints_load_and_a_missing_shard_is_named() {
+    let dir = fixtures().join("llama-gqa-tied");
+    let tensors = io::read_safetensors(&dir.join("model.safetensors")).unwrap();
+    let sharded = tempfile::tempdir().unwrap();
+    std::fs::copy(dir.join("config.json"), sharded.path().join("config.json")).unwrap();
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort();
+    let (first, second) = names.split_at(names.len() / 2);
+    let mut map = serde_json::Map::new();
+    for (shard, names) in [
+        ("model-00001-of-00002.safetensors", first),
+        ("model-00002-of-00002.safetensors", second),
+    ] {
+        let named: io::Named = names
+            .iter()
+            .map(|n| (n.to_string(), tensors[*n].0.clone(), tensors[*n].1.clone()))
+            .collect();
+        io::write_safetensors(&sharded.path().join(shard), &named, None).unwrap();
+        for n in names.iter() {
+            map.insert(n.to_string(), shard.into());
+        }
+    }
+    let index = serde_json::json!({ "metadata": {}, "weight_map": map });
+    let index_path = sharded.path().join("model.safetensors.index.json");
+    std::fs::write(&index_path, index.to_string()).unwrap();
+    let (mut whole, _) = Trainer::load(&dir, DeviceKind::Cpu, adamw()).unwrap();
+    let (mut split, _) = Trainer::load(sharded.path(), DeviceKind::Cpu, adamw()).unwrap();
+    assert_eq!(split.weights(), whole.weights());
+    std::fs::remove_file(sharded.path().join("model-00002-of-00002.safetensors")).unwrap();
+    let err = Trainer::load(sharded.path(), DeviceKind::Cpu, adamw())
+        .err()
+        .unwrap();
+    assert!(
+        err.contains("model-00002-of-00002.safetensors: No such file"),
+        "{err}"
+    );
+}
