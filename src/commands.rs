@@ -409,6 +409,36 @@ pub fn show(
     Ok(())
 }
 
+/// `smelt export MODEL --gguf FILE`.
+pub fn export(model: &Path, out: &Path, kind: crate::ExportKind) -> Result<(), Failure> {
+    use smelt_stages::model::{self, gguf::ExportType, AdamWConfig, DeviceKind, Trainer};
+    let optimizer = AdamWConfig {
+        betas: [0.9, 0.999],
+        eps: 1e-8,
+        weight_decay: 0.0,
+    };
+    let (mut trainer, eos) =
+        Trainer::load(model, DeviceKind::Cpu, optimizer).map_err(Failure::Usage)?;
+    let path = model.join("tokenizer.json");
+    let tokenizer: serde_json::Value = std::fs::read(&path)
+        .map_err(|e| e.to_string())
+        .and_then(|bytes| serde_json::from_slice(&bytes).map_err(|e| e.to_string()))
+        .map_err(|e| Failure::Usage(format!("{}: {e}", path.display())))?;
+    let eos = eos.ok_or_else(|| {
+        Failure::Usage(format!(
+            "{}: config.json names no eos_token_id",
+            model.display()
+        ))
+    })?;
+    let kind = match kind {
+        crate::ExportKind::F16 => ExportType::F16,
+        crate::ExportKind::Q8_0 => ExportType::Q8_0,
+    };
+    model::export_gguf(&mut trainer, out, &tokenizer, eos, kind).map_err(Failure::Usage)?;
+    println!("{}", out.display());
+    Ok(())
+}
+
 pub fn generate(args: &crate::GenerateArgs, store: Option<PathBuf>) -> Result<(), Failure> {
     let dir = match (&args.model_dir, &args.pipeline, &args.stage) {
         (Some(dir), _, _) => dir.clone(),

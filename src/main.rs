@@ -141,6 +141,18 @@ enum Command {
     /// Sample a continuation from a model directory (or a pipeline's model stage); prints only
     /// the generated text
     Generate(GenerateArgs),
+    /// Write a Llama-family model directory (a pretrain or finetune artifact, say) as a GGUF
+    /// file llama.cpp runs
+    Export {
+        /// The model directory (config.json, model.safetensors, tokenizer.json)
+        model: PathBuf,
+        /// The GGUF file to write
+        #[arg(long, value_name = "FILE")]
+        gguf: PathBuf,
+        /// How matrices are stored: f16, or q8_0 (8-bit blocks of 32, llama.cpp's)
+        #[arg(long = "type", value_enum, default_value = "f16")]
+        kind: ExportKind,
+    },
     /// The last run as a report: stages, outcomes, durations, metrics, training curves,
     /// evaluations (markdown on stdout, HTML to a file)
     Report {
@@ -206,6 +218,13 @@ pub enum TextMetric {
     Chrf,
     /// chrF++ (chrF plus word 1- and 2-grams)
     ChrfPlus,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum ExportKind {
+    F16,
+    #[value(name = "q8_0")]
+    Q8_0,
 }
 
 #[derive(Args)]
@@ -354,6 +373,7 @@ fn main() -> ExitCode {
         Command::Stages { markdown } => commands::stages(markdown),
         Command::Init { name, force } => commands::init(name.as_deref(), force),
         Command::Generate(args) => commands::generate(&args, store),
+        Command::Export { model, gguf, kind } => commands::export(&model, &gguf, kind),
         Command::Report {
             file,
             html,

@@ -357,6 +357,30 @@ fn the_llama_example_writes_llama_checkpoints_and_peft_adapters() {
     );
     let report = json(artifact("eval").join("metrics.json"));
     assert_eq!(report["models"].as_array().unwrap().len(), 3);
+    // Exported as GGUF (as llama.cpp runs it), the model generates what it did as a directory.
+    let generate = |model: &Path| {
+        let args = [
+            "generate",
+            model.to_str().unwrap(),
+            "--prompt",
+            "Once upon a time",
+        ];
+        let args = [&args[..], &["--temperature", "0", "--max-tokens", "12"]].concat();
+        smelt(&args, work.path()).ok().stdout
+    };
+    let base = artifact("base");
+    let expected = generate(&base);
+    for kind in ["f16", "q8_0"] {
+        let file = work.path().join(format!("base-{kind}.gguf"));
+        let args = [
+            "export",
+            base.to_str().unwrap(),
+            "--gguf",
+            file.to_str().unwrap(),
+        ];
+        smelt(&[&args[..], &["--type", kind]].concat(), work.path()).ok();
+        assert_eq!(generate(&file), expected, "{kind}");
+    }
 }
 
 /// The finetune-lora example, shortened: pretrain → LoRA SFT → LoRA DPO → evaluate, with a

@@ -523,6 +523,301 @@ impl Gguf {
     }
 }
 
+/// How `smelt export --gguf` stores the matrices (norms and biases stay F32).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExportType {
+    F16,
+    Q8_0,
+}
+
+/// A Llama-family model as a GGUF v3 file llama.cpp runs: the `llama` (or `qwen2`) metadata,
+/// its tokenizer (a byte-level BPE tokenizer.json) as `tokenizer.ggml.*`, and every tensor
+/// under its llama.cpp name. q/k rows are permuted into llama.cpp's rotary order for `llama`,
+/// and `output.weight` is written even when the head is tied (llama.cpp wants it).
+pub fn write(
+    path: &Path,
+    config: &LlamaConfig,
+    tensors: &Tensors,
+    tokenizer: &serde_json::Value,
+    eos: u32,
+    kind: ExportType,
+) -> Result<(), String> {
+    let arch = match config.member {
+        Member::Qwen2 => "qwen2",
+        _ => "llama",
+    };
+    let mut metadata = vec![
+        ("general.architecture".to_string(), Value::Str(arch.into())),
+        ("general.alignment".to_string(), Value::Int(32)),
+    ];
+    let number = |key: &str, n: usize| (format!("{arch}.{key}"), Value::Int(n as i64));
+    metadata.extend([
+        number("context_length", config.max_position_embeddings),
+        number("embedding_length", config.hidden_size),
+        number("block_count", config.layers),
+        number("feed_forward_length", config.intermediate_size),
+        number("attention.head_count", config.heads),
+        number("attention.head_count_kv", config.kv_heads),
+        number("rope.dimension_count", config.head_dim),
+        number("vocab_size", config.vocab_size),
+        (
+            format!("{arch}.rope.freq_base"),
+            Value::Float(config.rope_theta),
+        ),
+        (
+            format!("{arch}.attention.layer_norm_rms_epsilon"),
+            Value::Float(config.rms_norm_eps),
+        ),
+    ]);
+    metadata.extend(tokenizer_metadata(tokenizer, eos)?);
+    let mut names: Vec<(String, &str)> = tensors
+        .keys()
+        .map(|hf| gguf_name(hf).map(|g| (g, hf.as_str())))
+        .collect::<Result<_, _>>()?;
+    if config.tie_word_embeddings {
+        names.push(("output.weight".into(), "model.embed_tokens.weight"));
+    }
+    names.sort();
+    let mut infos = Vec::new();
+    for (name, hf) in &names {
+        let (shape, values) = &tensors[*hf];
+        let heads = match name.rsplit('.').nth(1) {
+            Some("attn_q") => Some(config.heads),
+            Some("attn_k") => Some(config.kv_heads),
+            _ => None,
+        };
+        let values = match heads.filter(|_| config.member == Member::Llama) {
+            Some(heads) => permute_rows(values, shape, heads)
+                .ok_or_else(|| format!("`{hf}` does not split into {heads} heads"))?,
+            None => values.clone(),
+        };
+        let matrix = shape.len() == 2;
+        let quantize = matrix && kind == ExportType::Q8_0 && shape[1].is_multiple_of(32);
+        let (ggml, bytes) = match (matrix, quantize) {
+            (true, true) => (Q8_0, quantize_q8_0(&values)),
+            (true, false) => (
+                F16,
+                values
+                    .iter()
+                    .flat_map(|x| half::f16::from_f32(*x).to_le_bytes())
+                    .collect(),
+            ),
+            (false, _) => (F32, values.iter().flat_map(|x| x.to_le_bytes()).collect()),
+        };
+        infos.push((name.clone(), shape.clone(), ggml, bytes));
+    }
+    let bytes = encode(&metadata, &infos);
+    let tmp = path.with_extension("gguf.tmp");
+    std::fs::write(&tmp, bytes).map_err(|e| format!("{}: {e}", path.display()))?;
+    std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// ggml's reference Q8_0 quantizer: per 32 values, `d = max|x| / 127`, `q = round(x / d)`.
+fn quantize_q8_0(values: &[f32]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(values.len() / 32 * 34);
+    for block in values.chunks_exact(32) {
+        let max = block.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+        let d = max / 127.0;
+        let inverse = if d > 0.0 { 1.0 / d } else { 0.0 };
+        out.extend(half::f16::from_f32(d).to_le_bytes());
+        out.extend(block.iter().map(|x| (x * inverse).round() as i8 as u8));
+    }
+    out
+}
+
+/// `tokenizer.ggml.*` for a byte-level BPE tokenizer.json: tokens by id, merges, special tokens
+/// as control tokens (type 3), and the end-of-text id.
+fn tokenizer_metadata(
+    tokenizer: &serde_json::Value,
+    eos: u32,
+) -> Result<Vec<(String, Value)>, String> {
+    let model = &tokenizer["model"];
+    if model["type"] != "BPE" {
+        return Err(
+            "the tokenizer is not byte-level BPE: llama.cpp's `gpt2` tokenizer needs it".into(),
+        );
+    }
+    let vocab = model["vocab"]
+        .as_object()
+        .ok_or("the tokenizer has no vocabulary")?;
+    let mut tokens = vec![String::new(); vocab.len()];
+    for (token, id) in vocab {
+        let id = id
+            .as_u64()
+            .and_then(|id| usize::try_from(id).ok())
+            .filter(|&id| id < tokens.len());
+        tokens[id.ok_or_else(|| format!("token `{token}` has an id beyond the vocabulary"))?] =
+            token.clone();
+    }
+    let mut types = vec![Value::Int(1); tokens.len()];
+    for added in tokenizer["added_tokens"].as_array().into_iter().flatten() {
+        let (Some(id), Some(content)) = (added["id"].as_u64(), added["content"].as_str()) else {
+            continue;
+        };
+        let id = id as usize;
+        if id >= tokens.len() {
+            tokens.resize(id + 1, String::new());
+            types.resize(id + 1, Value::Int(1));
+        }
+        tokens[id] = content.to_string();
+        if added["special"] == true {
+            types[id] = Value::Int(3);
+        }
+    }
+    let merges: Vec<Value> = model["merges"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|m| match m {
+            serde_json::Value::Array(pair) => Value::Str(format!(
+                "{} {}",
+                pair.first().and_then(|p| p.as_str()).unwrap_or_default(),
+                pair.get(1).and_then(|p| p.as_str()).unwrap_or_default()
+            )),
+            other => Value::Str(other.as_str().unwrap_or_default().to_string()),
+        })
+        .collect();
+    let key = |k: &str| format!("tokenizer.ggml.{k}");
+    Ok(vec![
+        (key("model"), Value::Str("gpt2".into())),
+        (key("pre"), Value::Str("gpt2".into())),
+        (
+            key("tokens"),
+            Value::Array(tokens.into_iter().map(Value::Str).collect()),
+        ),
+        (key("token_type"), Value::Array(types)),
+        (key("merges"), Value::Array(merges)),
+        (key("bos_token_id"), Value::Int(eos as i64)),
+        (key("eos_token_id"), Value::Int(eos as i64)),
+        (key("add_bos_token"), Value::Bool(false)),
+    ])
+}
+
+/// The bytes of a GGUF v3 file: header, metadata, tensor infos, then each tensor's data, every
+/// part aligned to 32 bytes.
+fn encode(metadata: &[(String, Value)], tensors: &[(String, Vec<usize>, u32, Vec<u8>)]) -> Vec<u8> {
+    fn string(out: &mut Vec<u8>, s: &str) {
+        out.extend((s.len() as u64).to_le_bytes());
+        out.extend(s.as_bytes());
+    }
+    fn value(out: &mut Vec<u8>, v: &Value, typed: bool) {
+        let (kind, bytes): (u32, Vec<u8>) = match v {
+            Value::Int(i) => match u32::try_from(*i) {
+                Ok(u) => (4, u.to_le_bytes().to_vec()),
+                Err(_) => (11, i.to_le_bytes().to_vec()),
+            },
+            Value::Big(u) => (10, u.to_le_bytes().to_vec()),
+            Value::Float(f) => (6, (*f as f32).to_le_bytes().to_vec()),
+            Value::Bool(b) => (7, vec![u8::from(*b)]),
+            Value::Str(s) => {
+                if typed {
+                    out.extend(8u32.to_le_bytes());
+                }
+                string(out, s);
+                return;
+            }
+            Value::Array(items) => {
+                out.extend(9u32.to_le_bytes());
+                let item = match items.first() {
+                    Some(Value::Str(_)) | None => 8u32,
+                    Some(_) => 5u32,
+                };
+                out.extend(item.to_le_bytes());
+                out.extend((items.len() as u64).to_le_bytes());
+                for item in items {
+                    match item {
+                        Value::Str(s) => string(out, s),
+                        Value::Int(i) => out.extend((*i as i32).to_le_bytes()),
+                        _ => {}
+                    }
+                }
+                return;
+            }
+        };
+        if typed {
+            out.extend(kind.to_le_bytes());
+        }
+        out.extend(bytes);
+    }
+    let mut out = b"GGUF".to_vec();
+    out.extend(3u32.to_le_bytes());
+    out.extend((tensors.len() as u64).to_le_bytes());
+    out.extend((metadata.len() as u64).to_le_bytes());
+    for (key, v) in metadata {
+        string(&mut out, key);
+        value(&mut out, v, true);
+    }
+    let mut offset = 0usize;
+    for (name, shape, kind, bytes) in tensors {
+        string(&mut out, name);
+        out.extend((shape.len() as u32).to_le_bytes());
+        for d in shape.iter().rev() {
+            out.extend((*d as u64).to_le_bytes());
+        }
+        out.extend(kind.to_le_bytes());
+        out.extend((offset as u64).to_le_bytes());
+        offset += bytes.len().next_multiple_of(32);
+    }
+    out.resize(out.len().next_multiple_of(32), 0);
+    for (_, _, _, bytes) in tensors {
+        out.extend(bytes);
+        out.resize(out.len().next_multiple_of(32), 0);
+    }
+    out
+}
+
+/// The llama.cpp name of an HF tensor name.
+fn gguf_name(hf: &str) -> Result<String, String> {
+    let fixed = match hf {
+        "model.embed_tokens.weight" => Some("token_embd.weight"),
+        "model.norm.weight" => Some("output_norm.weight"),
+        "lm_head.weight" => Some("output.weight"),
+        _ => None,
+    };
+    if let Some(name) = fixed {
+        return Ok(name.to_string());
+    }
+    let unknown = || format!("`{hf}` has no llama.cpp name");
+    let rest = hf.strip_prefix("model.layers.").ok_or_else(unknown)?;
+    let (layer, rest) = rest.split_once('.').ok_or_else(unknown)?;
+    let (module, kind) = rest.rsplit_once('.').ok_or_else(unknown)?;
+    let module = match module {
+        "input_layernorm" => "attn_norm",
+        "post_attention_layernorm" => "ffn_norm",
+        "self_attn.q_proj" => "attn_q",
+        "self_attn.k_proj" => "attn_k",
+        "self_attn.v_proj" => "attn_v",
+        "self_attn.o_proj" => "attn_output",
+        "mlp.gate_proj" => "ffn_gate",
+        "mlp.up_proj" => "ffn_up",
+        "mlp.down_proj" => "ffn_down",
+        _ => return Err(unknown()),
+    };
+    Ok(format!("blk.{layer}.{module}.{kind}"))
+}
+
+/// HF's q/k row order to llama.cpp's: in each head's `d` rows, HF row `p·d/2 + j` becomes
+/// row `2j + p` (the inverse of [`unpermute_rows`]).
+pub fn permute_rows(values: &[f32], shape: &[usize], heads: usize) -> Option<Vec<f32>> {
+    let rows = *shape.first()?;
+    let cols = values.len() / rows.max(1);
+    if heads == 0 || !rows.is_multiple_of(heads) || !(rows / heads).is_multiple_of(2) {
+        return None;
+    }
+    let (d, half) = (rows / heads, rows / heads / 2);
+    let mut out = vec![0.0; values.len()];
+    for h in 0..heads {
+        for j in 0..half {
+            for p in 0..2 {
+                let to = (h * d + 2 * j + p) * cols;
+                let from = (h * d + p * half + j) * cols;
+                out[to..to + cols].copy_from_slice(&values[from..from + cols]);
+            }
+        }
+    }
+    Some(out)
+}
+
 /// The HF name of a llama.cpp tensor name.
 fn hf_name(gguf: &str) -> Option<String> {
     let fixed = match gguf {

@@ -202,6 +202,26 @@ pub enum DeviceKind {
     Cuda,
 }
 
+/// Writes a Llama-family `model` as a GGUF file llama.cpp runs, with `tokenizer` (a byte-level
+/// BPE tokenizer.json) and end-of-text id `eos`: matrices as F16 or Q8_0, norms as F32.
+pub fn export_gguf(
+    model: &mut dyn Backend,
+    path: &Path,
+    tokenizer: &serde_json::Value,
+    eos: u32,
+    kind: gguf::ExportType,
+) -> Result<(), String> {
+    let ModelConfig::Llama(config) = model.config() else {
+        return Err("GGUF export is for Llama-family models; this is a GPT-2".into());
+    };
+    let tensors: io::Tensors = model
+        .weights()
+        .into_iter()
+        .map(|(name, shape, values)| (name, (shape, values)))
+        .collect();
+    gguf::write(path, &config, &tensors, tokenizer, eos, kind)
+}
+
 /// What generation keeps between steps of one sequence: a Llama's keys and values (each step
 /// then runs on the new token alone); for GPT-2, whose kernels have no cache yet, the ids so
 /// far (each step runs on them all).
