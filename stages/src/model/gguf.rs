@@ -678,9 +678,17 @@ fn tokenizer_metadata(
         })
         .collect();
     let key = |k: &str| format!("tokenizer.ggml.{k}");
+    // llama.cpp names pre-tokenizers: SmolLM2's splits digits one by one before GPT-2's.
+    let digits = tokenizer["pre_tokenizer"]["pretokenizers"]
+        .as_array()
+        .is_some_and(|p| {
+            p.iter()
+                .any(|p| p["type"] == "Digits" && p["individual_digits"] == true)
+        });
+    let pre = if digits { "smollm" } else { "gpt2" };
     Ok(vec![
         (key("model"), Value::Str("gpt2".into())),
-        (key("pre"), Value::Str("gpt2".into())),
+        (key("pre"), Value::Str(pre.into())),
         (
             key("tokens"),
             Value::Array(tokens.into_iter().map(Value::Str).collect()),
