@@ -804,26 +804,9 @@ fn gguf_name(hf: &str) -> Result<String, String> {
     Ok(format!("blk.{layer}.{module}.{kind}"))
 }
 
-/// HF's q/k row order to llama.cpp's: in each head's `d` rows, HF row `p·d/2 + j` becomes
-/// row `2j + p` (the inverse of [`unpermute_rows`]).
+/// HF's q/k row order to llama.cpp's (the inverse of [`unpermute_rows`]).
 pub fn permute_rows(values: &[f32], shape: &[usize], heads: usize) -> Option<Vec<f32>> {
-    let rows = *shape.first()?;
-    let cols = values.len() / rows.max(1);
-    if heads == 0 || !rows.is_multiple_of(heads) || !(rows / heads).is_multiple_of(2) {
-        return None;
-    }
-    let (d, half) = (rows / heads, rows / heads / 2);
-    let mut out = vec![0.0; values.len()];
-    for h in 0..heads {
-        for j in 0..half {
-            for p in 0..2 {
-                let to = (h * d + 2 * j + p) * cols;
-                let from = (h * d + p * half + j) * cols;
-                out[to..to + cols].copy_from_slice(&values[from..from + cols]);
-            }
-        }
-    }
-    Some(out)
+    reorder_rows(values, shape, heads, true)
 }
 
 /// The HF name of a llama.cpp tensor name.
@@ -856,9 +839,20 @@ fn hf_name(gguf: &str) -> Option<String> {
     Some(format!("model.layers.{layer}.{module}.{kind}"))
 }
 
-/// llama.cpp's q/k row order back to HF's: in each head's `d` rows, GGUF row `2j + p` is HF row
-/// `p·d/2 + j`. Works on a weight `(rows, cols)` and on a bias `(rows,)`.
+/// llama.cpp's q/k row order back to HF's. Works on a weight `(rows, cols)` and on a bias
+/// `(rows,)`.
 pub fn unpermute_rows(values: &[f32], shape: &[usize], heads: usize) -> Option<Vec<f32>> {
+    reorder_rows(values, shape, heads, false)
+}
+
+/// In each head's `d` rows, HF's row `p·d/2 + j` is llama.cpp's row `2j + p`: rows move from
+/// one order to the other (`to_llama_cpp` says which way).
+fn reorder_rows(
+    values: &[f32],
+    shape: &[usize],
+    heads: usize,
+    to_llama_cpp: bool,
+) -> Option<Vec<f32>> {
     let rows = *shape.first()?;
     let cols = values.len() / rows.max(1);
     if heads == 0 || !rows.is_multiple_of(heads) || !(rows / heads).is_multiple_of(2) {
@@ -869,8 +863,12 @@ pub fn unpermute_rows(values: &[f32], shape: &[usize], heads: usize) -> Option<V
     for h in 0..heads {
         for j in 0..half {
             for p in 0..2 {
-                let from = (h * d + 2 * j + p) * cols;
-                let to = (h * d + p * half + j) * cols;
+                let (hf, llama_cpp) = ((h * d + p * half + j) * cols, (h * d + 2 * j + p) * cols);
+                let (from, to) = if to_llama_cpp {
+                    (hf, llama_cpp)
+                } else {
+                    (llama_cpp, hf)
+                };
                 out[to..to + cols].copy_from_slice(&values[from..from + cols]);
             }
         }

@@ -375,7 +375,7 @@ fn smollm2_answers_as_transformers_does() {
             n if n.ends_with("k_proj.weight") => config.kv_heads,
             _ => continue,
         };
-        *values = permute_rows(values, shape, heads);
+        *values = gguf::permute_rows(values, shape, heads).unwrap();
     }
     let mut permuted = Trainer::from_tensors(config, &tensors, DeviceKind::Cpu, adamw()).unwrap();
     let logits = permuted.logits(&prompt, 1, prompt.len());
@@ -384,31 +384,15 @@ fn smollm2_answers_as_transformers_does() {
     assert_eq!(argmax, Some(2));
 }
 
-/// HF's q/k row order to llama.cpp's: the inverse of `gguf::unpermute_rows`.
-fn permute_rows(values: &[f32], shape: &[usize], heads: usize) -> Vec<f32> {
-    let (rows, cols) = (shape[0], values.len() / shape[0]);
-    let (d, half) = (rows / heads, rows / heads / 2);
-    let mut out = vec![0.0; values.len()];
-    for h in 0..heads {
-        for j in 0..half {
-            for p in 0..2 {
-                let to = (h * d + 2 * j + p) * cols;
-                let from = (h * d + p * half + j) * cols;
-                out[to..to + cols].copy_from_slice(&values[from..from + cols]);
-            }
-        }
-    }
-    out
-}
-
 #[test]
 fn unpermuting_inverts_llama_cpp_s_permutation() {
     let values: Vec<f32> = (0..24).map(|i| i as f32).collect();
     let shape = [12, 2];
-    let back = gguf::unpermute_rows(&permute_rows(&values, &shape, 3), &shape, 3).unwrap();
+    let stored = gguf::permute_rows(&values, &shape, 3).unwrap();
+    let back = gguf::unpermute_rows(&stored, &shape, 3).unwrap();
     assert_eq!(back, values);
     // A head of 4 rows [r0 r1 r2 r3] is stored by llama.cpp as [r0 r2 r1 r3].
-    let stored = permute_rows(&values[..8], &[4, 2], 1);
+    let stored = gguf::permute_rows(&values[..8], &[4, 2], 1).unwrap();
     assert_eq!(stored, [0.0, 1.0, 4.0, 5.0, 2.0, 3.0, 6.0, 7.0]);
 }
 
