@@ -32,6 +32,7 @@ stages:
     with:
       sources:
         - synthetic: { generator: chat, documents: 120, seed: 3, tasks: [last_word, repeat] }
+        - synthetic: { generator: stories, documents: 20, seed: 3 }
       split: { validation: 0.2, seed: 3 }
   tokens:
     uses: tokenize
@@ -54,7 +55,8 @@ stages:
     uses: evaluate
     inputs: { models: [sft], data: corpus, tokenizer: tokens }
     with:
-      metrics: [ { exact_match: { max_tokens: 4 } } ]
+      metrics: [ { exact_match: { max_tokens: 4 } }, { perplexity: {} } ]
+      context: 32
       chat_template: { turn_start: "<|im_start|>{role}\n", turn_end: "<|im_end|>\n" }
       max_examples: 3
 "#;
@@ -90,6 +92,14 @@ fn a_gguf_model_is_tokenized_with_fine_tuned_and_evaluated_through_a_pipeline() 
     assert!(sft.join("tokenizer.json").is_file());
     let report = json(p.artifact("eval").join("metrics.json"));
     assert_eq!(report["results"][0]["metric"], "exact_match");
+    // Perplexity windows as long as `context` asks, not the model's 8192 positions.
+    let perplexity = report["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["metric"] == "perplexity")
+        .unwrap();
+    assert_eq!(perplexity["signature"]["context"], 32, "{perplexity}");
     // The same again: everything cached, the model file hashed once (stat cache).
     assert_has(&p.smelt(&["run", "p.yaml"]).ok().stdout, "0 ran, 4 cached");
     // GPT-2's module names are not a Llama's: refused before anything runs.

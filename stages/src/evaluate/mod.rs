@@ -44,6 +44,11 @@ pub struct EvaluateParams {
     /// Records of each kind used at most (the first ones of the split).
     #[serde(default = "default_max_examples")]
     pub max_examples: usize,
+    /// The longest context a model sees, in tokens: perplexity windows and prompts are cut to
+    /// it. Default: each model's own, which for a Llama is its `max_position_embeddings`
+    /// (often thousands of tokens: set this on a CPU).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context: Option<NonZeroUsize>,
 }
 
 fn default_max_examples() -> usize {
@@ -338,6 +343,9 @@ impl Stage for Evaluate {
         let mut preference_log_probs: Vec<Vec<(f64, f64)>> = Vec::new();
         for (index, dir) in model_dirs.iter().enumerate() {
             let mut model = LoadedModel::open(dir)?;
+            if let Some(limit) = params.context {
+                model.context = model.context.min(limit.get());
+            }
             let model_hash = tokenizer_hash(dir)?;
             let mut measure = Measure {
                 model: &mut model,
@@ -530,7 +538,7 @@ impl Measure<'_> {
         if self.data.texts.is_empty() {
             return Err("perplexity: the data has no text documents".into());
         }
-        let context = self.model.config.context();
+        let context = self.model.context;
         let stride = stride.map_or(context / 2, NonZeroUsize::get).max(1);
         let start = self
             .model

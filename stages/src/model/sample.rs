@@ -38,6 +38,8 @@ pub struct LoadedModel {
     encoder: Encoder,
     pub config: ModelConfig,
     pub eos: Option<u32>,
+    /// The longest context the model is run on: its own, unless a caller shortens it.
+    pub context: usize,
 }
 
 impl LoadedModel {
@@ -70,6 +72,7 @@ impl LoadedModel {
             model,
             tokenizer,
             encoder,
+            context: config.context(),
             config,
             eos,
         })
@@ -100,7 +103,7 @@ impl LoadedModel {
     /// Sum of `log p(continuation | context)` (the context is cut from the left to fit).
     pub fn continuation_log_prob(&mut self, context: &[u32], continuation: &[u32]) -> f64 {
         let ids: Vec<u32> = context.iter().chain(continuation).copied().collect();
-        let ids = &ids[ids.len().saturating_sub(self.config.context() + 1)..];
+        let ids = &ids[ids.len().saturating_sub(self.context + 1)..];
         let scored = self.log_probs(ids);
         let n = continuation.len().min(scored.len());
         scored[scored.len() - n..]
@@ -113,7 +116,7 @@ impl LoadedModel {
     /// the new ids. The model runs on the prompt once, then on each new token (its keys and
     /// values cached); past the model's context it starts again on the last positions.
     pub fn continue_ids(&mut self, ids: &[u32], sampling: &Sampling, stop: &[u32]) -> Vec<u32> {
-        let (context, vocab) = (self.config.context(), self.config.vocab_size());
+        let (context, vocab) = (self.context, self.config.vocab_size());
         let mut ids = ids.to_vec();
         let mut rng = ChaCha8Rng::seed_from_u64(sampling.seed);
         let start = ids.len();
