@@ -409,6 +409,16 @@ pub fn show(
     Ok(())
 }
 
+/// A model directory or GGUF file as given, or the snapshot an `hf://org/name` reference
+/// names in the Hugging Face cache.
+fn model_path(given: &Path) -> Result<PathBuf, Failure> {
+    use smelt_stages::model::hub;
+    match given.to_str().filter(|s| hub::is_hub(s)) {
+        Some(reference) => hub::resolve(reference).map_err(Failure::Usage),
+        None => Ok(given.to_path_buf()),
+    }
+}
+
 /// `smelt export MODEL --gguf FILE`.
 pub fn export(model: &Path, out: &Path, kind: crate::ExportKind) -> Result<(), Failure> {
     use smelt_stages::model::{self, gguf::ExportType, AdamWConfig, DeviceKind, Trainer};
@@ -417,6 +427,7 @@ pub fn export(model: &Path, out: &Path, kind: crate::ExportKind) -> Result<(), F
         eps: 1e-8,
         weight_decay: 0.0,
     };
+    let model = &model_path(model)?;
     let (mut trainer, eos) =
         Trainer::load(model, DeviceKind::Cpu, optimizer).map_err(Failure::Usage)?;
     let path = model.join("tokenizer.json");
@@ -441,7 +452,7 @@ pub fn export(model: &Path, out: &Path, kind: crate::ExportKind) -> Result<(), F
 
 pub fn generate(args: &crate::GenerateArgs, store: Option<PathBuf>) -> Result<(), Failure> {
     let dir = match (&args.model_dir, &args.pipeline, &args.stage) {
-        (Some(dir), _, _) => dir.clone(),
+        (Some(dir), _, _) => model_path(dir)?,
         (None, Some(file), Some(stage)) => {
             let session = Session::open(file, &args.overrides.set, store)?;
             let select = Selection {

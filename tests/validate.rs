@@ -1003,3 +1003,81 @@ fn adapters_a_base_model_does_not_have_are_refused_by_validate() {
     p.edit("targets: [attn.c_attn]", "targets: [q_proj, down_proj]");
     p.smelt(&["validate", "p.yaml"]).ok();
 }
+
+#[test]
+fn a_base_in_the_hugging_face_cache_is_found_or_said_missing() {
+    let p = Project::new(&format!(
+        "{HEAD}stages:\n  d:\n    uses: command\n    with: {{ run: x }}\n  sft:\n    uses: finetune\n    inputs: {{ data: d }}\n    with:\n      base: hf://smelt-test/tiny-llama\n      lora: {{ targets: [attn.c_attn] }}\n      train: {{ steps: 20, warmup: 2 }}\n"
+    ));
+    let validate = |home: &Path| first_problem_with_hf_home(&p, home);
+    let home = p.path("hf");
+    let message = validate(&home);
+    assert!(
+        message.contains("`hf://smelt-test/tiny-llama` is not in the Hugging Face cache"),
+        "{message}"
+    );
+    assert!(
+        message.contains("`hf download smelt-test/tiny-llama`"),
+        "{message}"
+    );
+    // Downloaded (laid out as the hub client does): its config is read from the snapshot.
+    let repo = home.join("hub/models--smelt-test--tiny-llama");
+    let snapshot = repo.join("snapshots/0123456789abcdef0123456789abcdef01234567");
+    std::fs::create_dir_all(&snapshot).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(
+        repo.join("refs/main"),
+        "0123456789abcdef0123456789abcdef01234567",
+    )
+    .unwrap();
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama-gqa-tied");
+    for file in ["config.json", "model.safetensors"] {
+        std::fs::copy(fixture.join(file), snapshot.join(file)).unwrap();
+    }
+    let message = validate(&home);
+    assert!(
+        message.contains("the base is a Llama-family model, which has no `attn.c_attn`"),
+        "{message}"
+    );
+}
+
+#[test]
+fn a_tokenizer_from_the_hugging_face_cache_is_found_or_said_missing() {
+    let p = Project::new(&tokenize(
+        "{ from: \"hf://smelt-test/tiny\", eos_token: \"</s>\" }",
+    ));
+    let home = p.path("hf");
+    let validate = || first_problem_with_hf_home(&p, &home);
+    assert!(validate().contains("`hf://smelt-test/tiny` is not in the Hugging Face cache"));
+    // In the cache: its tokenizer.json is read (and found to lack the eos token).
+    let snapshot = home.join("hub/models--smelt-test--tiny/snapshots/abc");
+    std::fs::create_dir_all(&snapshot).unwrap();
+    std::fs::create_dir_all(home.join("hub/models--smelt-test--tiny/refs")).unwrap();
+    std::fs::write(home.join("hub/models--smelt-test--tiny/refs/main"), "abc").unwrap();
+    let tokenizer = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+        "normalizer": null, "pre_tokenizer": null, "post_processor": null, "decoder": null,
+        "model": { "type": "WordLevel", "vocab": { "<unk>": 0, "a": 1 }, "unk_token": "<unk>" }
+    });
+    std::fs::write(snapshot.join("tokenizer.json"), tokenizer.to_string()).unwrap();
+    let message = validate();
+    assert!(
+        message.contains("the tokenizer has no `</s>` token"),
+        "{message}"
+    );
+}
+
+/// The first problem `validate` reports with the Hugging Face cache under `home`.
+fn first_problem_with_hf_home(p: &Project, home: &Path) -> String {
+    let out = p
+        .command(&["validate", "--format", "json", "p.yaml"])
+        .env("HF_HOME", home)
+        .env_remove("HF_HUB_CACHE")
+        .output()
+        .unwrap();
+    let files: Value = serde_json::from_slice(&out.stdout).unwrap();
+    files[0]["problems"][0]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}

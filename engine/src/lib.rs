@@ -26,7 +26,7 @@ pub use execute::{Divergence, Executor, Observer, Outcome, StageResult};
 pub use plan::{Checked, Decision, InputCheck, Plan, Planner, Reason, Selection};
 pub use spec::{Override, Pipeline, StageSpec};
 pub use stage::{
-    DynStage, InputDirs, Metrics, ParamProblem, Port, Ports, Progress, Registry, Stage,
+    Dep, DynStage, InputDirs, Metrics, ParamProblem, Port, Ports, Progress, Registry, Stage,
     StageContext, StageError,
 };
 pub use store::{ArtifactId, StageKey, Store};

@@ -371,7 +371,7 @@ impl Planner<'_> {
     /// Content hashes of the stage's external files, keyed by the path as written.
     fn hash_deps(&self, spec: &StageSpec) -> Result<BTreeMap<String, String>, Box<Reason>> {
         let kind = self.registry.get(&spec.kind).expect("validated kind");
-        let paths = kind
+        let found = kind
             .external_deps(&spec.params, &self.pipeline.dir)
             .map_err(|error| {
                 Box::new(Reason::MissingDependency {
@@ -380,11 +380,11 @@ impl Planner<'_> {
                 })
             })?;
         let mut deps = BTreeMap::new();
-        for path in paths {
-            let shown = path.display().to_string();
+        for dep in found {
+            let shown = dep.name;
             let hash = self
                 .stat_cache
-                .hash_dependency(&self.pipeline.dir.join(&path))
+                .hash_dependency(&self.pipeline.dir.join(&dep.path))
                 .map_err(|e| {
                     Box::new(Reason::MissingDependency {
                         path: shown.clone(),

@@ -189,6 +189,27 @@ impl fmt::Display for ParamProblem {
     }
 }
 
+/// A file or directory outside the store that a stage reads. Its content hash goes into the
+/// stage key under `name`: the path as the pipeline writes it, relative to the pipeline file,
+/// or another name that holds no path of this machine (`hf://org/model` for a model in the
+/// Hugging Face cache), so keys do not depend on where things are.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Dep {
+    pub name: String,
+    /// Where it is: relative to the pipeline file, or absolute.
+    pub path: PathBuf,
+}
+
+impl From<PathBuf> for Dep {
+    /// A path as the pipeline writes it, which is also its name.
+    fn from(path: PathBuf) -> Self {
+        Dep {
+            name: path.display().to_string(),
+            path,
+        }
+    }
+}
+
 /// Input artifact directories by port, as [`StageContext::inputs`] holds them.
 pub type InputDirs = BTreeMap<String, Vec<PathBuf>>;
 
@@ -205,14 +226,14 @@ pub trait Stage: Send + Sync + 'static {
 
     fn ports(&self) -> Ports;
 
-    /// Files and directories outside the store that the stage reads, relative to the pipeline
-    /// file (`pipeline_dir`); their content hashes go into the stage key. An error (a glob that
-    /// matches nothing) blocks the stage before anything runs.
+    /// Files and directories outside the store that the stage reads; their content hashes go
+    /// into the stage key under their names. An error (a glob that matches nothing) blocks the
+    /// stage before anything runs.
     fn external_deps(
         &self,
         _params: &Self::Params,
         _pipeline_dir: &Path,
-    ) -> Result<Vec<PathBuf>, String> {
+    ) -> Result<Vec<Dep>, String> {
         Ok(Vec::new())
     }
 
@@ -268,7 +289,7 @@ pub trait DynStage: Send + Sync {
         &self,
         params: &serde_json::Value,
         pipeline_dir: &Path,
-    ) -> Result<Vec<PathBuf>, String>;
+    ) -> Result<Vec<Dep>, String>;
     /// [`Stage::check`] on resolved params.
     fn check(&self, params: &serde_json::Value, wired: &[&str]) -> Vec<ParamProblem>;
     /// [`Stage::check_files`] on resolved params.
@@ -315,7 +336,7 @@ impl<S: Stage> DynStage for S {
         &self,
         params: &serde_json::Value,
         pipeline_dir: &Path,
-    ) -> Result<Vec<PathBuf>, String> {
+    ) -> Result<Vec<Dep>, String> {
         Stage::external_deps(self, &typed::<S>(params)?, pipeline_dir)
     }
 

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
-use smelt_engine::{Metrics, Ports, Stage, StageContext, StageError};
+use smelt_engine::{Dep, Metrics, Ports, Stage, StageContext, StageError};
 
 /// Lines of stderr shown when the command fails.
 const STDERR_TAIL: usize = 20;
@@ -48,8 +48,12 @@ impl Stage for Command {
         &self,
         params: &CommandParams,
         _pipeline_dir: &Path,
-    ) -> Result<Vec<PathBuf>, String> {
-        Ok(params.deps.iter().map(PathBuf::from).collect())
+    ) -> Result<Vec<Dep>, String> {
+        Ok(params
+            .deps
+            .iter()
+            .map(|d| Dep::from(PathBuf::from(d)))
+            .collect())
     }
 
     fn run(&self, params: &CommandParams, ctx: &StageContext) -> Result<Metrics, StageError> {

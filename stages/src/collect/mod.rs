@@ -10,11 +10,11 @@ pub(crate) mod synthetic;
 mod url;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
-use smelt_engine::{Metrics, ParamProblem, Ports, Stage, StageContext, StageError};
+use smelt_engine::{Dep, Metrics, ParamProblem, Ports, Stage, StageContext, StageError};
 
 pub use files::{Format, InvalidUtf8, SplitOn};
 pub use synthetic::{Generator, TaskKind};
@@ -194,11 +194,15 @@ impl Stage for Collect {
         &self,
         params: &CollectParams,
         pipeline_dir: &Path,
-    ) -> Result<Vec<PathBuf>, String> {
+    ) -> Result<Vec<Dep>, String> {
         let mut deps = Vec::new();
         for source in &params.sources {
             if let Source::Files(files) = source {
-                deps.extend(files::expand_glob(pipeline_dir, &files.glob)?);
+                deps.extend(
+                    files::expand_glob(pipeline_dir, &files.glob)?
+                        .into_iter()
+                        .map(Dep::from),
+                );
             }
         }
         Ok(deps)

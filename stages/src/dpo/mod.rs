@@ -4,12 +4,12 @@
 //! and data (so a rerun with another `beta` or learning rate does not recompute them) and
 //! written into the artifact (`reference_logps.json`).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use smelt_engine::{
-    InputDirs, Metrics, ParamProblem, Port, Ports, Stage, StageContext, StageError,
+    Dep, InputDirs, Metrics, ParamProblem, Port, Ports, Stage, StageContext, StageError,
 };
 
 use crate::finetune::examples::{self, draw, Example, Padded, Skipped};
@@ -83,11 +83,7 @@ impl Stage for Dpo {
         ])
     }
 
-    fn external_deps(
-        &self,
-        params: &DpoParams,
-        pipeline_dir: &Path,
-    ) -> Result<Vec<PathBuf>, String> {
+    fn external_deps(&self, params: &DpoParams, pipeline_dir: &Path) -> Result<Vec<Dep>, String> {
         params.adapt.external_deps(pipeline_dir)
     }
 

@@ -19,7 +19,7 @@ use regex::Regex;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use smelt_engine::{
-    InputDirs, Metrics, ParamProblem, Port, Ports, Stage, StageContext, StageError,
+    Dep, InputDirs, Metrics, ParamProblem, Port, Ports, Stage, StageContext, StageError,
 };
 
 use crate::metrics;
@@ -233,7 +233,7 @@ impl Stage for Evaluate {
         &self,
         params: &EvaluateParams,
         pipeline_dir: &Path,
-    ) -> Result<Vec<PathBuf>, String> {
+    ) -> Result<Vec<Dep>, String> {
         let mut files = Vec::new();
         for metric in &params.metrics {
             if let Some(file) = metric.file() {
@@ -243,7 +243,7 @@ impl Stage for Evaluate {
                         metric.name()
                     ));
                 }
-                files.push(PathBuf::from(file));
+                files.push(Dep::from(PathBuf::from(file)));
             }
         }
         Ok(files)

@@ -14,11 +14,11 @@ use std::path::{Path, PathBuf};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use smelt_engine::{
-    InputDirs, Metrics, ParamProblem, Port, Ports, Stage, StageContext, StageError,
+    Dep, InputDirs, Metrics, ParamProblem, Port, Ports, Stage, StageContext, StageError,
 };
 
 use crate::model::{
-    gguf, peft, Backend, DeviceKind, LoraConfig, LoraTarget, ModelConfig, QuantKind, Trainer,
+    gguf, hub, peft, Backend, DeviceKind, LoraConfig, LoraTarget, ModelConfig, QuantKind, Trainer,
 };
 use crate::params::{non_empty_schema, some_non_empty, Fraction, Positive};
 use crate::tokenize::Meta;
@@ -41,8 +41,9 @@ pub struct FinetuneParams {
 #[derive(Debug, Serialize, Deserialize, JsonSchema)]
 pub struct AdaptParams {
     /// An HF model directory (GPT-2, or the Llama family: Llama, Mistral, Qwen2, SmolLM2) or
-    /// a Llama-family GGUF file, relative to the pipeline file, used when no `model` input is
-    /// wired (its files are hashed into the stage key).
+    /// a Llama-family GGUF file, relative to the pipeline file, or `hf://org/name[@revision]`
+    /// for a model already in the Hugging Face cache; used when no `model` input is wired (its
+    /// files are hashed into the stage key).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub base: Option<String>,
     #[serde(default)]
@@ -197,10 +198,10 @@ impl AdaptParams {
         if let Some(problem) = base_problem(model.is_some(), self.base.is_some()) {
             return Err(problem.to_string());
         }
-        Ok(match (model, &self.base) {
-            (Some(dir), _) => dir.clone(),
-            (None, base) => pipeline_dir.join(base.as_deref().unwrap_or_default()),
-        })
+        match (model, &self.base) {
+            (Some(dir), _) => Ok(dir.clone()),
+            (None, base) => base_path(base.as_deref().unwrap_or_default(), pipeline_dir),
+        }
     }
 
     /// The `finetune` and `dpo` input checks: the data has the `<streams>-train` and
@@ -270,8 +271,11 @@ impl AdaptParams {
         let Some(base) = &self.base else {
             return Vec::new();
         };
-        let path = pipeline_dir.join(base);
-        let read = if gguf::is_gguf(&path) {
+        let path = match base_path(base, pipeline_dir) {
+            Ok(path) => path,
+            Err(e) => return vec![ParamProblem::new("base", e)],
+        };
+        let read = if gguf::is_gguf(&path) || hub::is_hub(base) {
             ModelConfig::read(&path)
         } else {
             let shown = Path::new(base).join("config.json");
@@ -290,13 +294,21 @@ impl AdaptParams {
         }
     }
 
-    pub fn external_deps(&self, pipeline_dir: &Path) -> Result<Vec<PathBuf>, String> {
+    pub fn external_deps(&self, pipeline_dir: &Path) -> Result<Vec<Dep>, String> {
         let Some(base) = &self.base else {
             return Ok(Vec::new());
         };
+        if hub::is_hub(base) {
+            // Named as written: the cache's place on this machine stays out of the key.
+            let path = hub::resolve(base)?;
+            return Ok(vec![Dep {
+                name: base.clone(),
+                path,
+            }]);
+        }
         let dir = pipeline_dir.join(base);
         if gguf::is_gguf(&dir) {
-            return Ok(vec![PathBuf::from(base)]);
+            return Ok(vec![Dep::from(PathBuf::from(base))]);
         }
         let weights = ["model.safetensors", "model.safetensors.index.json"];
         if !dir.join("config.json").is_file() {
@@ -306,7 +318,15 @@ impl AdaptParams {
             return Err(format!("`base`: no model.safetensors in {base}"));
         }
         // As written, relative to the pipeline: a key holds no absolute path.
-        Ok(vec![PathBuf::from(base)])
+        Ok(vec![Dep::from(PathBuf::from(base))])
+    }
+}
+
+/// Where `base` is: next to the pipeline, or in the Hugging Face cache (`hf://org/name`).
+fn base_path(base: &str, pipeline_dir: &Path) -> Result<PathBuf, String> {
+    match hub::is_hub(base) {
+        true => hub::resolve(base),
+        false => Ok(pipeline_dir.join(base)),
     }
 }
 
@@ -424,7 +444,7 @@ impl Stage for Finetune {
         &self,
         params: &FinetuneParams,
         pipeline_dir: &Path,
-    ) -> Result<Vec<PathBuf>, String> {
+    ) -> Result<Vec<Dep>, String> {
         params.adapt.external_deps(pipeline_dir)
     }
 

@@ -16,6 +16,7 @@
 mod architecture;
 pub mod gguf;
 mod gpt;
+pub mod hub;
 pub mod io;
 mod kernels;
 mod layers;

@@ -25,11 +25,12 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use crate::model::hub;
 use rayon::prelude::*;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use smelt_engine::{
-    InputDirs, Metrics, ParamProblem, Port, Ports, Stage, StageContext, StageError,
+    Dep, InputDirs, Metrics, ParamProblem, Port, Ports, Stage, StageContext, StageError,
 };
 use thread_local::ThreadLocal;
 use tokenizers::Tokenizer;
@@ -53,7 +54,8 @@ pub struct TokenizeParams {
     #[serde(default)]
     pub train: Option<TrainParams>,
     /// An HF `tokenizer.json` to use instead, or a GGUF model file (its tokenizer), relative
-    /// to the pipeline file (its content is part of the stage key).
+    /// to the pipeline file, or `hf://org/name` (the tokenizer.json of a model in the Hugging
+    /// Face cache); its content is part of the stage key.
     #[serde(default)]
     pub from: Option<String>,
     /// How conversations and preference pairs are rendered.
@@ -188,13 +190,18 @@ impl Stage for Tokenize {
         &self,
         params: &TokenizeParams,
         pipeline_dir: &Path,
-    ) -> Result<Vec<PathBuf>, String> {
+    ) -> Result<Vec<Dep>, String> {
         Ok(match &params.from {
+            // The tokenizer file alone, named as written: not the cache's place.
+            Some(from) if hub::is_hub(from) => vec![Dep {
+                name: from.clone(),
+                path: from_path(from, pipeline_dir)?,
+            }],
             Some(path) => {
                 if !pipeline_dir.join(path).is_file() {
                     return Err(format!("`from`: no file {path} next to the pipeline"));
                 }
-                vec![PathBuf::from(path)]
+                vec![Dep::from(PathBuf::from(path))]
             }
             None => Vec::new(),
         })
@@ -232,7 +239,10 @@ impl Stage for Tokenize {
         let Some(from) = params.from.as_deref() else {
             return Vec::new();
         };
-        let path = pipeline_dir.join(from);
+        let path = match from_path(from, pipeline_dir) {
+            Ok(path) => path,
+            Err(e) => return vec![ParamProblem::new("from", e)],
+        };
         if !path.is_file() {
             return Vec::new();
         }
@@ -376,7 +386,7 @@ fn tokenizer(
         return Err(problem.to_string());
     }
     match (&params.from, wired, &params.train) {
-        (Some(path), _, _) => load(&ctx.pipeline_dir.join(path)),
+        (Some(from), _, _) => load(&from_path(from, &ctx.pipeline_dir)?),
         (None, Some(dir), _) => load(&dir.join("tokenizer.json")),
         (None, None, train) => {
             let tokenizer = train::train(&train.clone().unwrap_or_default(), corpus)?;
@@ -426,6 +436,15 @@ fn eos_problem(
             .or_at(or_at)
             .help(help),
     )
+}
+
+/// Where `from` is: a file next to the pipeline, or the tokenizer.json of a model in the
+/// Hugging Face cache (`hf://org/name`).
+fn from_path(from: &str, pipeline_dir: &Path) -> Result<PathBuf, String> {
+    match hub::is_hub(from) {
+        true => Ok(hub::resolve(from)?.join("tokenizer.json")),
+        false => Ok(pipeline_dir.join(from)),
+    }
 }
 
 /// The tokenizer of `path`: a tokenizer.json, or the one a GGUF model file carries (its
