@@ -9,8 +9,23 @@ use serde_json::Value;
 
 /// (code, line, column, message, help) of each problem, via `--format json`.
 fn problems(yaml: &str) -> Vec<(String, u64, u64, String, String)> {
-    let p = Project::new(yaml);
-    let run = p.smelt(&["validate", "--format", "json", "p.yaml"]);
+    problems_of(&Project::new(yaml))
+}
+
+/// The problems `validate --format json` reports for the project's p.yaml.
+fn problems_of(p: &Project) -> Vec<(String, u64, u64, String, String)> {
+    reported(p, &[])
+}
+
+/// The problems `validate --data --format json` reports for the project's p.yaml.
+fn problems_of_data(p: &Project) -> Vec<(String, u64, u64, String, String)> {
+    reported(p, &["--data"])
+}
+
+/// The problems `validate` with `extra` arguments reports; it must exit 1.
+fn reported(p: &Project, extra: &[&str]) -> Vec<(String, u64, u64, String, String)> {
+    let args = [&["validate", "--format", "json", "p.yaml"][..], extra].concat();
+    let run = p.smelt(&args);
     assert_eq!(
         run.code, 1,
         "expected invalid:\n{}{}",
@@ -811,27 +826,6 @@ fn a_tokenizer_file_is_checked_by_validate() {
     assert_has(&run.stderr, "nothing was run");
 }
 
-/// The problems `validate --format json` reports for the project's p.yaml.
-fn problems_of(p: &Project) -> Vec<(String, u64, u64, String, String)> {
-    let run = p.smelt(&["validate", "--format", "json", "p.yaml"]);
-    assert_eq!(run.code, 1, "{}{}", run.stdout, run.stderr);
-    let files: Value = serde_json::from_str(&run.stdout).unwrap();
-    files[0]["problems"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| {
-            (
-                p["code"].as_str().unwrap().to_string(),
-                p["line"].as_u64().unwrap(),
-                p["column"].as_u64().unwrap(),
-                p["message"].as_str().unwrap().to_string(),
-                p["help"].as_str().unwrap_or("").to_string(),
-            )
-        })
-        .collect()
-}
-
 #[test]
 fn question_files_are_checked_by_validate() {
     let p = Project::new(&format!(
@@ -908,27 +902,6 @@ fn vocabularies_below_the_corpus_alphabet_are_refused_before_they_train() {
         assert_eq!(run.code, 1, "{model}");
         assert_has(&run.stderr, "nothing was run");
     }
-}
-
-/// The problems `validate --data --format json` reports for the project's p.yaml.
-fn problems_of_data(p: &Project) -> Vec<(String, u64, u64, String, String)> {
-    let run = p.smelt(&["validate", "--data", "--format", "json", "p.yaml"]);
-    assert_eq!(run.code, 1, "{}{}", run.stdout, run.stderr);
-    let files: Value = serde_json::from_str(&run.stdout).unwrap();
-    files[0]["problems"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| {
-            (
-                p["code"].as_str().unwrap().to_string(),
-                p["line"].as_u64().unwrap(),
-                p["column"].as_u64().unwrap(),
-                p["message"].as_str().unwrap().to_string(),
-                p["help"].as_str().unwrap_or("").to_string(),
-            )
-        })
-        .collect()
 }
 
 #[test]
