@@ -774,34 +774,46 @@ fn encode(metadata: &[(String, Value)], tensors: &[(String, Vec<usize>, u32, Vec
     out
 }
 
+/// Whole tensors, HF's name then llama.cpp's.
+const TENSORS: [(&str, &str); 3] = [
+    ("model.embed_tokens.weight", "token_embd.weight"),
+    ("model.norm.weight", "output_norm.weight"),
+    ("lm_head.weight", "output.weight"),
+];
+
+/// A layer's modules, HF's name (under `model.layers.N.`) then llama.cpp's (under `blk.N.`).
+const MODULES: [(&str, &str); 9] = [
+    ("input_layernorm", "attn_norm"),
+    ("post_attention_layernorm", "ffn_norm"),
+    ("self_attn.q_proj", "attn_q"),
+    ("self_attn.k_proj", "attn_k"),
+    ("self_attn.v_proj", "attn_v"),
+    ("self_attn.o_proj", "attn_output"),
+    ("mlp.gate_proj", "ffn_gate"),
+    ("mlp.up_proj", "ffn_up"),
+    ("mlp.down_proj", "ffn_down"),
+];
+
+/// `name` in the other naming: llama.cpp's for HF's (`to_gguf`), or HF's for llama.cpp's.
+fn rename(name: &str, to_gguf: bool) -> Option<String> {
+    let pick = |&(hf, gguf): &(&'static str, &'static str)| match to_gguf {
+        true => (hf, gguf),
+        false => (gguf, hf),
+    };
+    if let Some((_, to)) = TENSORS.iter().map(pick).find(|(from, _)| *from == name) {
+        return Some(to.to_string());
+    }
+    let (prefix, new_prefix) = pick(&("model.layers.", "blk."));
+    let (layer, rest) = name.strip_prefix(prefix)?.split_once('.')?;
+    layer.parse::<usize>().ok()?;
+    let (module, kind) = rest.rsplit_once('.')?;
+    let (_, module) = MODULES.iter().map(pick).find(|(from, _)| *from == module)?;
+    Some(format!("{new_prefix}{layer}.{module}.{kind}"))
+}
+
 /// The llama.cpp name of an HF tensor name.
 fn gguf_name(hf: &str) -> Result<String, String> {
-    let fixed = match hf {
-        "model.embed_tokens.weight" => Some("token_embd.weight"),
-        "model.norm.weight" => Some("output_norm.weight"),
-        "lm_head.weight" => Some("output.weight"),
-        _ => None,
-    };
-    if let Some(name) = fixed {
-        return Ok(name.to_string());
-    }
-    let unknown = || format!("`{hf}` has no llama.cpp name");
-    let rest = hf.strip_prefix("model.layers.").ok_or_else(unknown)?;
-    let (layer, rest) = rest.split_once('.').ok_or_else(unknown)?;
-    let (module, kind) = rest.rsplit_once('.').ok_or_else(unknown)?;
-    let module = match module {
-        "input_layernorm" => "attn_norm",
-        "post_attention_layernorm" => "ffn_norm",
-        "self_attn.q_proj" => "attn_q",
-        "self_attn.k_proj" => "attn_k",
-        "self_attn.v_proj" => "attn_v",
-        "self_attn.o_proj" => "attn_output",
-        "mlp.gate_proj" => "ffn_gate",
-        "mlp.up_proj" => "ffn_up",
-        "mlp.down_proj" => "ffn_down",
-        _ => return Err(unknown()),
-    };
-    Ok(format!("blk.{layer}.{module}.{kind}"))
+    rename(hf, true).ok_or_else(|| format!("`{hf}` has no llama.cpp name"))
 }
 
 /// HF's q/k row order to llama.cpp's (the inverse of [`unpermute_rows`]).
@@ -811,32 +823,7 @@ pub fn permute_rows(values: &[f32], shape: &[usize], heads: usize) -> Option<Vec
 
 /// The HF name of a llama.cpp tensor name.
 fn hf_name(gguf: &str) -> Option<String> {
-    let fixed = match gguf {
-        "token_embd.weight" => Some("model.embed_tokens.weight"),
-        "output_norm.weight" => Some("model.norm.weight"),
-        "output.weight" => Some("lm_head.weight"),
-        _ => None,
-    };
-    if let Some(name) = fixed {
-        return Some(name.to_string());
-    }
-    let rest = gguf.strip_prefix("blk.")?;
-    let (layer, rest) = rest.split_once('.')?;
-    let layer: usize = layer.parse().ok()?;
-    let (module, kind) = rest.rsplit_once('.')?;
-    let module = match module {
-        "attn_norm" => "input_layernorm",
-        "ffn_norm" => "post_attention_layernorm",
-        "attn_q" => "self_attn.q_proj",
-        "attn_k" => "self_attn.k_proj",
-        "attn_v" => "self_attn.v_proj",
-        "attn_output" => "self_attn.o_proj",
-        "ffn_gate" => "mlp.gate_proj",
-        "ffn_up" => "mlp.up_proj",
-        "ffn_down" => "mlp.down_proj",
-        _ => return None,
-    };
-    Some(format!("model.layers.{layer}.{module}.{kind}"))
+    rename(gguf, false)
 }
 
 /// llama.cpp's q/k row order back to HF's. Works on a weight `(rows, cols)` and on a bias
@@ -880,65 +867,20 @@ fn reorder_rows(
 mod tests {
     use super::*;
 
-    /// A GGUF file: the given metadata and tensors (name, HF shape, ggml type, raw bytes).
-    pub fn build(
-        metadata: &[(&str, Value)],
-        tensors: &[(&str, &[usize], u32, Vec<u8>)],
-    ) -> Vec<u8> {
-        fn string(out: &mut Vec<u8>, s: &str) {
-            out.extend((s.len() as u64).to_le_bytes());
-            out.extend(s.as_bytes());
-        }
-        fn value(out: &mut Vec<u8>, v: &Value) {
-            match v {
-                Value::Int(i) => {
-                    out.extend(11u32.to_le_bytes());
-                    out.extend(i.to_le_bytes());
-                }
-                Value::Float(f) => {
-                    out.extend(12u32.to_le_bytes());
-                    out.extend(f.to_le_bytes());
-                }
-                Value::Str(s) => {
-                    out.extend(8u32.to_le_bytes());
-                    string(out, s);
-                }
-                Value::Array(items) => {
-                    out.extend(9u32.to_le_bytes());
-                    out.extend(8u32.to_le_bytes());
-                    out.extend((items.len() as u64).to_le_bytes());
-                    for item in items {
-                        string(out, item.as_str().expect("string arrays"));
-                    }
-                }
-                other => panic!("{other:?}"),
-            }
-        }
-        let mut out = b"GGUF".to_vec();
-        out.extend(3u32.to_le_bytes());
-        out.extend((tensors.len() as u64).to_le_bytes());
-        out.extend((metadata.len() as u64).to_le_bytes());
-        for (key, v) in metadata {
-            string(&mut out, key);
-            value(&mut out, v);
-        }
-        let mut offset = 0;
-        for (name, shape, kind, bytes) in tensors {
-            string(&mut out, name);
-            out.extend((shape.len() as u32).to_le_bytes());
-            for d in shape.iter().rev() {
-                out.extend((*d as u64).to_le_bytes());
-            }
-            out.extend(kind.to_le_bytes());
-            out.extend((offset as u64).to_le_bytes());
-            offset += bytes.len().next_multiple_of(32);
-        }
-        out.resize(out.len().next_multiple_of(32), 0);
-        for (_, _, _, bytes) in tensors {
-            out.extend(bytes);
-            out.resize(out.len().next_multiple_of(32), 0);
-        }
-        out
+    /// A GGUF file: the given metadata and tensors (name, HF shape, ggml type, raw bytes),
+    /// written as the exporter writes files.
+    fn build(metadata: &[(&str, Value)], tensors: &[(&str, &[usize], u32, Vec<u8>)]) -> Vec<u8> {
+        let metadata: Vec<(String, Value)> = metadata
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect();
+        let tensors: Vec<(String, Vec<usize>, u32, Vec<u8>)> = tensors
+            .iter()
+            .map(|(name, shape, kind, bytes)| {
+                (name.to_string(), shape.to_vec(), *kind, bytes.clone())
+            })
+            .collect();
+        encode(&metadata, &tensors)
     }
 
     fn f16(x: f32) -> [u8; 2] {
