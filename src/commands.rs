@@ -422,11 +422,7 @@ fn model_path(given: &Path) -> Result<PathBuf, Failure> {
 /// `smelt export MODEL --gguf FILE`.
 pub fn export(model: &Path, out: &Path, kind: crate::ExportKind) -> Result<(), Failure> {
     use smelt_stages::model::{self, gguf::ExportType, AdamWConfig, DeviceKind, Trainer};
-    let optimizer = AdamWConfig {
-        betas: [0.9, 0.999],
-        eps: 1e-8,
-        weight_decay: 0.0,
-    };
+    let optimizer = AdamWConfig::UNUSED;
     let model = &model_path(model)?;
     let (mut trainer, eos) =
         Trainer::load(model, DeviceKind::Cpu, optimizer).map_err(Failure::Usage)?;

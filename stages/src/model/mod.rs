@@ -1069,30 +1069,28 @@ mod tests {
     }
 
     /// A fixture's token ids (2 rows of 8, flattened) and the logits transformers computed.
+    /// The ids and logits of a fixture's logits.json, flattened (GPT-2's are lists of rows,
+    /// the Llama fixtures' nested by sequence and position).
     pub(super) fn fixture_logits(dir: &Path) -> (Vec<u32>, Vec<f32>) {
         let fixture: serde_json::Value =
             serde_json::from_slice(&std::fs::read(dir.join("logits.json")).unwrap()).unwrap();
-        let numbers = |v: &serde_json::Value| -> Vec<f64> {
-            let flat: Vec<&serde_json::Value> = match v.as_array().unwrap().first() {
-                Some(serde_json::Value::Array(_)) => v
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .flat_map(|r| r.as_array().unwrap())
-                    .collect(),
-                _ => v.as_array().unwrap().iter().collect(),
-            };
-            flat.iter().map(|x| x.as_f64().unwrap()).collect()
-        };
-        let ids = numbers(&fixture["ids"])
+        let ids = flat(&fixture["ids"])
             .into_iter()
             .map(|i| i as u32)
             .collect();
-        let logits = numbers(&fixture["logits"])
+        let logits = flat(&fixture["logits"])
             .into_iter()
             .map(|x| x as f32)
             .collect();
         (ids, logits)
+    }
+
+    /// Every number of nested JSON lists, in order.
+    pub(super) fn flat(value: &serde_json::Value) -> Vec<f64> {
+        match value {
+            serde_json::Value::Array(items) => items.iter().flat_map(flat).collect(),
+            number => vec![number.as_f64().unwrap()],
+        }
     }
 
     pub(super) fn worst_difference(a: &[f32], b: &[f32]) -> f32 {
@@ -1479,27 +1477,38 @@ mod tests {
     #[test]
     fn peft_and_transformers_agree_with_adapted_and_merged_models() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/gpt2-lora");
+        check_lora_fixture(
+            &dir,
+            adapted_tiny(),
+            "gpt2-smelt-export",
+            "make_gpt2_fixture.py",
+        );
+    }
+
+    /// peft loads the adapter smelt writes for `adapted` on its base (`base`, as the fixture's
+    /// adapter_config names it) and computes smelt's logits; transformers computes the same for
+    /// the merged model. The fixture directory `dir` holds the adapter peft loaded and the
+    /// logits (made by `script`).
+    pub(super) fn check_lora_fixture(
+        dir: &Path,
+        (mut model, config): (Trainer, LoraConfig),
+        base: &str,
+        script: &str,
+    ) {
         let fixture: serde_json::Value =
             serde_json::from_slice(&std::fs::read(dir.join("logits.json")).unwrap()).unwrap();
-        let floats = |key: &str| -> Vec<f32> {
-            fixture[key]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_f64().unwrap() as f32)
-                .collect()
-        };
+        let floats =
+            |key: &str| -> Vec<f32> { flat(&fixture[key]).iter().map(|&x| x as f32).collect() };
         let ids: Vec<u32> = floats("ids").into_iter().map(|x| x as u32).collect();
-        let (mut model, config) = adapted_tiny();
         let out = tempfile::tempdir().unwrap();
-        peft::write_adapter(out.path(), &config, &model.weights(), "gpt2-smelt-export").unwrap();
+        peft::write_adapter(out.path(), &config, &model.weights(), base).unwrap();
         // Byte for byte (not as a diff of the bytes: unreadable, and megabytes long).
         let written = std::fs::read(out.path().join("adapter_model.safetensors")).unwrap();
         let committed = std::fs::read(dir.join("adapter/adapter_model.safetensors")).unwrap();
         assert!(
             written == committed,
             "the adapter peft loaded is not the one smelt writes: after a change to the \
-             numerics, rerun tests/fixtures/make_gpt2_fixture.py"
+             numerics, rerun tests/fixtures/{script}"
         );
         let worst = worst_difference(&model.logits(&ids, 2, 8), &floats("peft"));
         assert!(worst < 1e-4, "peft's logits differ by up to {worst}");

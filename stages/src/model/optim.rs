@@ -223,6 +223,16 @@ pub struct AdamWConfig {
     pub weight_decay: f64,
 }
 
+impl AdamWConfig {
+    /// For a model that is loaded to run, not to train (generation, evaluation, export): it
+    /// never steps, so any valid settings do.
+    pub const UNUSED: AdamWConfig = AdamWConfig {
+        betas: [0.9, 0.999],
+        eps: 1e-8,
+        weight_decay: 0.0,
+    };
+}
+
 pub struct AdamW<D: Device<f32>> {
     pub config: AdamWConfig,
     /// Updates done so far (Adam's bias correction needs it).

@@ -44,11 +44,7 @@ pub struct LoadedModel {
 
 impl LoadedModel {
     pub fn open(dir: &Path) -> Result<Self, String> {
-        let optimizer = AdamWConfig {
-            betas: [0.9, 0.95],
-            eps: 1e-8,
-            weight_decay: 0.0,
-        };
+        let optimizer = AdamWConfig::UNUSED;
         let (mut model, eos) = Trainer::load(dir, DeviceKind::Cpu, optimizer)?;
         let tokenizer = if super::gguf::is_gguf(dir) {
             let json = super::gguf::Gguf::read(dir)?.tokenizer_json()?;
