@@ -8,7 +8,7 @@ use dfdx::prelude::*;
 use super::llama::{LlamaConfig, Member};
 use super::tests::{
     adamw, batch_ids, check_against_finite_differences, check_lora_fixture, fixture_logits, flat,
-    lora, train_three_steps, worst_difference, Pick,
+    lora, train_three_steps, worst_difference, write_lora_fixture_dir, Pick,
 };
 use super::*;
 
@@ -208,17 +208,7 @@ fn adapted_llama() -> (Trainer, LoraConfig) {
 #[ignore]
 fn write_llama_lora_fixture() {
     let dir = fixtures().join("llama-lora");
-    let (mut model, config) = adapted_llama();
-    peft::write_adapter(
-        &dir.join("adapter"),
-        &config,
-        &model.weights(),
-        "llama-smelt-export",
-    )
-    .unwrap();
-    model.merge_lora();
-    std::fs::create_dir_all(dir.join("merged")).unwrap();
-    model.save_hf(&dir.join("merged"), 1).unwrap();
+    write_lora_fixture_dir(&dir, adapted_llama(), "llama-smelt-export", 1);
 }
 
 /// peft loads smelt's Llama adapter onto the base and computes smelt's logits; transformers

@@ -1459,17 +1459,21 @@ mod tests {
     #[ignore]
     fn write_lora_fixture() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/gpt2-lora");
-        let (mut model, config) = adapted_tiny();
-        peft::write_adapter(
-            &dir.join("adapter"),
-            &config,
-            &model.weights(),
-            "gpt2-smelt-export",
-        )
-        .unwrap();
+        write_lora_fixture_dir(&dir, adapted_tiny(), "gpt2-smelt-export", 0);
+    }
+
+    /// `dir/adapter`, the adapter of `adapted` in PEFT's layout (on `base`), and `dir/merged`,
+    /// the model with it merged (end-of-text id `eos`).
+    pub(super) fn write_lora_fixture_dir(
+        dir: &Path,
+        (mut model, config): (Trainer, LoraConfig),
+        base: &str,
+        eos: u32,
+    ) {
+        peft::write_adapter(&dir.join("adapter"), &config, &model.weights(), base).unwrap();
         model.merge_lora();
         std::fs::create_dir_all(dir.join("merged")).unwrap();
-        model.save_hf(&dir.join("merged"), 0).unwrap();
+        model.save_hf(&dir.join("merged"), eos).unwrap();
     }
 
     /// peft loads smelt's adapter onto the base and computes smelt's logits; transformers
