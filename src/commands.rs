@@ -478,7 +478,10 @@ pub fn generate(args: &crate::GenerateArgs, store: Option<PathBuf>) -> Result<()
         seed: args.seed,
     };
     let text = smelt_stages::model::sample::LoadedModel::open(&dir)
-        .and_then(|mut generator| generator.generate(&args.prompt, &sampling))
+        .and_then(|mut generator| match args.chat {
+            true => generator.answer(&args.prompt, &sampling),
+            false => generator.generate(&args.prompt, &sampling),
+        })
         .map_err(Failure::Usage)?;
     println!("{text}");
     Ok(())

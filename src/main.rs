@@ -239,6 +239,9 @@ pub struct GenerateArgs {
     pub stage: Option<String>,
     #[arg(long)]
     pub prompt: String,
+    /// Answer the prompt as a user's turn, rendered with the model's chat template
+    #[arg(long)]
+    pub chat: bool,
     #[arg(long, default_value_t = 200)]
     pub max_tokens: usize,
     /// 0 picks the most likely token every time

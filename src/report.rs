@@ -149,7 +149,7 @@ fn evaluation(row: &Row, rows: &[Row]) -> Option<(evaluate::Report, Vec<String>)
         .map(|id| {
             rows.iter()
                 .find(|r| r.run.artifact.as_deref() == Some(id.as_str()))
-                .map_or(format!("({})", &id[..id.len().min(12)]), |r| {
+                .map_or(format!("({})", evaluate::report::short_id(id)), |r| {
                     format!("`{}`", r.stage)
                 })
         })

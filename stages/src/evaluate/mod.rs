@@ -26,7 +26,7 @@ use crate::metrics;
 use crate::model::sample::{LoadedModel, Sampling};
 use crate::params::{non_empty, non_empty_schema, Positive};
 use crate::records::{shards, Record, ShardLines};
-use crate::tokenize::ChatTemplate;
+use crate::tokenize::{ChatFormat, ChatTemplate};
 pub use perplexity::Window;
 
 pub struct Evaluate;
@@ -38,12 +38,18 @@ pub struct EvaluateParams {
     #[serde(deserialize_with = "non_empty")]
     #[schemars(schema_with = "non_empty_schema::<Metric>")]
     pub metrics: Vec<Metric>,
-    /// How conversations are rendered into prompts (the `tokenize` stage's template).
-    #[serde(default)]
-    pub chat_template: ChatTemplate,
+    /// How conversations are rendered into prompts. Default: each model's own template (the
+    /// one its `tokenize` stage used, or the one its base model ships).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chat_template: Option<ChatTemplate>,
     /// Records of each kind used at most (the first ones of the split).
     #[serde(default = "default_max_examples")]
     pub max_examples: usize,
+    /// A model that is no stage's output, evaluated first (as model 0): an HF directory or a
+    /// GGUF file relative to the pipeline file, or `hf://org/name[@revision]` — typically the
+    /// untouched model the compared stages fine-tuned (its files are hashed into the key).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<String>,
     /// The longest context a model sees, in tokens: perplexity windows and prompts are cut to
     /// it. Default: each model's own, which for a Llama is its `max_position_embeddings`
     /// (often thousands of tokens: set this on a CPU).
@@ -202,7 +208,8 @@ impl Stage for Evaluate {
     const KIND: &'static str = "evaluate";
     // 2: chat prompts encoded turn by turn as training does; answers.jsonl, preferences.jsonl.
     // 3: report.md/html name models alike in tables, signatures and samples.
-    const VERSION: u32 = 3;
+    // 4: each model's own chat template by default (a model's Jinja template: whole text).
+    const VERSION: u32 = 4;
     const SUMMARY: &'static str =
         "Compare models: perplexity, exact match, multiple choice, BLEU/chrF, preferences";
 
@@ -234,7 +241,10 @@ impl Stage for Evaluate {
         params: &EvaluateParams,
         pipeline_dir: &Path,
     ) -> Result<Vec<Dep>, String> {
-        let mut files = Vec::new();
+        let mut files = match &params.base {
+            Some(base) => crate::finetune::base_model_deps(base, pipeline_dir)?,
+            None => Vec::new(),
+        };
         for metric in &params.metrics {
             if let Some(file) = metric.file() {
                 if !pipeline_dir.join(file).is_file() {
@@ -250,7 +260,11 @@ impl Stage for Evaluate {
     }
 
     fn check(&self, params: &EvaluateParams, _wired: &[&str]) -> Vec<ParamProblem> {
-        let mut problems = params.chat_template.problems();
+        let mut problems: Vec<ParamProblem> = params
+            .chat_template
+            .iter()
+            .flat_map(ChatTemplate::problems)
+            .collect();
         for (i, metric) in params.metrics.iter().enumerate() {
             if let Metric::ExactMatch {
                 pattern: Some(pattern),
@@ -327,13 +341,21 @@ impl Stage for Evaluate {
     }
 
     fn run(&self, params: &EvaluateParams, ctx: &StageContext) -> Result<Metrics, StageError> {
-        let model_dirs = ctx.inputs.get("models").cloned().unwrap_or_default();
+        // (name in the report, where the model is): `base` first, then the input stages.
+        let mut model_dirs: Vec<(String, PathBuf)> = Vec::new();
+        if let Some(base) = &params.base {
+            let path = crate::finetune::base_path(base, &ctx.pipeline_dir)?;
+            model_dirs.push((base.clone(), path));
+        }
+        for dir in ctx.inputs.get("models").into_iter().flatten() {
+            model_dirs.push((artifact_id(dir), dir.clone()));
+        }
         let data = match ctx.input("data") {
             Some(dir) => read_records(dir, params.max_examples)?,
             None => Records::default(),
         };
         let mut report = Report {
-            models: model_dirs.iter().map(|d| artifact_id(d)).collect(),
+            models: model_dirs.iter().map(|(name, _)| name.clone()).collect(),
             results: Vec::new(),
             samples: Vec::new(),
             answers: Vec::new(),
@@ -341,18 +363,19 @@ impl Stage for Evaluate {
         };
         // Per model, per pair: (log p(chosen), log p(rejected)), for reward margins against model 0.
         let mut preference_log_probs: Vec<Vec<(f64, f64)>> = Vec::new();
-        for (index, dir) in model_dirs.iter().enumerate() {
+        for (index, (name, dir)) in model_dirs.iter().enumerate() {
             let mut model = LoadedModel::open(dir)?;
             if let Some(limit) = params.context {
                 model.context = model.context.min(limit.get());
             }
             let model_hash = tokenizer_hash(dir)?;
+            let chat = model.chat_format(params.chat_template.as_ref())?;
             let mut measure = Measure {
+                chat,
                 model: &mut model,
                 index,
-                artifact: artifact_id(dir),
+                artifact: name.clone(),
                 tokenizer_hash: model_hash,
-                params,
                 data: &data,
                 pipeline_dir: &ctx.pipeline_dir,
                 report: &mut report,
@@ -372,7 +395,7 @@ impl Stage for Evaluate {
         let curves: Vec<(String, Vec<(f64, f64)>)> = model_dirs
             .iter()
             .enumerate()
-            .map(|(i, dir)| {
+            .map(|(i, (_, dir))| {
                 (
                     format!("model {i}"),
                     crate::plot::logged_series(dir, "loss"),
@@ -410,6 +433,12 @@ fn write_jsonl<T: Serialize>(path: &Path, items: &[T]) -> Result<(), StageError>
 /// BLAKE3 of a model directory's tokenizer.json (what a `tokenize` artifact's meta.json
 /// records as `tokenizer_hash`).
 fn tokenizer_hash(dir: &Path) -> Result<String, String> {
+    if crate::model::gguf::is_gguf(dir) {
+        let json = crate::model::gguf::Gguf::read(dir)?.tokenizer_json()?;
+        return Ok(blake3::hash(json.to_string().as_bytes())
+            .to_hex()
+            .to_string());
+    }
     let path = dir.join("tokenizer.json");
     let bytes = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
     Ok(blake3::hash(&bytes).to_hex().to_string())
@@ -469,11 +498,11 @@ impl Records {
 }
 
 struct Measure<'a> {
+    chat: ChatFormat,
     model: &'a mut LoadedModel,
     index: usize,
     artifact: String,
     tokenizer_hash: String,
-    params: &'a EvaluateParams,
     data: &'a Records,
     pipeline_dir: &'a Path,
     report: &'a mut Report,
@@ -583,9 +612,11 @@ impl Measure<'_> {
         pairs: &[(Vec<crate::records::Message>, String)],
         max_tokens: usize,
     ) -> Result<Vec<String>, String> {
-        let template = &self.params.chat_template;
-        let stop = self.model.encode(template.turn_end.trim_end())?;
-        let stop: Vec<u32> = stop.first().copied().into_iter().collect();
+        let template = &self.chat;
+        let stop: Vec<u32> = template
+            .end_of_turn(self.model.encoder())?
+            .into_iter()
+            .collect();
         pairs
             .iter()
             .map(|(messages, _)| {
@@ -717,16 +748,12 @@ impl Measure<'_> {
         if self.data.preferences.is_empty() {
             return Err("preference_accuracy: the data has no preference pairs".into());
         }
-        let template = self.params.chat_template.clone();
         let mut pairs = Vec::new();
         for (prompt, chosen, rejected) in &self.data.preferences {
-            let user = crate::records::Message {
-                role: "user".into(),
-                content: prompt.clone(),
-            };
-            let context = template.generation_prompt(self.model.encoder(), &[user])?;
             let mut score = |answer: &str| -> Result<f64, String> {
-                let continuation = template.answer(self.model.encoder(), answer)?;
+                let (context, continuation) =
+                    self.chat
+                        .scored_answer(self.model.encoder(), prompt, answer)?;
                 Ok(self.model.continuation_log_prob(&context, &continuation))
             };
             let scores = (score(chosen)?, score(rejected)?);

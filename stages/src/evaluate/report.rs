@@ -13,11 +13,20 @@ use crate::plot::{self, escape};
 /// Names model `i` of a report.
 pub type ModelNames<'a> = &'a dyn Fn(usize) -> String;
 
-/// The artifact's own names: `model i (first 12 hex digits of its id)`.
+/// The artifact's own names: `model i (first 12 hex digits of its id)`, or of the `base`
+/// model as the params name it.
 pub fn names_by_id(report: &Report) -> impl Fn(usize) -> String + '_ {
     |i| {
         let id = report.models.get(i).map_or("", String::as_str);
-        format!("model {i} ({})", &id[..id.len().min(12)])
+        format!("model {i} ({})", short_id(id))
+    }
+}
+
+/// An artifact id's first 12 hex digits; anything else (a `base` model's path) whole.
+pub fn short_id(id: &str) -> &str {
+    match id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        true => &id[..id.len().min(12)],
+        false => id,
     }
 }
 

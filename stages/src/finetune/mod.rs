@@ -295,35 +295,41 @@ impl AdaptParams {
     }
 
     pub fn external_deps(&self, pipeline_dir: &Path) -> Result<Vec<Dep>, String> {
-        let Some(base) = &self.base else {
-            return Ok(Vec::new());
-        };
-        if hub::is_hub(base) {
-            // Named as written: the cache's place on this machine stays out of the key.
-            let path = hub::resolve(base)?;
-            return Ok(vec![Dep {
-                name: base.clone(),
-                path,
-            }]);
+        match &self.base {
+            Some(base) => base_model_deps(base, pipeline_dir),
+            None => Ok(Vec::new()),
         }
-        let dir = pipeline_dir.join(base);
-        if gguf::is_gguf(&dir) {
-            return Ok(vec![Dep::from(PathBuf::from(base))]);
-        }
-        let weights = ["model.safetensors", "model.safetensors.index.json"];
-        if !dir.join("config.json").is_file() {
-            return Err(format!("`base`: no config.json in {base}"));
-        }
-        if !weights.iter().any(|file| dir.join(file).is_file()) {
-            return Err(format!("`base`: no model.safetensors in {base}"));
-        }
-        // As written, relative to the pipeline: a key holds no absolute path.
-        Ok(vec![Dep::from(PathBuf::from(base))])
     }
 }
 
+/// The files of a model a param names (`base`): a GGUF file, an HF directory next to the
+/// pipeline, or `hf://org/name` in the Hugging Face cache; an error when it is not there.
+pub fn base_model_deps(base: &str, pipeline_dir: &Path) -> Result<Vec<Dep>, String> {
+    if hub::is_hub(base) {
+        // Named as written: the cache's place on this machine stays out of the key.
+        let path = hub::resolve(base)?;
+        return Ok(vec![Dep {
+            name: base.to_string(),
+            path,
+        }]);
+    }
+    let dir = pipeline_dir.join(base);
+    if gguf::is_gguf(&dir) {
+        return Ok(vec![Dep::from(PathBuf::from(base))]);
+    }
+    let weights = ["model.safetensors", "model.safetensors.index.json"];
+    if !dir.join("config.json").is_file() {
+        return Err(format!("`base`: no config.json in {base}"));
+    }
+    if !weights.iter().any(|file| dir.join(file).is_file()) {
+        return Err(format!("`base`: no model.safetensors in {base}"));
+    }
+    // As written, relative to the pipeline: a key holds no absolute path.
+    Ok(vec![Dep::from(PathBuf::from(base))])
+}
+
 /// Where `base` is: next to the pipeline, or in the Hugging Face cache (`hf://org/name`).
-fn base_path(base: &str, pipeline_dir: &Path) -> Result<PathBuf, String> {
+pub fn base_path(base: &str, pipeline_dir: &Path) -> Result<PathBuf, String> {
     match hub::is_hub(base) {
         true => hub::resolve(base),
         false => Ok(pipeline_dir.join(base)),

@@ -8,7 +8,7 @@ use rand_chacha::ChaCha8Rng;
 use tokenizers::Tokenizer;
 
 use super::{AdamWConfig, Backend, DecodeState, DeviceKind, ModelConfig, Trainer};
-use crate::tokenize::Encoder;
+use crate::tokenize::{shipped, ChatFormat, ChatTemplate, Encoder, Shipped};
 
 /// How to sample.
 #[derive(Clone, Debug)]
@@ -38,6 +38,11 @@ pub struct LoadedModel {
     encoder: Encoder,
     pub config: ModelConfig,
     pub eos: Option<u32>,
+    /// Where generation ends besides `eos`: generation_config.json's `eos_token_id` (a list
+    /// for Llama 3: end of text and end of turn).
+    pub stops: Vec<u32>,
+    /// The chat template and special tokens that came with the model.
+    pub shipped: Shipped,
     /// The longest context the model is run on: its own, unless a caller shortens it.
     pub context: usize,
 }
@@ -46,13 +51,17 @@ impl LoadedModel {
     pub fn open(dir: &Path) -> Result<Self, String> {
         let optimizer = AdamWConfig::UNUSED;
         let (mut model, eos) = Trainer::load(dir, DeviceKind::Cpu, optimizer)?;
-        let tokenizer = if super::gguf::is_gguf(dir) {
-            let json = super::gguf::Gguf::read(dir)?.tokenizer_json()?;
-            Tokenizer::from_bytes(json.to_string().as_bytes())
-                .map_err(|e| format!("{}: its tokenizer: {e}", dir.display()))?
+        let (tokenizer, shipped) = if super::gguf::is_gguf(dir) {
+            let file = super::gguf::Gguf::read(dir)?;
+            let json = file.tokenizer_json()?;
+            let tokenizer = Tokenizer::from_bytes(json.to_string().as_bytes())
+                .map_err(|e| format!("{}: its tokenizer: {e}", dir.display()))?;
+            (tokenizer, shipped::from_gguf(&file))
         } else {
             let path = dir.join("tokenizer.json");
-            Tokenizer::from_file(&path).map_err(|e| format!("{}: {e}", path.display()))?
+            let tokenizer =
+                Tokenizer::from_file(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+            (tokenizer, shipped::in_dir(dir)?)
         };
         let config = model.config();
         if tokenizer.get_vocab_size(true) > config.vocab_size() {
@@ -71,7 +80,14 @@ impl LoadedModel {
             context: config.context(),
             config,
             eos,
+            stops: generation_stops(dir)?,
+            shipped,
         })
+    }
+
+    /// How this model renders conversations: `template` if given, else its own.
+    pub fn chat_format(&self, template: Option<&ChatTemplate>) -> Result<ChatFormat, String> {
+        ChatFormat::resolve(template, &self.shipped)
     }
 
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, String> {
@@ -122,7 +138,7 @@ impl LoadedModel {
             .decode(&ids[ids.len().saturating_sub(context)..], &mut state);
         for _ in 0..sampling.max_tokens {
             let next = pick(&logits[logits.len() - vocab..], sampling, &mut rng);
-            if Some(next) == self.eos || stop.contains(&next) {
+            if Some(next) == self.eos || self.stops.contains(&next) || stop.contains(&next) {
                 break;
             }
             ids.push(next);
@@ -135,6 +151,20 @@ impl LoadedModel {
             };
         }
         ids.split_off(start)
+    }
+
+    /// The assistant's answer to `prompt` as a user's turn, rendered with the model's own chat
+    /// template; it ends at the template's end of turn.
+    pub fn answer(&mut self, prompt: &str, sampling: &Sampling) -> Result<String, String> {
+        let chat = self.chat_format(None)?;
+        let user = crate::records::Message {
+            role: "user".into(),
+            content: prompt.into(),
+        };
+        let ids = chat.generation_prompt(&self.encoder, &[user])?;
+        let stop: Vec<u32> = chat.end_of_turn(&self.encoder)?.into_iter().collect();
+        let new = self.continue_ids(&ids, sampling, &stop);
+        self.decode(&new)
     }
 
     /// The continuation of `prompt`, stopping at the end-of-text token or `max_tokens`.
@@ -151,6 +181,25 @@ impl LoadedModel {
         let new = self.continue_ids(&ids, sampling, &[]);
         self.decode(&new)
     }
+}
+
+/// generation_config.json's `eos_token_id`s, if the directory has one.
+fn generation_stops(dir: &Path) -> Result<Vec<u32>, String> {
+    let path = dir.join("generation_config.json");
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(_) => return Ok(Vec::new()),
+    };
+    let value: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    let ids = match &value["eos_token_id"] {
+        serde_json::Value::Array(ids) => ids.iter().filter_map(|id| id.as_u64()).collect(),
+        id => id.as_u64().into_iter().collect::<Vec<_>>(),
+    };
+    Ok(ids
+        .into_iter()
+        .filter_map(|id| u32::try_from(id).ok())
+        .collect())
 }
 
 /// `log p(ids[t + 1] | ids[..= t])` for every `t`, in one forward pass over all but the last

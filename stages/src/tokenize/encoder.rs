@@ -81,6 +81,72 @@ impl Encoder {
         self.encode_plain(&text[at..], out)
     }
 
+    /// Appends the ids of `text` to `ids` and, for each, the byte offset in `text` where the
+    /// text it stands for starts (chat templates mark the assistant's tokens by these).
+    pub fn encode_with_starts(
+        &self,
+        text: &str,
+        ids: &mut Vec<u32>,
+        starts: &mut Vec<usize>,
+    ) -> Result<(), String> {
+        let mut at = 0;
+        if let Some((matcher, special_ids)) = &self.specials {
+            for found in matcher.find_iter(text) {
+                self.plain_with_starts(&text[at..found.start()], at, ids, starts)?;
+                ids.push(special_ids[found.pattern().as_usize()]);
+                starts.push(found.start());
+                at = found.end();
+            }
+        }
+        self.plain_with_starts(&text[at..], at, ids, starts)
+    }
+
+    /// Text without special tokens, which starts at byte `base` of the whole.
+    fn plain_with_starts(
+        &self,
+        text: &str,
+        base: usize,
+        ids: &mut Vec<u32>,
+        starts: &mut Vec<usize>,
+    ) -> Result<(), String> {
+        if text.is_empty() {
+            return Ok(());
+        }
+        match &self.kind {
+            Kind::ByteLevel(bpe) => {
+                let first = ids.len();
+                bpe.encode(text, ids);
+                let mut at = base;
+                for &id in &ids[first..] {
+                    starts.push(at);
+                    at += bpe.byte_len(id);
+                }
+            }
+            Kind::Chars {
+                ids: chars,
+                unknown,
+            } => {
+                for (at, c) in text.char_indices() {
+                    ids.push(chars.get(&c).copied().unwrap_or(*unknown));
+                    starts.push(base + at);
+                }
+            }
+            Kind::General(tokenizer) => {
+                let encoding = tokenizer
+                    .encode(text, false)
+                    .map_err(|e| format!("cannot encode: {e}"))?;
+                ids.extend_from_slice(encoding.get_ids());
+                starts.extend(
+                    encoding
+                        .get_offsets()
+                        .iter()
+                        .map(|&(start, _)| base + start),
+                );
+            }
+        }
+        Ok(())
+    }
+
     /// Text without special tokens.
     fn encode_plain(&self, text: &str, out: &mut Vec<u32>) -> Result<(), String> {
         if text.is_empty() {
@@ -165,6 +231,8 @@ struct ByteLevelBpe {
     byte_ids: [u32; 256],
     /// (left, right) → (rank, merged id).
     merges: HashMap<(u32, u32), (u32, u32)>,
+    /// Each id's length in bytes (its vocabulary entry has one character per byte).
+    byte_lens: HashMap<u32, usize>,
     cache: ThreadLocal<RefCell<PieceCache>>,
 }
 
@@ -212,9 +280,14 @@ impl ByteLevelBpe {
             let pair = (*vocab.get(left)?, *vocab.get(right)?);
             merges.entry(pair).or_insert((rank as u32, *merged));
         }
+        let byte_lens = vocab
+            .iter()
+            .map(|(token, &id)| (id, token.chars().count()))
+            .collect();
         Some(ByteLevelBpe {
             byte_ids,
             merges,
+            byte_lens,
             cache: ThreadLocal::new(),
         })
     }
@@ -234,6 +307,11 @@ impl ByteLevelBpe {
             }
             cache.insert(piece.into(), ids.into_boxed_slice());
         }
+    }
+
+    /// How many bytes of text `id` stands for.
+    fn byte_len(&self, id: u32) -> usize {
+        self.byte_lens.get(&id).copied().unwrap_or(1)
     }
 
     /// BPE: starting from single bytes, merge the adjacent pair of lowest rank (leftmost first)

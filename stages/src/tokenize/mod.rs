@@ -13,8 +13,10 @@
 
 mod chat;
 mod encoder;
+mod jinja;
 mod pretokenize;
 pub mod shards;
+pub mod shipped;
 mod train;
 
 use std::cell::RefCell;
@@ -35,8 +37,8 @@ use smelt_engine::{
 use thread_local::ThreadLocal;
 use tokenizers::Tokenizer;
 
-pub use chat::{ChatTemplate, Example};
-pub use encoder::Encoder;
+pub use chat::{ChatFormat, ChatTemplate, Example, Markers, Shipped};
+pub use encoder::{byte_chars, Encoder};
 pub use shards::{Dtype, Stream};
 pub use train::{ModelKind, TrainParams};
 
@@ -53,14 +55,16 @@ pub struct TokenizeParams {
     /// Train a vocabulary on the corpus's training split.
     #[serde(default)]
     pub train: Option<TrainParams>,
-    /// An HF `tokenizer.json` to use instead, or a GGUF model file (its tokenizer), relative
-    /// to the pipeline file, or `hf://org/name` (the tokenizer.json of a model in the Hugging
-    /// Face cache); its content is part of the stage key.
+    /// An HF `tokenizer.json` to use instead, a model directory or GGUF model file (its
+    /// tokenizer and chat template), relative to the pipeline file, or `hf://org/name` (a model
+    /// in the Hugging Face cache); its content is part of the stage key.
     #[serde(default)]
     pub from: Option<String>,
-    /// How conversations and preference pairs are rendered.
-    #[serde(default)]
-    pub chat_template: ChatTemplate,
+    /// How conversations and preference pairs are rendered: `model` (the template the
+    /// tokenizer's model ships), `{ jinja: ... }`, or turn markers `{ turn_start, turn_end }`.
+    /// Default: the model's template when the tokenizer comes with one, else ChatML markers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chat_template: Option<ChatTemplate>,
     /// Longest fine-tuning sequence, in tokens: longer conversations and pairs are cut (and
     /// counted in meta.json).
     #[serde(default = "default_max_length")]
@@ -165,7 +169,8 @@ impl Stage for Tokenize {
     const KIND: &'static str = "tokenize";
     // 2: chat turns keep a marker's trailing space with the content (running-text ids).
     // 3: no timings in meta.json (they are in the run record).
-    const VERSION: u32 = 3;
+    // 4: the model's own chat template by default; markers recorded in tokenizer_config.json.
+    const VERSION: u32 = 4;
     const SUMMARY: &'static str =
         "Train or load a tokenizer and encode the corpus into token shards";
 
@@ -181,7 +186,8 @@ impl Stage for Tokenize {
                 name: "tokenizer",
                 required: false,
                 many: false,
-                doc: "a tokenize stage whose vocabulary to reuse",
+                doc: "a tokenize stage whose vocabulary to reuse, or a model stage (its \
+                      tokenizer and chat template)",
             },
         ])
     }
@@ -191,20 +197,28 @@ impl Stage for Tokenize {
         params: &TokenizeParams,
         pipeline_dir: &Path,
     ) -> Result<Vec<Dep>, String> {
-        Ok(match &params.from {
-            // The tokenizer file alone, named as written: not the cache's place.
-            Some(from) if hub::is_hub(from) => vec![Dep {
-                name: from.clone(),
-                path: from_path(from, pipeline_dir)?,
-            }],
-            Some(path) => {
-                if !pipeline_dir.join(path).is_file() {
-                    return Err(format!("`from`: no file {path} next to the pipeline"));
+        let Some(from) = &params.from else {
+            return Ok(Vec::new());
+        };
+        let path = from_path(from, pipeline_dir)?;
+        if !path.is_file() {
+            return Err(format!(
+                "`from`: no file {} next to the pipeline",
+                path.display()
+            ));
+        }
+        // The tokenizer and the files its chat template may come from, named as written (for
+        // `hf://`, not the cache's place).
+        let mut deps = vec![dep(from, &path, pipeline_dir)];
+        if !crate::model::gguf::is_gguf(&path) {
+            for file in ["tokenizer_config.json", "chat_template.jinja"] {
+                let beside = path.with_file_name(file);
+                if beside.is_file() {
+                    deps.push(dep(from, &beside, pipeline_dir));
                 }
-                vec![Dep::from(PathBuf::from(path))]
             }
-            None => Vec::new(),
-        })
+        }
+        Ok(deps)
     }
 
     fn check(&self, params: &TokenizeParams, wired: &[&str]) -> Vec<ParamProblem> {
@@ -231,7 +245,7 @@ impl Stage for Tokenize {
                 );
             }
         }
-        problems.extend(params.chat_template.problems());
+        problems.extend(params.chat_template.iter().flat_map(ChatTemplate::problems));
         problems
     }
 
@@ -246,12 +260,19 @@ impl Stage for Tokenize {
         if !path.is_file() {
             return Vec::new();
         }
-        match read_tokenizer(&path, Path::new(from)) {
-            Ok((tokenizer, _)) => eos_problem(params, &tokenizer, "from")
-                .into_iter()
-                .collect(),
-            Err(e) => vec![ParamProblem::new("from", e)],
+        let (tokenizer, _) = match read_tokenizer(&path, Path::new(from)) {
+            Ok(loaded) => loaded,
+            Err(e) => return vec![ParamProblem::new("from", e)],
+        };
+        let mut problems: Vec<ParamProblem> = eos_problem(params, &tokenizer, "from")
+            .into_iter()
+            .collect();
+        let format = shipped::shipped_with(&path)
+            .and_then(|shipped| ChatFormat::resolve(params.chat_template.as_ref(), &shipped));
+        if let Err(e) = format {
+            problems.push(ParamProblem::new("chat_template", e).or_at("from"));
         }
+        problems
     }
 
     fn input_checks(&self) -> Option<&'static str> {
@@ -299,9 +320,10 @@ impl Stage for Tokenize {
                 .to_path_buf(),
         };
         let started = Instant::now();
-        let (tokenizer, json) = tokenizer(params, ctx, &corpus)?;
+        let (tokenizer, json, shipped) = tokenizer(params, ctx, &corpus)?;
         let train_seconds = started.elapsed().as_secs_f64();
         let encoder = Encoder::new(&tokenizer)?;
+        let chat = ChatFormat::resolve(params.chat_template.as_ref(), &shipped)?;
         if let Some(problem) = eos_problem(params, &tokenizer, "eos_token") {
             return Err(problem.to_string().into());
         }
@@ -313,6 +335,7 @@ impl Stage for Tokenize {
         let mut encoding = Encoding {
             params,
             encoder: &encoder,
+            chat: &chat,
             eos_id,
             unknown,
             dtype: Dtype::for_vocab(vocab_size),
@@ -331,7 +354,7 @@ impl Stage for Tokenize {
         std::fs::write(ctx.out_dir.join("tokenizer.json"), &json)?;
         std::fs::write(
             ctx.out_dir.join("tokenizer_config.json"),
-            serde_json::to_vec_pretty(&tokenizer_config(params, &tokenizer, unknown))?,
+            serde_json::to_vec_pretty(&tokenizer_config(params, &tokenizer, unknown, &chat))?,
         )?;
         // Timings go to the run record (the returned metrics), not into meta.json: the artifact
         // must be a function of the stage key.
@@ -374,13 +397,17 @@ impl Stage for Tokenize {
     }
 }
 
-/// The tokenizer and its JSON (written out unchanged when loaded).
+/// The tokenizer, its JSON (written out unchanged when loaded), and what its model ships for
+/// chat.
 fn tokenizer(
     params: &TokenizeParams,
     ctx: &StageContext,
     corpus: &Corpus,
-) -> Result<(Tokenizer, String), String> {
-    let load = |path: &Path| read_tokenizer(path, path);
+) -> Result<(Tokenizer, String, Shipped), String> {
+    let load = |path: &Path| -> Result<_, String> {
+        let (tokenizer, json) = read_tokenizer(path, path)?;
+        Ok((tokenizer, json, shipped::shipped_with(path)?))
+    };
     let wired = ctx.input("tokenizer");
     if let Some(problem) = params.source_problem(wired.is_some()) {
         return Err(problem.to_string());
@@ -393,8 +420,25 @@ fn tokenizer(
             let json = tokenizer
                 .to_string(false)
                 .map_err(|e| format!("cannot serialise the tokenizer: {e}"))?;
-            Ok((tokenizer, json))
+            Ok((tokenizer, json, Shipped::default()))
         }
+    }
+}
+
+/// A dependency on `path`, a file `from` names: named after `from` and the file.
+fn dep(from: &str, path: &Path, pipeline_dir: &Path) -> Dep {
+    let file = path.file_name().map(|f| f.to_string_lossy().into_owned());
+    let name = match (hub::is_hub(from), file) {
+        (true, Some(file)) => format!("{from}/{file}"),
+        _ => path
+            .strip_prefix(pipeline_dir)
+            .unwrap_or(path)
+            .display()
+            .to_string(),
+    };
+    Dep {
+        name,
+        path: path.to_path_buf(),
     }
 }
 
@@ -438,13 +482,18 @@ fn eos_problem(
     )
 }
 
-/// Where `from` is: a file next to the pipeline, or the tokenizer.json of a model in the
-/// Hugging Face cache (`hf://org/name`).
+/// Where `from`'s tokenizer is: a file next to the pipeline (a tokenizer.json or a GGUF
+/// model), the tokenizer.json of a model directory there, or of a model in the Hugging Face
+/// cache (`hf://org/name`).
 fn from_path(from: &str, pipeline_dir: &Path) -> Result<PathBuf, String> {
-    match hub::is_hub(from) {
-        true => Ok(hub::resolve(from)?.join("tokenizer.json")),
-        false => Ok(pipeline_dir.join(from)),
-    }
+    let path = match hub::is_hub(from) {
+        true => hub::resolve(from)?,
+        false => pipeline_dir.join(from),
+    };
+    Ok(match path.is_dir() {
+        true => path.join("tokenizer.json"),
+        false => path,
+    })
 }
 
 /// The tokenizer of `path`: a tokenizer.json, or the one a GGUF model file carries (its
@@ -499,7 +548,8 @@ pub fn load_and_encode(
         "from": "tokenizer.json", "eos_token": eos_token
     }))
     .map_err(|e| e.to_string())?;
-    let _ = tokenizer_config(&params, &tokenizer, unknown);
+    let chat = ChatFormat::resolve(None, &Shipped::default())?;
+    let _ = tokenizer_config(&params, &tokenizer, unknown, &chat);
     let mut ids = Vec::new();
     for text in texts {
         encoder.encode(text, &mut ids)?;
@@ -551,6 +601,7 @@ fn tokenizer_config(
     params: &TokenizeParams,
     tokenizer: &Tokenizer,
     unknown: Option<u32>,
+    chat: &ChatFormat,
 ) -> serde_json::Value {
     let mut config = serde_json::json!({
         "tokenizer_class": "PreTrainedTokenizerFast",
@@ -559,8 +610,8 @@ fn tokenizer_config(
         "pad_token": params.eos_token,
         "clean_up_tokenization_spaces": false,
         "model_max_length": params.max_length,
-        "chat_template": params.chat_template.jinja(),
     });
+    chat.write_into(&mut config);
     if let Some(token) = unknown.and_then(|id| tokenizer.id_to_token(id)) {
         config["unk_token"] = token.into();
     }
@@ -749,6 +800,7 @@ impl Tally {
 struct Encoding<'a> {
     params: &'a TokenizeParams,
     encoder: &'a Encoder,
+    chat: &'a ChatFormat,
     eos_id: u32,
     unknown: Option<u32>,
     dtype: Dtype,
@@ -803,7 +855,7 @@ impl Encoding<'_> {
 
     /// The parallel part: one record to ids.
     fn encode(&self, record: &Record) -> Result<Encoded, String> {
-        let template = &self.params.chat_template;
+        let template = self.chat;
         if let Some(messages) = &record.messages {
             return Ok(Encoded::Chat(template.conversation(
                 self.encoder,
@@ -1172,10 +1224,10 @@ mod tests {
         .unwrap();
         let tokenizer = Tokenizer::from_file(dir.path().join("out/tokenizer.json")).unwrap();
         let encoder = Encoder::new(&tokenizer).unwrap();
-        let template = ChatTemplate {
+        let template = ChatFormat::Markers(Markers {
             turn_start: "{role}: ".into(),
             turn_end: ".\n".into(),
-        };
+        });
         for record in &chats {
             let messages = record.messages.as_ref().unwrap();
             let example = template.conversation(&encoder, record, messages).unwrap();
@@ -1189,7 +1241,10 @@ mod tests {
             let prompt = template
                 .generation_prompt(&encoder, &messages[..1])
                 .unwrap();
-            let answer = template.answer(&encoder, &messages[1].content).unwrap();
+            let (context, answer) = template
+                .scored_answer(&encoder, &messages[0].content, &messages[1].content)
+                .unwrap();
+            assert_eq!(context, prompt);
             assert_eq!([prompt.clone(), answer.clone()].concat(), example.ids);
             // Exactly the answer's ids are trained.
             assert!(example.mask[..prompt.len()].iter().all(|&m| m == 0));
