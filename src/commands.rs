@@ -441,7 +441,24 @@ pub fn export(model: &Path, out: &Path, kind: crate::ExportKind) -> Result<(), F
         crate::ExportKind::F16 => ExportType::F16,
         crate::ExportKind::Q8_0 => ExportType::Q8_0,
     };
-    model::export_gguf(&mut trainer, out, &tokenizer, eos, kind).map_err(Failure::Usage)?;
+    // The template the model's directory carries (markers as their Jinja form).
+    let template = match smelt_stages::tokenize::shipped::in_dir(model)
+        .map_err(Failure::Usage)?
+        .template
+    {
+        Some(smelt_stages::tokenize::ShippedTemplate::Jinja(source)) => Some(source),
+        Some(smelt_stages::tokenize::ShippedTemplate::Markers(markers)) => Some(markers.jinja()),
+        None => None,
+    };
+    model::export_gguf(
+        &mut trainer,
+        out,
+        &tokenizer,
+        template.as_deref(),
+        eos,
+        kind,
+    )
+    .map_err(Failure::Usage)?;
     println!("{}", out.display());
     Ok(())
 }

@@ -560,6 +560,7 @@ pub fn write(
     config: &LlamaConfig,
     tensors: &Tensors,
     tokenizer: &serde_json::Value,
+    chat_template: Option<&str>,
     eos: u32,
     kind: ExportType,
 ) -> Result<(), String> {
@@ -591,6 +592,12 @@ pub fn write(
         ),
     ]);
     metadata.extend(tokenizer_metadata(tokenizer, eos)?);
+    if let Some(template) = chat_template {
+        metadata.push((
+            "tokenizer.chat_template".into(),
+            Value::Str(template.into()),
+        ));
+    }
     let mut names: Vec<(String, &str)> = tensors
         .keys()
         .map(|hf| gguf_name(hf).map(|g| (g, hf.as_str())))

@@ -563,6 +563,7 @@ fn write_llama_cpp_export() {
         &mut model,
         &dir.join("model.gguf"),
         &tokenizer,
+        None,
         256,
         gguf::ExportType::F16,
     )
@@ -579,7 +580,15 @@ fn llama_cpp_continues_a_smelt_export_as_smelt_does() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("model.gguf");
     let (mut model, tokenizer) = llama_for_llama_cpp();
-    export_gguf(&mut model, &path, &tokenizer, 256, gguf::ExportType::F16).unwrap();
+    export_gguf(
+        &mut model,
+        &path,
+        &tokenizer,
+        None,
+        256,
+        gguf::ExportType::F16,
+    )
+    .unwrap();
     let hash = blake3::hash(&std::fs::read(&path).unwrap())
         .to_hex()
         .to_string();
@@ -603,4 +612,19 @@ fn llama_cpp_continues_a_smelt_export_as_smelt_does() {
             .unwrap_or(expected.len());
         assert_eq!(ours, expected[..end], "{prompt}");
     }
+}
+
+/// `smelt export --gguf` keeps the model's chat template, where llama.cpp and transformers look.
+#[test]
+fn a_gguf_export_carries_the_chat_template() {
+    let (mut model, tokenizer) = llama_for_llama_cpp();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("model.gguf");
+    let template = "{% for m in messages %}{{ m['content'] }}{% endfor %}";
+    let kind = gguf::ExportType::Q8_0;
+    export_gguf(&mut model, &path, &tokenizer, Some(template), 256, kind).unwrap();
+    assert_eq!(
+        gguf::Gguf::read(&path).unwrap().chat_template(),
+        Some(template)
+    );
 }

@@ -204,11 +204,13 @@ pub enum DeviceKind {
 }
 
 /// Writes a Llama-family `model` as a GGUF file llama.cpp runs, with `tokenizer` (a byte-level
-/// BPE tokenizer.json) and end-of-text id `eos`: matrices as F16 or Q8_0, norms as F32.
+/// BPE tokenizer.json), its chat template (Jinja) and end-of-text id `eos`: matrices as F16
+/// or Q8_0, norms as F32.
 pub fn export_gguf(
     model: &mut dyn Backend,
     path: &Path,
     tokenizer: &serde_json::Value,
+    chat_template: Option<&str>,
     eos: u32,
     kind: gguf::ExportType,
 ) -> Result<(), String> {
@@ -220,7 +222,7 @@ pub fn export_gguf(
         .into_iter()
         .map(|(name, shape, values)| (name, (shape, values)))
         .collect();
-    gguf::write(path, &config, &tensors, tokenizer, eos, kind)
+    gguf::write(path, &config, &tensors, tokenizer, chat_template, eos, kind)
 }
 
 /// What generation keeps between steps of one sequence: a Llama's keys and values (each step

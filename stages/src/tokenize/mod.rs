@@ -37,7 +37,7 @@ use smelt_engine::{
 use thread_local::ThreadLocal;
 use tokenizers::Tokenizer;
 
-pub use chat::{ChatFormat, ChatTemplate, Example, Markers, Shipped};
+pub use chat::{ChatFormat, ChatTemplate, Example, Markers, Shipped, ShippedTemplate};
 pub use encoder::{byte_chars, Encoder};
 pub use shards::{Dtype, Stream};
 pub use train::{ModelKind, TrainParams};
