@@ -225,11 +225,18 @@ pub fn parse_safetensors(bytes: &[u8], path: &Path) -> Result<Tensors, String> {
 /// The end-of-text id a config.json names: `eos_token_id`, or the first of a list (Llama 3
 /// lists several).
 pub fn eos_id(value: &serde_json::Value) -> Option<u32> {
-    let id = match &value["eos_token_id"] {
-        serde_json::Value::Array(ids) => ids.first()?.as_u64(),
-        id => id.as_u64(),
+    eos_ids(value).first().copied()
+}
+
+/// Every id `eos_token_id` names (config.json or generation_config.json): one, or a list.
+pub fn eos_ids(value: &serde_json::Value) -> Vec<u32> {
+    let ids = match &value["eos_token_id"] {
+        serde_json::Value::Array(ids) => ids.iter().filter_map(|id| id.as_u64()).collect(),
+        id => id.as_u64().into_iter().collect::<Vec<_>>(),
     };
-    id.and_then(|id| u32::try_from(id).ok())
+    ids.into_iter()
+        .filter_map(|id| u32::try_from(id).ok())
+        .collect()
 }
 
 /// `config.json` for transformers' `LlamaForCausalLM`, in the keys transformers 4 writes (5

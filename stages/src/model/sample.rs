@@ -192,14 +192,7 @@ fn generation_stops(dir: &Path) -> Result<Vec<u32>, String> {
     };
     let value: serde_json::Value =
         serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
-    let ids = match &value["eos_token_id"] {
-        serde_json::Value::Array(ids) => ids.iter().filter_map(|id| id.as_u64()).collect(),
-        id => id.as_u64().into_iter().collect::<Vec<_>>(),
-    };
-    Ok(ids
-        .into_iter()
-        .filter_map(|id| u32::try_from(id).ok())
-        .collect())
+    Ok(super::io::eos_ids(&value))
 }
 
 /// `log p(ids[t + 1] | ids[..= t])` for every `t`, in one forward pass over all but the last
